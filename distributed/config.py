@@ -1,0 +1,61 @@
+"""The settings of a training run: one dataclass from the command line to every Ray worker."""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    data: str | None = None  # CARLA-layout directory or URI; None = generate scenes into `output`
+    output: str = "runs/unet"
+    run_name: str = "unet"
+    storage_path: str | None = None  # Ray Train's checkpoints; None = `output`/ray_results
+    epochs: int = 40
+    batch_size: int = 32  # per worker; the global batch is this × num_workers
+    num_workers: int = 2
+    cpus_per_worker: int = 1
+    use_gpu: bool = False
+    image_size: tuple[int, int] = (96, 128)
+    n_filters: int = 32
+    n_classes: int = 23
+    val_fraction: float = 0.2
+    learning_rate: float = 1e-3
+    max_failures: int = 0
+    seed: int = 0
+    mixed_precision: str = "off"  # off | bf16 | fp16
+    skip_bad: bool = False
+    scene_count: int = 256  # frames generated when no --data is given
+    keep_checkpoints: int = 2  # best K by validation mIoU
+    # Fault injection for tests: rank 1 raises once during this epoch (1-based); a marker file
+    # in the run's storage keeps it from failing again after the restart.
+    fail_once_at_epoch: int | None = None
+
+    def __post_init__(self):
+        self.image_size = tuple(self.image_size)
+        if self.mixed_precision not in ("off", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be off, bf16 or fp16, got {self.mixed_precision!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "n_filters", "n_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def global_batch_size(self):
+        return self.batch_size * self.num_workers
+
+    @property
+    def resolved_storage_path(self):
+        if self.storage_path is None:
+            return os.path.abspath(os.path.join(self.output, "ray_results"))
+        return self.storage_path if "://" in self.storage_path else os.path.abspath(self.storage_path)
+
+    def smoke(self):
+        """A tiny version of this run that finishes in seconds: for local checks and tests."""
+        return dataclasses.replace(
+            self, image_size=(32, 48), n_filters=4, batch_size=4, scene_count=24, keep_checkpoints=1
+        )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)

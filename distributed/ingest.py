@@ -1,0 +1,106 @@
+"""Ray Data ingest: a CARLA-layout directory or URI → checked, preprocessed train/val datasets.
+
+Every pair is decoded once, up front, by the same unet_core function evaluation and inference
+use; the preprocessed frames stay in Ray's object store (spilling to disk when large), so epochs
+reshuffle rows instead of decoding PNGs again, and a bad file stops the run before any worker
+starts rather than in the middle of an epoch.
+"""
+
+import os
+
+import numpy as np
+import pyarrow.fs
+import ray
+
+from unet_core import data
+
+ROWS_PER_TASK = 32
+
+
+def open_root(uri):
+    """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/dir."""
+    if "://" not in uri:
+        uri = os.path.abspath(uri)
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+    return filesystem, root.rstrip("/")
+
+
+def list_image_names(filesystem, directory):
+    info = filesystem.get_file_info(directory)
+    if info.type != pyarrow.fs.FileType.Directory:
+        raise ValueError(f"{directory}: directory not found")
+    selector = pyarrow.fs.FileSelector(directory, recursive=False)
+    return [item.base_name for item in filesystem.get_file_info(selector)
+            if item.type == pyarrow.fs.FileType.File and data.is_image_name(item.base_name)]
+
+
+def discover_pairs(uri):
+    """(filesystem, root, sorted paired names); one ValueError names every unpaired file."""
+    filesystem, root = open_root(uri)
+    try:
+        images = list_image_names(filesystem, f"{root}/{data.IMAGE_DIR}")
+        masks = list_image_names(filesystem, f"{root}/{data.MASK_DIR}")
+    except ValueError as error:
+        raise ValueError(f"{uri}: not a CARLA-layout directory ({error})") from None
+    return filesystem, root, data.pair_names(images, masks, uri)
+
+
+def read_file(filesystem, path):
+    with filesystem.open_input_stream(path) as stream:
+        return stream.readall()
+
+
+def preprocess_batch(batch, filesystem, root, size, n_classes, val_fraction):
+    """Names → preprocessed frames; a frame that fails keeps its row, with the reason in `error`."""
+    names = batch["name"]
+    images = np.zeros((len(names), *size, 3), np.float32)
+    masks = np.zeros((len(names), *size), np.uint8)
+    errors = []
+    for index, name in enumerate(names):
+        image_path, mask_path = f"{root}/{data.IMAGE_DIR}/{name}", f"{root}/{data.MASK_DIR}/{name}"
+        try:
+            images[index], masks[index] = data.preprocess_pair(
+                read_file(filesystem, image_path), read_file(filesystem, mask_path),
+                image_path, mask_path, size, n_classes,
+            )
+            errors.append("")
+        except (ValueError, OSError) as error:
+            errors.append(str(error))
+    is_val = np.array([data.is_validation_name(str(n), val_fraction) for n in names])
+    return {"name": names, "image": images, "mask": masks, "is_val": is_val, "error": np.array(errors)}
+
+
+def _rows_where(batch, keep):
+    return {key: value[keep] for key, value in batch.items() if key not in ("error", "is_val")}
+
+
+def load_frames(uri, size, n_classes, val_fraction, skip_bad=False, min_train_frames=1):
+    """(train dataset, validation dataset, skipped {path-ish name: reason}).
+
+    Raises one ValueError naming every unreadable frame, unless `skip_bad`.
+    """
+    filesystem, root, names = discover_pairs(uri)
+    frames = ray.data.from_items([{"name": name} for name in names]).map_batches(
+        preprocess_batch,
+        batch_size=ROWS_PER_TASK,
+        fn_kwargs=dict(filesystem=filesystem, root=root, size=tuple(size), n_classes=n_classes,
+                       val_fraction=val_fraction),
+    ).materialize()
+    failed = frames.filter(lambda row: row["error"] != "").select_columns(["name", "error"]).take_all()
+    skipped = {row["name"]: row["error"] for row in failed}
+    if skipped and not skip_bad:
+        listing = "\n".join(f"  {reason}" for reason in skipped.values())
+        raise ValueError(
+            f"{uri}: {len(skipped)} of {len(names)} frame(s) cannot be read "
+            f"(fix them, or pass --skip-bad to train without them):\n{listing}"
+        )
+    train = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & ~b["is_val"])).materialize()
+    val = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & b["is_val"])).materialize()
+    if train.count() < min_train_frames or val.count() == 0:
+        raise ValueError(
+            f"{uri}: {len(names) - len(skipped)} usable frame(s) give {train.count()} for training and "
+            f"{val.count()} for validation at val_fraction={val_fraction}; training needs at least "
+            f"{min_train_frames} (one global batch per worker) and validation at least 1: "
+            f"add frames, lower --batch-size or change --val-fraction"
+        )
+    return train, val, skipped

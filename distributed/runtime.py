@@ -1,0 +1,33 @@
+"""Starting or joining Ray, and the environment every worker and actor runs with."""
+
+import os
+
+import ray
+
+# tf.keras must be tf-keras (Keras 2) in every process: Keras 3 breaks MultiWorkerMirroredStrategy.
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def connect(num_cpus=None):
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start local Ray.
+
+    Local Ray gets at least `num_cpus` logical CPUs even on a smaller machine, so Ray Data's
+    preprocessing tasks can run beside training workers that hold the real cores.
+    """
+    os.environ.update(WORKER_ENV)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        # The job's own runtime env (from `ray job submit --runtime-env-json`) stays in force.
+        ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        return
+    cpus = max(os.cpu_count() or 1, num_cpus or 0)
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
+
+
+def configure_tensorflow_threads(num_threads):
+    """Size TF's pools to the CPUs Ray gave this process, so workers don't oversubscribe cores."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(num_threads)
+    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, num_threads)))

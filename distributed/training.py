@@ -1,0 +1,178 @@
+"""Distributed training: Ray Train's TensorflowTrainer running the U-Net under MultiWorkerMirroredStrategy.
+
+Read top to bottom: `train` (driver) prepares data and launches `train_loop_per_worker` on every
+worker; each epoch the workers fit, score the whole validation set once between them, save a
+checkpoint together and report it; the driver then writes the run directory from the best one.
+"""
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import ray
+import ray.train
+import tensorflow as tf
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.tensorflow import TensorflowTrainer
+
+from distributed import ingest, runtime, run_directory
+from distributed.config import TrainConfig
+from unet_core import unet_model
+from unet_core.metrics import ConfusionMatrix
+from unet_core.training import compile_unet, predict_logits_fn, score_batch
+
+CHECKPOINT_MODEL = "model.keras"
+CHECKPOINT_STATE = "state.json"
+
+
+def train(config: TrainConfig):
+    """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
+    os.makedirs(config.output, exist_ok=True)
+    runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
+    data_uri = config.data or run_directory.generate_scenes(config)
+    train_frames, val_frames, skipped = ingest.load_frames(
+        data_uri, config.image_size, config.n_classes, config.val_fraction, config.skip_bad,
+        min_train_frames=config.global_batch_size * config.num_workers,
+    )
+    run_directory.write_skipped(config.output, skipped)
+    print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
+          f"from {data_uri}; {len(skipped)} skipped", flush=True)
+
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        datasets={"train": train_frames, "val": val_frames},
+        # Validation is not split by Ray: every worker sees it whole and scores its own stride.
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=config.resolved_storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.keep_checkpoints,
+                checkpoint_score_attribute="val_mean_iou",
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    return run_directory.write(config, result, val_frames)
+
+
+def train_loop_per_worker(config_dict):
+    config = TrainConfig(**config_dict)
+    runtime.configure_tensorflow_threads(config.cpus_per_worker)
+    set_precision_policy(config.mixed_precision)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    tf.keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = compile_unet(
+            unet_model((*config.image_size, 3), config.n_filters, config.n_classes),
+            config.learning_rate, config.n_classes,
+        )
+        first_epoch, history = restore(model, ray.train.get_checkpoint())
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_frames = ray.train.get_dataset_shard("val")
+    for epoch in range(first_epoch, config.epochs):
+        tf_train = train_shard.to_tf(
+            "image", "mask",
+            batch_size=config.global_batch_size,  # Keras splits each global batch across workers
+            # A short last batch would leave some replica an empty slice, which breaks the step.
+            drop_last=True,
+            local_shuffle_buffer_size=max(4 * config.batch_size, 64),
+            local_shuffle_seed=config.seed * 1_000 + epoch * 10 + rank,
+        )
+        callbacks = [FailOnce(config, epoch + 1, rank)] if config.fail_once_at_epoch else []
+        fit = model.fit(tf_train, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=callbacks)
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": fit.history["loss"][-1],
+            "pixel_accuracy": fit.history["pixel_accuracy"][-1],
+            "mean_iou": fit.history["mean_iou"][-1],
+            **evaluate(model, val_frames, rank, world_size, strategy, config),
+        }
+        history.append(metrics)
+        if rank == 0:
+            print(f"[unet-ray] epoch {metrics['epoch']}/{config.epochs} loss {metrics['loss']:.4f} "
+                  f"val_loss {metrics['val_loss']:.4f} val_pixel_accuracy "
+                  f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f}", flush=True)
+        save_and_report(model, metrics, history, rank)
+
+
+def set_precision_policy(mixed_precision):
+    name = {"off": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[mixed_precision]
+    tf.keras.mixed_precision.set_global_policy(name)
+
+
+def restore(model, checkpoint):
+    """Load weights and Adam's state from a checkpoint; returns (first epoch to run, history)."""
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as directory:
+        # Adam's slots must exist before loading, or their saved values are silently dropped.
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(os.path.join(directory, CHECKPOINT_MODEL))
+        with open(os.path.join(directory, CHECKPOINT_STATE)) as file:
+            history = json.load(file)["history"]
+    print(f"[unet-ray] resumed from the checkpoint of epoch {len(history)}", flush=True)
+    return len(history), history
+
+
+def evaluate(model, val_frames, rank, world_size, strategy, config):
+    """Loss and metrics over the whole validation set, every frame counted exactly once.
+
+    Each worker scores every world_size-th batch locally, then one all-reduce sums the loss and
+    the confusion matrix, so every worker ends up with the same, global figures.
+    """
+    forward = predict_logits_fn(model)
+    loss_sum, pixels = 0.0, 0
+    counts = np.zeros((config.n_classes, config.n_classes), np.float64)
+    batches = val_frames.iter_batches(batch_size=config.batch_size, batch_format="numpy")
+    for index, batch in enumerate(batches):
+        if index % world_size != rank:
+            continue
+        logits = forward(tf.constant(batch["image"])).numpy()
+        batch_loss, batch_pixels, batch_counts = score_batch(logits, batch["mask"], config.n_classes)
+        loss_sum, pixels, counts = loss_sum + batch_loss, pixels + batch_pixels, counts + batch_counts
+
+    local = tf.constant(np.concatenate([[loss_sum, pixels], counts.ravel()]), tf.float64)
+    summed = strategy.run(lambda value: tf.distribute.get_replica_context().all_reduce("SUM", value), (local,))
+    total = strategy.experimental_local_results(summed)[0].numpy()
+    confusion = ConfusionMatrix(config.n_classes, total[2:].reshape(config.n_classes, config.n_classes))
+    return {"val_loss": float(total[0] / max(total[1], 1)), **confusion.summary("val_")}
+
+
+def save_and_report(model, metrics, history, rank):
+    """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint."""
+    with tempfile.TemporaryDirectory() as directory:
+        model.save(os.path.join(directory, CHECKPOINT_MODEL))
+        with open(os.path.join(directory, CHECKPOINT_STATE), "w") as file:
+            json.dump({"history": history}, file)
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+        reported = {key: value for key, value in metrics.items() if not isinstance(value, dict)}
+        ray.train.report(reported, checkpoint=checkpoint)
+
+
+class FailOnce(tf.keras.callbacks.Callback):
+    """Makes rank 1 crash mid-epoch, once per run, to prove that training recovers from checkpoints."""
+
+    def __init__(self, config, epoch, rank):
+        super().__init__()
+        self.fails = epoch == config.fail_once_at_epoch and rank == 1
+        self.marker = os.path.join(config.resolved_storage_path, config.run_name, "injected_failure")
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.fails and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError(f"injected failure on rank 1 in epoch {self.epoch}")

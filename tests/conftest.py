@@ -1,0 +1,39 @@
+import io
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REAL_CARLA = Path(__file__).resolve().parents[2] / "shared" / "data" / "carla"
+
+
+def png_bytes(array, mode=None):
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_pair(root, name, image, mask):
+    """Write an image and a mask array as PNGs in the CARLA layout under `root`."""
+    for sub, array in (("CameraRGB", image), ("CameraMask", mask)):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(root / sub / name)
+
+
+def carla_mask(class_ids):
+    """Class ids → an RGBA mask as CARLA writes it: id in R, G = B = 0, alpha 255."""
+    height, width = class_ids.shape
+    mask = np.zeros((height, width, 4), np.uint8)
+    mask[..., 0], mask[..., 3] = class_ids, 255
+    return mask
+
+
+@pytest.fixture(scope="session")
+def real_carla():
+    if not REAL_CARLA.is_dir():
+        pytest.skip(f"real CARLA frames not found at {REAL_CARLA}")
+    return REAL_CARLA

@@ -1,0 +1,178 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import carla_mask, png_bytes, write_pair
+from unet_core import data
+
+SIZE = (96, 128)
+
+
+def test_pairs_are_matched_by_file_name(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("b.png", "a.png"):
+        write_pair(tmp_path, name, rng.integers(0, 255, (48, 64, 3), np.uint8), carla_mask(np.ones((48, 64), np.uint8)))
+    (tmp_path / "CameraRGB" / ".hidden.png").write_bytes(b"")
+    (tmp_path / "CameraRGB" / "notes.txt").write_text("not an image")
+    pairs = data.find_pairs(str(tmp_path))
+    assert [p.name for p in pairs] == ["a.png", "b.png"]
+    assert pairs[0].mask_path.endswith("CameraMask/a.png")
+
+
+def test_unpaired_files_are_all_listed(tmp_path):
+    ids = carla_mask(np.ones((8, 8), np.uint8))
+    image = np.zeros((8, 8, 3), np.uint8)
+    write_pair(tmp_path, "ok.png", image, ids)
+    Image.fromarray(image).save(tmp_path / "CameraRGB" / "lonely1.png")
+    Image.fromarray(image).save(tmp_path / "CameraRGB" / "lonely2.png")
+    Image.fromarray(ids).save(tmp_path / "CameraMask" / "orphan.png")
+    with pytest.raises(ValueError) as error:
+        data.find_pairs(str(tmp_path))
+    message = str(error.value)
+    assert "3 unpaired" in message
+    for name in ("CameraRGB/lonely1.png", "CameraRGB/lonely2.png", "CameraMask/orphan.png"):
+        assert name in message
+
+
+def test_missing_layout_is_named(tmp_path):
+    with pytest.raises(ValueError, match="CameraRGB is missing"):
+        data.find_pairs(str(tmp_path))
+
+
+def encoded(image, format="PNG", **options):
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def smooth_rgb():
+    rows, cols = np.mgrid[0:20, 0:30]
+    return np.dstack([rows * 12, cols * 8, (rows + cols) * 5]).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "I;16"])
+def test_decode_png_any_mode_to_rgb(mode):
+    rgb = smooth_rgb()
+    if mode == "RGB":
+        image, expected = Image.fromarray(rgb), rgb
+    elif mode == "RGBA":
+        image, expected = Image.fromarray(np.dstack([rgb, np.full((20, 30), 255, np.uint8)])), rgb
+    elif mode == "L":
+        image, expected = Image.fromarray(rgb[..., 0]), np.dstack([rgb[..., 0]] * 3)
+    elif mode == "P":
+        image = Image.fromarray(rgb).quantize(16)
+        expected = np.asarray(image.convert("RGB"))
+    else:
+        image = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+        expected = np.dstack([rgb[..., 0]] * 3)
+    assert image.mode == mode
+    decoded = data.decode_image(encoded(image), f"frame-{mode}.png")
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_decode_jpeg_to_rgb():
+    rgb = smooth_rgb()
+    decoded = data.decode_image(encoded(Image.fromarray(rgb), "JPEG", quality=95), "frame.jpg")
+    assert decoded.shape == (20, 30, 3) and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - rgb.astype(int)).mean() < 4
+
+
+def test_mask_class_is_max_over_colour_channels_never_alpha():
+    mask = np.zeros((4, 4, 4), np.uint8)
+    mask[..., 3] = 255
+    mask[0, 0, :3] = (7, 0, 0)
+    mask[0, 1, :3] = (3, 9, 2)
+    mask[0, 2, :3] = (0, 0, 13)
+    ids = data.decode_mask(png_bytes(mask), "mask.png")
+    assert ids.shape == (4, 4)
+    assert ids[0, :3].tolist() == [7, 9, 13] and ids.max() == 13
+
+
+def test_gray_and_16bit_masks_hold_ids_directly():
+    ids = np.array([[1, 2], [22, 0]], np.uint8)
+    assert data.decode_mask(png_bytes(ids), "m.png").tolist() == ids.tolist()
+    assert data.decode_mask(png_bytes(ids.astype(np.uint16)), "m16.png").tolist() == ids.tolist()
+
+
+def test_masks_resize_with_nearest_neighbour_only():
+    rng = np.random.default_rng(2)
+    ids = rng.choice([1, 7, 13], size=(480, 640)).astype(np.uint8)
+    small = data.resize_mask(ids, SIZE)
+    assert small.shape == SIZE
+    # Bilinear would blend 1 and 13 into 7 or invent ids in between; nearest only copies.
+    assert set(np.unique(small)) <= {1, 7, 13}
+    edge = np.zeros((480, 640), np.uint8)
+    edge[:, 320:] = 20
+    assert set(np.unique(data.resize_mask(edge, SIZE))) == {0, 20}
+
+
+def test_images_are_scaled_to_unit_range_once():
+    white = np.full((480, 640, 3), 255, np.uint8)
+    scaled = data.resize_image(white, SIZE)
+    assert scaled.shape == (96, 128, 3) and scaled.dtype == np.float32
+    np.testing.assert_allclose(scaled, 1.0)  # the exercise's second /255 would give 0.0039
+
+
+def test_preprocess_pair_shapes_and_values():
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (480, 640, 4), np.uint8)
+    ids = rng.integers(0, 23, (480, 640)).astype(np.uint8)
+    x, y = data.preprocess_pair(png_bytes(image), png_bytes(carla_mask(ids)), "i.png", "m.png", SIZE, 23)
+    assert x.shape == (96, 128, 3) and y.shape == SIZE and y.dtype == np.uint8
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    assert set(np.unique(y)) <= set(np.unique(ids))
+
+
+def _valid_png():
+    return png_bytes(np.zeros((40, 50, 3), np.uint8))
+
+
+@pytest.mark.parametrize(
+    "bad_bytes, reason",
+    [
+        (_valid_png()[:60], "not a readable"),
+        (b"", "empty file"),
+        (b"this is a text file, not a picture\n", "not a readable"),
+    ],
+    ids=["truncated", "zero-bytes", "text-named-png"],
+)
+def test_bad_image_files_are_named(bad_bytes, reason):
+    mask = png_bytes(carla_mask(np.ones((40, 50), np.uint8)))
+    with pytest.raises(ValueError, match=reason) as error:
+        data.preprocess_pair(bad_bytes, mask, "/data/CameraRGB/bad.png", "/data/CameraMask/bad.png", SIZE, 23)
+    assert "/data/CameraRGB/bad.png" in str(error.value)
+
+
+def test_class_id_beyond_the_model_is_named():
+    ids = np.ones((40, 50), np.uint8)
+    ids[3, 4] = 30
+    with pytest.raises(ValueError, match="class id 30 but the model has 23 classes") as error:
+        data.preprocess_pair(_valid_png(), png_bytes(carla_mask(ids)), "i.png", "/d/CameraMask/m.png", SIZE, 23)
+    assert "/d/CameraMask/m.png" in str(error.value)
+
+
+def test_image_mask_size_mismatch_is_named():
+    mask = png_bytes(carla_mask(np.ones((41, 50), np.uint8)))
+    with pytest.raises(ValueError, match="50×40 but its mask") as error:
+        data.preprocess_pair(_valid_png(), mask, "/d/CameraRGB/x.png", "/d/CameraMask/x.png", SIZE, 23)
+    assert "/d/CameraRGB/x.png" in str(error.value) and "/d/CameraMask/x.png" in str(error.value)
+
+
+def test_image_without_mask_is_named(tmp_path):
+    write_pair(tmp_path, "a.png", np.zeros((8, 8, 3), np.uint8), carla_mask(np.ones((8, 8), np.uint8)))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "CameraRGB" / "solo.png")
+    with pytest.raises(ValueError, match="solo.png: no mask"):
+        data.load_pairs(str(tmp_path), SIZE, 23)
+
+
+def test_real_carla_frames_load(real_carla):
+    images, masks, names = data.load_pairs(str(real_carla), SIZE, 23)
+    assert images.shape == (106, 96, 128, 3) and masks.shape == (106, 96, 128)
+    assert names == sorted(names) and names[0] == "000026.png"
+    assert 0.9 < images.max() <= 1.0
+    assert set(np.unique(masks)) <= set(range(1, 23))  # the README: ids 1..22, never 0
+    road_share = (masks == 7).mean()
+    assert 0.35 < road_share < 0.55  # README: road is 44% of pixels

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from unet_core.metrics import ConfusionMatrix, KerasMeanIoU, confusion_counts
+
+
+def test_confusion_counts_rows_are_truth():
+    counts = confusion_counts([0, 0, 1, 2], [0, 1, 1, 1], 3)
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def test_metrics_by_hand():
+    truth = np.array([[0, 0, 1, 1], [2, 2, 2, 2]])
+    prediction = np.array([[0, 1, 1, 1], [2, 2, 2, 0]])
+    matrix = ConfusionMatrix(5).update(truth, prediction)
+    assert matrix.pixel_accuracy() == pytest.approx(6 / 8)
+    # class 0: tp 1, union 3; class 1: tp 2, union 3; class 2: tp 3, union 4. Classes 3, 4 absent.
+    assert matrix.iou() == pytest.approx({0: 1 / 3, 1: 2 / 3, 2: 3 / 4})
+    assert matrix.mean_iou() == pytest.approx((1 / 3 + 2 / 3 + 3 / 4) / 3)
+    assert matrix.truth_classes().tolist() == [0, 1, 2]
+
+
+def test_absent_classes_never_leak_nan():
+    matrix = ConfusionMatrix(23).update(np.full((4, 4), 7), np.full((4, 4), 7))
+    assert matrix.iou() == {7: 1.0}
+    assert matrix.mean_iou() == 1.0
+    summary = matrix.summary("val_")
+    assert summary["val_iou_per_class"] == {"road": 1.0}
+    assert not np.isnan(summary["val_mean_iou"])
+    assert ConfusionMatrix(3).mean_iou() == 0.0 and ConfusionMatrix(3).pixel_accuracy() == 0.0
+
+
+def test_class_predicted_but_never_true_counts_as_zero():
+    matrix = ConfusionMatrix(4).update([1, 1, 1, 1], [1, 1, 3, 3])
+    assert matrix.iou() == {1: 0.5, 3: 0.0}
+    assert matrix.mean_iou(classes=matrix.truth_classes()) == 0.5
+
+
+def test_accumulating_batches_equals_one_pass():
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 6, (10, 8, 8))
+    prediction = np.where(rng.random((10, 8, 8)) < 0.7, truth, rng.integers(0, 6, (10, 8, 8)))
+    whole = ConfusionMatrix(6).update(truth, prediction)
+    parts = ConfusionMatrix(6)
+    for start in range(0, 10, 3):
+        parts.update(truth[start : start + 3], prediction[start : start + 3])
+    np.testing.assert_array_equal(whole.counts, parts.counts)
+
+
+def test_keras_metric_matches_numpy_and_resets():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 5, (3, 6, 6))
+    logits = rng.normal(size=(3, 6, 6, 7)).astype(np.float32)
+    metric = KerasMeanIoU(7)
+    metric.update_state(truth[:2], logits[:2])
+    metric.update_state(truth[2:], logits[2:])
+    expected = ConfusionMatrix(7).update(truth, logits.argmax(-1)).mean_iou()
+    assert float(metric.result()) == pytest.approx(expected)
+    metric.reset_state()
+    metric.update_state(tf.constant(truth), tf.constant(logits))
+    assert float(metric.result()) == pytest.approx(expected)

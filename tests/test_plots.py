@@ -1,0 +1,138 @@
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unet_core.classes import N_CLASSES, PALETTE
+from unet_core.plots import colorize, overlay, save_confusion_matrix, save_curves, save_previews
+
+
+def _frames(n=2, height=24, width=32, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, height, width, 3), dtype=np.float32)
+    masks = np.zeros((n, height, width), dtype=np.int64)
+    masks[:, height // 2:] = 7  # road
+    masks[:, :, : width // 4] = 10  # vehicle
+    return images, masks
+
+
+def _assert_real_png(path, min_side=100):
+    assert path.is_file()
+    with Image.open(path) as png:
+        assert png.format == "PNG"
+        assert min(png.size) >= min_side
+        pixels = np.asarray(png.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10, "figure looks blank"
+    return pixels
+
+
+def test_colorize_maps_ids_to_palette_and_keeps_shape():
+    mask = np.arange(N_CLASSES).reshape(1, N_CLASSES)
+    rgb = colorize(mask)
+    assert rgb.shape == (1, N_CLASSES, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[0], PALETTE)
+    # Channel axis and batch axis are handled like the plain (H, W) mask.
+    np.testing.assert_array_equal(colorize(mask[..., None]), rgb)
+    batch = np.stack([mask, mask[:, ::-1]])[..., None]
+    assert colorize(batch).shape == (2, 1, N_CLASSES, 3)
+    np.testing.assert_array_equal(colorize(batch)[1, 0], PALETTE[::-1])
+    # Integer-valued floats (e.g. from a tensor cast) are accepted.
+    np.testing.assert_array_equal(colorize(mask.astype(np.float32)), rgb)
+
+
+def test_colorize_gives_ids_past_palette_a_stable_colour():
+    mask = np.array([[N_CLASSES, N_CLASSES + 1, 300]])
+    first, second = colorize(mask), colorize(mask)
+    np.testing.assert_array_equal(first, second)
+    assert len({tuple(c) for c in first[0]}) == 3
+
+
+def test_colorize_rejects_bad_input():
+    with pytest.raises(ValueError, match="argmax"):
+        colorize(np.full((2, 2), 0.5))
+    with pytest.raises(ValueError, match="negative"):
+        colorize(np.array([[0, -1]]))
+    with pytest.raises(ValueError, match="shape"):
+        colorize(np.array([1, 2, 3]))
+
+
+def test_overlay_shape_dtype_and_alpha_extremes():
+    images, masks = _frames(n=1)
+    image = (images[0] * 255).astype(np.uint8)
+    blended = overlay(image, masks[0][..., None])
+    assert blended.shape == image.shape and blended.dtype == np.uint8
+    assert not np.array_equal(blended, image)
+    np.testing.assert_array_equal(overlay(image, masks[0], alpha=0.0), image)
+    np.testing.assert_array_equal(overlay(image, masks[0], alpha=1.0), colorize(masks[0]))
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(image, masks[0], alpha=1.5)
+    with pytest.raises(ValueError):
+        overlay(image, masks[0][:-1])
+
+
+def test_save_curves_with_missing_keys(tmp_path):
+    history = [
+        {"epoch": 1, "loss": 1.2, "pixel_accuracy": 0.5},
+        {"epoch": 2, "loss": 0.9, "val_loss": 1.0, "pixel_accuracy": 0.6, "val_pixel_accuracy": 0.55},
+        {"epoch": 3, "loss": 0.7, "val_loss": 0.8, "val_mean_iou": 0.3},
+    ]
+    path = save_curves(history, tmp_path / "nested" / "curves.png")
+    _assert_real_png(path)
+
+
+def test_save_curves_with_no_metrics_still_writes_a_figure(tmp_path):
+    _assert_real_png(save_curves([{"epoch": 1}], tmp_path / "empty.png"))
+
+
+def test_save_previews_with_true_masks(tmp_path):
+    images, masks = _frames(n=3)
+    predicted = masks.copy()
+    predicted[:, :4] = 13  # sky
+    path = tmp_path / "previews.png"
+    pixels = _assert_real_png(save_previews(images, masks[..., None], predicted, path, titles=["a", "b", "c"]))
+    # Three frames stacked vertically: the figure is taller than for a single frame.
+    single = _assert_real_png(save_previews(images[:1], masks[:1], predicted[:1], tmp_path / "one.png"))
+    assert pixels.shape[0] > single.shape[0]
+    # Every class present is drawn in its palette colour somewhere in the figure.
+    colours = {tuple(c) for c in pixels.reshape(-1, 3)}
+    for class_id in (7, 10, 13):
+        assert tuple(PALETTE[class_id]) in colours
+
+
+def test_save_previews_without_true_masks_has_two_columns(tmp_path):
+    images, masks = _frames(n=2)
+    uint8_images = (images * 255).astype(np.uint8)
+    two = _assert_real_png(save_previews(uint8_images, None, masks, tmp_path / "infer.png"))
+    three = _assert_real_png(save_previews(uint8_images, masks, masks, tmp_path / "eval.png"))
+    assert two.shape[1] < three.shape[1]
+
+
+def test_save_previews_rejects_mismatched_inputs(tmp_path):
+    images, masks = _frames(n=3)
+    with pytest.raises(ValueError, match="matching images"):
+        save_previews(images, masks[:2], masks, tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="matching images"):
+        save_previews(images, None, masks[:, :-1], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="titles"):
+        save_previews(images, masks, masks, tmp_path / "bad.png", titles=["only one"])
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        save_previews(images[..., 0], None, masks, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_save_confusion_matrix_with_empty_row_raises_no_warnings(tmp_path):
+    rng = np.random.default_rng(1)
+    confusion = rng.integers(0, 1000, size=(N_CLASSES, N_CLASSES))
+    confusion[3] = 0  # a class with no true pixels in the evaluation set
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = save_confusion_matrix(confusion, tmp_path / "confusion.png")
+    _assert_real_png(path, min_side=300)
+
+
+def test_save_confusion_matrix_rejects_bad_shapes(tmp_path):
+    with pytest.raises(ValueError, match="square"):
+        save_confusion_matrix(np.zeros((3, 4)), tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="class names"):
+        save_confusion_matrix(np.eye(3), tmp_path / "bad.png")

@@ -1,0 +1,163 @@
+"""Reading CARLA-layout frames: pairing, decoding and preprocessing, written once.
+
+Training, evaluation and batch inference all call these functions, so a frame becomes the same
+tensor everywhere. Everything works on bytes + a path (for error messages), which lets the Ray
+ingest read from any filesystem and hand the bytes here.
+"""
+
+import io
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_DIR = "CameraRGB"
+MASK_DIR = "CameraMask"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+# Pillow's modes for 16- and 32-bit single-channel images.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One training frame: the camera image and its mask, matched by file name."""
+
+    name: str
+    image_path: str
+    mask_path: str
+
+
+def is_image_name(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def pair_names(image_names, mask_names, root="."):
+    """Match image and mask file names; raises one ValueError listing every unpaired file."""
+    images, masks = set(image_names), set(mask_names)
+    missing_masks = sorted(images - masks)
+    missing_images = sorted(masks - images)
+    if missing_masks or missing_images:
+        lines = [f"{root}: {len(missing_masks) + len(missing_images)} unpaired file(s)"]
+        lines += [f"  {os.path.join(root, IMAGE_DIR, n)}: no mask {MASK_DIR}/{n}" for n in missing_masks]
+        lines += [f"  {os.path.join(root, MASK_DIR, n)}: no image {IMAGE_DIR}/{n}" for n in missing_images]
+        raise ValueError("\n".join(lines))
+    if not images:
+        raise ValueError(f"{root}: no images found in {IMAGE_DIR}/ (expected {', '.join(IMAGE_EXTENSIONS)})")
+    return sorted(images)
+
+
+def find_pairs(root):
+    """Pairs of a local CARLA-layout directory `root/CameraRGB`, `root/CameraMask`."""
+    listing = {}
+    for sub in (IMAGE_DIR, MASK_DIR):
+        directory = os.path.join(root, sub)
+        if not os.path.isdir(directory):
+            raise ValueError(f"{root}: not a CARLA-layout directory, {directory} is missing")
+        listing[sub] = [n for n in os.listdir(directory) if is_image_name(n)]
+    names = pair_names(listing[IMAGE_DIR], listing[MASK_DIR], root)
+    return [Pair(n, os.path.join(root, IMAGE_DIR, n), os.path.join(root, MASK_DIR, n)) for n in names]
+
+
+def _open(data, path):
+    if not data:
+        raise ValueError(f"{path}: empty file (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable PNG/JPEG image ({error})") from None
+    return image
+
+
+def decode_image(data, path):
+    """Encoded bytes → uint8 RGB array (H, W, 3), from any common mode (RGB, RGBA, L, P, 16-bit)."""
+    image = _open(data, path)
+    if image.mode in _WIDE_GRAY_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        gray = np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_mask(data, path):
+    """Encoded bytes → class ids (H, W): the max over the colour channels, never alpha."""
+    image = _open(data, path)
+    if image.mode in _WIDE_GRAY_MODES or image.mode == "L":
+        return np.asarray(image).astype(np.int64)
+    if image.mode == "LA":
+        return np.asarray(image)[..., 0].astype(np.int64)
+    return np.asarray(image.convert("RGB")).max(axis=-1).astype(np.int64)
+
+
+def resize_image(rgb, size):
+    """uint8 RGB → float32 in [0, 1] at `size` (height, width). Scaled by 255 exactly once."""
+    height, width = size
+    if rgb.shape[:2] != (height, width):
+        # Pillow's bilinear filter widens with the scale factor, so downscaling is antialiased.
+        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
+    return rgb.astype(np.float32) / 255.0
+
+
+def resize_mask(class_ids, size):
+    """Class ids → uint8 ids at `size` (height, width), nearest neighbour so no id is invented."""
+    height, width = size
+    class_ids = np.asarray(class_ids, dtype=np.uint8)
+    if class_ids.shape[:2] == (height, width):
+        return class_ids
+    return np.asarray(Image.fromarray(class_ids).resize((width, height), Image.Resampling.NEAREST))
+
+
+def check_class_ids(class_ids, n_classes, path):
+    highest = int(class_ids.max()) if class_ids.size else 0
+    if highest >= n_classes:
+        count = int((class_ids >= n_classes).sum())
+        raise ValueError(
+            f"{path}: mask has class id {highest} but the model has {n_classes} classes "
+            f"(ids 0..{n_classes - 1}); {count} pixel(s) out of range"
+        )
+
+
+def preprocess_image(data, path, size):
+    """Encoded image bytes → (model input float32 (H, W, 3), source (height, width))."""
+    rgb = decode_image(data, path)
+    return resize_image(rgb, size), rgb.shape[:2]
+
+
+def preprocess_pair(image_data, mask_data, image_path, mask_path, size, n_classes):
+    """Encoded image + mask bytes → (float32 image (H, W, 3) in [0, 1], uint8 mask (H, W))."""
+    rgb = decode_image(image_data, image_path)
+    class_ids = decode_mask(mask_data, mask_path)
+    if rgb.shape[:2] != class_ids.shape:
+        raise ValueError(
+            f"{image_path}: image is {rgb.shape[1]}×{rgb.shape[0]} but its mask {mask_path} is "
+            f"{class_ids.shape[1]}×{class_ids.shape[0]} (width×height); they must match"
+        )
+    check_class_ids(class_ids, n_classes, mask_path)
+    return resize_image(rgb, size), resize_mask(class_ids, size)
+
+
+def read_bytes(path):
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def load_pairs(root, size, n_classes):
+    """A whole local CARLA-layout directory in memory: (images, masks, names). For small sets."""
+    pairs = find_pairs(root)
+    images = np.empty((len(pairs), *size, 3), np.float32)
+    masks = np.empty((len(pairs), *size), np.uint8)
+    for index, pair in enumerate(pairs):
+        images[index], masks[index] = preprocess_pair(
+            read_bytes(pair.image_path), read_bytes(pair.mask_path),
+            pair.image_path, pair.mask_path, size, n_classes,
+        )
+    return images, masks, [pair.name for pair in pairs]
+
+
+def is_validation_name(name, val_fraction):
+    """A stable split by file name: the same frame lands on the same side in every run."""
+    bucket = zlib.crc32(name.encode("utf-8")) % 10_000
+    return bucket < round(val_fraction * 10_000)

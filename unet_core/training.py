@@ -1,0 +1,53 @@
+"""What every training path shares: the loss, the compiled model, prediction and scoring.
+
+The Ray Train workers and single-process runs (tests, benchmarks, evaluation) both call these,
+so the model is compiled and scored the same way wherever it runs.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from unet_core.metrics import ConfusionMatrix, KerasMeanIoU
+
+
+def pixel_loss():
+    """Per-pixel sparse cross-entropy on logits, as the classic exercise trains with."""
+    return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def compile_unet(model, learning_rate=1e-3, n_classes=23):
+    """Adam + per-pixel cross-entropy; reports pixel accuracy and mean IoU."""
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(learning_rate),
+        loss=pixel_loss(),
+        metrics=[
+            tf.keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy"),
+            KerasMeanIoU(n_classes),
+        ],
+    )
+    return model
+
+
+def predict_logits_fn(model):
+    """A compiled forward pass (inference mode): calling it avoids `model.predict`'s per-call setup."""
+    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+
+def score_batch(logits, true_ids, n_classes):
+    """(summed pixel loss, pixel count, confusion counts) of one batch of logits and true masks."""
+    true_ids = np.asarray(true_ids).astype(np.int64)
+    loss = tf.keras.losses.sparse_categorical_crossentropy(true_ids, logits, from_logits=True)
+    confusion = ConfusionMatrix(n_classes).update(true_ids, np.argmax(logits, axis=-1))
+    return float(tf.reduce_sum(loss)), true_ids.size, confusion.counts
+
+
+def evaluate_arrays(model, images, masks, n_classes, batch_size=32):
+    """Loss and confusion matrix of a model over in-memory arrays, counted over every pixel once."""
+    forward = predict_logits_fn(model)
+    loss_sum, pixels, confusion = 0.0, 0, ConfusionMatrix(n_classes)
+    for start in range(0, len(images), batch_size):
+        logits = forward(tf.constant(images[start : start + batch_size])).numpy()
+        batch_loss, batch_pixels, counts = score_batch(logits, masks[start : start + batch_size], n_classes)
+        loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
+        confusion.counts += counts
+    return loss_sum / max(pixels, 1), confusion
