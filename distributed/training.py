@@ -100,6 +100,7 @@ def train_loop_per_worker(config_dict):
             "pixel_accuracy": fit.history["pixel_accuracy"][-1],
             "mean_iou": fit.history["mean_iou"][-1],
             **evaluate(model, val_frames, rank, world_size, strategy, config),
+            "resumed_from_epoch": first_epoch,
         }
         history.append(metrics)
         if rank == 0:
@@ -145,11 +146,24 @@ def evaluate(model, val_frames, rank, world_size, strategy, config):
         batch_loss, batch_pixels, batch_counts = score_batch(logits, batch["mask"], config.n_classes)
         loss_sum, pixels, counts = loss_sum + batch_loss, pixels + batch_pixels, counts + batch_counts
 
-    local = tf.constant(np.concatenate([[loss_sum, pixels], counts.ravel()]), tf.float64)
+    # The weights' fingerprint rides along: equal on all workers iff gradients were all-reduced.
+    fingerprint = weights_fingerprint(model)
+    local = tf.constant(np.concatenate([[loss_sum, pixels, fingerprint, fingerprint**2], counts.ravel()]), tf.float64)
     summed = strategy.run(lambda value: tf.distribute.get_replica_context().all_reduce("SUM", value), (local,))
     total = strategy.experimental_local_results(summed)[0].numpy()
-    confusion = ConfusionMatrix(config.n_classes, total[2:].reshape(config.n_classes, config.n_classes))
-    return {"val_loss": float(total[0] / max(total[1], 1)), **confusion.summary("val_")}
+    confusion = ConfusionMatrix(config.n_classes, total[4:].reshape(config.n_classes, config.n_classes))
+    spread = total[3] / world_size - (total[2] / world_size) ** 2  # variance of the fingerprints
+    return {
+        "val_loss": float(total[0] / max(total[1], 1)),
+        **confusion.summary("val_"),
+        "weights_in_sync": bool(spread <= 1e-12 * max(fingerprint**2, 1.0)),
+    }
+
+
+def weights_fingerprint(model):
+    """One number that changes with any weight: a position-weighted sum of all of them."""
+    return float(sum((index + 1) * np.abs(weights).astype(np.float64).sum()
+                     for index, weights in enumerate(model.get_weights())))
 
 
 def save_and_report(model, metrics, history, rank):

@@ -11,7 +11,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, help="directory that receives CameraRGB/ and CameraMask/")
     parser.add_argument("--count", type=int, default=1000, help="number of frames to write")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed; frame i depends only on (seed, i)")
-    parser.add_argument("--start", type=int, default=0, help="index of the first frame, to extend or split a set")
+    parser.add_argument("--start", type=int, default=0, help="index of the first frame (extend or split a set)")
     args = parser.parse_args(argv)
     if args.count < 0 or args.seed < 0 or args.start < 0:
         parser.error("--count, --seed and --start must be >= 0")

@@ -37,3 +37,12 @@ def real_carla():
     if not REAL_CARLA.is_dir():
         pytest.skip(f"real CARLA frames not found at {REAL_CARLA}")
     return REAL_CARLA
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session: starting Ray costs seconds."""
+    from distributed import runtime
+
+    runtime.connect(num_cpus=3)
+    yield

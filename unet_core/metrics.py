@@ -65,6 +65,7 @@ class ConfusionMatrix:
         }
 
 
+@tf.keras.saving.register_keras_serializable(package="unet_core")
 class KerasMeanIoU(tf.keras.metrics.Metric):
     """Mean IoU over present classes from logits, for `model.compile(metrics=...)`.
 

@@ -247,7 +247,7 @@ class _Scene:
         nearest = self.focal * self.camera_height / (self.height - self.horizon)  # depth at the bottom row
         for index, side in enumerate((-1, 1)):
             kerb, sidewalk = (self.road_left if side < 0 else self.road_right), self.sidewalk_widths[index]
-            for depth in np.cumsum(rng.uniform(10, 35, size=6)) - rng.uniform(5, 8):
+            for depth in np.cumsum(rng.uniform(10, 35, size=6)) - rng.uniform(5, 8):  # first one 2-30 m ahead
                 objects.append((depth, self._pole, kerb + side * rng.uniform(0.3, 0.6), side))
             if self.verge_widths[index] > 0 or rng.random() < 0.3:
                 for depth in np.cumsum(rng.uniform(5, 20, size=12)):

@@ -1,0 +1,386 @@
+"""Batch inference: a folder tree of images → predicted masks as Parquet and PNG, on Ray Data.
+
+Read top to bottom: `infer` (driver) lists the inputs, leaves out those a previous run into the
+same output already predicted, and streams the rest through two Ray Data stages — `read_images`
+tasks decode and preprocess, a pool of `Predictor` actors runs the model and encodes the masks —
+back to the driver, which commits them under the output one atomic file at a time.
+
+The predictions table is the ledger of what is done. A Parquet part is committed only after the
+PNG files of its rows, so a killed run loses at most its uncommitted rows, which the next run
+predicts again (rewriting their PNGs in place). Failed inputs are retried on every run, so each
+run starts the errors table afresh: every input is in predictions or errors, never in both.
+"""
+
+import hashlib
+import io
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs
+import pyarrow.parquet as pq
+import ray
+import tensorflow as tf
+from PIL import Image
+
+from distributed import runtime
+from distributed.ingest import open_root, read_file
+from unet_core import data, plots
+from unet_core.classes import CLASS_NAMES
+from unet_core.training import predict_logits_fn
+
+MODEL_FILE = "model.keras"
+FORMATS = ("parquet", "png")
+OUTPUT_SIZES = ("source", "model")
+# Temporary files live here until renamed into place; a run starts by emptying it.
+STAGING = ".staging"
+
+
+@dataclass
+class InferConfig:
+    model: str  # a .keras file, or a training run / checkpoint directory holding model.keras
+    input: str  # directory or URI of PNG/JPEG images, listed recursively
+    output: str  # directory or URI receiving predictions/, errors/, masks/, overlays/
+    batch_size: int = 32
+    num_actors: int = 1
+    cpus_per_actor: int = 1
+    use_gpu: bool = False
+    overlay: bool = False
+    # parquet: the masks' PNG bytes go into the predictions table; png: into masks/ files.
+    # The predictions table is written either way: it records what is done.
+    formats: tuple[str, ...] = FORMATS
+    fail_on_error: bool = False
+    output_size: str = "source"  # source: masks at each image's own size; model: at the model's input size
+    rows_per_file: int = 1000
+
+    def __post_init__(self):
+        self.formats = tuple(self.formats)
+        if not self.formats or not set(self.formats) <= set(FORMATS):
+            raise ValueError(f"formats must be one or more of {', '.join(FORMATS)}; got {self.formats}")
+        if self.output_size not in OUTPUT_SIZES:
+            raise ValueError(f"output_size must be source or model, got {self.output_size!r}")
+        for name in ("batch_size", "num_actors", "cpus_per_actor", "rows_per_file"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def infer(config: InferConfig):
+    """Predict every image under `config.input` not yet done in `config.output`.
+
+    Returns {"ok": predicted now, "failed": unreadable now, "skipped": done by earlier runs}.
+    """
+    model_path = model_file(config.model)
+    with open(model_path, "rb") as file:
+        model_bytes = file.read()
+    identity = model_identity(model_bytes, model_path)
+    # Loaded here too, so a broken model fails before any actor starts, and for its shapes.
+    size, n_classes = model_geometry(load_model(model_path), model_path)
+
+    output = Output(*open_root(config.output))
+    input_filesystem, input_root = open_root(config.input)
+    input_root = image_root(input_filesystem, input_root)
+    inputs = list_images(input_filesystem, input_root, skip=output.root)
+    done = output.done_paths(identity)
+    pending = [path for path in inputs if path not in done]
+    print(f"[unet-ray] {len(inputs)} image(s) under {config.input}: {len(pending)} to predict, "
+          f"{len(inputs) - len(pending)} already done in {config.output}", flush=True)
+
+    output.start_run()
+    names = class_names(n_classes)
+    predictions = PartWriter(output, "predictions", config.rows_per_file)
+    errors = PartWriter(output, "errors", config.rows_per_file)
+    ok = failed = 0
+    if pending:
+        pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes), config)
+        for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
+            succeeded = batch["error"] == ""
+            write_images(output, batch, succeeded, config)
+            # After the images: a committed row always has its PNG files.
+            predictions.add(prediction_table(batch, succeeded, identity, names, "parquet" in config.formats))
+            errors.add(pa.table({"path": pa.array(batch["path"][~succeeded], pa.string()),
+                                 "error": pa.array(batch["error"][~succeeded], pa.string())}))
+            ok, failed = ok + int(succeeded.sum()), failed + int((~succeeded).sum())
+    predictions.flush()
+    errors.flush()
+    return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
+
+
+# --- the model ---------------------------------------------------------------------------------
+
+def model_file(path):
+    """The .keras file behind --model: the file itself, or model.keras in a run or checkpoint directory."""
+    candidate = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
+    if not candidate.endswith(".keras") or not os.path.isfile(candidate):
+        raise ValueError(f"{path}: not a .keras model file, nor a directory holding {MODEL_FILE}")
+    return candidate
+
+
+def load_model(path):
+    return tf.keras.models.load_model(path, compile=False, safe_mode=True)
+
+
+def model_identity(model_bytes, path):
+    """Names the exact weights that made a prediction, wherever the file was copied to."""
+    return f"{os.path.basename(path)}@sha256:{hashlib.sha256(model_bytes).hexdigest()}"
+
+
+def model_geometry(model, path):
+    """((height, width) the model takes, number of classes it predicts)."""
+    height, width = model.input_shape[1:3]
+    n_classes = model.output_shape[-1]
+    if not height or not width:
+        raise ValueError(f"{path}: input shape {model.input_shape} has no fixed height and width to resize images to")
+    if n_classes > 256:
+        raise ValueError(f"{path}: {n_classes} classes do not fit the 8-bit class ids of a mask PNG")
+    return (height, width), n_classes
+
+
+def class_names(n_classes):
+    # Named as in ConfusionMatrix.summary, so predictions and metrics agree.
+    return list(CLASS_NAMES) if n_classes == len(CLASS_NAMES) else [str(i) for i in range(n_classes)]
+
+
+# --- listing the inputs ------------------------------------------------------------------------
+
+def image_root(filesystem, root):
+    """A CARLA-layout root means its CameraRGB folder: its masks are not inputs."""
+    subfolders = filesystem.get_file_info([f"{root}/{data.IMAGE_DIR}", f"{root}/{data.MASK_DIR}"])
+    if all(info.type == pyarrow.fs.FileType.Directory for info in subfolders):
+        return f"{root}/{data.IMAGE_DIR}"
+    return root
+
+
+def list_images(filesystem, root, skip=None):
+    """Sorted paths, relative to `root`, of the PNG/JPEG files below it, hidden ones left out.
+
+    `skip` is the output directory: nested in the input, its masks must not become inputs.
+    """
+    if filesystem.get_file_info(root).type != pyarrow.fs.FileType.Directory:
+        raise ValueError(f"{root}: input directory not found")
+    paths = []
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
+        relative = info.path[len(root) + 1:]
+        if (info.type == pyarrow.fs.FileType.File and data.is_image_name(info.base_name)
+                and not any(part.startswith(".") for part in relative.split("/"))
+                and not (skip and info.path.startswith(skip + "/"))):
+            paths.append(relative)
+    paths.sort()
+    outputs = {}
+    for path in paths:
+        clash = outputs.setdefault(output_path("masks", mask_name(path)), path)
+        if clash != path:
+            raise ValueError(f"{root}: {clash} and {path} would both write the mask {mask_name(path)}")
+    return paths
+
+
+def mask_name(relative):
+    """The output PNG of an input: same name as CameraMask uses, `.png` appended for JPEGs."""
+    return relative if relative.lower().endswith(".png") else relative + ".png"
+
+
+def output_path(folder, relative):
+    """`folder/relative` inside the output; refuses any path that could lead out of it."""
+    parts = relative.split("/")
+    if relative.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{relative}: not a plain relative path (absolute, or with an empty, '.' or '..' part); "
+                         f"its output would not stay inside --output/{folder}")
+    return f"{folder}/{relative}"
+
+
+# --- the Ray Data pipeline ---------------------------------------------------------------------
+
+def predict_pipeline(paths, filesystem, root, size, model_ref, config):
+    """Lazy and streaming: relative paths → read + preprocess tasks → a pool of Predictor actors."""
+    return ray.data.from_items([{"path": path} for path in paths]).map_batches(
+        read_images,
+        batch_size=config.batch_size,
+        fn_kwargs=dict(filesystem=filesystem, root=root, size=size,
+                       keep_bytes=config.overlay and config.output_size == "source"),
+    ).map_batches(
+        Predictor,
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        fn_constructor_kwargs=dict(model_ref=model_ref, cpus=config.cpus_per_actor,
+                                   output_size=config.output_size, overlay=config.overlay),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=1 if config.use_gpu else 0,
+    )
+
+
+def read_images(batch, filesystem, root, size, keep_bytes):
+    """Relative paths → model inputs; a file that fails keeps its row, with the reason in `error`."""
+    paths = batch["path"]
+    images = np.zeros((len(paths), *size, 3), np.float32)
+    source_sizes = np.zeros((len(paths), 2), np.int32)
+    errors, contents = [], []
+    for index, relative in enumerate(paths):
+        path, content = f"{root}/{relative}", b""
+        try:
+            content = read_file(filesystem, path)
+            images[index], source_sizes[index] = data.preprocess_image(content, path, size)
+            errors.append("")
+        except Exception as error:  # noqa: BLE001  one bad file must never stop the others
+            errors.append(str(error) if isinstance(error, ValueError) else f"{path}: {type(error).__name__}: {error}")
+        contents.append(content if keep_bytes else b"")
+    return {"path": paths, "image": images, "source_size": source_sizes, "error": np.array(errors, object),
+            "image_bytes": np.array(contents, object)}
+
+
+class Predictor:
+    """One per actor: loads the model once, then turns preprocessed batches into encoded masks."""
+
+    def __init__(self, model_ref, cpus, output_size, overlay):
+        runtime.configure_tensorflow_threads(cpus)  # before TF starts its thread pools
+        with tempfile.TemporaryDirectory() as directory:
+            path = os.path.join(directory, MODEL_FILE)
+            with open(path, "wb") as file:
+                file.write(ray.get(model_ref))
+            self.model = load_model(path)
+        self.forward = predict_logits_fn(self.model)
+        self.n_classes = self.model.output_shape[-1]
+        self.output_size, self.overlay = output_size, overlay
+
+    def __call__(self, batch):
+        succeeded = batch["error"] == ""
+        count = len(batch["path"])
+        predicted = np.zeros((count, *batch["image"].shape[1:3]), np.uint8)
+        if succeeded.any():
+            logits = self.forward(tf.constant(batch["image"][succeeded])).numpy()
+            predicted[succeeded] = np.argmax(logits, axis=-1)
+        sizes = np.zeros((count, 2), np.int32)
+        pixels = np.zeros((count, self.n_classes), np.int64)
+        masks, overlays = [b""] * count, [b""] * count
+        for index in np.flatnonzero(succeeded):
+            class_ids = predicted[index]
+            if self.output_size == "source":
+                class_ids = data.resize_mask(class_ids, tuple(batch["source_size"][index]))
+            sizes[index] = class_ids.shape
+            pixels[index] = np.bincount(class_ids.ravel(), minlength=self.n_classes)
+            masks[index] = encode_mask(class_ids)
+            if self.overlay:
+                overlays[index] = encode_png(plots.overlay(self.background(batch, index), class_ids))
+        return {"path": batch["path"], "error": batch["error"], "height": sizes[:, 0], "width": sizes[:, 1],
+                "pixels": pixels, "mask_png": np.array(masks, object), "overlay_png": np.array(overlays, object)}
+
+    def background(self, batch, index):
+        """The image under an overlay, at the mask's size."""
+        if self.output_size == "source":
+            return data.decode_image(batch["image_bytes"][index], batch["path"][index])
+        return batch["image"][index]
+
+
+def encode_mask(class_ids):
+    """CameraMask's convention: RGBA with the class id in R, G = B = 0 and alpha 255."""
+    blank = np.zeros_like(class_ids)
+    return encode_png(np.dstack([class_ids, blank, blank, np.full_like(class_ids, 255)]))
+
+
+def encode_png(pixels):
+    buffer = io.BytesIO()
+    # Level 1: several times faster than the default, and masks compress well regardless.
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+# --- the output --------------------------------------------------------------------------------
+
+def write_images(output, batch, succeeded, config):
+    columns = ([("masks", "mask_png")] if "png" in config.formats else []) + (
+        [("overlays", "overlay_png")] if config.overlay else [])
+    for folder, column in columns:
+        for relative, content in zip(batch["path"][succeeded], batch[column][succeeded]):
+            output.write(output_path(folder, mask_name(relative)), content)
+
+
+def prediction_table(batch, succeeded, identity, names, with_masks):
+    columns = {
+        "path": pa.array(batch["path"][succeeded], pa.string()),
+        "width": pa.array(batch["width"][succeeded], pa.int32()),
+        "height": pa.array(batch["height"][succeeded], pa.int32()),
+    }
+    if with_masks:
+        columns["mask_png"] = pa.array(list(batch["mask_png"][succeeded]), pa.binary())
+    pixels = batch["pixels"][succeeded]
+    for index, name in enumerate(names):
+        columns[f"pixels_{name}"] = pa.array(pixels[:, index], pa.int64())
+    columns["model"] = pa.array([identity] * len(pixels), pa.string())
+    return pa.table(columns)
+
+
+class Output:
+    """The output directory or URI: atomic writes, and the ledger of inputs already done."""
+
+    def __init__(self, filesystem, root):
+        self.filesystem, self.root = filesystem, root
+        self.staging = f"{root}/{STAGING}"
+        self.folders = set()
+
+    def done_paths(self, identity):
+        """Input paths in the committed predictions parts; parts are only ever renamed in whole."""
+        done, by_other_models = set(), 0
+        for path in self.parts("predictions"):
+            try:
+                table = pq.read_table(path, columns=["path", "model"], filesystem=self.filesystem)
+            except (pa.ArrowInvalid, OSError) as error:
+                raise ValueError(f"{path}: unreadable Parquet part ({error}); delete it to predict "
+                                 f"its inputs again") from None
+            done.update(table["path"].to_pylist())
+            by_other_models += pc.sum(pc.not_equal(table["model"], identity)).as_py() or 0
+        if by_other_models:
+            print(f"[unet-ray] warning: {by_other_models} prediction(s) in {self.root} came from another "
+                  f"model; they are kept and skipped (use a new --output to predict them again)", flush=True)
+        return done
+
+    def start_run(self):
+        """Drop what a killed run left in staging, and the errors of the last run: they are retried."""
+        for folder in (self.staging, f"{self.root}/errors"):
+            self.filesystem.delete_dir_contents(folder, missing_dir_ok=True)
+        self.filesystem.create_dir(self.staging, recursive=True)
+
+    def parts(self, folder):
+        selector = pyarrow.fs.FileSelector(f"{self.root}/{folder}", allow_not_found=True)
+        return sorted(info.path for info in self.filesystem.get_file_info(selector)
+                      if info.base_name.endswith(".parquet") and not info.base_name.startswith("."))
+
+    def write(self, relative, content):
+        """Write under a temporary name, then rename: no reader ever sees a partial file."""
+        path = f"{self.root}/{relative}"
+        temporary = f"{self.staging}/{uuid.uuid4().hex}.tmp"
+        with self.filesystem.open_output_stream(temporary) as stream:
+            stream.write(content)
+        folder = path.rsplit("/", 1)[0]
+        if folder not in self.folders:
+            self.filesystem.create_dir(folder, recursive=True)
+            self.folders.add(folder)
+        self.filesystem.move(temporary, path)
+
+
+class PartWriter:
+    """Collects rows and commits them as Parquet parts of about `rows_per_file` rows each."""
+
+    def __init__(self, output, folder, rows_per_file):
+        self.output, self.folder, self.rows_per_file = output, folder, rows_per_file
+        # Unique per run, so a rerun never replaces the parts an earlier run committed.
+        self.prefix = f"part-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.tables, self.rows, self.written = [], 0, 0
+
+    def add(self, table):
+        if table.num_rows:
+            self.tables.append(table)
+            self.rows += table.num_rows
+        if self.rows >= self.rows_per_file:
+            self.flush()
+
+    def flush(self):
+        if not self.tables:
+            return
+        buffer = pa.BufferOutputStream()
+        pq.write_table(pa.concat_tables(self.tables), buffer)
+        self.output.write(f"{self.folder}/{self.prefix}-{self.written:05d}.parquet", buffer.getvalue())
+        self.tables, self.rows, self.written = [], 0, self.written + 1

@@ -1,0 +1,50 @@
+"""Batch inference on Ray: python -m jobs.infer --model M --input DIR/URI --output DIR.
+
+Writes predictions/*.parquet, masks/, errors/*.parquet (and overlays/) under --output; a rerun
+skips the images already predicted there and retries the failed ones. The last line printed is
+a JSON summary {"ok": N, "failed": N, "skipped": N}.
+"""
+
+import argparse
+import json
+
+from distributed import inference, runtime
+
+
+def formats(text):
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a .keras file, or a training run / checkpoint directory")
+    parser.add_argument("--input", required=True, help="directory or URI of PNG/JPEG images (searched recursively)")
+    parser.add_argument("--output", required=True, help="directory or URI for the results")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-actors", type=int, default=1, help="model replicas, one per Ray actor")
+    parser.add_argument("--cpus-per-actor", type=int, default=1)
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument("--overlay", action="store_true", help="also write masks blended over the images")
+    parser.add_argument("--formats", type=formats, default=inference.FORMATS,
+                        help="parquet (mask bytes in the table), png (masks/ files), or both: parquet,png")
+    parser.add_argument("--fail-on-error", action="store_true", help="exit 1 when any image could not be read")
+    parser.add_argument("--output-size", choices=inference.OUTPUT_SIZES, default="source",
+                        help="masks at each image's own size (source) or at the model's input size")
+    parser.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part")
+    args = parser.parse_args(argv)
+    try:
+        return inference.InferConfig(**vars(args))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
+    summary = inference.infer(config)
+    print(json.dumps(summary), flush=True)
+    return 1 if config.fail_on_error and summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""Ray Train runs on a real local Ray: 2 workers × 1 CPU, the smoke-sized model."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from distributed.config import TrainConfig
+from distributed.training import train
+from unet_core import data, scenes
+from unet_core.training import evaluate_arrays
+
+
+def smoke_config(tmp_path, **overrides):
+    return TrainConfig(output=str(tmp_path / "run"), num_workers=2, cpus_per_worker=1, **overrides).smoke()
+
+
+def last_checkpoint_model(config):
+    run_dir = os.path.join(config.resolved_storage_path, config.run_name)
+    checkpoints = sorted(
+        name for name in os.listdir(run_dir)
+        if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, name))
+    )
+    return tf.keras.models.load_model(os.path.join(run_dir, checkpoints[-1], "model.keras"), compile=False)
+
+
+def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
+    config = smoke_config(tmp_path, epochs=2)
+    history = train(config)
+
+    with open(os.path.join(config.output, "metrics.json")) as file:
+        saved = json.load(file)
+    assert saved == history and [row["epoch"] for row in saved] == [1, 2]
+    for row in saved:
+        assert 0.0 <= row["val_mean_iou"] <= 1.0 and row["val_iou_per_class"]
+        assert row["weights_in_sync"] is True  # the two workers' weights are identical: gradients all-reduced
+    for name in ("model.keras", "metrics.csv", "curves.png", "previews.png", "tensorboard"):
+        assert os.path.exists(os.path.join(config.output, name)), name
+
+    model = tf.keras.models.load_model(os.path.join(config.output, "model.keras"), safe_mode=True)
+    assert model.predict(np.zeros((3, 32, 48, 3), np.float32), verbose=0).shape == (3, 32, 48, 23)
+
+    # Validation is counted once over the whole set: recompute it single-process from the checkpoint.
+    images, masks, names = data.load_pairs(os.path.join(config.output, "scenes"), config.image_size, 23)
+    is_val = np.array([data.is_validation_name(name, config.val_fraction) for name in names])
+    loss, confusion = evaluate_arrays(last_checkpoint_model(config), images[is_val], masks[is_val], 23)
+    assert saved[-1]["val_loss"] == pytest.approx(loss, rel=1e-4)
+    assert saved[-1]["val_mean_iou"] == pytest.approx(confusion.mean_iou(), abs=1e-6)
+    assert saved[-1]["val_pixel_accuracy"] == pytest.approx(confusion.pixel_accuracy(), abs=1e-6)
+
+    # Same run name and storage path, more epochs: continues after epoch 2 instead of restarting.
+    resumed = train(smoke_config(tmp_path, epochs=3))
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert resumed[:2] == saved
+    assert resumed[2]["resumed_from_epoch"] == 2
+
+
+def test_worker_failure_resumes_from_checkpoint_and_bad_frames_are_skipped(tmp_path, ray_session):
+    frames = tmp_path / "frames"
+    scenes.write_scenes(str(frames), 24, seed=3)
+    truncated = frames / "CameraRGB" / "scene_000005.png"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    config = smoke_config(tmp_path, data=str(frames), epochs=3, max_failures=1, fail_once_at_epoch=2, skip_bad=True)
+
+    history = train(config)
+
+    marker = os.path.join(config.resolved_storage_path, config.run_name, "injected_failure")
+    assert os.path.exists(marker), "the injected failure never fired"
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    # Epochs 2 and 3 ran after the restart, which loaded epoch 1's checkpoint, not nothing.
+    assert [row["resumed_from_epoch"] for row in history] == [0, 1, 1]
+    with open(os.path.join(config.output, "skipped.json")) as file:
+        skipped = json.load(file)
+    assert list(skipped) == ["scene_000005.png"] and "scene_000005.png" in skipped["scene_000005.png"]
+
+
+def test_truncated_png_fails_before_training(tmp_path, ray_session):
+    frames = tmp_path / "frames"
+    scenes.write_scenes(str(frames), 6, seed=1)
+    for name in ("scene_000002.png", "scene_000004.png"):
+        path = frames / "CameraMask" / name
+        path.write_bytes(path.read_bytes()[:200])
+    config = smoke_config(tmp_path, data=str(frames), epochs=1)
+    with pytest.raises(ValueError) as error:
+        train(config)
+    message = str(error.value)
+    assert "2 of 6 frame(s) cannot be read" in message
+    assert "CameraMask/scene_000002.png" in message and "CameraMask/scene_000004.png" in message
+    assert not os.path.exists(os.path.join(config.resolved_storage_path, config.run_name))
+
+
+def test_unpaired_files_fail_before_training(tmp_path, ray_session):
+    frames = tmp_path / "frames"
+    scenes.write_scenes(str(frames), 4, seed=1)
+    os.remove(frames / "CameraMask" / "scene_000001.png")
+    with pytest.raises(ValueError, match="CameraRGB/scene_000001.png: no mask"):
+        train(smoke_config(tmp_path, data=str(frames), epochs=1))
