@@ -42,10 +42,6 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
-    def global_batch_size(self):
-        return self.batch_size * self.num_workers
-
-    @property
     def resolved_storage_path(self):
         if self.storage_path is None:
             return os.path.abspath(os.path.join(self.output, "ray_results"))

@@ -6,6 +6,7 @@ checkpoint together and report it; the driver then writes the run directory from
 """
 
 import json
+import math
 import os
 import tempfile
 
@@ -33,7 +34,7 @@ def train(config: TrainConfig):
     data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
         data_uri, config.image_size, config.n_classes, config.val_fraction, config.skip_bad,
-        min_train_frames=config.global_batch_size * config.num_workers,
+        min_train_frames=config.num_workers,
     )
     run_directory.write_skipped(config.output, skipped)
     print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
@@ -41,7 +42,8 @@ def train(config: TrainConfig):
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config=config.to_dict(),
+        # Ray's equal split hands every worker the same number of training rows.
+        train_loop_config={"config": config.to_dict(), "rows_per_worker": train_frames.count() // config.num_workers},
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
@@ -65,8 +67,9 @@ def train(config: TrainConfig):
     return run_directory.write(config, result, val_frames)
 
 
-def train_loop_per_worker(config_dict):
-    config = TrainConfig(**config_dict)
+def train_loop_per_worker(loop_config):
+    config = TrainConfig(**loop_config["config"])
+    steps_per_epoch = math.ceil(loop_config["rows_per_worker"] / config.batch_size)
     runtime.configure_tensorflow_threads(config.cpus_per_worker)
     set_precision_policy(config.mixed_precision)
     context = ray.train.get_context()
@@ -84,16 +87,17 @@ def train_loop_per_worker(config_dict):
     train_shard = ray.train.get_dataset_shard("train")
     val_frames = ray.train.get_dataset_shard("val")
     for epoch in range(first_epoch, config.epochs):
-        tf_train = train_shard.to_tf(
+        # Each worker feeds its own shard in per-worker batches. Handing Keras a plain dataset
+        # instead would make it slice every batch across workers and silently drop the rest.
+        tf_train = strategy.distribute_datasets_from_function(lambda _: train_shard.to_tf(
             "image", "mask",
-            batch_size=config.global_batch_size,  # Keras splits each global batch across workers
-            # A short last batch would leave some replica an empty slice, which breaks the step.
-            drop_last=True,
+            batch_size=config.batch_size,
             local_shuffle_buffer_size=max(4 * config.batch_size, 64),
             local_shuffle_seed=config.seed * 1_000 + epoch * 10 + rank,
-        )
+        ))
         callbacks = [FailOnce(config, epoch + 1, rank)] if config.fail_once_at_epoch else []
-        fit = model.fit(tf_train, initial_epoch=epoch, epochs=epoch + 1, verbose=0, callbacks=callbacks)
+        fit = model.fit(tf_train, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps_per_epoch,
+                        verbose=0, callbacks=callbacks)
         metrics = {
             "epoch": epoch + 1,
             "loss": fit.history["loss"][-1],
