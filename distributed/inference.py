@@ -84,6 +84,8 @@ def infer(config: InferConfig):
     output = Output(*open_root(config.output))
     input_filesystem, input_root = open_root(config.input)
     input_root = image_root(input_filesystem, input_root)
+    if output.root == input_root:
+        raise ValueError(f"{config.output}: the output must be another directory than the input images")
     inputs = list_images(input_filesystem, input_root, skip=output.root)
     done = output.done_paths(identity)
     pending = [path for path in inputs if path not in done]
@@ -195,7 +197,11 @@ def output_path(folder, relative):
 # --- the Ray Data pipeline ---------------------------------------------------------------------
 
 def predict_pipeline(paths, filesystem, root, size, model_ref, config):
-    """Lazy and streaming: relative paths → read + preprocess tasks → a pool of Predictor actors."""
+    """Lazy and streaming: relative paths → read + preprocess tasks → a pool of Predictor actors.
+
+    When both stages ask for the same resources (CPU inference, one CPU per actor) Ray Data fuses
+    the reading into the actors; with GPUs it stays in CPU tasks that keep the GPUs fed.
+    """
     return ray.data.from_items([{"path": path} for path in paths]).map_batches(
         read_images,
         batch_size=config.batch_size,

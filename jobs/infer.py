@@ -7,6 +7,7 @@ a JSON summary {"ok": N, "failed": N, "skipped": N}.
 
 import argparse
 import json
+import sys
 
 from distributed import inference, runtime
 
@@ -31,20 +32,20 @@ def parse_args(argv=None):
     parser.add_argument("--output-size", choices=inference.OUTPUT_SIZES, default="source",
                         help="masks at each image's own size (source) or at the model's input size")
     parser.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part")
-    args = parser.parse_args(argv)
-    try:
-        return inference.InferConfig(**vars(args))
-    except ValueError as error:
-        parser.error(str(error))
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
-    config = parse_args(argv)
-    runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
-    summary = inference.infer(config)
+    try:
+        config = inference.InferConfig(**vars(parse_args(argv)))
+        runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
+        summary = inference.infer(config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary), flush=True)
     return 1 if config.fail_on_error and summary["failed"] else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Scoring a saved model on a labelled CARLA-layout directory or URI, in one process.
+
+Frames are read and scored a batch at a time into one confusion matrix, so memory stays flat
+however large the set; the frames become tensors through unet_core.data, exactly as in training.
+"""
+
+import csv
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from distributed import ingest, inference
+from distributed.run_directory import PREVIEW_FRAMES
+from unet_core import data, plots
+from unet_core.metrics import ConfusionMatrix
+from unet_core.training import predict_logits_fn, score_batch
+
+
+def evaluate(model, data_uri, output, batch_size=32):
+    """Score `model` (a .keras file or run directory) on `data_uri`; writes the report into `output`.
+
+    Returns the metrics written to metrics.json. A frame that cannot be read stops the
+    evaluation with a ValueError naming it, because leaving it out would change the scores.
+    """
+    model_path = inference.model_file(model)
+    with open(model_path, "rb") as file:
+        identity = inference.model_identity(file.read(), model_path)
+    keras_model = inference.load_model(model_path)
+    size, n_classes = inference.model_geometry(keras_model, model_path)
+    filesystem, root, names = ingest.discover_pairs(data_uri)
+
+    forward = predict_logits_fn(keras_model)
+    confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0
+    previews = {"images": [], "masks": [], "predicted": [], "names": []}
+    for start in range(0, len(names), batch_size):
+        batch_names = names[start : start + batch_size]
+        images, masks = read_batch(filesystem, root, batch_names, size, n_classes)
+        logits = forward(tf.constant(images)).numpy()
+        batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes)
+        loss_sum, pixels, confusion.counts = loss_sum + batch_loss, pixels + batch_pixels, confusion.counts + counts
+        keep = PREVIEW_FRAMES - len(previews["names"])
+        for key, values in zip(previews, (images, masks, np.argmax(logits, axis=-1), batch_names)):
+            previews[key].extend(values[:keep])
+
+    summary = confusion.summary()
+    metrics = {
+        "model": identity,
+        "data": data_uri,
+        "frames": len(names),
+        "loss": loss_sum / max(pixels, 1),
+        "pixel_accuracy": summary["pixel_accuracy"],
+        "mean_iou": summary["mean_iou"],
+        "per_class_iou": summary["iou_per_class"],
+    }
+    write_report(output, metrics, confusion, previews)
+    return metrics
+
+
+def read_batch(filesystem, root, names, size, n_classes):
+    images = np.empty((len(names), *size, 3), np.float32)
+    masks = np.empty((len(names), *size), np.uint8)
+    for index, name in enumerate(names):
+        image_path, mask_path = f"{root}/{data.IMAGE_DIR}/{name}", f"{root}/{data.MASK_DIR}/{name}"
+        images[index], masks[index] = data.preprocess_pair(
+            ingest.read_file(filesystem, image_path), ingest.read_file(filesystem, mask_path),
+            image_path, mask_path, size, n_classes,
+        )
+    return images, masks
+
+
+def write_report(output, metrics, confusion, previews):
+    """metrics.json, per_class_iou.csv, confusion_matrix.png and previews.png in `output`."""
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "metrics.json"), "w") as file:
+        json.dump(metrics, file, indent=2)
+    names = inference.class_names(confusion.n_classes)
+    iou = confusion.iou()
+    with open(os.path.join(output, "per_class_iou.csv"), "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["class_id", "class_name", "iou", "true_pixels", "predicted_pixels"])
+        for class_id, name in enumerate(names):
+            writer.writerow([class_id, name, iou.get(class_id, ""),
+                             int(confusion.counts[class_id].sum()), int(confusion.counts[:, class_id].sum())])
+    plots.save_confusion_matrix(confusion.counts, os.path.join(output, "confusion_matrix.png"), names)
+    plots.save_previews(np.stack(previews["images"]), np.stack(previews["masks"]), np.stack(previews["predicted"]),
+                        os.path.join(output, "previews.png"), titles=[str(name) for name in previews["names"]])
+
+
+def iou_table(metrics):
+    """The per-class IoU as aligned text, classes absent from truth and prediction left out."""
+    rows = [f"{'class':<14} {'IoU':>7}"]
+    rows += [f"{name:<14} {value:>7.4f}" for name, value in metrics["per_class_iou"].items()]
+    rows.append(f"{'mean':<14} {metrics['mean_iou']:>7.4f}   pixel accuracy {metrics['pixel_accuracy']:.4f}")
+    return "\n".join(rows)

@@ -1,0 +1,39 @@
+"""Score a model on labelled frames: python -m jobs.evaluate --model M --data DIR --output OUT.
+
+Prints a per-class IoU table; the last line printed is the metrics as one JSON object. Writes
+metrics.json, per_class_iou.csv, confusion_matrix.png and previews.png into --output.
+"""
+
+import argparse
+import json
+import sys
+
+from distributed import evaluation
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a .keras file, or a training run / checkpoint directory")
+    parser.add_argument("--data", required=True, help="CARLA-layout directory or URI (CameraRGB/, CameraMask/)")
+    parser.add_argument("--output", required=True, help="directory for the report")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        metrics = evaluation.evaluate(args.model, args.data, args.output, args.batch_size)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(evaluation.iou_table(metrics))
+    print(json.dumps(metrics), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

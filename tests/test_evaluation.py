@@ -1,0 +1,60 @@
+"""The evaluation job on generated frames: its report against a direct ConfusionMatrix computation."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from jobs import evaluate as evaluate_job
+from unet_core import data, scenes, unet_model
+from unet_core.metrics import ConfusionMatrix
+
+SIZE = (32, 48)
+
+
+def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
+    tf.keras.utils.set_random_seed(0)
+    model_path = tmp_path / "model.keras"
+    unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(model_path)
+    scenes.write_scenes(tmp_path / "frames", 7)
+    output = tmp_path / "report"
+
+    # Batches of 3 over 7 frames: a short last batch, and previews gathered across batches.
+    code = evaluate_job.main(["--model", str(model_path), "--data", str(tmp_path / "frames"),
+                              "--output", str(output), "--batch-size", "3"])
+
+    assert code == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads(printed[-1])
+    assert any(line.startswith("mean") for line in printed[:-1])  # the table comes first
+    images, masks, _ = data.load_pairs(tmp_path / "frames", SIZE, 23)
+    model = tf.keras.models.load_model(model_path, compile=False)
+    confusion = ConfusionMatrix(23).update(masks, np.argmax(model.predict(images, verbose=0), axis=-1))
+    expected = confusion.summary()
+    assert metrics["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
+    assert metrics["mean_iou"] == pytest.approx(expected["mean_iou"])
+    assert metrics["per_class_iou"] == pytest.approx(expected["iou_per_class"])
+    assert metrics["frames"] == 7
+
+    assert json.loads((output / "metrics.json").read_text()) == metrics
+    with open(output / "per_class_iou.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 23
+    assert [int(row["true_pixels"]) for row in rows] == confusion.counts.sum(axis=1).tolist()
+    for name in ("confusion_matrix.png", "previews.png"):
+        assert (output / name).stat().st_size > 0
+
+
+def test_evaluate_names_an_unreadable_frame(tmp_path, capsys):
+    tf.keras.utils.set_random_seed(0)
+    unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
+    scenes.write_scenes(tmp_path / "frames", 2)
+    (tmp_path / "frames" / "CameraRGB" / "scene_000001.png").write_bytes(b"")
+
+    code = evaluate_job.main(["--model", str(tmp_path), "--data", str(tmp_path / "frames"),
+                              "--output", str(tmp_path / "report")])
+
+    assert code == 2
+    assert "scene_000001.png: empty file" in capsys.readouterr().err

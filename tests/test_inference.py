@@ -1,0 +1,150 @@
+"""Batch inference on a real local Ray: real PNG/JPEG files in, Parquet and PNG out, read back."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from distributed import inference
+from distributed.inference import InferConfig, infer
+from jobs import infer as infer_job
+from unet_core import data, scenes, unet_model
+
+SIZE = (32, 48)
+SOURCE = (480, 640)  # the size write_scenes renders
+BAD_FILES = ("sub/truncated.png", "empty.png", "notes.png")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("run")
+    tf.keras.utils.set_random_seed(0)
+    unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(directory / "model.keras")
+    return directory
+
+
+def add_bad_files(folder):
+    good = (folder / "scene_000000.png").read_bytes()
+    (folder / "sub").mkdir(exist_ok=True)
+    (folder / BAD_FILES[0]).write_bytes(good[: len(good) // 3])
+    (folder / BAD_FILES[1]).write_bytes(b"")
+    (folder / BAD_FILES[2]).write_text("not an image, whatever the name says")
+
+
+def read_table(folder):
+    parts = sorted(folder.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(part) for part in parts]) if parts else None
+
+
+def expected_masks(model_path, folder, paths, size=SOURCE):
+    """argmax of model.predict on the same preprocessed inputs, resized back with nearest neighbour."""
+    model = tf.keras.models.load_model(model_path, compile=False)
+    inputs = [data.preprocess_image((folder / path).read_bytes(), path, SIZE)[0] for path in paths]
+    predicted = np.argmax(model.predict(np.stack(inputs), verbose=0), axis=-1)
+    return {path: data.resize_mask(ids, size) for path, ids in zip(paths, predicted)}
+
+
+def all_files(root):
+    return sorted(os.path.relpath(os.path.join(here, name), root)
+                  for here, _, names in os.walk(root) for name in names)
+
+
+def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tmp_path, ray_session, model_dir):
+    images = tmp_path / "frames" / "CameraRGB"
+    scenes.write_scenes(tmp_path / "frames", 20, seed=1)
+    add_bad_files(images)
+    os.replace(images / "scene_000001.png", images / "sub" / "scene_000001.png")  # a nested input
+    output = tmp_path / "out"
+    config = InferConfig(model=str(model_dir / "model.keras"), input=str(images), output=str(output),
+                         batch_size=4, rows_per_file=8, overlay=True)
+
+    assert infer(config) == {"ok": 20, "failed": 3, "skipped": 0}
+
+    # A killed run: its last Parquet part never committed, a temporary file left in staging.
+    last_part = sorted((output / "predictions").glob("*.parquet"))[-1]
+    lost = pq.read_table(last_part).num_rows
+    last_part.unlink()
+    (output / ".staging" / "killed.tmp").write_bytes(b"PAR1 half a parquet part")
+    scenes.write_scenes(tmp_path / "frames", 30, seed=1, start=20)
+
+    assert infer(config) == {"ok": 30 + lost, "failed": 3, "skipped": 20 - lost}
+
+    good = sorted([f"scene_{i:06d}.png" for i in range(50) if i != 1] + ["sub/scene_000001.png"])
+    predictions = read_table(output / "predictions")
+    assert sorted(predictions["path"].to_pylist()) == good  # each exactly once
+    errors = read_table(output / "errors").to_pylist()
+    assert sorted(row["path"] for row in errors) == sorted(BAD_FILES)  # only the latest attempt
+    for row in errors:
+        assert row["path"] in row["error"]
+
+    expected = expected_masks(model_dir / "model.keras", images, good)
+    for row in predictions.to_pylist():
+        mask_file = output / "masks" / row["path"]
+        assert mask_file.read_bytes() == row["mask_png"]
+        mask = Image.open(mask_file)
+        assert mask.mode == "RGBA" and (row["height"], row["width"]) == SOURCE
+        channels = np.asarray(mask)
+        assert not channels[..., 1:3].any() and (channels[..., 3] == 255).all()
+        np.testing.assert_array_equal(data.decode_mask(row["mask_png"], row["path"]), expected[row["path"]])
+        counts = np.bincount(expected[row["path"]].ravel(), minlength=23)
+        assert [row[f"pixels_{name}"] for name in inference.class_names(23)] == counts.tolist()
+        assert row["model"].startswith("model.keras@sha256:")
+        assert Image.open(output / "overlays" / row["path"]).size == SOURCE[::-1]
+
+    # Nothing half-written anywhere: staging is empty, every file is complete and readable.
+    files = all_files(output)
+    assert sorted(f for f in files if f.startswith("masks/")) == [f"masks/{path}" for path in good]
+    assert len([f for f in files if f.startswith("overlays/")]) == len(good)
+    for name in files:
+        assert name.endswith((".png", ".parquet")), name
+        if name.endswith(".parquet"):
+            pq.read_table(output / name)
+
+
+def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_session, model_dir, capsys):
+    root = tmp_path / "frames"  # a CARLA-layout root: its CameraRGB folder is the input
+    images = root / "CameraRGB"
+    scenes.write_scenes(root, 3)
+    Image.open(images / "scene_000002.png").convert("RGB").save(images / "frame.jpg")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    output = images / "predicted"  # inside the input: its masks must never become inputs
+    argv = ["--model", str(model_dir), "--input", str(root), "--output", str(output), "--batch-size", "2",
+            "--output-size", "model", "--formats", "png", "--fail-on-error"]
+
+    assert infer_job.main(argv) == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 4, "failed": 1, "skipped": 0}
+    predictions = read_table(output / "predictions")
+    assert "mask_png" not in predictions.column_names  # png only: masks are files, not table bytes
+    assert set(predictions["width"].to_pylist()) == {SIZE[1]} and set(predictions["height"].to_pylist()) == {SIZE[0]}
+    paths = sorted(predictions["path"].to_pylist())
+    assert paths == ["frame.jpg", "scene_000000.png", "scene_000001.png", "scene_000002.png"]
+    expected = expected_masks(model_dir / "model.keras", images, paths, size=SIZE)
+    for path in paths:
+        mask = (output / "masks" / inference.mask_name(path)).read_bytes()
+        np.testing.assert_array_equal(data.decode_mask(mask, path), expected[path])
+    assert not (output / "overlays").exists()
+    assert read_table(output / "errors")["path"].to_pylist() == ["broken.jpg"]
+
+    assert infer_job.main(argv) == 1  # the broken file is retried, and fails again
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 0, "failed": 1, "skipped": 4}
+    assert read_table(output / "errors")["path"].to_pylist() == ["broken.jpg"]
+
+
+@pytest.mark.parametrize("relative", ["../escape.png", "/etc/escape.png", "a/../../escape.png", "a//b.png", ""])
+def test_output_paths_cannot_leave_the_output(relative):
+    with pytest.raises(ValueError, match="inside --output"):
+        inference.output_path("masks", relative)
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="formats"):
+        InferConfig(model="m.keras", input="in", output="out", formats=("tiff",))
+    with pytest.raises(ValueError, match="output_size"):
+        InferConfig(model="m.keras", input="in", output="out", output_size="huge")
+    with pytest.raises(ValueError, match="model.keras"):
+        inference.model_file(str(tmp_path))
