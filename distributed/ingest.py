@@ -50,7 +50,7 @@ def read_file(filesystem, path):
         return stream.readall()
 
 
-def preprocess_batch(batch, filesystem, root, size, n_classes, val_fraction):
+def preprocess_batch(batch, filesystem, root, size, n_classes):
     """Names → preprocessed frames; a frame that fails keeps its row, with the reason in `error`."""
     names = batch["name"]
     images = np.zeros((len(names), *size, 3), np.float32)
@@ -66,25 +66,25 @@ def preprocess_batch(batch, filesystem, root, size, n_classes, val_fraction):
             errors.append("")
         except (ValueError, OSError) as error:
             errors.append(str(error))
-    is_val = np.array([data.is_validation_name(str(n), val_fraction) for n in names])
-    return {"name": names, "image": images, "mask": masks, "is_val": is_val, "error": np.array(errors)}
+    return {"name": names, "image": images, "mask": masks, "is_val": batch["is_val"], "error": np.array(errors)}
 
 
 def _rows_where(batch, keep):
     return {key: value[keep] for key, value in batch.items() if key not in ("error", "is_val")}
 
 
-def load_frames(uri, size, n_classes, val_fraction, skip_bad=False, min_train_frames=1):
+def load_frames(uri, size, n_classes, val_fraction, split="hash", skip_bad=False, min_train_frames=1):
     """(train dataset, validation dataset, skipped {path-ish name: reason}).
 
     Raises one ValueError naming every unreadable frame, unless `skip_bad`.
     """
     filesystem, root, names = discover_pairs(uri)
-    frames = ray.data.from_items([{"name": name} for name in names]).map_batches(
+    is_val = data.validation_flags(names, val_fraction, split)
+    items = [{"name": name, "is_val": flag} for name, flag in zip(names, is_val)]
+    frames = ray.data.from_items(items).map_batches(
         preprocess_batch,
         batch_size=ROWS_PER_TASK,
-        fn_kwargs=dict(filesystem=filesystem, root=root, size=tuple(size), n_classes=n_classes,
-                       val_fraction=val_fraction),
+        fn_kwargs=dict(filesystem=filesystem, root=root, size=tuple(size), n_classes=n_classes),
     ).materialize()
     failed = frames.filter(lambda row: row["error"] != "").select_columns(["name", "error"]).take_all()
     skipped = {row["name"]: row["error"] for row in failed}
@@ -104,3 +104,12 @@ def load_frames(uri, size, n_classes, val_fraction, skip_bad=False, min_train_fr
             f"add frames, lower --batch-size or change --val-fraction"
         )
     return train, val, skipped
+
+
+def class_pixel_counts(frames, n_classes):
+    """Pixels per class over preprocessed frames, counted where the blocks live (for loss weights)."""
+    per_block = frames.map_batches(
+        lambda batch: {"counts": np.bincount(batch["mask"].ravel(), minlength=n_classes)[None, :n_classes]},
+        batch_size=None,
+    )
+    return sum(row["counts"] for row in per_block.iter_rows()).astype(np.int64)

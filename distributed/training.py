@@ -19,9 +19,9 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from distributed import ingest, runtime, run_directory
 from distributed.config import TrainConfig
-from unet_core import unet_model
+from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
-from unet_core.training import compile_unet, predict_logits_fn, score_batch
+from unet_core.training import compile_unet, cosine_with_warmup, predict_logits_fn, score_batch
 
 CHECKPOINT_MODEL = "model.keras"
 CHECKPOINT_STATE = "state.json"
@@ -33,17 +33,25 @@ def train(config: TrainConfig):
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
-        data_uri, config.image_size, config.n_classes, config.val_fraction, config.skip_bad,
+        data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.skip_bad,
         min_train_frames=config.num_workers,
     )
     run_directory.write_skipped(config.output, skipped)
+    weights = None
+    if config.class_weight_power > 0:
+        counts = ingest.class_pixel_counts(train_frames, config.n_classes)
+        weights = augment.class_weights(counts, config.class_weight_power).tolist()
     print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
           f"from {data_uri}; {len(skipped)} skipped", flush=True)
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         # Ray's equal split hands every worker the same number of training rows.
-        train_loop_config={"config": config.to_dict(), "rows_per_worker": train_frames.count() // config.num_workers},
+        train_loop_config={
+            "config": config.to_dict(),
+            "rows_per_worker": train_frames.count() // config.num_workers,
+            "class_weights": weights,
+        },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
@@ -77,10 +85,14 @@ def train_loop_per_worker(loop_config):
     tf.keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    learning_rate = config.learning_rate
+    if config.lr_schedule == "cosine":
+        learning_rate = cosine_with_warmup(
+            config.learning_rate, steps_per_epoch * config.epochs, steps_per_epoch * config.warmup_epochs
+        )
     with strategy.scope():
         model = compile_unet(
-            unet_model((*config.image_size, 3), config.n_filters, config.n_classes),
-            config.learning_rate, config.n_classes,
+            unet_model((*config.image_size, 3), config.n_filters, config.n_classes), learning_rate, config.n_classes
         )
         first_epoch, history = restore(model, ray.train.get_checkpoint())
 
@@ -89,12 +101,9 @@ def train_loop_per_worker(loop_config):
     for epoch in range(first_epoch, config.epochs):
         # Each worker feeds its own shard in per-worker batches. Handing Keras a plain dataset
         # instead would make it slice every batch across workers and silently drop the rest.
-        tf_train = strategy.distribute_datasets_from_function(lambda _: train_shard.to_tf(
-            "image", "mask",
-            batch_size=config.batch_size,
-            local_shuffle_buffer_size=max(4 * config.batch_size, 64),
-            local_shuffle_seed=config.seed * 1_000 + epoch * 10 + rank,
-        ))
+        tf_train = strategy.distribute_datasets_from_function(
+            lambda _: training_batches(train_shard, config, epoch, rank, loop_config["class_weights"])
+        )
         callbacks = [FailOnce(config, epoch + 1, rank)] if config.fail_once_at_epoch else []
         fit = model.fit(tf_train, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps_per_epoch,
                         verbose=0, callbacks=callbacks)
@@ -112,6 +121,34 @@ def train_loop_per_worker(loop_config):
                   f"val_loss {metrics['val_loss']:.4f} val_pixel_accuracy "
                   f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f}", flush=True)
         save_and_report(model, metrics, history, rank)
+        if should_stop_early(history, config.early_stopping_patience):
+            # Metrics are all-reduced, so every worker takes this branch in the same epoch.
+            if rank == 0:
+                print(f"[unet-ray] early stop: no better val_mean_iou for {config.early_stopping_patience} epochs")
+            break
+
+
+def training_batches(train_shard, config, epoch, rank, class_weights):
+    """This worker's shard as a tf.data pipeline: reshuffled per epoch, augmented, weighted."""
+    dataset = train_shard.to_tf(
+        "image", "mask",
+        batch_size=config.batch_size,
+        local_shuffle_buffer_size=max(4 * config.batch_size, 64),
+        local_shuffle_seed=config.seed * 1_000 + epoch * 10 + rank,
+    )
+    if config.augment:
+        dataset = dataset.unbatch().map(augment.augment, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset = dataset.batch(config.batch_size)
+    if class_weights is not None:
+        dataset = dataset.map(lambda image, mask: (image, mask, augment.pixel_weights(mask, class_weights)))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def should_stop_early(history, patience):
+    if not patience or len(history) <= patience:
+        return False
+    best_epoch = max(range(len(history)), key=lambda index: history[index]["val_mean_iou"])
+    return len(history) - 1 - best_epoch >= patience
 
 
 def set_precision_policy(mixed_precision):

@@ -4,42 +4,57 @@ import argparse
 import json
 import sys
 
-from distributed.config import TrainConfig
+from distributed.config import PRESETS, TrainConfig
 
 
 def parse_args(argv=None):
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
-    parser.add_argument("--data", help="CARLA-layout directory or URI (s3://, gs://, ...); "
-                        "default: generate synthetic scenes into the run directory")
-    parser.add_argument("--output", default=defaults.output, help="run directory (default: %(default)s)")
-    parser.add_argument("--run-name", default=defaults.run_name, help="rerun with the same name to resume")
-    parser.add_argument("--storage-path", help="where Ray Train keeps checkpoints; use s3:// or gs:// "
-                        "on a cluster (default: OUTPUT/ray_results)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per worker")
-    parser.add_argument("--num-workers", type=int, default=defaults.num_workers)
-    parser.add_argument("--cpus-per-worker", type=int, default=defaults.cpus_per_worker)
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), default=defaults.image_size)
-    parser.add_argument("--n-filters", type=int, default=defaults.n_filters)
-    parser.add_argument("--n-classes", type=int, default=defaults.n_classes)
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--max-failures", type=int, default=defaults.max_failures)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--mixed-precision", choices=("off", "bf16", "fp16"), default=defaults.mixed_precision)
-    parser.add_argument("--skip-bad", action="store_true", help="train without unreadable frames "
-                        "(listed in OUTPUT/skipped.json) instead of stopping")
-    parser.add_argument("--scene-count", type=int, default=defaults.scene_count,
-                        help="frames to generate when --data is not given")
+    parser.set_defaults(**{field: None for field in defaults.to_dict()})
+
+    def option(flag, help_text="", **kwargs):
+        field = flag.removeprefix("--").replace("-", "_")
+        parser.add_argument(flag, help=f"{help_text} (default: {getattr(defaults, field)})".strip(), **kwargs)
+
+    option("--data", "CARLA-layout directory or URI (s3://, gs://, ...); none: generate scenes into OUTPUT")
+    option("--output", "run directory")
+    option("--run-name", "rerun with the same name and storage path to resume")
+    option("--storage-path", "where Ray Train keeps checkpoints; s3:// or gs:// on a cluster; none: OUTPUT/ray_results")
+    option("--num-workers", type=int)
+    option("--cpus-per-worker", type=int)
+    option("--use-gpu", "one GPU per worker", action="store_true", default=None)
+    option("--image-size", metavar=("H", "W"), type=int, nargs=2)
+    option("--n-filters", type=int)
+    option("--n-classes", type=int)
+    option("--val-fraction", type=float)
+    option("--split", "hash: stable random by name; tail: last frames by name", choices=("hash", "tail"))
+    option("--max-failures", "worker failures to recover from", type=int)
+    option("--seed", type=int)
+    option("--mixed-precision", choices=("off", "bf16", "fp16"))
+    option("--skip-bad", "train without unreadable frames (listed in OUTPUT/skipped.json)", action="store_true",
+           default=None)
+    option("--scene-count", "frames to generate when --data is not given", type=int)
+    recipe = parser.add_argument_group("recipe (set together by --preset; any flag overrides it)")
+    recipe.add_argument("--preset", choices=tuple(PRESETS), default="default")
+    for flag, kwargs in (
+        ("--epochs", dict(type=int)),
+        ("--batch-size", dict(type=int, help="per worker")),
+        ("--learning-rate", dict(type=float)),
+        ("--lr-schedule", dict(choices=("constant", "cosine"))),
+        ("--warmup-epochs", dict(type=int)),
+        ("--augment", dict(action=argparse.BooleanOptionalAction)),
+        ("--class-weight-power", dict(type=float, help="0: plain loss")),
+        ("--early-stopping-patience", dict(type=int, help="0: never")),
+    ):
+        recipe.add_argument(flag, **kwargs)
     parser.add_argument("--smoke", action="store_true", help="tiny model and data: a run in seconds")
     return parser.parse_args(argv)
 
 
 def config_from_args(args):
-    fields = {key: value for key, value in vars(args).items() if key != "smoke"}
-    config = TrainConfig(**fields)
+    overrides = {key: value for key, value in vars(args).items()
+                 if value is not None and key not in ("smoke", "preset")}
+    config = TrainConfig.from_preset(args.preset, **overrides)
     return config.smoke() if args.smoke else config
 
 
@@ -47,8 +62,7 @@ def main(argv=None):
     from distributed.training import train
 
     try:
-        config = config_from_args(parse_args(argv))
-        history = train(config)
+        history = train(config_from_args(parse_args(argv)))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -161,3 +161,19 @@ def is_validation_name(name, val_fraction):
     """A stable split by file name: the same frame lands on the same side in every run."""
     bucket = zlib.crc32(name.encode("utf-8")) % 10_000
     return bucket < round(val_fraction * 10_000)
+
+
+SPLITS = ("hash", "tail")
+
+
+def validation_flags(names, val_fraction, split="hash"):
+    """Which frames validate. `hash`: a stable pseudo-random pick by name. `tail`: the last
+    fraction by sorted name, for sequences whose neighbouring frames look alike, where a random
+    pick would put near-copies of training frames into validation and flatter the score."""
+    if split == "hash":
+        return [is_validation_name(name, val_fraction) for name in names]
+    if split == "tail":
+        ordered = sorted(names)
+        first_val = ordered[len(ordered) - max(1, round(val_fraction * len(ordered)))]
+        return [name >= first_val for name in names]
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

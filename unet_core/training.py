@@ -15,8 +15,22 @@ def pixel_loss():
     return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def cosine_with_warmup(peak_learning_rate, total_steps, warmup_steps):
+    """Linear warm-up to the peak, then cosine decay to zero at `total_steps`."""
+    return tf.keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak_learning_rate / 10 if warmup_steps else peak_learning_rate,
+        decay_steps=max(1, total_steps - warmup_steps),
+        warmup_target=peak_learning_rate if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
 def compile_unet(model, learning_rate=1e-3, n_classes=23):
-    """Adam + per-pixel cross-entropy; reports pixel accuracy and mean IoU."""
+    """Adam + per-pixel cross-entropy; reports pixel accuracy and mean IoU.
+
+    `learning_rate` is a number or a schedule; Keras scales the loss by per-pixel sample
+    weights when the dataset yields (image, mask, weights).
+    """
     model.compile(
         optimizer=tf.keras.optimizers.Adam(learning_rate),
         loss=pixel_loss(),

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from unet_core.augment import augment, class_weights, pixel_weights
+
+
+def blocky_frame(seed):
+    """A mask of 8×8-pixel blocks of class ids, and an image whose red channel encodes the id."""
+    rng = np.random.default_rng(seed)
+    mask = np.kron(rng.integers(0, 23, (12, 16)), np.ones((8, 8), np.int64)).astype(np.uint8)
+    image = np.dstack([mask / 22.0, rng.random(mask.shape), np.zeros(mask.shape)]).astype(np.float32)
+    return image, mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_image_and_mask_move_together(seed):
+    tf.random.set_seed(seed)
+    image, mask = blocky_frame(seed)
+    # Photometric changes off: the red channel must still spell out the mask after flip and zoom.
+    out_image, out_mask = augment(tf.constant(image), tf.constant(mask), brightness=0.0, contrast=0.0)
+    out_image, out_mask = out_image.numpy(), out_mask.numpy()
+    assert out_image.shape == (96, 128, 3) and out_mask.shape == (96, 128) and out_mask.dtype == np.uint8
+    assert set(np.unique(out_mask)) <= set(np.unique(mask))  # nearest neighbour: no invented ids
+    # Away from block edges bilinear and nearest agree, so the decoded ids match the mask there.
+    uniform = np.ones_like(out_mask, bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            uniform[1:-1, 1:-1] &= out_mask[1:-1, 1:-1] == out_mask[1 + dy : 95 + dy, 1 + dx : 127 + dx]
+    uniform[[0, -1], :] = uniform[:, [0, -1]] = False
+    decoded = np.rint(out_image[..., 0] * 22).astype(np.uint8)
+    assert uniform.mean() > 0.5
+    np.testing.assert_array_equal(decoded[uniform], out_mask[uniform])
+
+
+def test_augmentation_varies_and_flips():
+    image, mask = blocky_frame(0)
+    views = [augment(tf.constant(image), tf.constant(mask), max_zoom=1.0, brightness=0.0, contrast=0.0)[1].numpy()
+             for _ in range(16)]
+    flipped = [np.array_equal(view, mask[:, ::-1]) for view in views]
+    unchanged = [np.array_equal(view, mask) for view in views]
+    assert any(flipped) and any(unchanged) and all(f or u for f, u in zip(flipped, unchanged))
+
+
+def test_photometric_changes_stay_in_range():
+    image, mask = blocky_frame(1)
+    out_image, out_mask = augment(tf.constant(image), tf.constant(mask), max_zoom=1.0, brightness=0.5, contrast=0.5)
+    assert 0.0 <= out_image.numpy().min() and out_image.numpy().max() <= 1.0
+
+
+def test_class_weights_favour_rare_classes_and_keep_the_mean():
+    counts = np.array([0, 1000, 100, 10, 0])
+    weights = class_weights(counts, power=0.5, max_weight=100.0)
+    assert weights[0] == 0 and weights[4] == 0
+    assert weights[3] > weights[2] > weights[1] > 0
+    assert weights[2] / weights[1] == pytest.approx(np.sqrt(10), rel=1e-5)
+    assert (weights * counts).sum() / counts.sum() == pytest.approx(1.0, rel=1e-5)
+    np.testing.assert_allclose(class_weights(counts, power=0.0)[1:4], 1.0, rtol=1e-6)
+
+
+def test_class_weights_are_clipped():
+    # The median class gets 1 before normalising; the rarest would get 1000 and is clipped to 5.
+    weights = class_weights(np.array([1_000_000, 1_000, 1]), power=1.0, max_weight=5.0)
+    assert weights[2] / weights[1] == pytest.approx(5.0, rel=1e-5)
+
+
+def test_pixel_weights_look_up_each_pixel():
+    mask = tf.constant([[0, 2], [1, 2]], tf.uint8)
+    weights = pixel_weights(mask, [0.5, 1.0, 4.0])
+    np.testing.assert_allclose(weights.numpy(), [[0.5, 4.0], [1.0, 4.0]])

@@ -1,0 +1,52 @@
+"""Training-time augmentation and class balancing, as tf ops for a tf.data pipeline.
+
+Geometric changes (flip, zoom-crop) are applied to the image and its mask together, the mask
+always with nearest neighbour; photometric changes touch the image only.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+
+def augment(image, mask, max_zoom=1.25, brightness=0.1, contrast=0.2):
+    """One random view of a frame. image: float (H, W, 3) in [0, 1]; mask: int (H, W)."""
+    height, width = image.shape[0], image.shape[1]
+    mask = mask[..., tf.newaxis]
+    if tf.random.uniform(()) < 0.5:
+        image, mask = tf.image.flip_left_right(image), tf.image.flip_left_right(mask)
+
+    zoom = tf.random.uniform((), 1.0, max_zoom)
+    zoomed_size = tf.cast(tf.math.ceil(zoom * tf.constant([height, width], tf.float32)), tf.int32)
+    image = tf.image.resize(image, zoomed_size, method="bilinear")
+    mask = tf.image.resize(mask, zoomed_size, method="nearest")
+    top = tf.random.uniform((), 0, zoomed_size[0] - height + 1, tf.int32)
+    left = tf.random.uniform((), 0, zoomed_size[1] - width + 1, tf.int32)
+    image = image[top : top + height, left : left + width]
+    mask = mask[top : top + height, left : left + width]
+
+    image = tf.image.adjust_brightness(image, tf.random.uniform((), -brightness, brightness))
+    image = tf.image.adjust_contrast(image, tf.random.uniform((), 1.0 - contrast, 1.0 + contrast))
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    return tf.ensure_shape(image, (height, width, 3)), tf.ensure_shape(mask[..., 0], (height, width))
+
+
+def class_weights(pixel_counts, power=0.5, max_weight=10.0):
+    """Per-class loss weights (median frequency / frequency) ** power, clipped; 0 for absent classes.
+
+    `power` 0 gives every class weight 1; 1 is full median-frequency balancing, which on a few
+    dozen frames over-rewards classes seen in one frame. Present classes average to weight 1.
+    """
+    counts = np.asarray(pixel_counts, np.float64)
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    if not present.any():
+        return weights.astype(np.float32)
+    frequency = counts[present] / counts.sum()
+    weights[present] = np.minimum((np.median(frequency) / frequency) ** power, max_weight)
+    pixel_mean = (weights * counts).sum() / counts.sum()  # keep the loss on its usual scale
+    return (weights / pixel_mean).astype(np.float32)
+
+
+def pixel_weights(mask, weights):
+    """The per-pixel sample weights Keras takes as a third dataset element (class_weight can't: 3-D targets)."""
+    return tf.gather(tf.constant(weights), tf.cast(mask, tf.int32))
