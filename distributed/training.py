@@ -9,6 +9,7 @@ import json
 import math
 import os
 import tempfile
+import time
 
 import numpy as np
 import ray
@@ -99,6 +100,7 @@ def train_loop_per_worker(loop_config):
     train_shard = ray.train.get_dataset_shard("train")
     val_frames = ray.train.get_dataset_shard("val")
     for epoch in range(first_epoch, config.epochs):
+        epoch_started = time.time()
         # Each worker feeds its own shard in per-worker batches. Handing Keras a plain dataset
         # instead would make it slice every batch across workers and silently drop the rest.
         tf_train = strategy.distribute_datasets_from_function(
@@ -114,12 +116,14 @@ def train_loop_per_worker(loop_config):
             "mean_iou": fit.history["mean_iou"][-1],
             **evaluate(model, val_frames, rank, world_size, strategy, config),
             "resumed_from_epoch": first_epoch,
+            "epoch_seconds": time.time() - epoch_started,
         }
         history.append(metrics)
         if rank == 0:
             print(f"[unet-ray] epoch {metrics['epoch']}/{config.epochs} loss {metrics['loss']:.4f} "
                   f"val_loss {metrics['val_loss']:.4f} val_pixel_accuracy "
-                  f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f}", flush=True)
+                  f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f} "
+                  f"({metrics['epoch_seconds']:.0f} s)", flush=True)
         save_and_report(model, metrics, history, rank)
         if should_stop_early(history, config.early_stopping_patience):
             # Metrics are all-reduced, so every worker takes this branch in the same epoch.

@@ -1,0 +1,18 @@
+import json
+import os
+
+import pyarrow.parquet as pq
+
+from jobs import quickstart
+
+
+def test_quickstart_runs_the_product_end_to_end(tmp_path, ray_session, capsys):
+    assert quickstart.main(["--output", str(tmp_path), "--smoke", "--epochs", "1", "--new-frames", "5"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["ok"] == 5 and summary["failed"] == 0
+    assert 0.0 <= summary["mean_iou"] <= 1.0
+    for path in ("train/model.keras", "train/curves.png", "train/previews.png", "evaluation/metrics.json"):
+        assert os.path.exists(tmp_path / path), path
+    table = pq.read_table(tmp_path / "inference" / "predictions")
+    assert table.num_rows == 5
+    assert len(os.listdir(tmp_path / "inference" / "masks")) == 5
