@@ -52,6 +52,7 @@ def evaluate(model, data_uri, output, batch_size=32):
         "loss": loss_sum / max(pixels, 1),
         "pixel_accuracy": summary["pixel_accuracy"],
         "mean_iou": summary["mean_iou"],
+        "mean_iou_truth_classes": summary["mean_iou_truth_classes"],
         "per_class_iou": summary["iou_per_class"],
     }
     write_report(output, metrics, confusion, previews)

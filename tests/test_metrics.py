@@ -35,6 +35,7 @@ def test_class_predicted_but_never_true_counts_as_zero():
     matrix = ConfusionMatrix(4).update([1, 1, 1, 1], [1, 1, 3, 3])
     assert matrix.iou() == {1: 0.5, 3: 0.0}
     assert matrix.mean_iou(classes=matrix.truth_classes()) == 0.5
+    assert matrix.summary()["mean_iou_truth_classes"] == 0.5 and matrix.summary()["mean_iou"] == 0.25
 
 
 def test_accumulating_batches_equals_one_pass():

@@ -61,6 +61,9 @@ class ConfusionMatrix:
         return {
             f"{prefix}pixel_accuracy": self.pixel_accuracy(),
             f"{prefix}mean_iou": self.mean_iou(),
+            # The same mean over the classes in the truth only: a class that is merely
+            # predicted (wrongly) is not counted as a 0.
+            f"{prefix}mean_iou_truth_classes": self.mean_iou(self.truth_classes()),
             f"{prefix}iou_per_class": {names[c]: value for c, value in self.iou().items()},
         }
 
