@@ -22,7 +22,9 @@ def connect(num_cpus=None):
         ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
         return
     cpus = max(os.cpu_count() or 1, num_cpus or 0)
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
+    # address="local": always a private Ray for this process, never a cluster someone else
+    # started on this machine with `ray start` (that one is reached through RAY_ADDRESS).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
 
 
 def configure_tensorflow_threads(num_threads):
