@@ -18,8 +18,10 @@ def connect(num_cpus=None):
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        # The job's own runtime env (from `ray job submit --runtime-env-json`) stays in force.
-        ray.init(runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
+        # Under `ray job submit` the job's runtime env (--runtime-env-json) applies to every
+        # worker, and ray.init refuses one that sets its variables again. Without it, workers
+        # still get tf-keras: importing unet_core sets TF_USE_LEGACY_KERAS before tf.keras loads.
+        ray.init(log_to_driver=True)
         return
     cpus = max(os.cpu_count() or 1, num_cpus or 0)
     # address="local": always a private Ray for this process, never a cluster someone else
