@@ -99,6 +99,7 @@ def train_loop_per_worker(loop_config):
 
     train_shard = ray.train.get_dataset_shard("train")
     val_frames = ray.train.get_dataset_shard("val")
+    forward = predict_logits_fn(model)  # traced once, not every epoch
     for epoch in range(first_epoch, config.epochs):
         epoch_started = time.time()
         # Each worker feeds its own shard in per-worker batches. Handing Keras a plain dataset
@@ -114,7 +115,7 @@ def train_loop_per_worker(loop_config):
             "loss": fit.history["loss"][-1],
             "pixel_accuracy": fit.history["pixel_accuracy"][-1],
             "mean_iou": fit.history["mean_iou"][-1],
-            **evaluate(model, val_frames, rank, world_size, strategy, config),
+            **evaluate(model, forward, strategy, val_frames, rank, world_size, config),
             "resumed_from_epoch": first_epoch,
             "epoch_seconds": time.time() - epoch_started,
         }
@@ -174,13 +175,12 @@ def restore(model, checkpoint):
     return len(history), history
 
 
-def evaluate(model, val_frames, rank, world_size, strategy, config):
+def evaluate(model, forward, strategy, val_frames, rank, world_size, config):
     """Loss and metrics over the whole validation set, every frame counted exactly once.
 
     Each worker scores every world_size-th batch locally, then one all-reduce sums the loss and
     the confusion matrix, so every worker ends up with the same, global figures.
     """
-    forward = predict_logits_fn(model)
     loss_sum, pixels = 0.0, 0
     counts = np.zeros((config.n_classes, config.n_classes), np.float64)
     batches = val_frames.iter_batches(batch_size=config.batch_size, batch_format="numpy")
