@@ -1,57 +1,207 @@
-"""Batch-inference throughput: python -m benchmarks.inference [--frames 200] [--num-actors 1].
+"""The inference figures: end-to-end batch inference vs bare model.predict, and its peak memory.
 
-Renders synthetic 640×480 frames and saves an untrained U-Net of the training defaults (weights
-do not change the cost), then times one `infer` run into a fresh output and a second run that
-finds everything done. Prints one JSON line with frames per second.
+`python -m benchmarks.inference [--quick|--tiny] ...` runs only these two figures (it forwards to
+`benchmarks.run --only infer_vs_predict,infer_memory_5000_vs_500`).
+
+The model is an untrained U-Net of the profile's size (weights do not change the cost), saved as
+a .keras file as training would leave it. Inputs are generated 640x480 scenes from the cache.
 """
 
-import argparse
 import json
 import os
-import tempfile
+import shutil
+import sys
 import time
 
+import numpy as np
+import tensorflow as tf
+
+from benchmarks import frames, memory
+from benchmarks.common import median, ratio, rotated, rounded
 from distributed import inference, runtime
-from distributed.config import TrainConfig
-from unet_core import scenes, unet_model
+from unet_core import data, unet_model
+
+FIGURES = ("infer_vs_predict", "infer_memory_5000_vs_500")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=200)
-    parser.add_argument("--num-actors", type=int, default=1)
-    parser.add_argument("--cpus-per-actor", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--overlay", action="store_true")
-    return parser.parse_args(argv)
+def save_model(profile, work):
+    path = os.path.join(work, "model.keras")
+    if not os.path.exists(path):
+        tf.keras.utils.set_random_seed(profile.seed)
+        unet_model((*profile.image_size, 3), profile.n_filters, profile.n_classes).save(path)
+        tf.keras.backend.clear_session()
+    return path
+
+
+def preloaded_images(input_dir, size):
+    """Every input decoded and preprocessed exactly as `read_images` does, as one tensor."""
+    names = sorted(name for name in os.listdir(input_dir) if data.is_image_name(name))
+    images = np.stack([data.preprocess_image(data.read_bytes(os.path.join(input_dir, name)),
+                                             os.path.join(input_dir, name), size)[0] for name in names])
+    return tf.constant(images)
+
+
+def time_predict(model, images, batch_size):
+    started = time.perf_counter()
+    model.predict(images, batch_size=batch_size, verbose=0)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "images_per_s": len(images) / seconds}
+
+
+def time_infer(config, count):
+    """One `infer` run; also notes when each output batch reaches the driver (to leave out start-up).
+
+    `infer` writes every batch it receives with `write_images`; wrapping that module function
+    records (time, rows) per batch without changing what runs.
+    """
+    arrivals, original = [], inference.write_images
+
+    def recording(output, batch, succeeded, infer_config):
+        arrivals.append((time.perf_counter(), len(batch["path"])))
+        return original(output, batch, succeeded, infer_config)
+
+    inference.write_images = recording
+    try:
+        started = time.perf_counter()
+        summary = inference.infer(config)
+        seconds = time.perf_counter() - started
+    finally:
+        inference.write_images = original
+    if summary["ok"] != count:
+        raise RuntimeError(f"infer predicted {summary} of {count} frames")
+    steady = None
+    if len(arrivals) > 1 and arrivals[-1][0] > arrivals[0][0]:
+        steady = sum(rows for _, rows in arrivals[1:]) / (arrivals[-1][0] - arrivals[0][0])
+    return {
+        "seconds": seconds,
+        "images_per_s": count / seconds,
+        "first_output_seconds": arrivals[0][0] - started if arrivals else None,
+        "steady_images_per_s": steady,
+        "batches": len(arrivals),
+    }
+
+
+def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_actor=None):
+    count, batch_size = profile.infer_frames, profile.batch_size
+    cpus_per_actor = cpus_per_actor or max(1, cores // num_actors)
+    input_dir = os.path.join(frames.view(cache, count), data.IMAGE_DIR)
+    model_path = save_model(profile, work)
+    model = inference.load_model(model_path)
+    images = preloaded_images(input_dir, profile.image_size)
+    model.predict(images[:batch_size], batch_size=batch_size, verbose=0)  # builds the predict function
+    runs = {"predict": [], "infer": []}
+    output = None
+    for round_index in range(profile.infer_repeats):
+        for name in rotated(["predict", "infer"], round_index):
+            log(f"[bench] inference round {round_index + 1}/{profile.infer_repeats}: {name}")
+            if name == "predict":
+                runs[name].append(time_predict(model, images, batch_size))
+            else:
+                output = os.path.join(work, f"infer-r{round_index}")
+                shutil.rmtree(output, ignore_errors=True)
+                config = inference.InferConfig(model=model_path, input=input_dir, output=output,
+                                               batch_size=batch_size, num_actors=num_actors,
+                                               cpus_per_actor=cpus_per_actor)
+                runs[name].append(time_infer(config, count))
+            log(f"[bench]   {json.dumps(rounded(runs[name][-1], 3))}")
+    # The old benchmarks.inference figure: a rerun into the same output finds everything done.
+    started = time.perf_counter()
+    rerun = inference.infer(config)
+    rerun_seconds = time.perf_counter() - started
+    predict_ips = median([run["images_per_s"] for run in runs["predict"]])
+    infer_ips = median([run["images_per_s"] for run in runs["infer"]])
+    steady_ips = median([run["steady_images_per_s"] for run in runs["infer"]])
+    return {
+        "name": "infer_vs_predict",
+        "ratio": ratio(infer_ips, predict_ips),
+        "ratio_excluding_startup": ratio(steady_ips, predict_ips),
+        "infer_images_per_s": infer_ips,
+        "infer_steady_images_per_s": steady_ips,
+        "predict_images_per_s": predict_ips,
+        "infer_seconds": [run["seconds"] for run in runs["infer"]],
+        "infer_first_output_seconds": [run["first_output_seconds"] for run in runs["infer"]],
+        "predict_seconds": [run["seconds"] for run in runs["predict"]],
+        "rerun_seconds": rerun_seconds,
+        "rerun": rerun,
+        "method": ("infer = distributed.inference.infer wall time (list PNGs -> read + preprocess tasks -> "
+                   "Predictor actors -> Parquet + mask PNGs committed), including actor start and model load "
+                   "but not ray.init (Ray already runs in this process); ratio_excluding_startup counts the "
+                   "images after the first output batch over the time from first to last output batch. "
+                   "predict = model.predict on the same frames preloaded and preprocessed as one tensor, "
+                   "after a warm-up call. Interleaved, median over rounds. rerun: infer again into the same "
+                   "output, all frames already done."),
+        "goal": ">= 0.9",
+        "config": {
+            "profile": profile.name, "frames": count, "source_size": [480, 640],
+            "image_size": list(profile.image_size), "n_filters": profile.n_filters, "batch_size": batch_size,
+            "num_actors": num_actors, "cpus_per_actor": cpus_per_actor, "predict_threads": cores,
+            "formats": list(inference.FORMATS), "output_size": "source", "repeats": profile.infer_repeats,
+        },
+    }
+
+
+def infer_memory(profile, cache, work, log):
+    """Peak memory of `python -m jobs.infer` (its whole process tree) on a small and a large input."""
+    small, large = profile.memory_frames
+    model_path = save_model(profile, work)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # its own local Ray
+    env.update(runtime.WORKER_ENV)
+    runs = {small: [], large: []}
+    command = None
+    for round_index in range(profile.memory_repeats):
+        for count in rotated([small, large], round_index):
+            input_dir = os.path.join(frames.view(cache, count), data.IMAGE_DIR)
+            output = os.path.join(work, f"memory-{count}-r{round_index}")
+            command = [sys.executable, "-m", "jobs.infer", "--model", model_path, "--input", input_dir,
+                       "--output", output, "--batch-size", str(profile.batch_size)]
+            log(f"[bench] memory round {round_index + 1}/{profile.memory_repeats}: jobs.infer on {count} frames")
+            result = memory.run_sampled(command, output + ".log", env=env)
+            if result["returncode"] != 0 or json.loads(result["last_line"] or "{}").get("ok") != count:
+                raise RuntimeError(f"jobs.infer on {count} frames failed: {result}; log in {output}.log")
+            shutil.rmtree(output, ignore_errors=True)
+            log(f"[bench]   peak RSS {result['peak_rss_mb']:.0f} MB, PSS {result['peak_pss_mb']:.0f} MB, "
+                f"{result['seconds']:.1f} s, {result['max_processes']} processes")
+            runs[count].append(result)
+
+    def peak(count, key):
+        return median([run[key] for run in runs[count]])
+
+    note = ""
+    if (small, large) != (500, 5000):
+        note = f" ({profile.name} profile: {large} vs {small} frames, not 5000 vs 500)"
+    return {
+        "name": "infer_memory_5000_vs_500",
+        "ratio": ratio(peak(large, "peak_rss_mb"), peak(small, "peak_rss_mb")),
+        "ratio_pss": ratio(peak(large, "peak_pss_mb"), peak(small, "peak_pss_mb")),
+        "frames_small": small,
+        "frames_large": large,
+        "peak_rss_mb_small": peak(small, "peak_rss_mb"),
+        "peak_rss_mb_large": peak(large, "peak_rss_mb"),
+        "peak_pss_mb_small": peak(small, "peak_pss_mb"),
+        "peak_pss_mb_large": peak(large, "peak_pss_mb"),
+        "seconds_small": peak(small, "seconds"),
+        "seconds_large": peak(large, "seconds"),
+        "max_processes": max(run["max_processes"] for group in runs.values() for run in group),
+        "method": ("peak over the run of the summed VmRSS (ratio) and Pss (ratio_pss) of the job's whole "
+                   "process tree (driver, its local Ray: GCS, raylet, workers, actors), sampled every 0.2 s "
+                   "from /proc; median over rounds; each run starts its own Ray, so start-up memory is in "
+                   f"both{note}"),
+        "command": " ".join(command[:2] + ["jobs.infer", "--model", "MODEL", "--input", "DIR", "--output", "OUT",
+                                           "--batch-size", str(profile.batch_size)]),
+        "goal": "<= 1.2",
+        "config": {
+            "profile": profile.name, "frames": [small, large], "source_size": [480, 640],
+            "image_size": list(profile.image_size), "n_filters": profile.n_filters,
+            "batch_size": profile.batch_size, "num_actors": 1, "cpus_per_actor": 1,
+            "repeats": profile.memory_repeats,
+        },
+    }
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    defaults = TrainConfig()
-    with tempfile.TemporaryDirectory() as directory:
-        model_path = os.path.join(directory, "model.keras")
-        unet_model((*defaults.image_size, 3), defaults.n_filters, defaults.n_classes).save(model_path)
-        scenes.write_scenes(os.path.join(directory, "frames"), args.frames)
-        config = inference.InferConfig(
-            model=model_path, input=os.path.join(directory, "frames", "CameraRGB"),
-            output=os.path.join(directory, "out"), batch_size=args.batch_size, num_actors=args.num_actors,
-            cpus_per_actor=args.cpus_per_actor, overlay=args.overlay,
-        )
-        runtime.connect(num_cpus=args.num_actors * args.cpus_per_actor + 1)
-        started = time.perf_counter()
-        first = inference.infer(config)
-        predict_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        second = inference.infer(config)
-        resume_seconds = time.perf_counter() - started
-    print(json.dumps({
-        "frames": args.frames, "num_actors": args.num_actors, "cpus_per_actor": args.cpus_per_actor,
-        "batch_size": args.batch_size, "overlay": args.overlay, "first_run": first, "rerun": second,
-        "seconds": round(predict_seconds, 2), "frames_per_second": round(args.frames / predict_seconds, 2),
-        "rerun_seconds": round(resume_seconds, 2),
-    }))
-    return 0
+    from benchmarks import run
+
+    return run.main(["--only", ",".join(FIGURES), *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""Speed benchmarks: python -m benchmarks.run [--quick] [--tiny] [--only NAMES] [--cache DIR].
+
+Prints one JSON line per figure on stdout (progress and Ray's logs go to stderr), each with
+"name", "ratio", the measured values, "method", "goal", "config", the machine and its load:
+
+  train_vs_keras            Ray Train 1 worker × all cores ÷ plain Keras fit, images/s
+  mwms_2x1_vs_1x2           Ray Train 2 workers × 1 thread ÷ 1 worker × 2 threads, images/s
+  train_flops_vs_peak       achieved training FLOP/s (Ray Train) ÷ fp32 matmul peak FLOP/s
+  bf16_vs_fp32              mixed_bfloat16 ÷ float32 training images/s, and final losses
+  infer_vs_predict          distributed.inference.infer ÷ bare model.predict, images/s
+  infer_memory_5000_vs_500  peak memory of `python -m jobs.infer` on 5000 frames ÷ on 500
+
+No flag: the full run (tens of minutes on 2 cores; use a quiet machine). --quick: the same model
+and batch with fewer frames, epochs and rounds (about 10 minutes; the memory figure compares
+1000 with 100 frames). --tiny: a tiny model and image size, seconds per figure, for the smoke
+test only: its numbers mean nothing. Generated frames are cached in --cache across runs.
+The method of every figure is in BENCHMARKS.md.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+
+from benchmarks import frames
+from benchmarks.common import PROFILES, machine, rounded
+
+TRAINING_FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32")
+INFERENCE_FIGURES = ("infer_vs_predict", "infer_memory_5000_vs_500")
+FIGURES = TRAINING_FIGURES + INFERENCE_FIGURES
+
+
+def figure_names(text):
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in FIGURES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
+    return names
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="about 10 minutes on 2 cores")
+    parser.add_argument("--tiny", action="store_true", help="tiny model and data: for the smoke test only")
+    parser.add_argument("--only", type=figure_names, default=FIGURES, help="comma-separated figure names")
+    parser.add_argument("--cache", default=frames.DEFAULT_CACHE,
+                        help="generated frames, kept across runs (default: %(default)s)")
+    parser.add_argument("--work-dir", help="run directories and outputs (kept); default: a temporary "
+                                           "directory, removed at the end")
+    parser.add_argument("--out", help="also append the JSON lines to this file")
+    overrides = parser.add_argument_group("override the profile")
+    overrides.add_argument("--repeats", type=int, help="rounds of the training alternatives")
+    overrides.add_argument("--epochs", type=int, help="epochs per training run (the first is not counted)")
+    overrides.add_argument("--train-frames", type=int, help="training images per epoch")
+    overrides.add_argument("--infer-frames", type=int)
+    overrides.add_argument("--infer-repeats", type=int)
+    overrides.add_argument("--memory-frames", type=int, nargs=2, metavar=("SMALL", "LARGE"))
+    overrides.add_argument("--product-bf16", action=argparse.BooleanOptionalAction,
+                           help="also time Ray Train with --mixed-precision bf16")
+    parser.add_argument("--infer-num-actors", type=int, default=1)
+    parser.add_argument("--infer-cpus-per-actor", type=int,
+                        help="default: all cores divided among the actors")
+    args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch is never counted")
+    for name in ("repeats", "train_frames", "infer_frames", "infer_repeats", "infer_num_actors"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.memory_frames and not 0 < args.memory_frames[0] < args.memory_frames[1]:
+        parser.error("--memory-frames needs 0 < SMALL < LARGE")
+    return args
+
+
+def build_profile(args):
+    profile = PROFILES["tiny" if args.tiny else "quick" if args.quick else "full"]
+    changes = {field: getattr(args, field) for field in (
+        "repeats", "epochs", "train_frames", "infer_frames", "infer_repeats", "product_bf16")
+        if getattr(args, field) is not None}
+    if args.memory_frames:
+        changes["memory_frames"] = tuple(args.memory_frames)
+    return dataclasses.replace(profile, **changes)
+
+
+def frames_needed(profile, figures):
+    counts = []
+    if set(figures) & set(TRAINING_FIGURES):
+        counts.append(profile.train_frames + profile.val_frames)
+    if "infer_vs_predict" in figures:
+        counts.append(profile.infer_frames)
+    if "infer_memory_5000_vs_500" in figures:
+        counts.extend(profile.memory_frames)
+    return counts
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    profile = build_profile(args)
+    figures = [name for name in FIGURES if name in args.only]
+    cores = os.cpu_count() or 1
+    description = machine()
+    load_at_start = os.getloadavg()[0]
+    stdout = sys.stdout
+    failed = []
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    def emit(record):
+        record = {**record, "machine": description, "load_average_1m": [load_at_start, os.getloadavg()[0]]}
+        line = json.dumps(rounded(record))
+        print(line, file=stdout, flush=True)
+        if args.out:
+            with open(args.out, "a") as file:
+                file.write(line + "\n")
+
+    def stage(names, measure):
+        try:
+            records = measure()
+        except Exception as error:  # noqa: BLE001  one broken figure must not hide the others
+            traceback.print_exc()
+            failed.extend(names)
+            records = [{"name": name, "ratio": None, "error": f"{type(error).__name__}: {error}"} for name in names]
+        for record in records:
+            emit(record)
+
+    work = args.work_dir or tempfile.mkdtemp(prefix="unet-ray-bench-")
+    os.makedirs(work, exist_ok=True)
+    log(f"[bench] profile {profile.name}: {', '.join(figures)}; frames cache {args.cache}; work {work}")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON lines only
+            # Frames first: rendering runs in spawned processes, before TensorFlow starts its threads.
+            frames.ensure_frames(args.cache, max(frames_needed(profile, figures)), log)
+            import ray
+
+            from distributed import runtime
+
+            # This process's Keras and predict baselines get all cores, as the 1-worker runs do.
+            runtime.configure_tensorflow_threads(cores)
+            if set(figures) & {*TRAINING_FIGURES, "infer_vs_predict"}:
+                runtime.connect(num_cpus=cores + 1)
+
+            training = [name for name in TRAINING_FIGURES if name in figures]
+            if training:
+                from benchmarks import training as training_figures
+
+                view = frames.view(args.cache, profile.train_frames + profile.val_frames)
+                stage(training, lambda: training_figures.measure(profile, view, work, cores, training, log))
+            if "infer_vs_predict" in figures:
+                from benchmarks import inference
+
+                stage(["infer_vs_predict"], lambda: [inference.infer_vs_predict(
+                    profile, args.cache, work, cores, log, args.infer_num_actors, args.infer_cpus_per_actor)])
+            if "infer_memory_5000_vs_500" in figures:
+                from benchmarks import inference
+
+                ray.shutdown()  # the job starts its own Ray; this one's idle processes only take memory
+                stage(["infer_memory_5000_vs_500"], lambda: [inference.infer_memory(profile, args.cache, work, log)])
+    finally:
+        if not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        log(f"[bench] failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""The benchmark harness: the FLOP counter, and a --tiny run printing all six figures (no timings checked)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = {"train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32",
+           "infer_vs_predict", "infer_memory_5000_vs_500"}
+
+
+def test_flop_counter_gives_15_1_gflop_per_default_training_image():
+    from benchmarks import flops
+    from distributed.config import TrainConfig
+    from unet_core import unet_model
+
+    defaults = TrainConfig()
+    assert defaults.image_size == (96, 128) and defaults.n_filters == 32
+    model = unet_model((*defaults.image_size, 3), defaults.n_filters, defaults.n_classes)
+    assert flops.training_flops_per_image(model) / 1e9 == pytest.approx(15.1, abs=0.2)
+    assert flops.training_flops_per_image(model) == 3 * flops.forward_flops_per_image(model)
+
+
+def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--cache", str(tmp_path / "cache"),
+         "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "figures.jsonl")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=840,
+    )
+    assert completed.returncode == 0, completed.stderr[-5000:]
+    records = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]  # stdout: JSON only
+    assert {record["name"] for record in records} == FIGURES and len(records) == len(FIGURES)
+    for record in records:
+        assert isinstance(record["ratio"], (int, float)) and math.isfinite(record["ratio"]), record
+        assert record["ratio"] > 0 and record["goal"] and record["config"]["profile"] == "tiny", record
+    by_name = {record["name"]: record for record in records}
+    assert by_name["infer_memory_5000_vs_500"]["frames_small"] < by_name["infer_memory_5000_vs_500"]["frames_large"]
+    assert "fp32_final_loss" in by_name["bf16_vs_fp32"] and "bf16_final_loss" in by_name["bf16_vs_fp32"]
+    saved = [json.loads(line) for line in (tmp_path / "figures.jsonl").read_text().splitlines()]
+    assert saved == records
