@@ -214,7 +214,9 @@ def weights_fingerprint(model):
 def save_and_report(model, metrics, history, rank):
     """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint."""
     with tempfile.TemporaryDirectory() as directory:
-        model.save(os.path.join(directory, CHECKPOINT_MODEL))
+        # "keras_v3", not the default: tf-keras decides the format from a thread-local flag that
+        # reads False in Ray Train's worker thread after the first save, writing HDF5 instead.
+        model.save(os.path.join(directory, CHECKPOINT_MODEL), save_format="keras_v3")
         with open(os.path.join(directory, CHECKPOINT_STATE), "w") as file:
             json.dump({"history": history}, file)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -23,7 +24,9 @@ def last_checkpoint_model(config):
         name for name in os.listdir(run_dir)
         if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, name))
     )
-    return tf.keras.models.load_model(os.path.join(run_dir, checkpoints[-1], "model.keras"), compile=False)
+    path = os.path.join(run_dir, checkpoints[-1], "model.keras")
+    assert zipfile.is_zipfile(path), "every checkpoint, not only the first, must be in the Keras v3 format"
+    return tf.keras.models.load_model(path, compile=False)
 
 
 def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
@@ -39,6 +42,7 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     for name in ("model.keras", "metrics.csv", "curves.png", "previews.png", "tensorboard"):
         assert os.path.exists(os.path.join(config.output, name)), name
 
+    assert zipfile.is_zipfile(os.path.join(config.output, "model.keras"))  # the Keras v3 format, not HDF5
     model = tf.keras.models.load_model(os.path.join(config.output, "model.keras"), safe_mode=True)
     assert model.predict(np.zeros((3, 32, 48, 3), np.float32), verbose=0).shape == (3, 32, 48, 23)
 
