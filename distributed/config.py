@@ -13,8 +13,8 @@ class TrainConfig:
     output: str = "runs/unet"
     run_name: str = "unet"
     storage_path: str | None = None  # Ray Train's checkpoints; None = `output`/ray_results
-    epochs: int = 40
-    batch_size: int = 32  # per worker; the global batch is this × num_workers
+    epochs: int = 45
+    batch_size: int = 4  # per worker; the global batch is this × num_workers
     num_workers: int = 2
     cpus_per_worker: int = 1
     use_gpu: bool = False
@@ -24,11 +24,11 @@ class TrainConfig:
     val_fraction: float = 0.2
     split: str = "hash"  # hash: stable pseudo-random by name; tail: the last frames by sorted name
     # The recipe (see PRESETS): optimiser schedule, augmentation, class balancing, early stopping.
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"  # constant | cosine (with a linear warm-up)
-    warmup_epochs: int = 0
-    augment: bool = False
-    class_weight_power: float = 0.0  # 0: plain loss; >0: per-pixel weights from class frequencies
+    learning_rate: float = 2e-3
+    lr_schedule: str = "cosine"  # constant | cosine (with a linear warm-up)
+    warmup_epochs: int = 2
+    augment: bool = True
+    class_weight_power: float = 0.5  # 0: plain loss; >0: per-pixel weights from class frequencies
     early_stopping_patience: int = 0  # epochs without a better val mIoU before stopping; 0: never
     max_failures: int = 0
     seed: int = 0
@@ -76,10 +76,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Recipes by name. `classic` is the Keras exercise (constant Adam 1e-3, batch 32, 40 epochs, no
-# augmentation); `default` is the recipe measured best on held-out real CARLA frames (RESULTS.md).
+# Recipes by name. `default` (the dataclass defaults) is the recipe that scored best on held-out
+# real CARLA frames (RESULTS.md): small batches for many optimizer steps, flips/zoom/brightness,
+# square-root class balancing, cosine decay. `classic` is the Keras exercise: constant Adam 1e-3,
+# 40 epochs, no augmentation, global batch 32 (16 per worker on the default 2 workers).
 PRESETS = {
     "default": {},
-    "classic": dict(epochs=40, batch_size=32, learning_rate=1e-3, lr_schedule="constant", warmup_epochs=0,
+    "classic": dict(epochs=40, batch_size=16, learning_rate=1e-3, lr_schedule="constant", warmup_epochs=0,
                     augment=False, class_weight_power=0.0, early_stopping_patience=0),
 }
