@@ -151,14 +151,12 @@ def main(argv=None):
 
                 view = frames.view(args.cache, profile.train_frames + profile.val_frames)
                 stage(training, lambda: training_figures.measure(profile, view, work, cores, training, log))
-            if "infer_vs_predict" in figures:
-                from benchmarks import inference
+            from benchmarks import inference
 
+            if "infer_vs_predict" in figures:
                 stage(["infer_vs_predict"], lambda: [inference.infer_vs_predict(
                     profile, args.cache, work, cores, log, args.infer_num_actors, args.infer_cpus_per_actor)])
             if "infer_memory_5000_vs_500" in figures:
-                from benchmarks import inference
-
                 ray.shutdown()  # the job starts its own Ray; this one's idle processes only take memory
                 stage(["infer_memory_5000_vs_500"], lambda: [inference.infer_memory(profile, args.cache, work, log)])
     finally:

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from distributed import ingest, inference
 from distributed.run_directory import PREVIEW_FRAMES
-from unet_core import data, plots
+from unet_core import plots
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import predict_logits_fn, score_batch
 
@@ -60,15 +60,8 @@ def evaluate(model, data_uri, output, batch_size=32):
 
 
 def read_batch(filesystem, root, names, size, n_classes):
-    images = np.empty((len(names), *size, 3), np.float32)
-    masks = np.empty((len(names), *size), np.uint8)
-    for index, name in enumerate(names):
-        image_path, mask_path = f"{root}/{data.IMAGE_DIR}/{name}", f"{root}/{data.MASK_DIR}/{name}"
-        images[index], masks[index] = data.preprocess_pair(
-            ingest.read_file(filesystem, image_path), ingest.read_file(filesystem, mask_path),
-            image_path, mask_path, size, n_classes,
-        )
-    return images, masks
+    pairs = [ingest.read_pair(filesystem, root, name, size, n_classes) for name in names]
+    return np.stack([image for image, _ in pairs]), np.stack([mask for _, mask in pairs])
 
 
 def write_report(output, metrics, confusion, previews):

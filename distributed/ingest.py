@@ -50,6 +50,14 @@ def read_file(filesystem, path):
         return stream.readall()
 
 
+def read_pair(filesystem, root, name, size, n_classes):
+    """One paired frame of a CARLA-layout root on any filesystem → (image, mask) via unet_core.data."""
+    image_path, mask_path = f"{root}/{data.IMAGE_DIR}/{name}", f"{root}/{data.MASK_DIR}/{name}"
+    return data.preprocess_pair(
+        read_file(filesystem, image_path), read_file(filesystem, mask_path), image_path, mask_path, size, n_classes
+    )
+
+
 def preprocess_batch(batch, filesystem, root, size, n_classes):
     """Names → preprocessed frames; a frame that fails keeps its row, with the reason in `error`."""
     names = batch["name"]
@@ -57,12 +65,8 @@ def preprocess_batch(batch, filesystem, root, size, n_classes):
     masks = np.zeros((len(names), *size), np.uint8)
     errors = []
     for index, name in enumerate(names):
-        image_path, mask_path = f"{root}/{data.IMAGE_DIR}/{name}", f"{root}/{data.MASK_DIR}/{name}"
         try:
-            images[index], masks[index] = data.preprocess_pair(
-                read_file(filesystem, image_path), read_file(filesystem, mask_path),
-                image_path, mask_path, size, n_classes,
-            )
+            images[index], masks[index] = read_pair(filesystem, root, name, size, n_classes)
             errors.append("")
         except (ValueError, OSError) as error:
             errors.append(str(error))

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
+from distributed import inference
 from unet_core import plots, scenes
 from unet_core.training import predict_logits_fn
 
@@ -44,7 +45,7 @@ def write(config, result, val_frames):
     write_metrics(config.output, history)
     plots.save_curves(history, os.path.join(config.output, "curves.png"))
     write_tensorboard(os.path.join(config.output, "tensorboard"), history)
-    model = tf.keras.models.load_model(model_path, compile=False, safe_mode=True)
+    model = inference.load_model(model_path)
     frames = val_frames.take_batch(PREVIEW_FRAMES, batch_format="numpy")
     predicted = np.argmax(predict_logits_fn(model)(tf.constant(frames["image"])).numpy(), axis=-1)
     plots.save_previews(frames["image"], frames["mask"], predicted, os.path.join(config.output, "previews.png"),
