@@ -126,7 +126,8 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_ac
         "method": ("infer = distributed.inference.infer wall time (list PNGs -> read + preprocess tasks -> "
                    "Predictor actors -> Parquet + mask PNGs committed), including actor start and model load "
                    "but not ray.init (Ray already runs in this process); ratio_excluding_startup counts the "
-                   "images after the first output batch over the time from first to last output batch. "
+                   "images after the first output batch over the time from first to last output batch (an upper "
+                   "bound: reading runs ahead while the actor starts). "
                    "predict = model.predict on the same frames preloaded and preprocessed as one tensor, "
                    "after a warm-up call. Interleaved, median over rounds. rerun: infer again into the same "
                    "output, all frames already done."),

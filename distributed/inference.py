@@ -281,10 +281,19 @@ class Predictor:
         return batch["image"][index]
 
 
+# Palette entry i is the colour (i, 0, 0): any reader that expands the palette sees CameraMask's
+# convention (class id in R, G = B = 0, opaque), while the file holds one byte per pixel, which
+# encodes 3-4x faster than RGBA.
+MASK_PALETTE = bytes(channel for class_id in range(256) for channel in (class_id, 0, 0))
+
+
 def encode_mask(class_ids):
-    """CameraMask's convention: RGBA with the class id in R, G = B = 0 and alpha 255."""
-    blank = np.zeros_like(class_ids)
-    return encode_png(np.dstack([class_ids, blank, blank, np.full_like(class_ids, 255)]))
+    """A mask PNG that decodes, as RGB or RGBA, to the class id in R with G = B = 0."""
+    image = Image.fromarray(class_ids.astype(np.uint8, copy=False), mode="P")
+    image.putpalette(MASK_PALETTE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
 
 
 def encode_png(pixels):

@@ -87,9 +87,11 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
         mask_file = output / "masks" / row["path"]
         assert mask_file.read_bytes() == row["mask_png"]
         mask = Image.open(mask_file)
-        assert mask.mode == "RGBA" and (row["height"], row["width"]) == SOURCE
-        channels = np.asarray(mask)
+        assert mask.size == (row["width"], row["height"]) == SOURCE[::-1]
+        # Read as CameraMask is read: id in R, G = B = 0, opaque.
+        channels = np.asarray(mask.convert("RGBA"))
         assert not channels[..., 1:3].any() and (channels[..., 3] == 255).all()
+        np.testing.assert_array_equal(channels[..., 0], expected[row["path"]])
         np.testing.assert_array_equal(data.decode_mask(row["mask_png"], row["path"]), expected[row["path"]])
         counts = np.bincount(expected[row["path"]].ravel(), minlength=23)
         assert [row[f"pixels_{name}"] for name in inference.class_names(23)] == counts.tolist()
