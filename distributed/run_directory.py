@@ -3,13 +3,12 @@
 import csv
 import json
 import os
-import shutil
 
 import numpy as np
 import tensorflow as tf
 
 from distributed import inference
-from unet_core import plots, scenes
+from unet_core import plots, scenes, unet_model
 from unet_core.training import predict_logits_fn
 
 PREVIEW_FRAMES = 6
@@ -39,8 +38,7 @@ def write(config, result, val_frames):
             history = json.load(file)["history"]
     model_path = os.path.join(config.output, "model.keras")
     with best.as_directory() as directory:
-        shutil.copyfile(os.path.join(directory, "model.keras"), model_path + ".tmp")
-    os.replace(model_path + ".tmp", model_path)
+        export_model(config, os.path.join(directory, "model.keras"), model_path)
 
     write_metrics(config.output, history)
     plots.save_curves(history, os.path.join(config.output, "curves.png"))
@@ -53,6 +51,17 @@ def write(config, result, val_frames):
     print(f"[unet-ray] run directory {os.path.abspath(config.output)}: model.keras (best val mIoU "
           f"{max(h['val_mean_iou'] for h in history):.4f}), metrics.json, curves.png, previews.png", flush=True)
     return history
+
+
+def export_model(config, checkpoint_model, path):
+    """The checkpoint's weights in a float32 model without optimizer state: a third of the size,
+    and it predicts the same on any hardware, whatever precision training used."""
+    trained = inference.load_model(checkpoint_model)
+    tf.keras.mixed_precision.set_global_policy("float32")  # the driver trains nothing itself
+    model = unet_model((*config.image_size, 3), config.n_filters, config.n_classes)
+    model.set_weights(trained.get_weights())
+    model.save(path + ".tmp.keras", save_format="keras_v3")
+    os.replace(path + ".tmp.keras", path)
 
 
 def write_metrics(output, history):

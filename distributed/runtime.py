@@ -35,3 +35,21 @@ def configure_tensorflow_threads(num_threads):
 
     tf.config.threading.set_intra_op_parallelism_threads(num_threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, num_threads)))
+
+
+def native_bfloat16(use_gpu):
+    """Whether this worker computes bfloat16 in hardware, so mixed precision pays instead of costs:
+    on GPUs, compute capability 8.0 or newer (Ampere on); on CPUs, AVX512-BF16 or AMX."""
+    import tensorflow as tf
+
+    if use_gpu:
+        gpus = tf.config.list_physical_devices("GPU")
+        capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
+                        for gpu in gpus]
+        return bool(gpus) and min(capabilities) >= (8, 0)
+    try:
+        with open("/proc/cpuinfo") as file:
+            flags = set(file.read().split())
+    except OSError:  # not Linux: no cheap way to tell, stay in float32
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -80,7 +80,7 @@ def train_loop_per_worker(loop_config):
     config = TrainConfig(**loop_config["config"])
     steps_per_epoch = math.ceil(loop_config["rows_per_worker"] / config.batch_size)
     runtime.configure_tensorflow_threads(config.cpus_per_worker)
-    set_precision_policy(config.mixed_precision)
+    precision = set_precision_policy(config.mixed_precision, config.use_gpu)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     tf.keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
@@ -96,57 +96,112 @@ def train_loop_per_worker(loop_config):
             unet_model((*config.image_size, 3), config.n_filters, config.n_classes), learning_rate, config.n_classes
         )
         first_epoch, history = restore(model, ray.train.get_checkpoint())
+    if first_epoch >= config.epochs:
+        return
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_frames = ray.train.get_dataset_shard("val")
-    forward = predict_logits_fn(model)  # traced once, not every epoch
-    for epoch in range(first_epoch, config.epochs):
-        epoch_started = time.time()
-        # Each worker feeds its own shard in per-worker batches. Handing Keras a plain dataset
-        # instead would make it slice every batch across workers and silently drop the rest.
-        tf_train = strategy.distribute_datasets_from_function(
-            lambda _: training_batches(train_shard, config, epoch, rank, loop_config["class_weights"])
-        )
-        callbacks = [FailOnce(config, epoch + 1, rank)] if config.fail_once_at_epoch else []
-        fit = model.fit(tf_train, initial_epoch=epoch, epochs=epoch + 1, steps_per_epoch=steps_per_epoch,
-                        verbose=0, callbacks=callbacks)
+    # Each worker feeds its own shard in per-worker batches. Handing Keras a plain dataset
+    # instead would make it slice every batch across workers and silently drop the rest. One
+    # dataset holds every remaining epoch, so fit runs once: a fit per epoch spent 3-4 s per
+    # epoch tearing down its distributed iterator (py-spy, BENCHMARKS.md).
+    batches = strategy.distribute_datasets_from_function(
+        lambda _: training_batches(train_shard, config, first_epoch, rank, loop_config["class_weights"])
+    )
+    end_of_epoch = EndOfEpoch(
+        strategy, ray.train.get_dataset_shard("val"), rank, world_size, config, history,
+        {"resumed_from_epoch": first_epoch, "mixed_precision": precision},
+    )
+    callbacks = [end_of_epoch] + ([FailOnce(config, rank)] if config.fail_once_at_epoch else [])
+    model.fit(batches, initial_epoch=first_epoch, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+              verbose=0, callbacks=callbacks)
+
+
+class EndOfEpoch(tf.keras.callbacks.Callback):
+    """After each epoch, on every worker: score validation, report to Ray Train (with a
+    checkpoint when one is due), and stop early once val mIoU stops improving."""
+
+    def __init__(self, strategy, val_frames, rank, world_size, config, history, constants):
+        super().__init__()
+        self.strategy, self.val_frames, self.rank, self.world_size = strategy, val_frames, rank, world_size
+        self.config, self.history, self.constants = config, history, constants
+        self.forward = None
+        self.started = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.forward is None:
+            self.forward = predict_logits_fn(self.model)  # traced once, not every epoch
+        config = self.config
         metrics = {
             "epoch": epoch + 1,
-            "loss": fit.history["loss"][-1],
-            "pixel_accuracy": fit.history["pixel_accuracy"][-1],
-            "mean_iou": fit.history["mean_iou"][-1],
-            **evaluate(model, forward, strategy, val_frames, rank, world_size, config),
-            "resumed_from_epoch": first_epoch,
-            "epoch_seconds": time.time() - epoch_started,
+            "loss": logs["loss"],
+            "pixel_accuracy": logs["pixel_accuracy"],
+            "mean_iou": logs["mean_iou"],
+            **evaluate(self.model, self.forward, self.strategy, self.val_frames, self.rank, self.world_size, config),
+            **self.constants,
+            "epoch_seconds": time.time() - self.started,
         }
-        history.append(metrics)
-        if rank == 0:
+        checkpoint_now = should_checkpoint(self.history, metrics, epoch, config)
+        self.history.append(metrics)
+        stop = should_stop_early(self.history, config.early_stopping_patience)
+        if self.rank == 0:
             print(f"[unet-ray] epoch {metrics['epoch']}/{config.epochs} loss {metrics['loss']:.4f} "
                   f"val_loss {metrics['val_loss']:.4f} val_pixel_accuracy "
                   f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f} "
                   f"({metrics['epoch_seconds']:.0f} s)", flush=True)
-        save_and_report(model, metrics, history, rank)
-        if should_stop_early(history, config.early_stopping_patience):
-            # Metrics are all-reduced, so every worker takes this branch in the same epoch.
-            if rank == 0:
+        save_and_report(self.model, metrics, self.history, self.rank, checkpoint_now or stop)
+        if stop:
+            # Metrics are all-reduced, so every worker stops after the same epoch.
+            if self.rank == 0:
                 print(f"[unet-ray] early stop: no better val_mean_iou for {config.early_stopping_patience} epochs")
-            break
+            self.model.stop_training = True
 
 
-def training_batches(train_shard, config, epoch, rank, class_weights):
-    """This worker's shard as a tf.data pipeline: reshuffled per epoch, augmented, weighted."""
-    dataset = train_shard.to_tf(
-        "image", "mask",
-        batch_size=config.batch_size,
-        local_shuffle_buffer_size=max(4 * config.batch_size, 64),
-        local_shuffle_seed=config.seed * 1_000 + epoch * 10 + rank,
-    )
-    if config.augment:
-        dataset = dataset.unbatch().map(augment.augment, num_parallel_calls=tf.data.AUTOTUNE)
-        dataset = dataset.batch(config.batch_size)
+def training_batches(train_shard, config, first_epoch, rank, class_weights):
+    """This worker's shard for every remaining epoch, as one tf.data pipeline.
+
+    Each epoch is one pass over the shard, reshuffled with its own seed and augmented within
+    the pass, so every epoch holds exactly ceil(rows / batch) batches.
+    """
+    def one_pass(epoch):
+        return train_shard.iter_batches(
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=max(4 * config.batch_size, 64),
+            local_shuffle_seed=config.seed * 1_000 + int(epoch) * 10 + rank,
+        )
+
+    height, width = config.image_size
+    signature = (tf.TensorSpec((None, height, width, 3), tf.float32), tf.TensorSpec((None, height, width), tf.uint8))
+
+    def epoch_batches(epoch):
+        dataset = tf.data.Dataset.from_generator(
+            lambda epoch: ((batch["image"], batch["mask"]) for batch in one_pass(epoch)),
+            args=(epoch,), output_signature=signature,
+        )
+        if config.augment:
+            dataset = dataset.unbatch().map(augment.augment, num_parallel_calls=tf.data.AUTOTUNE)
+            dataset = dataset.batch(config.batch_size)
+        return dataset
+
+    dataset = tf.data.Dataset.range(first_epoch, config.epochs).flat_map(epoch_batches)
     if class_weights is not None:
         dataset = dataset.map(lambda image, mask: (image, mask, augment.pixel_weights(mask, class_weights)))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def should_checkpoint(history, metrics, epoch, config):
+    """A new best val mIoU, every `checkpoint_every`-th epoch (what a restart resumes from), the last.
+
+    Saving model and Adam state costs about a second, a lot beside the few seconds of an epoch
+    on a small dataset. The metrics are all-reduced, so every worker decides the same way, as
+    saving under MWMS needs.
+    """
+    best = max((row["val_mean_iou"] for row in history), default=-1.0)
+    return (metrics["val_mean_iou"] > best or (epoch + 1) % config.checkpoint_every == 0
+            or epoch + 1 == config.epochs)
 
 
 def should_stop_early(history, patience):
@@ -156,9 +211,13 @@ def should_stop_early(history, patience):
     return len(history) - 1 - best_epoch >= patience
 
 
-def set_precision_policy(mixed_precision):
+def set_precision_policy(mixed_precision, use_gpu):
+    """Returns what `auto` resolved to on this worker's hardware (off or bf16)."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if runtime.native_bfloat16(use_gpu) else "off"
     name = {"off": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[mixed_precision]
     tf.keras.mixed_precision.set_global_policy(name)
+    return mixed_precision
 
 
 def restore(model, checkpoint):
@@ -211,8 +270,15 @@ def weights_fingerprint(model):
                      for index, weights in enumerate(model.get_weights())))
 
 
-def save_and_report(model, metrics, history, rank):
-    """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint."""
+def save_and_report(model, metrics, history, rank, with_checkpoint=True):
+    """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint.
+
+    Every worker reports every epoch, checkpoint or not: Ray Train counts the reports.
+    """
+    reported = {key: value for key, value in metrics.items() if not isinstance(value, dict)}
+    if not with_checkpoint:
+        ray.train.report(reported)
+        return
     with tempfile.TemporaryDirectory() as directory:
         # "keras_v3", not the default: tf-keras decides the format from a thread-local flag that
         # reads False in Ray Train's worker thread after the first save, writing HDF5 instead.
@@ -220,20 +286,23 @@ def save_and_report(model, metrics, history, rank):
         with open(os.path.join(directory, CHECKPOINT_STATE), "w") as file:
             json.dump({"history": history}, file)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-        reported = {key: value for key, value in metrics.items() if not isinstance(value, dict)}
         ray.train.report(reported, checkpoint=checkpoint)
 
 
 class FailOnce(tf.keras.callbacks.Callback):
     """Makes rank 1 crash mid-epoch, once per run, to prove that training recovers from checkpoints."""
 
-    def __init__(self, config, epoch, rank):
+    def __init__(self, config, rank):
         super().__init__()
-        self.fails = epoch == config.fail_once_at_epoch and rank == 1
+        self.fails_here = rank == 1
+        self.fail_epoch = config.fail_once_at_epoch
         self.marker = os.path.join(config.resolved_storage_path, config.run_name, "injected_failure")
-        self.epoch = epoch
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.fails and not os.path.exists(self.marker):
+        if self.fails_here and self.epoch == self.fail_epoch and not os.path.exists(self.marker):
             open(self.marker, "w").close()
             raise RuntimeError(f"injected failure on rank 1 in epoch {self.epoch}")

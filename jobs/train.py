@@ -30,10 +30,11 @@ def parse_args(argv=None):
     option("--split", "hash: stable random by name; tail: last frames by name", choices=("hash", "tail"))
     option("--max-failures", "worker failures to recover from", type=int)
     option("--seed", type=int)
-    option("--mixed-precision", choices=("off", "bf16", "fp16"))
+    option("--mixed-precision", "auto: bf16 on hardware with native bfloat16", choices=("auto", "off", "bf16", "fp16"))
     option("--skip-bad", "train without unreadable frames (listed in OUTPUT/skipped.json)", action="store_true",
            default=None)
     option("--scene-count", "frames to generate when --data is not given", type=int)
+    option("--checkpoint-every", "epochs between checkpoints, besides every new best and the last", type=int)
     recipe = parser.add_argument_group("recipe (set together by --preset; any flag overrides it)")
     recipe.add_argument("--preset", choices=tuple(PRESETS), default="default")
     for flag, kwargs in (

@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 from distributed.config import TrainConfig
-from distributed.training import train
+from distributed.runtime import native_bfloat16
+from distributed.training import should_checkpoint, train
 from unet_core import data, scenes
 from unet_core.training import evaluate_arrays
 
@@ -45,6 +46,10 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     assert zipfile.is_zipfile(os.path.join(config.output, "model.keras"))  # the Keras v3 format, not HDF5
     model = tf.keras.models.load_model(os.path.join(config.output, "model.keras"), safe_mode=True)
     assert model.predict(np.zeros((3, 32, 48, 3), np.float32), verbose=0).shape == (3, 32, 48, 23)
+    # Exported for inference: float32 whatever precision trained it (`auto` picks bf16 where the
+    # CPU has it), no optimizer state.
+    assert {row["mixed_precision"] for row in saved} == {"bf16" if native_bfloat16(False) else "off"}
+    assert {layer.dtype_policy.name for layer in model.layers} == {"float32"} and model.optimizer is None
 
     # Validation is counted once over the whole set: recompute it single-process from the checkpoint.
     images, masks, names = data.load_pairs(os.path.join(config.output, "scenes"), config.image_size, 23)
@@ -101,3 +106,16 @@ def test_unpaired_files_fail_before_training(tmp_path, ray_session):
     os.remove(frames / "CameraMask" / "scene_000001.png")
     with pytest.raises(ValueError, match="CameraRGB/scene_000001.png: no mask"):
         train(smoke_config(tmp_path, data=str(frames), epochs=1))
+
+
+def test_checkpoints_on_a_new_best_every_nth_epoch_and_the_last():
+    config = TrainConfig(epochs=10, checkpoint_every=4)
+    history = []
+    saved = []
+    for epoch, score in enumerate([0.1, 0.3, 0.2, 0.25, 0.3, 0.1, 0.31, 0.2, 0.2, 0.1]):
+        metrics = {"val_mean_iou": score}
+        if should_checkpoint(history, metrics, epoch, config):
+            saved.append(epoch + 1)
+        history.append(metrics)
+    # 1, 2, 7: new bests (a tie is not one); 4, 8: every 4th; 10: the last.
+    assert saved == [1, 2, 4, 7, 8, 10]
