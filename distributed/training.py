@@ -8,6 +8,7 @@ checkpoint together and report it; the driver then writes the run directory from
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -147,15 +148,15 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
         self.history.append(metrics)
         stop = should_stop_early(self.history, config.early_stopping_patience)
         if self.rank == 0:
-            print(f"[unet-ray] epoch {metrics['epoch']}/{config.epochs} loss {metrics['loss']:.4f} "
-                  f"val_loss {metrics['val_loss']:.4f} val_pixel_accuracy "
-                  f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f} "
-                  f"({metrics['epoch_seconds']:.0f} s)", flush=True)
+            worker_log(f"[unet-ray] epoch {metrics['epoch']}/{config.epochs} loss {metrics['loss']:.4f} "
+                       f"val_loss {metrics['val_loss']:.4f} val_pixel_accuracy "
+                       f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f} "
+                       f"({metrics['epoch_seconds']:.0f} s)")
         save_and_report(self.model, metrics, self.history, self.rank, checkpoint_now or stop)
         if stop:
             # Metrics are all-reduced, so every worker stops after the same epoch.
             if self.rank == 0:
-                print(f"[unet-ray] early stop: no better val_mean_iou for {config.early_stopping_patience} epochs")
+                worker_log(f"[unet-ray] early stop: no better val_mean_iou for {config.early_stopping_patience} epochs")
             self.model.stop_training = True
 
 
@@ -190,6 +191,12 @@ def training_batches(train_shard, config, first_epoch, rank, class_weights):
     if class_weights is not None:
         dataset = dataset.map(lambda image, mask: (image, mask, augment.pixel_weights(mask, class_weights)))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def worker_log(message):
+    """One line to the driver's console. Ray Train patches `print` in workers to also log each
+    line, which printed every line twice; a print to an explicit file is left alone."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def should_checkpoint(history, metrics, epoch, config):
@@ -230,7 +237,7 @@ def restore(model, checkpoint):
         model.load_weights(os.path.join(directory, CHECKPOINT_MODEL))
         with open(os.path.join(directory, CHECKPOINT_STATE)) as file:
             history = json.load(file)["history"]
-    print(f"[unet-ray] resumed from the checkpoint of epoch {len(history)}", flush=True)
+    worker_log(f"[unet-ray] resumed from the checkpoint of epoch {len(history)}")
     return len(history), history
 
 
