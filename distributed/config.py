@@ -13,7 +13,7 @@ class TrainConfig:
     output: str = "runs/unet"
     run_name: str = "unet"
     storage_path: str | None = None  # Ray Train's checkpoints; None = `output`/ray_results
-    epochs: int = 150
+    epochs: int = 210
     batch_size: int = 4  # per worker; the global batch is this × num_workers
     num_workers: int = 2
     cpus_per_worker: int = 1
@@ -26,7 +26,7 @@ class TrainConfig:
     # The recipe (see PRESETS): optimiser schedule, augmentation, class balancing, early stopping.
     learning_rate: float = 2e-3
     lr_schedule: str = "cosine"  # constant | cosine (with a linear warm-up)
-    warmup_epochs: int = 5
+    warmup_epochs: int = 7
     augment: bool = True
     class_weight_power: float = 0.5  # 0: plain loss; >0: per-pixel weights from class frequencies
     early_stopping_patience: int = 0  # epochs without a better val mIoU before stopping; 0: never
