@@ -1,8 +1,9 @@
 """Distributed training: Ray Train's TensorflowTrainer running the U-Net under MultiWorkerMirroredStrategy.
 
 Read top to bottom: `train` (driver) prepares data and launches `train_loop_per_worker` on every
-worker; each epoch the workers fit, score the whole validation set once between them, save a
-checkpoint together and report it; the driver then writes the run directory from the best one.
+worker; each worker runs one `fit` over every epoch, and after each epoch the workers score the
+whole validation set once between them, report, and save a checkpoint together when one is due;
+the driver then writes the run directory from the best one.
 """
 
 import json

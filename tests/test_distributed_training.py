@@ -6,11 +6,12 @@ import zipfile
 
 import numpy as np
 import pytest
+import ray
 import tensorflow as tf
 
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
-from distributed.training import should_checkpoint, train
+from distributed.training import should_checkpoint, train, training_batches
 from unet_core import data, scenes
 from unet_core.training import evaluate_arrays
 
@@ -119,3 +120,28 @@ def test_checkpoints_on_a_new_best_every_nth_epoch_and_the_last():
         history.append(metrics)
     # 1, 2, 7: new bests (a tie is not one); 4, 8: every 4th; 10: the last.
     assert saved == [1, 2, 4, 7, 8, 10]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_every_epoch_feeds_each_frame_once_in_a_new_order(ray_session, augment):
+    # Frame i is an image of constant value i / 100 and a mask of constant class i % 23 (both
+    # survive flips and zoom-crops), so a batch tells which frames it holds.
+    frames = 42
+    rows = [{"image": np.full((8, 16, 3), i / 100, np.float32), "mask": np.full((8, 16), i % 23, np.uint8)}
+            for i in range(frames)]
+    shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
+    config = TrainConfig(image_size=(8, 16), batch_size=4, epochs=4, augment=augment, seed=1)
+
+    batches = list(training_batches(shard, config, first_epoch=1, rank=0, class_weights=[1.0] * 23))
+
+    assert len(batches) == 3 * 11  # epochs 2..4, ceil(42 / 4) batches each
+    ids = [[int(i) for i in batch[1][:, 0, 0].numpy()] for batch in batches]
+    assert all(len(batch[2].shape) == 3 for batch in batches)  # per-pixel loss weights ride along
+    passes = [sum(ids[epoch * 11:(epoch + 1) * 11], []) for epoch in range(3)]
+    for seen in passes:
+        assert sorted(seen) == sorted(i % 23 for i in range(frames))
+    if not augment:  # the image still tells the exact frame: each once per epoch, reshuffled
+        images = [round(float(v) * 100) for batch in batches for v in batch[0][:, 0, 0, 0].numpy()]
+        epochs = [images[k * frames:(k + 1) * frames] for k in range(3)]
+        assert all(sorted(epoch) == list(range(frames)) for epoch in epochs)
+        assert epochs[0] != epochs[1] != epochs[2]
