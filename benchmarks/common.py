@@ -106,5 +106,6 @@ def machine():
         "cpu": model,
         "cores": os.cpu_count(),
         "memory_gb": memory_gb,
+        "avx512f": "avx512f" in flags.split(),
         "avx512_bf16": "avx512_bf16" in flags.split(),
     }

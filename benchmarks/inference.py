@@ -7,6 +7,7 @@ The model is an untrained U-Net of the profile's size (weights do not change the
 a .keras file as training would leave it. Inputs are generated 640x480 scenes from the cache.
 """
 
+import io
 import json
 import os
 import shutil
@@ -39,6 +40,41 @@ def preloaded_images(input_dir, size):
     images = np.stack([data.preprocess_image(data.read_bytes(os.path.join(input_dir, name)),
                                              os.path.join(input_dir, name), size)[0] for name in names])
     return tf.constant(images)
+
+
+def per_image_costs(input_dir, size, n_classes, sample=50):
+    """CPU milliseconds per frame of each step of batch inference other than the model, one thread.
+
+    The product's steps, as `read_images` and `Predictor` run them, on the first `sample` frames
+    (their true masks stand in for predictions, so the PNGs compress as real ones do); beside
+    them, Pillow decoding the same files, which `unet_core.data` did before it took libspng.
+    """
+    from PIL import Image
+
+    names = sorted(name for name in os.listdir(input_dir) if data.is_image_name(name))[:sample]
+    contents = [data.read_bytes(os.path.join(input_dir, name)) for name in names]
+    masks_dir = os.path.join(os.path.dirname(input_dir), data.MASK_DIR)
+    masks = [data.resize_mask(data.decode_mask(data.read_bytes(os.path.join(masks_dir, name)), name), size)
+             for name in names]
+    source = data.decode_image(contents[0], names[0]).shape[:2]
+    steps = {
+        "decode": (lambda content: data.decode_image(content, "frame.png"), contents),
+        "decode_with_pillow": (lambda content: np.asarray(Image.open(io.BytesIO(content)).convert("RGB")), contents),
+        "resize_and_scale": (lambda rgb: data.resize_image(rgb, size),
+                             [data.decode_image(content, "frame.png") for content in contents]),
+        "mask_to_source_size": (lambda ids: data.resize_mask(ids, source), masks),
+        "class_counts": (lambda ids: data.resized_mask_counts(ids, source, n_classes), masks),
+        "encode_mask_png": (lambda ids: inference.encode_mask(data.resize_mask(ids, source)), masks),
+    }
+    costs = {}
+    for name, (step, inputs) in steps.items():
+        started = time.perf_counter()
+        for item in inputs:
+            step(item)
+        costs[name] = (time.perf_counter() - started) / len(inputs) * 1e3
+    costs["encode_mask_png"] -= costs["mask_to_source_size"]
+    costs["product_total"] = sum(value for name, value in costs.items() if name != "decode_with_pillow")
+    return costs
 
 
 def time_predict(model, images, batch_size):
@@ -108,6 +144,7 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_ac
     started = time.perf_counter()
     rerun = inference.infer(config)
     rerun_seconds = time.perf_counter() - started
+    costs = per_image_costs(input_dir, profile.image_size, profile.n_classes)
     predict_ips = median([run["images_per_s"] for run in runs["predict"]])
     infer_ips = median([run["images_per_s"] for run in runs["infer"]])
     steady_ips = median([run["steady_images_per_s"] for run in runs["infer"]])
@@ -121,6 +158,11 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_ac
         "infer_seconds": [run["seconds"] for run in runs["infer"]],
         "infer_first_output_seconds": [run["first_output_seconds"] for run in runs["infer"]],
         "predict_seconds": [run["seconds"] for run in runs["predict"]],
+        "round_ratios": [ratio(i["images_per_s"], p["images_per_s"]) for i, p in zip(runs["infer"], runs["predict"])],
+        # What the model leaves to the rest: with the cores shared, ratio <= m / (m + rest / cores),
+        # m = predict's ms/image on all cores (1000 / predict_images_per_s).
+        "cpu_ms_per_image": costs,
+        "predict_ms_per_image": 1e3 / predict_ips,
         "rerun_seconds": rerun_seconds,
         "rerun": rerun,
         "method": ("infer = distributed.inference.infer wall time (list PNGs -> read + preprocess tasks -> "

@@ -263,11 +263,10 @@ class Predictor:
         pixels = np.zeros((count, self.n_classes), np.int64)
         masks, overlays = [b""] * count, [b""] * count
         for index in np.flatnonzero(succeeded):
-            class_ids = predicted[index]
-            if self.output_size == "source":
-                class_ids = data.resize_mask(class_ids, tuple(batch["source_size"][index]))
-            sizes[index] = class_ids.shape
-            pixels[index] = np.bincount(class_ids.ravel(), minlength=self.n_classes)
+            size = tuple(batch["source_size"][index]) if self.output_size == "source" else predicted.shape[1:]
+            class_ids = data.resize_mask(predicted[index], size)
+            sizes[index] = size
+            pixels[index] = data.resized_mask_counts(predicted[index], size, self.n_classes)
             masks[index] = encode_mask(class_ids)
             if self.overlay:
                 overlays[index] = encode_png(plots.overlay(self.background(batch, index), class_ids))

@@ -109,6 +109,19 @@ def test_masks_resize_with_nearest_neighbour_only():
     assert set(np.unique(data.resize_mask(edge, SIZE))) == {0, 20}
 
 
+@pytest.mark.parametrize("size", [(480, 640), (479, 641), (1080, 1920), (32, 48), (7, 5)])
+def test_resized_mask_counts_equal_counting_the_resized_mask(size):
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 23, (96, 128)).astype(np.uint8)
+    resized = data.resize_mask(ids, size)
+    assert resized.shape == size
+    expected = np.bincount(resized.ravel(), minlength=23)
+    np.testing.assert_array_equal(data.resized_mask_counts(ids, size, 23), expected)
+    # Exact integer factors keep every block whole: pixel (i, j) becomes a 5×5 block.
+    if size == (480, 640):
+        np.testing.assert_array_equal(resized[5 * 7 : 5 * 8, 5 * 9 : 5 * 10], ids[7, 9])
+
+
 def test_images_are_scaled_to_unit_range_once():
     white = np.full((480, 640, 3), 255, np.uint8)
     scaled = data.resize_image(white, SIZE)
@@ -176,3 +189,14 @@ def test_real_carla_frames_load(real_carla):
     assert set(np.unique(masks)) <= set(range(1, 23))  # the README: ids 1..22, never 0
     road_share = (masks == 7).mean()
     assert 0.35 < road_share < 0.55  # README: road is 44% of pixels
+
+
+def test_fast_png_path_gives_pillows_pixels(real_carla):
+    """8-bit RGB(A) PNGs skip Pillow for libspng; both must see the same pixels."""
+    for name in ("000026.png", "064407.png"):
+        for folder in ("CameraRGB", "CameraMask"):
+            content = (real_carla / folder / name).read_bytes()
+            assert data._is_8bit_colour_png(content)
+            with_pillow = np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
+            np.testing.assert_array_equal(data.decode_image(content, name), with_pillow)
+        np.testing.assert_array_equal(data.decode_mask(content, name), with_pillow.max(axis=-1))
