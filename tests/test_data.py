@@ -1,4 +1,5 @@
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -157,6 +158,15 @@ def test_bad_image_files_are_named(bad_bytes, reason):
     with pytest.raises(ValueError, match=reason) as error:
         data.preprocess_pair(bad_bytes, mask, "/data/CameraRGB/bad.png", "/data/CameraMask/bad.png", SIZE, 23)
     assert "/data/CameraRGB/bad.png" in str(error.value)
+
+
+def test_a_png_header_claiming_billions_of_pixels_is_refused_and_named():
+    content = bytearray(_valid_png())
+    content[16:24] = (100_000).to_bytes(4, "big") * 2  # IHDR width and height
+    content[29:33] = zlib.crc32(bytes(content[12:29])).to_bytes(4, "big")
+    with pytest.raises(ValueError, match="bomb") as error:
+        data.decode_image(bytes(content), "/d/CameraRGB/huge.png")
+    assert "/d/CameraRGB/huge.png" in str(error.value)
 
 
 def test_class_id_beyond_the_model_is_named():

@@ -68,7 +68,7 @@ def _open(data, path):
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: not a readable PNG/JPEG image ({error})") from None
     return image
 
@@ -77,9 +77,15 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _is_8bit_colour_png(data):
-    """8-bit RGB or RGBA per the IHDR chunk, which a PNG must start with: every CARLA frame."""
-    return (len(data) > 25 and data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR"
-            and data[24] == 8 and data[25] in (2, 6))
+    """8-bit RGB or RGBA per the IHDR chunk, which a PNG must start with: every CARLA frame.
+
+    Oversized headers are left to Pillow, whose decompression-bomb check then names the file.
+    """
+    if not (len(data) > 25 and data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR"):
+        return False
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    within_limit = Image.MAX_IMAGE_PIXELS is None or width * height <= Image.MAX_IMAGE_PIXELS
+    return data[24] == 8 and data[25] in (2, 6) and within_limit
 
 
 def _decode_colour_png(data, path):
