@@ -42,5 +42,9 @@ def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
     by_name = {record["name"]: record for record in records}
     assert by_name["infer_memory_5000_vs_500"]["frames_small"] < by_name["infer_memory_5000_vs_500"]["frames_large"]
     assert "fp32_final_loss" in by_name["bf16_vs_fp32"] and "bf16_final_loss" in by_name["bf16_vs_fp32"]
+    costs = by_name["infer_vs_predict"]["cpu_ms_per_image"]
+    steps = ["decode", "resize_and_scale", "mask_to_source_size", "class_counts", "encode_mask_png"]
+    assert all(costs[step] > 0 for step in steps + ["decode_with_pillow"]), costs
+    assert costs["product_total"] == pytest.approx(sum(costs[step] for step in steps), abs=1e-3)
     saved = [json.loads(line) for line in (tmp_path / "figures.jsonl").read_text().splitlines()]
     assert saved == records
