@@ -159,8 +159,8 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_ac
         "infer_first_output_seconds": [run["first_output_seconds"] for run in runs["infer"]],
         "predict_seconds": [run["seconds"] for run in runs["predict"]],
         "round_ratios": [ratio(i["images_per_s"], p["images_per_s"]) for i, p in zip(runs["infer"], runs["predict"])],
-        # What the model leaves to the rest: with the cores shared, ratio <= m / (m + rest / cores),
-        # m = predict's ms/image on all cores (1000 / predict_images_per_s).
+        # With the cores shared and the actors' forward pass as fast as predict, the ratio is at
+        # most about m / (m + product_total / cores), m = predict_ms_per_image.
         "cpu_ms_per_image": costs,
         "predict_ms_per_image": 1e3 / predict_ips,
         "rerun_seconds": rerun_seconds,

@@ -89,7 +89,7 @@ def _is_8bit_colour_png(data):
 
 
 def _decode_colour_png(data, path):
-    # libspng decodes these in about 2/3 of Pillow's time (BENCHMARKS.md), to the same pixels;
+    # libspng decodes these in 2/3 to 3/4 of Pillow's time (BENCHMARKS.md), to the same pixels;
     # decoding is most of the CPU work of batch inference besides the model.
     try:
         return pyspng.load(data, "RGB")
@@ -149,7 +149,7 @@ def resize_mask(class_ids, size):
 def resized_mask_counts(class_ids, size, n_classes):
     """Pixels per class of `resize_mask(class_ids, size)`, counted on the small mask: each of its
     pixels stands for (output rows it fills) × (output columns it fills). Counting a 640×480 mask
-    itself costs about 20 times as much."""
+    itself costs about 10 times as much."""
     height, width = np.shape(class_ids)
     rows = np.bincount(nearest_indices(height, size[0]), minlength=height)
     columns = np.bincount(nearest_indices(width, size[1]), minlength=width)
