@@ -209,4 +209,5 @@ def test_fast_png_path_gives_pillows_pixels(real_carla):
             assert data._is_8bit_colour_png(content)
             with_pillow = np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
             np.testing.assert_array_equal(data.decode_image(content, name), with_pillow)
-        np.testing.assert_array_equal(data.decode_mask(content, name), with_pillow.max(axis=-1))
+            if folder == "CameraMask":
+                np.testing.assert_array_equal(data.decode_mask(content, name), with_pillow.max(axis=-1))
