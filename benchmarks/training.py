@@ -4,9 +4,12 @@ Alternatives (only those the selected figures need are run):
   keras_fp32, keras_bf16  plain Keras `model.fit` in this process, on the training frames
                           preloaded as arrays (tf.data from memory), all cores' threads;
   ray_1xN, ray_2xM        the product: `distributed.training.train` (Ray Data ingest -> Ray Train
-                          TensorflowTrainer -> MultiWorkerMirroredStrategy), N = all cores in one
-                          worker, or two workers of M = N/2 cores each;
-  ray_1xN_bf16            the product with --mixed-precision bf16;
+                          TensorflowTrainer; MultiWorkerMirroredStrategy across two workers),
+                          N = all cores in one worker, or two workers of M = N/2 cores each;
+                          jit_compile=False, as the Keras side is not XLA-compiled and two
+                          workers cannot be;
+  ray_1xN_bf16            the product with --mixed-precision bf16 (jit_compile=False too);
+  ray_1xN_xla             ray_1xN with jit_compile=True, the product's default;
   peak                    the fp32 matmul peak (benchmarks.flops.matmul_peak).
 Throughput counts steady-state epochs only: the first epoch of every run (tracing, compiling,
 oneDNN kernel selection) is dropped. The product's figure is `epoch_seconds` exactly as the
@@ -28,7 +31,7 @@ from distributed.config import TrainConfig
 from unet_core import data, unet_model
 from unet_core.training import compile_unet, predict_logits_fn, score_batch
 
-FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32")
+FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph")
 
 
 class EpochTimer(tf.keras.callbacks.Callback):
@@ -106,7 +109,7 @@ def validation_seconds(model, val, profile):
     return time.perf_counter() - started
 
 
-def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, tag):
+def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, jit_compile, tag):
     """One whole product training run in a fresh run directory; per-epoch figures from its metrics."""
     from distributed.training import train
 
@@ -116,7 +119,7 @@ def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, tag)
         num_workers=workers, cpus_per_worker=cpus_per_worker, image_size=profile.image_size,
         n_filters=profile.n_filters, n_classes=profile.n_classes, val_fraction=val_fraction(profile),
         split="tail", learning_rate=profile.learning_rate, seed=profile.seed, mixed_precision=precision,
-        keep_checkpoints=1,
+        jit_compile=jit_compile, keep_checkpoints=1,
         # The same plain training step as the Keras side: no augmentation, weights or schedule.
         augment=False, class_weight_power=0.0, lr_schedule="constant", warmup_epochs=0,
     )
@@ -133,6 +136,7 @@ def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, tag)
         "loss": last["loss"], "pixel_accuracy": last["pixel_accuracy"], "mean_iou": last["mean_iou"],
         "val_loss": last["val_loss"], "val_mean_iou": last["val_mean_iou"],
         "weights_in_sync": last["weights_in_sync"], "wall_seconds": wall,
+        "jit_compile": all(row["jit_compile"] for row in history),  # the product may decline XLA
     }
 
 
@@ -149,9 +153,10 @@ def alternatives_for(figures, profile, cores):
         "mwms_2x1_vs_1x2": [ray_one, ray_two],
         "train_flops_vs_peak": [ray_one, "peak"],
         "bf16_vs_fp32": ["keras_fp32", "keras_bf16"] + ([ray_one, f"{ray_one}_bf16"] if profile.product_bf16 else []),
+        "xla_vs_graph": [ray_one, f"{ray_one}_xla"],
     }
     wanted = {alternative for figure in figures for alternative in needs[figure]}
-    order = ["keras_fp32", ray_one, "keras_bf16", ray_two, f"{ray_one}_bf16", "peak"]
+    order = ["keras_fp32", ray_one, "keras_bf16", ray_two, f"{ray_one}_xla", f"{ray_one}_bf16", "peak"]
     return [alternative for alternative in order if alternative in wanted], ray_one, ray_two
 
 
@@ -165,9 +170,12 @@ def measure(profile, frames_dir, work, cores, figures, log):
     runners = {
         "keras_fp32": lambda r: keras_run(profile, train, val, "off"),
         "keras_bf16": lambda r: keras_run(profile, train, val, "bf16"),
-        ray_one: lambda r: ray_run(profile, frames_dir, work, one, one_cpus, "off", f"{ray_one}-r{r}"),
-        ray_two: lambda r: ray_run(profile, frames_dir, work, two, two_cpus, "off", f"{ray_two}-r{r}"),
-        f"{ray_one}_bf16": lambda r: ray_run(profile, frames_dir, work, one, one_cpus, "bf16", f"{ray_one}-bf16-r{r}"),
+        ray_one: lambda r: ray_run(profile, frames_dir, work, one, one_cpus, "off", False, f"{ray_one}-r{r}"),
+        ray_two: lambda r: ray_run(profile, frames_dir, work, two, two_cpus, "off", False, f"{ray_two}-r{r}"),
+        f"{ray_one}_bf16": lambda r: ray_run(profile, frames_dir, work, one, one_cpus, "bf16", False,
+                                             f"{ray_one}-bf16-r{r}"),
+        f"{ray_one}_xla": lambda r: ray_run(profile, frames_dir, work, one, one_cpus, "off", True,
+                                            f"{ray_one}-xla-r{r}"),
         "peak": lambda r: peak_run(profile),
     }
     runs = {name: [] for name in alternatives}
@@ -181,7 +189,8 @@ def measure(profile, frames_dir, work, cores, figures, log):
     context = Context(profile, runs, ray_one, ray_two, flops.training_flops_per_image(model), cores)
     tf.keras.backend.clear_session()
     builders = {"train_vs_keras": context.train_vs_keras, "mwms_2x1_vs_1x2": context.mwms,
-                "train_flops_vs_peak": context.flops_vs_peak, "bf16_vs_fp32": context.bf16}
+                "train_flops_vs_peak": context.flops_vs_peak, "bf16_vs_fp32": context.bf16,
+                "xla_vs_graph": context.xla}
     return [builders[figure]() for figure in FIGURES if figure in figures]
 
 
@@ -261,7 +270,7 @@ class Context:
             "epoch_seconds_two_workers": [run["epoch_seconds"] for run in two_runs],
             "epoch_seconds_one_worker": [run["epoch_seconds"] for run in one_runs],
             "weights_in_sync_two_workers": all(run["weights_in_sync"] for run in two_runs),
-            "method": ("the product's training path (Ray Train, MultiWorkerMirroredStrategy), same global "
+            "method": ("the product's training path (Ray Train; two workers all-reduce under MultiWorkerMirroredStrategy, one worker runs without a strategy), same global "
                        "images per epoch; two workers take half each with per-worker batch "
                        f"{self.profile.batch_size}; steady-epoch epoch_seconds (incl. validation)"),
             "goal": ">= 0.85",
@@ -330,3 +339,22 @@ class Context:
                 "method": f"Ray Train 1x{self.cores}, --mixed-precision bf16 vs off, steady-epoch epoch_seconds",
             }
         return record
+
+    def xla(self):
+        xla_runs, graph_runs = self.runs[f"{self.ray_one}_xla"], self.runs[self.ray_one]
+        return {
+            "name": "xla_vs_graph",
+            "ratio": ratio(self.ips(f"{self.ray_one}_xla"), self.ips(self.ray_one)),
+            "xla_images_per_s": self.ips(f"{self.ray_one}_xla"),
+            "graph_images_per_s": self.ips(self.ray_one),
+            "round_ratios": round_ratios(xla_runs, graph_runs),
+            "epoch_seconds_xla": [run["epoch_seconds"] for run in xla_runs],
+            "epoch_seconds_graph": [run["epoch_seconds"] for run in graph_runs],
+            "xla_used": all(run["jit_compile"] for run in xla_runs),
+            "method": (f"the product, Ray Train 1 worker x {self.cores} CPUs, float32, TrainConfig.jit_compile True "
+                       "(the default: training step XLA-compiled) vs False (a tf.function graph, as in the other "
+                       "Ray Train figures); steady-epoch epoch_seconds (incl. validation, never XLA-compiled), "
+                       "the first epoch, which compiles, dropped"),
+            "goal": ">= 1.3 on CPU",
+            "config": self.config(layout=f"1x{self.cores}"),
+        }

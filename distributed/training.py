@@ -87,7 +87,12 @@ def train_loop_per_worker(loop_config):
     rank, world_size = context.get_world_rank(), context.get_world_size()
     tf.keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # A lone worker has nothing to all-reduce, so it runs without MWMS and can XLA-compile its
+    # training step: 13 s instead of 21 s per epoch on 2 cores (BENCHMARKS.md). Not under MWMS
+    # (XLA on CPU cannot compile collectives), nor for bfloat16 on CPU, where XLA computes
+    # convolutions in float32 (openxla/xla#10687) and would forfeit the native bf16 speed.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
+    jit_compile = config.jit_compile and world_size == 1 and (config.use_gpu or precision == "off")
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
         learning_rate = cosine_with_warmup(
@@ -95,7 +100,8 @@ def train_loop_per_worker(loop_config):
         )
     with strategy.scope():
         model = compile_unet(
-            unet_model((*config.image_size, 3), config.n_filters, config.n_classes), learning_rate, config.n_classes
+            unet_model((*config.image_size, 3), config.n_filters, config.n_classes), learning_rate, config.n_classes,
+            jit_compile=jit_compile,
         )
         first_epoch, history = restore(model, ray.train.get_checkpoint())
     if first_epoch >= config.epochs:
@@ -111,7 +117,7 @@ def train_loop_per_worker(loop_config):
     )
     end_of_epoch = EndOfEpoch(
         strategy, ray.train.get_dataset_shard("val"), rank, world_size, config, history,
-        {"resumed_from_epoch": first_epoch, "mixed_precision": precision},
+        {"resumed_from_epoch": first_epoch, "mixed_precision": precision, "jit_compile": jit_compile},
     )
     callbacks = [end_of_epoch] + ([FailOnce(config, rank)] if config.fail_once_at_epoch else [])
     model.fit(batches, initial_epoch=first_epoch, epochs=config.epochs, steps_per_epoch=steps_per_epoch,

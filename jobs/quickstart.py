@@ -32,8 +32,10 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.time()
     output = os.path.abspath(args.output)
+    # Two workers, to show data-parallel training (MultiWorkerMirroredStrategy) at work; a lone
+    # worker would train faster here (README, Training).
     config = TrainConfig(output=os.path.join(output, "train"), epochs=args.epochs, num_workers=2,
-                         scene_count=args.scene_count)
+                         cpus_per_worker=1, batch_size=4, scene_count=args.scene_count)
     config = config.smoke() if args.smoke else config
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     train(config)

@@ -31,6 +31,7 @@ def parse_args(argv=None):
     option("--max-failures", "worker failures to recover from", type=int)
     option("--seed", type=int)
     option("--mixed-precision", "auto: bf16 on hardware with native bfloat16", choices=("auto", "off", "bf16", "fp16"))
+    option("--jit-compile", "XLA-compile the training step", action=argparse.BooleanOptionalAction)
     option("--skip-bad", "train without unreadable frames (listed in OUTPUT/skipped.json)", action="store_true",
            default=None)
     option("--scene-count", "frames to generate when --data is not given", type=int)

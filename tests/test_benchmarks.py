@@ -1,4 +1,4 @@
-"""The benchmark harness: the FLOP counter, and a --tiny run printing all six figures (no timings checked)."""
+"""The benchmark harness: the FLOP counter, and a --tiny run printing all seven figures (no timings checked)."""
 
 import json
 import math
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURES = {"train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32",
+FIGURES = {"train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph",
            "infer_vs_predict", "infer_memory_5000_vs_500"}
 
 
@@ -42,6 +42,7 @@ def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
     by_name = {record["name"]: record for record in records}
     assert by_name["infer_memory_5000_vs_500"]["frames_small"] < by_name["infer_memory_5000_vs_500"]["frames_large"]
     assert "fp32_final_loss" in by_name["bf16_vs_fp32"] and "bf16_final_loss" in by_name["bf16_vs_fp32"]
+    assert by_name["xla_vs_graph"]["xla_used"], by_name["xla_vs_graph"]  # tiny is float32, one worker
     costs = by_name["infer_vs_predict"]["cpu_ms_per_image"]
     steps = ["decode", "resize_and_scale", "mask_to_source_size", "class_counts", "encode_mask_png"]
     assert all(costs[step] > 0 for step in steps + ["decode_with_pillow"]), costs

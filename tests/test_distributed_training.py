@@ -1,5 +1,6 @@
-"""Ray Train runs on a real local Ray: 2 workers × 1 CPU, the smoke-sized model."""
+"""Ray Train runs on a real local Ray: 2 workers × 1 CPU (1 × 2 for the lone-worker path), the smoke-sized model."""
 
+import dataclasses
 import json
 import os
 import zipfile
@@ -41,6 +42,7 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     for row in saved:
         assert 0.0 <= row["val_mean_iou"] <= 1.0 and row["val_iou_per_class"]
         assert row["weights_in_sync"] is True  # the two workers' weights are identical: gradients all-reduced
+        assert row["jit_compile"] is False  # XLA on CPU cannot compile the all-reduce
     for name in ("model.keras", "metrics.csv", "curves.png", "previews.png", "tensorboard"):
         assert os.path.exists(os.path.join(config.output, name)), name
 
@@ -65,6 +67,21 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     assert [row["epoch"] for row in resumed] == [1, 2, 3]
     assert resumed[:2] == saved
     assert resumed[2]["resumed_from_epoch"] == 2
+
+
+def test_one_worker_trains_with_xla_and_resumes(tmp_path, ray_session):
+    config = dataclasses.replace(smoke_config(tmp_path, epochs=1), num_workers=1, cpus_per_worker=2)
+    train(config)
+    resumed = train(dataclasses.replace(config, epochs=2))
+
+    assert [row["epoch"] for row in resumed] == [1, 2] and resumed[1]["resumed_from_epoch"] == 1
+    assert all(row["jit_compile"] is True for row in resumed)
+    assert resumed[1]["loss"] < resumed[0]["loss"]
+    images, masks, names = data.load_pairs(os.path.join(config.output, "scenes"), config.image_size, 23)
+    is_val = np.array([data.is_validation_name(name, config.val_fraction) for name in names])
+    loss, confusion = evaluate_arrays(last_checkpoint_model(config), images[is_val], masks[is_val], 23)
+    assert resumed[-1]["val_loss"] == pytest.approx(loss, rel=1e-4)
+    assert resumed[-1]["val_mean_iou"] == pytest.approx(confusion.mean_iou(), abs=1e-6)
 
 
 def test_worker_failure_resumes_from_checkpoint_and_bad_frames_are_skipped(tmp_path, ray_session):

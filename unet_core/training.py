@@ -25,11 +25,12 @@ def cosine_with_warmup(peak_learning_rate, total_steps, warmup_steps):
     )
 
 
-def compile_unet(model, learning_rate=1e-3, n_classes=23):
+def compile_unet(model, learning_rate=1e-3, n_classes=23, jit_compile=False):
     """Adam + per-pixel cross-entropy; reports pixel accuracy and mean IoU.
 
     `learning_rate` is a number or a schedule; Keras scales the loss by per-pixel sample
-    weights when the dataset yields (image, mask, weights).
+    weights when the dataset yields (image, mask, weights). `jit_compile` has XLA compile the
+    training step: on CPU it cannot hold MultiWorkerMirroredStrategy's collectives.
     """
     model.compile(
         optimizer=tf.keras.optimizers.Adam(learning_rate),
@@ -38,6 +39,7 @@ def compile_unet(model, learning_rate=1e-3, n_classes=23):
             tf.keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy"),
             KerasMeanIoU(n_classes),
         ],
+        jit_compile=jit_compile,
     )
     return model
 
