@@ -262,7 +262,7 @@ def test_head_rejects_clients_without_its_token(ray_head):
 def test_train_then_infer_with_ray_job_submit(ray_head, tmp_path):
     run = tmp_path / "run"  # absolute: a job's working directory is a temporary copy of the repo
     logs = submit(ray_head, "train", "python", "-m", "jobs.train", "--smoke", "--epochs", "1",
-                  "--num-workers", "2", "--output", str(run))
+                  "--num-workers", "2", "--cpus-per-worker", "1", "--output", str(run))  # the head has 3 CPUs
     assert (run / "model.keras").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert [row["epoch"] for row in metrics] == [1]
