@@ -1,4 +1,4 @@
-"""Distributed training: Ray Train's TensorflowTrainer running the U-Net, under MultiWorkerMirroredStrategy across workers.
+"""Distributed training: Ray Train's TensorflowTrainer, MultiWorkerMirroredStrategy across workers.
 
 Read top to bottom: `train` (driver) prepares data and launches `train_loop_per_worker` on every
 worker; each worker runs one `fit` over every epoch, and after each epoch the workers score the
