@@ -270,7 +270,8 @@ class Context:
             "epoch_seconds_two_workers": [run["epoch_seconds"] for run in two_runs],
             "epoch_seconds_one_worker": [run["epoch_seconds"] for run in one_runs],
             "weights_in_sync_two_workers": all(run["weights_in_sync"] for run in two_runs),
-            "method": ("the product's training path (Ray Train; two workers all-reduce under MultiWorkerMirroredStrategy, one worker runs without a strategy), same global "
+            "method": ("the product's training path (Ray Train; two workers all-reduce under "
+                       "MultiWorkerMirroredStrategy, one worker runs without a strategy), same global "
                        "images per epoch; two workers take half each with per-worker batch "
                        f"{self.profile.batch_size}; steady-epoch epoch_seconds (incl. validation)"),
             "goal": ">= 0.85",

@@ -32,6 +32,16 @@ def last_checkpoint_model(config):
     return tf.keras.models.load_model(path, compile=False)
 
 
+def assert_validation_counted_once(config, row):
+    """The reported validation figures equal a single-process score of the last checkpoint."""
+    images, masks, names = data.load_pairs(os.path.join(config.output, "scenes"), config.image_size, 23)
+    is_val = np.array([data.is_validation_name(name, config.val_fraction) for name in names])
+    loss, confusion = evaluate_arrays(last_checkpoint_model(config), images[is_val], masks[is_val], 23)
+    assert row["val_loss"] == pytest.approx(loss, rel=1e-4)
+    assert row["val_mean_iou"] == pytest.approx(confusion.mean_iou(), abs=1e-6)
+    assert row["val_pixel_accuracy"] == pytest.approx(confusion.pixel_accuracy(), abs=1e-6)
+
+
 def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     config = smoke_config(tmp_path, epochs=2)
     history = train(config)
@@ -54,13 +64,8 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     assert {row["mixed_precision"] for row in saved} == {"bf16" if native_bfloat16(False) else "off"}
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"} and model.optimizer is None
 
-    # Validation is counted once over the whole set: recompute it single-process from the checkpoint.
-    images, masks, names = data.load_pairs(os.path.join(config.output, "scenes"), config.image_size, 23)
-    is_val = np.array([data.is_validation_name(name, config.val_fraction) for name in names])
-    loss, confusion = evaluate_arrays(last_checkpoint_model(config), images[is_val], masks[is_val], 23)
-    assert saved[-1]["val_loss"] == pytest.approx(loss, rel=1e-4)
-    assert saved[-1]["val_mean_iou"] == pytest.approx(confusion.mean_iou(), abs=1e-6)
-    assert saved[-1]["val_pixel_accuracy"] == pytest.approx(confusion.pixel_accuracy(), abs=1e-6)
+    # Validation is counted once over the whole set, though two workers share it.
+    assert_validation_counted_once(config, saved[-1])
 
     # Same run name and storage path, more epochs: continues after epoch 2 instead of restarting.
     resumed = train(smoke_config(tmp_path, epochs=3))
@@ -77,11 +82,7 @@ def test_one_worker_trains_with_xla_and_resumes(tmp_path, ray_session):
     assert [row["epoch"] for row in resumed] == [1, 2] and resumed[1]["resumed_from_epoch"] == 1
     assert resumed[0] == first[0]
     assert all(row["jit_compile"] is True for row in resumed)
-    images, masks, names = data.load_pairs(os.path.join(config.output, "scenes"), config.image_size, 23)
-    is_val = np.array([data.is_validation_name(name, config.val_fraction) for name in names])
-    loss, confusion = evaluate_arrays(last_checkpoint_model(config), images[is_val], masks[is_val], 23)
-    assert resumed[-1]["val_loss"] == pytest.approx(loss, rel=1e-4)
-    assert resumed[-1]["val_mean_iou"] == pytest.approx(confusion.mean_iou(), abs=1e-6)
+    assert_validation_counted_once(config, resumed[-1])
 
 
 def test_worker_failure_resumes_from_checkpoint_and_bad_frames_are_skipped(tmp_path, ray_session):
