@@ -5,6 +5,7 @@ however large the set; the frames become tensors through unet_core.data, exactly
 """
 
 import csv
+import heapq
 import json
 import os
 
@@ -34,15 +35,26 @@ def evaluate(model, data_uri, output, batch_size=32):
     forward = predict_logits_fn(keras_model)
     confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0
     previews = {"images": [], "masks": [], "predicted": [], "names": []}
-    for start in range(0, len(names), batch_size):
-        batch_names = names[start : start + batch_size]
-        images, masks = read_batch(filesystem, root, batch_names, size, n_classes)
-        logits = forward(tf.constant(images)).numpy()
-        batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes)
-        loss_sum, pixels, confusion.counts = loss_sum + batch_loss, pixels + batch_pixels, confusion.counts + counts
-        keep = PREVIEW_FRAMES - len(previews["names"])
-        for key, values in zip(previews, (images, masks, np.argmax(logits, axis=-1), batch_names)):
-            previews[key].extend(values[:keep])
+    os.makedirs(output, exist_ok=True)
+    worst = WorstFrames(PREVIEW_FRAMES)
+    with open(os.path.join(output, "per_frame.csv"), "w", newline="") as per_frame_file:
+        per_frame = csv.writer(per_frame_file)
+        per_frame.writerow(["name", "pixel_accuracy", "mean_iou_truth_classes"])
+        for start in range(0, len(names), batch_size):
+            batch_names = names[start : start + batch_size]
+            images, masks = read_batch(filesystem, root, batch_names, size, n_classes)
+            logits = forward(tf.constant(images)).numpy()
+            batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes)
+            loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
+            confusion.counts += counts
+            predicted = np.argmax(logits, axis=-1)
+            keep = PREVIEW_FRAMES - len(previews["names"])
+            for key, values in zip(previews, (images, masks, predicted, batch_names)):
+                previews[key].extend(values[:keep])
+            for name, image, mask, prediction in zip(batch_names, images, masks, predicted):
+                frame = ConfusionMatrix(n_classes).update(mask, prediction)
+                per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
+                worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
 
     summary = confusion.summary()
     metrics = {
@@ -54,9 +66,32 @@ def evaluate(model, data_uri, output, batch_size=32):
         "mean_iou": summary["mean_iou"],
         "mean_iou_truth_classes": summary["mean_iou_truth_classes"],
         "per_class_iou": summary["iou_per_class"],
+        # Frames the model gets most wrong: where a mislabelled pair or an unseen kind of scene shows.
+        "worst_frames": {name: accuracy for name, accuracy, _ in worst.ranked()},
     }
     write_report(output, metrics, confusion, previews)
+    if worst.ranked():
+        images, masks, predicted = (np.stack(arrays) for arrays in zip(*(arrays for *_, arrays in worst.ranked())))
+        titles = [f"{name}: {accuracy:.3f}" for name, accuracy, _ in worst.ranked()]
+        plots.save_previews(images, masks, predicted, os.path.join(output, "worst_frames.png"), titles)
     return metrics
+
+
+class WorstFrames:
+    """The `count` frames of lowest pixel accuracy seen so far, with their arrays for a preview."""
+
+    def __init__(self, count):
+        self.count, self.heap = count, []  # a max-heap on accuracy: the best of the worst leaves first
+
+    def add(self, name, accuracy, arrays):
+        heapq.heappush(self.heap, (-accuracy, name, arrays))
+        if len(self.heap) > self.count:
+            heapq.heappop(self.heap)
+
+    def ranked(self):
+        """[(name, pixel accuracy, arrays)], worst first; names break ties, so arrays are never compared."""
+        ranked = sorted(self.heap, key=lambda entry: entry[:2], reverse=True)
+        return [(name, -negative, arrays) for negative, name, arrays in ranked]
 
 
 def read_batch(filesystem, root, names, size, n_classes):
@@ -66,7 +101,6 @@ def read_batch(filesystem, root, names, size, n_classes):
 
 def write_report(output, metrics, confusion, previews):
     """metrics.json, per_class_iou.csv, confusion_matrix.png and previews.png in `output`."""
-    os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "metrics.json"), "w") as file:
         json.dump(metrics, file, indent=2)
     names = inference.class_names(confusion.n_classes)

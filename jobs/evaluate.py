@@ -1,7 +1,9 @@
 """Score a model on labelled frames: python -m jobs.evaluate --model M --data DIR --output OUT.
 
 Prints a per-class IoU table; the last line printed is the metrics as one JSON object. Writes
-metrics.json, per_class_iou.csv, confusion_matrix.png and previews.png into --output.
+metrics.json, per_class_iou.csv, per_frame.csv, confusion_matrix.png, previews.png and
+worst_frames.png (the frames of lowest pixel accuracy: mislabelled pairs and unseen kinds of
+scene show up there) into --output.
 """
 
 import argparse

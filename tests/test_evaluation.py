@@ -29,7 +29,7 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     metrics = json.loads(printed[-1])
     assert any(line.startswith("mean") for line in printed[:-1])  # the table comes first
-    images, masks, _ = data.load_pairs(tmp_path / "frames", SIZE, 23)
+    images, masks, names = data.load_pairs(tmp_path / "frames", SIZE, 23)
     model = tf.keras.models.load_model(model_path, compile=False)
     confusion = ConfusionMatrix(23).update(masks, np.argmax(model.predict(images, verbose=0), axis=-1))
     expected = confusion.summary()
@@ -43,8 +43,22 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
         rows = list(csv.DictReader(file))
     assert len(rows) == 23
     assert [int(row["true_pixels"]) for row in rows] == confusion.counts.sum(axis=1).tolist()
-    for name in ("confusion_matrix.png", "previews.png"):
+    for name in ("confusion_matrix.png", "previews.png", "worst_frames.png"):
         assert (output / name).stat().st_size > 0
+
+    # Every frame once in per_frame.csv, scored alone; metrics name the six worst, worst first.
+    with open(output / "per_frame.csv", newline="") as file:
+        per_frame = {row["name"]: row for row in csv.DictReader(file)}
+    assert sorted(per_frame) == sorted(names)
+    predicted = np.argmax(model.predict(images, verbose=0), axis=-1)
+    accuracy = {}
+    for name, mask, prediction in zip(names, masks, predicted):
+        frame = ConfusionMatrix(23).update(mask, prediction)
+        accuracy[name] = frame.pixel_accuracy()
+        assert float(per_frame[name]["pixel_accuracy"]) == pytest.approx(accuracy[name])
+        assert float(per_frame[name]["mean_iou_truth_classes"]) == pytest.approx(frame.mean_iou(frame.truth_classes()))
+    assert list(metrics["worst_frames"]) == sorted(accuracy, key=accuracy.get)[:6]
+    assert list(metrics["worst_frames"].values()) == pytest.approx(sorted(accuracy.values())[:6])
 
 
 def test_evaluate_names_an_unreadable_frame(tmp_path, capsys):
