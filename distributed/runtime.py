@@ -29,6 +29,35 @@ def connect(num_cpus=None):
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
 
 
+def workers_that_fit(cpus_per_worker, gpus_per_worker=0):
+    """How many training workers the cluster's live nodes hold now: a worker cannot span nodes."""
+    fit = 0
+    for node in ray.nodes():
+        if node["Alive"]:
+            resources = node["Resources"]
+            on_node = int(resources.get("CPU", 0) // cpus_per_worker)
+            if gpus_per_worker:
+                on_node = min(on_node, int(resources.get("GPU", 0) // gpus_per_worker))
+            fit += on_node
+    return fit
+
+
+def cluster_shortfall(num_workers, cpus_per_worker, use_gpu):
+    """A warning when the cluster holds fewer workers than asked for, else None.
+
+    Ray Train then waits for the missing nodes, retrying without end: right on an autoscaling
+    cluster whose GPU nodes are still starting, a silent hang on a fixed one. So this warns and
+    does not stop the run.
+    """
+    fit = workers_that_fit(cpus_per_worker, 1 if use_gpu else 0)
+    if fit >= num_workers:
+        return None
+    per_worker = f"{cpus_per_worker} CPU{'s' if cpus_per_worker > 1 else ''}" + (" + 1 GPU" if use_gpu else "")
+    return (f"the cluster holds {fit} of the {num_workers} training workers asked for ({per_worker} each, "
+            f"on one node); Ray Train will wait until nodes are added. On a cluster that does not "
+            f"autoscale, lower --num-workers or --cpus-per-worker.")
+
+
 def configure_tensorflow_threads(num_threads):
     """Size TF's pools to the CPUs Ray gave this process, so workers don't oversubscribe cores."""
     import tensorflow as tf

@@ -34,6 +34,9 @@ def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
     os.makedirs(config.output, exist_ok=True)
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
+    shortfall = runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu)
+    if shortfall:
+        print(f"[unet-ray] warning: {shortfall}", file=sys.stderr, flush=True)
     data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
         data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.skip_bad,
