@@ -104,7 +104,7 @@ def train_loop_per_worker(loop_config):
     with strategy.scope():
         model = compile_unet(
             unet_model((*config.image_size, 3), config.n_filters, config.n_classes), learning_rate, config.n_classes,
-            jit_compile=jit_compile,
+            jit_compile=jit_compile, clip_norm=config.clip_norm,
         )
         first_epoch, history = restore(model, ray.train.get_checkpoint())
     if first_epoch >= config.epochs:

@@ -44,6 +44,7 @@ def parse_args(argv=None):
         ("--learning-rate", dict(type=float)),
         ("--lr-schedule", dict(choices=("constant", "cosine"))),
         ("--warmup-epochs", dict(type=int)),
+        ("--clip-norm", dict(type=float, help="cap on the global gradient norm; 0: none")),
         ("--augment", dict(action=argparse.BooleanOptionalAction)),
         ("--class-weight-power", dict(type=float, help="0: plain loss")),
         ("--early-stopping-patience", dict(type=int, help="0: never")),

@@ -40,3 +40,10 @@ def test_evaluate_arrays_counts_every_pixel_once(scene_arrays):
     expected = tf.keras.losses.sparse_categorical_crossentropy(masks, logits, from_logits=True)
     assert loss == pytest.approx(float(tf.reduce_mean(expected)), rel=1e-5)
     assert confusion.pixel_accuracy() == pytest.approx(float((logits.argmax(-1) == masks).mean()))
+
+
+def test_compile_unet_caps_the_global_gradient_norm_only_when_asked():
+    model = unet_model((*SIZE, 3), n_filters=4)
+    assert compile_unet(model, clip_norm=1.0).optimizer.get_config()["global_clipnorm"] == 1.0
+    for no_cap in (None, 0.0):
+        assert compile_unet(model, clip_norm=no_cap).optimizer.get_config()["global_clipnorm"] is None

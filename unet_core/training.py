@@ -25,15 +25,17 @@ def cosine_with_warmup(peak_learning_rate, total_steps, warmup_steps):
     )
 
 
-def compile_unet(model, learning_rate=1e-3, n_classes=23, jit_compile=False):
+def compile_unet(model, learning_rate=1e-3, n_classes=23, jit_compile=False, clip_norm=None):
     """Adam + per-pixel cross-entropy; reports pixel accuracy and mean IoU.
 
     `learning_rate` is a number or a schedule; Keras scales the loss by per-pixel sample
     weights when the dataset yields (image, mask, weights). `jit_compile` has XLA compile the
     training step: on CPU it cannot hold MultiWorkerMirroredStrategy's collectives.
+    `clip_norm` caps the global gradient norm; tf-keras clips after the all-reduce, so every
+    replica applies the same step.
     """
     model.compile(
-        optimizer=tf.keras.optimizers.Adam(learning_rate),
+        optimizer=tf.keras.optimizers.Adam(learning_rate, global_clipnorm=clip_norm or None),
         loss=pixel_loss(),
         metrics=[
             tf.keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy"),

@@ -1,0 +1,29 @@
+"""The run's settings from the command line: presets, overrides and refused values."""
+
+import pytest
+
+from distributed.config import TrainConfig
+from jobs.train import config_from_args, parse_args
+
+
+def test_default_recipe_and_classic_preset():
+    default = config_from_args(parse_args([]))
+    assert default == TrainConfig()
+    assert (default.epochs, default.batch_size, default.clip_norm, default.augment) == (60, 8, 1.0, True)
+    classic = config_from_args(parse_args(["--preset", "classic"]))
+    # The exercise: constant Adam 1e-3, batch 32, 40 epochs, plain loss, no augmentation, no cap.
+    assert (classic.epochs, classic.batch_size, classic.learning_rate) == (40, 32, 1e-3)
+    assert classic.lr_schedule == "constant"
+    assert (classic.augment, classic.class_weight_power, classic.clip_norm) == (False, 0.0, 0.0)
+
+
+def test_flags_override_the_preset():
+    config = config_from_args(parse_args(["--preset", "classic", "--clip-norm", "0.5", "--epochs", "3"]))
+    assert (config.clip_norm, config.epochs, config.batch_size) == (0.5, 3, 32)
+
+
+def test_bad_values_are_refused_with_the_field_named():
+    with pytest.raises(ValueError, match="clip_norm"):
+        TrainConfig(clip_norm=-1.0)
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        TrainConfig.from_preset("fast")
