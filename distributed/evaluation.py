@@ -70,9 +70,10 @@ def evaluate(model, data_uri, output, batch_size=32):
         "worst_frames": {name: accuracy for name, accuracy, _ in worst.ranked()},
     }
     write_report(output, metrics, confusion, previews)
-    if worst.ranked():
-        images, masks, predicted = (np.stack(arrays) for arrays in zip(*(arrays for *_, arrays in worst.ranked())))
-        titles = [f"{name}: {accuracy:.3f}" for name, accuracy, _ in worst.ranked()]
+    ranked = worst.ranked()
+    if ranked:
+        images, masks, predicted = (np.stack(arrays) for arrays in zip(*(arrays for *_, arrays in ranked)))
+        titles = [f"{name}: {accuracy:.3f}" for name, accuracy, _ in ranked]
         plots.save_previews(images, masks, predicted, os.path.join(output, "worst_frames.png"), titles)
     return metrics
 
