@@ -120,8 +120,9 @@ def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, jit_
         n_filters=profile.n_filters, n_classes=profile.n_classes, val_fraction=val_fraction(profile),
         split="tail", learning_rate=profile.learning_rate, seed=profile.seed, mixed_precision=precision,
         jit_compile=jit_compile, keep_checkpoints=1,
-        # The same plain training step as the Keras side: no augmentation, weights or schedule.
-        augment=False, class_weight_power=0.0, lr_schedule="constant", warmup_epochs=0,
+        # The same plain training step as the Keras side: no augmentation, weights, schedule or
+        # gradient cap.
+        augment=False, class_weight_power=0.0, lr_schedule="constant", warmup_epochs=0, clip_norm=0.0,
     )
     started = time.perf_counter()
     history = train(config)  # the same rows as the run's metrics.json
