@@ -120,9 +120,10 @@ def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, jit_
         n_filters=profile.n_filters, n_classes=profile.n_classes, val_fraction=val_fraction(profile),
         split="tail", learning_rate=profile.learning_rate, seed=profile.seed, mixed_precision=precision,
         jit_compile=jit_compile, keep_checkpoints=1,
-        # The same plain training step as the Keras side: no augmentation, weights, schedule or
-        # gradient cap.
+        # The same plain training step and initialisation as the Keras side: no augmentation,
+        # weights, schedule, gradient cap, weight average or prior bias.
         augment=False, class_weight_power=0.0, lr_schedule="constant", warmup_epochs=0, clip_norm=0.0,
+        ema_momentum=0.0, prior_bias=False,
     )
     started = time.perf_counter()
     history = train(config)  # the same rows as the run's metrics.json

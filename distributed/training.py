@@ -24,7 +24,9 @@ from distributed import ingest, runtime, run_directory
 from distributed.config import TrainConfig
 from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
-from unet_core.training import compile_unet, cosine_with_warmup, predict_logits_fn, score_batch
+from unet_core.training import (
+    averaged_weights, compile_unet, cosine_with_warmup, predict_logits_fn, score_batch, start_from_class_prior,
+)
 
 CHECKPOINT_MODEL = "model.keras"
 CHECKPOINT_STATE = "state.json"
@@ -43,9 +45,10 @@ def train(config: TrainConfig):
         min_train_frames=config.num_workers,
     )
     run_directory.write_skipped(config.output, skipped)
-    weights = None
-    if config.class_weight_power > 0:
+    counts = weights = None
+    if config.class_weight_power > 0 or config.prior_bias:
         counts = ingest.class_pixel_counts(train_frames, config.n_classes)
+    if config.class_weight_power > 0:
         weights = augment.class_weights(counts, config.class_weight_power).tolist()
     print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
           f"from {data_uri}; {len(skipped)} skipped", flush=True)
@@ -57,6 +60,7 @@ def train(config: TrainConfig):
             "config": config.to_dict(),
             "rows_per_worker": train_frames.count() // config.num_workers,
             "class_weights": weights,
+            "class_pixel_counts": counts.tolist() if config.prior_bias else None,
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -104,8 +108,10 @@ def train_loop_per_worker(loop_config):
     with strategy.scope():
         model = compile_unet(
             unet_model((*config.image_size, 3), config.n_filters, config.n_classes), learning_rate, config.n_classes,
-            jit_compile=jit_compile, clip_norm=config.clip_norm,
+            jit_compile=jit_compile, clip_norm=config.clip_norm, ema_momentum=config.ema_momentum,
         )
+        if loop_config["class_pixel_counts"] is not None:
+            start_from_class_prior(model, loop_config["class_pixel_counts"])
         first_epoch, history = restore(model, ray.train.get_checkpoint())
     if first_epoch >= config.epochs:
         return
@@ -128,8 +134,9 @@ def train_loop_per_worker(loop_config):
 
 
 class EndOfEpoch(tf.keras.callbacks.Callback):
-    """After each epoch, on every worker: score validation, report to Ray Train (with a
-    checkpoint when one is due), and stop early once val mIoU stops improving."""
+    """After each epoch, on every worker: score validation (on the weights' moving average when
+    the run keeps one), report to Ray Train (with a checkpoint when one is due: raw weights and
+    Adam's state, the average included), and stop early once val mIoU stops improving."""
 
     def __init__(self, strategy, val_frames, rank, world_size, config, history, constants):
         super().__init__()
@@ -145,12 +152,15 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
         if self.forward is None:
             self.forward = predict_logits_fn(self.model)  # traced once, not every epoch
         config = self.config
+        with averaged_weights(self.model):
+            scores = evaluate(self.model, self.forward, self.strategy, self.val_frames, self.rank, self.world_size,
+                              config)
         metrics = {
             "epoch": epoch + 1,
             "loss": logs["loss"],
             "pixel_accuracy": logs["pixel_accuracy"],
             "mean_iou": logs["mean_iou"],
-            **evaluate(self.model, self.forward, self.strategy, self.val_frames, self.rank, self.world_size, config),
+            **scores,
             **self.constants,
             "epoch_seconds": time.time() - self.started,
         }

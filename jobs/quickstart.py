@@ -34,8 +34,10 @@ def main(argv=None):
     output = os.path.abspath(args.output)
     # Two workers, to show data-parallel training (MultiWorkerMirroredStrategy) at work; a lone
     # worker would train faster here (README, Training).
+    # A few hundred steps are too short for the default ~100-step weight average, which would
+    # still hold much of the initial weights at the end.
     config = TrainConfig(output=os.path.join(output, "train"), epochs=args.epochs, num_workers=2,
-                         cpus_per_worker=1, batch_size=4, scene_count=args.scene_count)
+                         cpus_per_worker=1, batch_size=4, scene_count=args.scene_count, ema_momentum=0.0)
     config = config.smoke() if args.smoke else config
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     train(config)

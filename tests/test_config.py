@@ -10,20 +10,25 @@ def test_default_recipe_and_classic_preset():
     default = config_from_args(parse_args([]))
     assert default == TrainConfig()
     assert (default.epochs, default.batch_size, default.clip_norm, default.augment) == (60, 8, 1.0, True)
+    assert (default.ema_momentum, default.prior_bias, default.split) == (0.99, True, "tail")
     classic = config_from_args(parse_args(["--preset", "classic"]))
     # The exercise: constant Adam 1e-3, batch 32, 40 epochs, plain loss, no augmentation, no cap.
     assert (classic.epochs, classic.batch_size, classic.learning_rate) == (40, 32, 1e-3)
     assert classic.lr_schedule == "constant"
     assert (classic.augment, classic.class_weight_power, classic.clip_norm) == (False, 0.0, 0.0)
+    assert (classic.ema_momentum, classic.prior_bias) == (0.0, False)  # raw weights, default init
 
 
 def test_flags_override_the_preset():
-    config = config_from_args(parse_args(["--preset", "classic", "--clip-norm", "0.5", "--epochs", "3"]))
-    assert (config.clip_norm, config.epochs, config.batch_size) == (0.5, 3, 32)
+    config = config_from_args(parse_args(["--preset", "classic", "--clip-norm", "0.5", "--epochs", "3",
+                                          "--ema-momentum", "0.9"]))
+    assert (config.clip_norm, config.epochs, config.batch_size, config.ema_momentum) == (0.5, 3, 32, 0.9)
 
 
 def test_bad_values_are_refused_with_the_field_named():
     with pytest.raises(ValueError, match="clip_norm"):
         TrainConfig(clip_norm=-1.0)
+    with pytest.raises(ValueError, match="ema_momentum"):
+        TrainConfig(ema_momentum=1.0)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         TrainConfig.from_preset("fast")

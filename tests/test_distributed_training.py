@@ -12,31 +12,40 @@ import tensorflow as tf
 
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
-from distributed.training import should_checkpoint, train, training_batches
-from unet_core import data, scenes
-from unet_core.training import evaluate_arrays
+from distributed.training import CHECKPOINT_MODEL, CHECKPOINT_STATE, restore, should_checkpoint, train, training_batches
+from unet_core import data, scenes, unet_model
+from unet_core.training import averaged_weights, compile_unet, evaluate_arrays
 
 
 def smoke_config(tmp_path, **overrides):
     return TrainConfig(output=str(tmp_path / "run"), num_workers=2, cpus_per_worker=1, **overrides).smoke()
 
 
-def last_checkpoint_model(config):
+def checkpoint_dirs(config):
+    """{epoch: directory} of the checkpoints Ray Train kept."""
     run_dir = os.path.join(config.resolved_storage_path, config.run_name)
-    checkpoints = sorted(
-        name for name in os.listdir(run_dir)
-        if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, name))
-    )
-    path = os.path.join(run_dir, checkpoints[-1], "model.keras")
+    found = {}
+    for name in os.listdir(run_dir):
+        if name.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, name)):
+            with open(os.path.join(run_dir, name, "state.json")) as file:
+                found[len(json.load(file)["history"])] = os.path.join(run_dir, name)
+    return found
+
+
+def checkpoint_model(directory):
+    """A checkpoint's model with its optimizer, whose state holds the weights' moving average."""
+    path = os.path.join(directory, "model.keras")
     assert zipfile.is_zipfile(path), "every checkpoint, not only the first, must be in the Keras v3 format"
-    return tf.keras.models.load_model(path, compile=False)
+    return tf.keras.models.load_model(path)
 
 
 def assert_validation_counted_once(config, row):
-    """The reported validation figures equal a single-process score of the last checkpoint."""
+    """The reported validation figures equal a single-process score of the weights the
+    checkpoint of that epoch was scored with (the moving average, when the run keeps one)."""
     images, masks, names = data.load_pairs(os.path.join(config.output, "scenes"), config.image_size, 23)
-    is_val = np.array([data.is_validation_name(name, config.val_fraction) for name in names])
-    loss, confusion = evaluate_arrays(last_checkpoint_model(config), images[is_val], masks[is_val], 23)
+    is_val = np.array(data.validation_flags(names, config.val_fraction, config.split))
+    with averaged_weights(checkpoint_model(checkpoint_dirs(config)[row["epoch"]])) as model:
+        loss, confusion = evaluate_arrays(model, images[is_val], masks[is_val], 23)
     assert row["val_loss"] == pytest.approx(loss, rel=1e-4)
     assert row["val_mean_iou"] == pytest.approx(confusion.mean_iou(), abs=1e-6)
     assert row["val_pixel_accuracy"] == pytest.approx(confusion.pixel_accuracy(), abs=1e-6)
@@ -66,6 +75,14 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
 
     # Validation is counted once over the whole set, though two workers share it.
     assert_validation_counted_once(config, saved[-1])
+    # The export holds the best checkpoint's weight average, not its raw weights.
+    best = max(saved, key=lambda row: row["val_mean_iou"])["epoch"]
+    trained = checkpoint_model(checkpoint_dirs(config)[best])
+    raw = trained.get_weights()
+    with averaged_weights(trained):
+        averaged = trained.get_weights()
+    assert not all(np.allclose(a, r) for a, r in zip(averaged, raw))
+    assert all(np.array_equal(a, e) for a, e in zip(averaged, model.get_weights()))
 
     # Same run name and storage path, more epochs: continues after epoch 2 instead of restarting.
     resumed = train(smoke_config(tmp_path, epochs=3))
@@ -163,3 +180,26 @@ def test_every_epoch_feeds_each_frame_once_in_a_new_order(ray_session, augment):
         epochs = [images[k * frames:(k + 1) * frames] for k in range(3)]
         assert all(sorted(epoch) == list(range(frames)) for epoch in epochs)
         assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_resume_restores_the_weights_and_their_moving_average(tmp_path):
+    def compiled():
+        return compile_unet(unet_model((32, 48, 3), n_filters=4), learning_rate=1e-2, ema_momentum=0.9)
+
+    images = np.random.default_rng(0).random((4, 32, 48, 3), np.float32)
+    masks = np.random.default_rng(1).integers(0, 23, (4, 32, 48))
+    model = compiled()
+    for _ in range(3):
+        model.train_on_batch(images, masks)
+    with averaged_weights(model):
+        averaged = model.get_weights()
+    model.save(str(tmp_path / CHECKPOINT_MODEL), save_format="keras_v3")
+    (tmp_path / CHECKPOINT_STATE).write_text(json.dumps({"history": [{"epoch": 1}]}))
+
+    resumed = compiled()
+    first_epoch, history = restore(resumed, ray.train.Checkpoint.from_directory(str(tmp_path)))
+
+    assert (first_epoch, history) == (1, [{"epoch": 1}])
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), resumed.get_weights()))
+    with averaged_weights(resumed):
+        assert all(np.array_equal(a, b) for a, b in zip(averaged, resumed.get_weights()))

@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from unet_core import data, scenes, unet_model
-from unet_core.training import compile_unet, evaluate_arrays
+from unet_core.training import averaged_weights, compile_unet, evaluate_arrays, start_from_class_prior
 
 SIZE = (96, 128)
 
@@ -47,3 +47,44 @@ def test_compile_unet_caps_the_global_gradient_norm_only_when_asked():
     assert compile_unet(model, clip_norm=1.0).optimizer.get_config()["global_clipnorm"] == 1.0
     for no_cap in (None, 0.0):
         assert compile_unet(model, clip_norm=no_cap).optimizer.get_config()["global_clipnorm"] is None
+
+
+def test_averaged_weights_holds_the_moving_average_inside_the_block_only(scene_arrays):
+    (images, masks), _ = scene_arrays
+    tf.keras.utils.set_random_seed(0)
+    momentum = 0.5
+    model = compile_unet(unet_model((*SIZE, 3), n_filters=4), learning_rate=1e-2, ema_momentum=momentum)
+    with averaged_weights(model):  # no step taken yet: nothing to average, the weights stay
+        untouched = [w.copy() for w in model.get_weights()]
+    expected = [w.copy() for w in untouched]  # Adam's average starts from the initial weights
+    for step in range(3):
+        model.train_on_batch(images[step * 8:(step + 1) * 8], masks[step * 8:(step + 1) * 8])
+        expected = [momentum * e + (1 - momentum) * w for e, w in zip(expected, model.get_weights())]
+    raw = [w.copy() for w in model.get_weights()]
+    assert not all(np.allclose(r, u) for r, u in zip(raw, untouched))
+
+    with averaged_weights(model):
+        for average, value in zip(expected, model.get_weights()):
+            np.testing.assert_allclose(value, average, rtol=1e-5, atol=1e-6)
+    for before, after in zip(raw, model.get_weights()):
+        np.testing.assert_array_equal(before, after)  # training goes on from the raw weights
+
+
+def test_averaged_weights_leaves_a_model_without_an_average_alone(scene_arrays):
+    (images, masks), _ = scene_arrays
+    model = compile_unet(unet_model((*SIZE, 3), n_filters=4), learning_rate=1e-2)
+    model.train_on_batch(images[:8], masks[:8])
+    raw = model.get_weights()
+    with averaged_weights(model):
+        assert all(np.array_equal(a, b) for a, b in zip(raw, model.get_weights()))
+
+
+def test_start_from_class_prior_makes_the_bias_predict_the_pixel_frequencies():
+    model = unet_model((*SIZE, 3), n_filters=4, n_classes=4)
+    counts = np.array([600, 300, 100, 0])
+    start_from_class_prior(model, counts)
+    bias = model.layers[-1].bias.numpy()
+    probabilities = np.exp(bias) / np.exp(bias).sum()
+    np.testing.assert_allclose(probabilities, (counts + 1) / (counts + 1).sum(), rtol=1e-5)
+    # The kernel keeps its initialisation: only the starting guess changes.
+    assert np.abs(model.layers[-1].kernel.numpy()).sum() > 0

@@ -4,6 +4,8 @@ The Ray Train workers and single-process runs (tests, benchmarks, evaluation) bo
 so the model is compiled and scored the same way wherever it runs.
 """
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -25,17 +27,21 @@ def cosine_with_warmup(peak_learning_rate, total_steps, warmup_steps):
     )
 
 
-def compile_unet(model, learning_rate=1e-3, n_classes=23, jit_compile=False, clip_norm=None):
+def compile_unet(model, learning_rate=1e-3, n_classes=23, jit_compile=False, clip_norm=None, ema_momentum=0.0):
     """Adam + per-pixel cross-entropy; reports pixel accuracy and mean IoU.
 
     `learning_rate` is a number or a schedule; Keras scales the loss by per-pixel sample
     weights when the dataset yields (image, mask, weights). `jit_compile` has XLA compile the
     training step: on CPU it cannot hold MultiWorkerMirroredStrategy's collectives.
     `clip_norm` caps the global gradient norm; tf-keras clips after the all-reduce, so every
-    replica applies the same step.
+    replica applies the same step. `ema_momentum` > 0 has Adam keep a moving average of the
+    weights beside them (see `averaged_weights`); it is saved and restored with Adam's state.
     """
+    optimizer = tf.keras.optimizers.Adam(
+        learning_rate, global_clipnorm=clip_norm or None, use_ema=ema_momentum > 0, ema_momentum=ema_momentum or 0.99
+    )
     model.compile(
-        optimizer=tf.keras.optimizers.Adam(learning_rate, global_clipnorm=clip_norm or None),
+        optimizer=optimizer,
         loss=pixel_loss(),
         metrics=[
             tf.keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy"),
@@ -44,6 +50,40 @@ def compile_unet(model, learning_rate=1e-3, n_classes=23, jit_compile=False, cli
         jit_compile=jit_compile,
     )
     return model
+
+
+def start_from_class_prior(model, pixel_counts):
+    """Set the logits layer's bias to the log class frequencies of the training masks.
+
+    The untrained network then predicts the pixel prior instead of a uniform guess, so the first
+    steps go to the scene rather than to learning how common road and sky are. Every count is
+    bumped by one: a class absent from the training masks gets a very low, finite logit.
+    """
+    counts = np.asarray(pixel_counts, np.float64) + 1.0
+    log_prior = np.log(counts / counts.sum())
+    model.layers[-1].bias.assign((log_prior - log_prior.mean()).astype(np.float32))  # softmax ignores the shift
+    return model
+
+
+@contextlib.contextmanager
+def averaged_weights(model):
+    """Inside the block the model holds its optimizer's moving average of the weights, if it
+    keeps one (and has taken a step); on leaving, the raw weights training continues from.
+
+    Works under any distribution strategy: reads and writes happen in cross-replica context, so
+    every replica of a mirrored variable gets the same values.
+    """
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # fp16 wraps Adam
+    if not (getattr(optimizer, "use_ema", False) and getattr(optimizer, "_built", False)):
+        yield model
+        return
+    raw = [variable.numpy() for variable in model.trainable_variables]
+    optimizer.finalize_variable_values(model.trainable_variables)
+    try:
+        yield model
+    finally:
+        for variable, value in zip(model.trainable_variables, raw):
+            variable.assign(value)
 
 
 def predict_logits_fn(model):
