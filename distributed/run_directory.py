@@ -57,8 +57,7 @@ def export_model(config, checkpoint_model, path):
     """The weights the checkpoint was scored with (their moving average, when the run kept one)
     in a float32 model without optimizer state: a third of the size, and it predicts the same on
     any hardware, whatever precision training used."""
-    # With its optimizer: the average lives in Adam's state.
-    trained = tf.keras.models.load_model(checkpoint_model, safe_mode=True)
+    trained = inference.load_model(checkpoint_model, with_optimizer=True)  # the average lives in Adam's state
     with averaged_weights(trained):
         weights = trained.get_weights()
     tf.keras.mixed_precision.set_global_policy("float32")  # the driver trains nothing itself
