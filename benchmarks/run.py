@@ -8,6 +8,7 @@ Prints one JSON line per figure on stdout (progress and Ray's logs go to stderr)
   train_flops_vs_peak       achieved training FLOP/s (Ray Train) ÷ fp32 matmul peak FLOP/s
   bf16_vs_fp32              mixed_bfloat16 ÷ float32 training images/s, and final losses
   xla_vs_graph              Ray Train 1 worker × all cores, XLA-compiled ÷ not, images/s
+  shard_memory_vs_stream    Ray Train 1 worker, training shard held in memory ÷ streamed every epoch
   infer_vs_predict          distributed.inference.infer ÷ bare model.predict, images/s
   infer_memory_5000_vs_500  peak memory of `python -m jobs.infer` on 5000 frames ÷ on 500
 
@@ -31,7 +32,8 @@ import traceback
 from benchmarks import frames
 from benchmarks.common import PROFILES, machine, rounded
 
-TRAINING_FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph")
+TRAINING_FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph",
+                    "shard_memory_vs_stream")
 INFERENCE_FIGURES = ("infer_vs_predict", "infer_memory_5000_vs_500")
 FIGURES = TRAINING_FIGURES + INFERENCE_FIGURES
 

@@ -10,6 +10,8 @@ Alternatives (only those the selected figures need are run):
                           workers cannot be;
   ray_1xN_bf16            the product with --mixed-precision bf16 (jit_compile=False too);
   ray_1xN_xla             ray_1xN with jit_compile=True, the product's default;
+  ray_1xN_stream          ray_1xN with cache_shard_mb=0: the training shard streamed from Ray
+                          Data every epoch instead of held in the worker's memory;
   peak                    the fp32 matmul peak (benchmarks.flops.matmul_peak).
 Throughput counts steady-state epochs only: the first epoch of every run (tracing, compiling,
 oneDNN kernel selection) is dropped. The product's figure is `epoch_seconds` exactly as the
@@ -31,7 +33,8 @@ from distributed.config import TrainConfig
 from unet_core import data, unet_model
 from unet_core.training import compile_unet, predict_logits_fn, score_batch
 
-FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph")
+FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph",
+           "shard_memory_vs_stream")
 
 
 class EpochTimer(tf.keras.callbacks.Callback):
@@ -109,7 +112,7 @@ def validation_seconds(model, val, profile):
     return time.perf_counter() - started
 
 
-def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, jit_compile, tag):
+def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, jit_compile, tag, stream=False):
     """One whole product training run in a fresh run directory; per-epoch figures from its metrics."""
     from distributed.training import train
 
@@ -123,7 +126,7 @@ def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, jit_
         # The same plain training step and initialisation as the Keras side: no augmentation,
         # weights, schedule, gradient cap, weight average or prior bias.
         augment=False, class_weight_power=0.0, lr_schedule="constant", warmup_epochs=0, clip_norm=0.0,
-        ema_momentum=0.0, prior_bias=False,
+        ema_momentum=0.0, prior_bias=False, **({"cache_shard_mb": 0} if stream else {}),
     )
     started = time.perf_counter()
     history = train(config)  # the same rows as the run's metrics.json
@@ -139,6 +142,7 @@ def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, jit_
         "val_loss": last["val_loss"], "val_mean_iou": last["val_mean_iou"],
         "weights_in_sync": last["weights_in_sync"], "wall_seconds": wall,
         "jit_compile": all(row["jit_compile"] for row in history),  # the product may decline XLA
+        "shard_in_memory": all(row["shard_in_memory"] for row in history),
     }
 
 
@@ -156,9 +160,11 @@ def alternatives_for(figures, profile, cores):
         "train_flops_vs_peak": [ray_one, "peak"],
         "bf16_vs_fp32": ["keras_fp32", "keras_bf16"] + ([ray_one, f"{ray_one}_bf16"] if profile.product_bf16 else []),
         "xla_vs_graph": [ray_one, f"{ray_one}_xla"],
+        "shard_memory_vs_stream": [ray_one, f"{ray_one}_stream"],
     }
     wanted = {alternative for figure in figures for alternative in needs[figure]}
-    order = ["keras_fp32", ray_one, "keras_bf16", ray_two, f"{ray_one}_xla", f"{ray_one}_bf16", "peak"]
+    order = ["keras_fp32", ray_one, "keras_bf16", ray_two, f"{ray_one}_xla", f"{ray_one}_stream", f"{ray_one}_bf16",
+             "peak"]
     return [alternative for alternative in order if alternative in wanted], ray_one, ray_two
 
 
@@ -178,6 +184,8 @@ def measure(profile, frames_dir, work, cores, figures, log):
                                              f"{ray_one}-bf16-r{r}"),
         f"{ray_one}_xla": lambda r: ray_run(profile, frames_dir, work, one, one_cpus, "off", True,
                                             f"{ray_one}-xla-r{r}"),
+        f"{ray_one}_stream": lambda r: ray_run(profile, frames_dir, work, one, one_cpus, "off", False,
+                                               f"{ray_one}-stream-r{r}", stream=True),
         "peak": lambda r: peak_run(profile),
     }
     runs = {name: [] for name in alternatives}
@@ -192,7 +200,7 @@ def measure(profile, frames_dir, work, cores, figures, log):
     tf.keras.backend.clear_session()
     builders = {"train_vs_keras": context.train_vs_keras, "mwms_2x1_vs_1x2": context.mwms,
                 "train_flops_vs_peak": context.flops_vs_peak, "bf16_vs_fp32": context.bf16,
-                "xla_vs_graph": context.xla}
+                "xla_vs_graph": context.xla, "shard_memory_vs_stream": context.shard_memory}
     return [builders[figure]() for figure in FIGURES if figure in figures]
 
 
@@ -359,5 +367,27 @@ class Context:
                        "Ray Train figures); steady-epoch epoch_seconds (incl. validation, never XLA-compiled), "
                        "the first epoch, which compiles, dropped"),
             "goal": ">= 1.3 on CPU",
+            "config": self.config(layout=f"1x{self.cores}"),
+        }
+
+    def shard_memory(self):
+        memory_runs, stream_runs = self.runs[self.ray_one], self.runs[f"{self.ray_one}_stream"]
+        return {
+            "name": "shard_memory_vs_stream",
+            "ratio": ratio(self.ips(self.ray_one), self.ips(f"{self.ray_one}_stream")),
+            "memory_images_per_s": self.ips(self.ray_one),
+            "stream_images_per_s": self.ips(f"{self.ray_one}_stream"),
+            "round_ratios": round_ratios(memory_runs, stream_runs),
+            "epoch_seconds_memory": [run["epoch_seconds"] for run in memory_runs],
+            "epoch_seconds_stream": [run["epoch_seconds"] for run in stream_runs],
+            "first_epoch_seconds_memory": median([run["epoch_seconds"][0] for run in memory_runs]),
+            "first_epoch_seconds_stream": median([run["epoch_seconds"][0] for run in stream_runs]),
+            "feeds_as_labelled": (all(run["shard_in_memory"] for run in memory_runs)
+                                  and not any(run["shard_in_memory"] for run in stream_runs)),
+            "method": (f"the product, Ray Train 1 worker x {self.cores} CPUs, float32, no XLA: the training shard "
+                       "read once into the worker's memory (the default, cache_shard_mb 1024) vs streamed from "
+                       "Ray Data every epoch (cache_shard_mb 0); steady-epoch epoch_seconds (incl. validation), "
+                       "the first epoch dropped from the ratio and reported apart"),
+            "goal": "> 1 (informational)",
             "config": self.config(layout=f"1x{self.cores}"),
         }

@@ -52,6 +52,9 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto | off | bf16 | fp16
     # XLA-compile the training step of a lone worker (XLA on CPU cannot compile MWMS's all-reduce)
     jit_compile: bool = True
+    # A worker whose training shard is at most this big (MB, as float32 images) reads it once and
+    # feeds every epoch from memory; larger shards stream from Ray Data every epoch. 0: always stream.
+    cache_shard_mb: int = 1024
     skip_bad: bool = False
     scene_count: int = 256  # frames generated when no --data is given
     keep_checkpoints: int = 2  # best K by validation mIoU
@@ -72,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum must be 0 (no average) or in (0, 1), got {self.ema_momentum}")
+        if self.cache_shard_mb < 0:
+            raise ValueError(f"cache_shard_mb must be 0 (always stream) or positive, got {self.cache_shard_mb}")
         if self.clip_norm < 0:
             raise ValueError(f"clip_norm must be 0 (no cap) or positive, got {self.clip_norm}")
         for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "n_filters", "n_classes",

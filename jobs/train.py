@@ -32,6 +32,8 @@ def parse_args(argv=None):
     option("--seed", type=int)
     option("--mixed-precision", "auto: bf16 on hardware with native bfloat16", choices=("auto", "off", "bf16", "fp16"))
     option("--jit-compile", "XLA-compile the training step", action=argparse.BooleanOptionalAction)
+    option("--cache-shard-mb", "a worker holds its training shard in memory up to this size; 0: stream every epoch",
+           type=int)
     option("--skip-bad", "train without unreadable frames (listed in OUTPUT/skipped.json)", action="store_true",
            default=None)
     option("--scene-count", "frames to generate when --data is not given", type=int)

@@ -1,4 +1,4 @@
-"""The benchmark harness: the FLOP counter, and a --tiny run printing all seven figures (no timings checked)."""
+"""The benchmark harness: the FLOP counter, and a --tiny run printing all eight figures (no timings checked)."""
 
 import json
 import math
@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph",
+           "shard_memory_vs_stream",
            "infer_vs_predict", "infer_memory_5000_vs_500"}
 
 
@@ -43,6 +44,7 @@ def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
     assert by_name["infer_memory_5000_vs_500"]["frames_small"] < by_name["infer_memory_5000_vs_500"]["frames_large"]
     assert "fp32_final_loss" in by_name["bf16_vs_fp32"] and "bf16_final_loss" in by_name["bf16_vs_fp32"]
     assert by_name["xla_vs_graph"]["xla_used"], by_name["xla_vs_graph"]  # tiny is float32, one worker
+    assert by_name["shard_memory_vs_stream"]["feeds_as_labelled"], by_name["shard_memory_vs_stream"]
     costs = by_name["infer_vs_predict"]["cpu_ms_per_image"]
     steps = ["decode", "resize_and_scale", "mask_to_source_size", "class_counts", "encode_mask_png"]
     assert all(costs[step] > 0 for step in steps + ["decode_with_pillow"]), costs

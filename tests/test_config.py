@@ -23,6 +23,7 @@ def test_flags_override_the_preset():
     config = config_from_args(parse_args(["--preset", "classic", "--clip-norm", "0.5", "--epochs", "3",
                                           "--ema-momentum", "0.9"]))
     assert (config.clip_norm, config.epochs, config.batch_size, config.ema_momentum) == (0.5, 3, 32, 0.9)
+    assert config_from_args(parse_args(["--cache-shard-mb", "0"])).cache_shard_mb == 0
 
 
 def test_bad_values_are_refused_with_the_field_named():
@@ -30,5 +31,7 @@ def test_bad_values_are_refused_with_the_field_named():
         TrainConfig(clip_norm=-1.0)
     with pytest.raises(ValueError, match="ema_momentum"):
         TrainConfig(ema_momentum=1.0)
+    with pytest.raises(ValueError, match="cache_shard_mb"):
+        TrainConfig(cache_shard_mb=-1)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         TrainConfig.from_preset("fast")

@@ -12,7 +12,10 @@ import tensorflow as tf
 
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
-from distributed.training import CHECKPOINT_MODEL, CHECKPOINT_STATE, restore, should_checkpoint, train, training_batches
+from distributed.training import (
+    CHECKPOINT_MODEL, CHECKPOINT_STATE, read_shard, restore, shard_fits_in_memory, should_checkpoint, train,
+    training_batches,
+)
 from unet_core import data, scenes, unet_model
 from unet_core.training import averaged_weights, compile_unet, evaluate_arrays
 
@@ -160,17 +163,21 @@ def test_checkpoints_on_a_new_best_every_nth_epoch_and_the_last():
     assert saved == [1, 2, 4, 7, 8, 10]
 
 
-@pytest.mark.parametrize("augment", [False, True])
-def test_every_epoch_feeds_each_frame_once_in_a_new_order(ray_session, augment):
+@pytest.mark.parametrize("augment, in_memory", [(False, False), (True, False), (False, True), (True, True)])
+def test_every_epoch_feeds_each_frame_once_in_a_new_order(ray_session, augment, in_memory):
     # Frame i is an image of constant value i / 100 and a mask of constant class i % 23 (both
     # survive flips and zoom-crops), so a batch tells which frames it holds.
     frames = 42
-    rows = [{"image": np.full((8, 16, 3), i / 100, np.float32), "mask": np.full((8, 16), i % 23, np.uint8)}
-            for i in range(frames)]
+    rows = [{"name": f"{i:06d}.png", "image": np.full((8, 16, 3), i / 100, np.float32),
+             "mask": np.full((8, 16), i % 23, np.uint8)} for i in range(frames)]
     shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
-    config = TrainConfig(image_size=(8, 16), batch_size=4, epochs=4, augment=augment, seed=1)
+    config = TrainConfig(image_size=(8, 16), batch_size=4, epochs=4, augment=augment)
+    # As every worker does; the default global seed, 0, is one that Dataset.shuffle cannot take
+    # beside a seed tensor.
+    tf.keras.utils.set_random_seed(config.seed)
 
-    batches = list(training_batches(shard, config, first_epoch=1, rank=0, class_weights=[1.0] * 23))
+    batches = list(training_batches(shard, config, first_epoch=1, rank=0, class_weights=[1.0] * 23,
+                                    in_memory=in_memory))
 
     assert len(batches) == 3 * 11  # epochs 2..4, ceil(42 / 4) batches each
     ids = [[int(i) for i in batch[1][:, 0, 0].numpy()] for batch in batches]
@@ -206,3 +213,23 @@ def test_resume_restores_the_weights_and_their_moving_average(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), resumed.get_weights()))
     with averaged_weights(resumed):
         assert all(np.array_equal(a, b) for a, b in zip(averaged, resumed.get_weights()))
+
+
+def test_a_shard_read_into_memory_is_in_frame_name_order(ray_session):
+    # Whatever order the blocks arrive in, the epochs' permutations start from the same array.
+    names = [f"{i:06d}.png" for i in np.random.default_rng(0).permutation(20)]
+    rows = [{"name": name, "image": np.full((2, 2, 3), int(name[:6]), np.float32),
+             "mask": np.full((2, 2), int(name[:6]), np.uint8)} for name in names]
+    shard = ray.data.from_items(rows, override_num_blocks=5).streaming_split(1, equal=True)[0]
+
+    images, masks = read_shard(shard)
+
+    assert images[:, 0, 0, 0].tolist() == list(range(20)) and masks[:, 0, 0].tolist() == list(range(20))
+
+
+def test_a_shard_is_held_in_memory_only_up_to_the_configured_size():
+    config = TrainConfig(image_size=(96, 128), cache_shard_mb=1)
+    frame_bytes = 96 * 128 * 13  # float32 RGB image + uint8 mask
+    assert shard_fits_in_memory(2**20 // frame_bytes, config)
+    assert not shard_fits_in_memory(2**20 // frame_bytes + 1, config)
+    assert not shard_fits_in_memory(1, TrainConfig(cache_shard_mb=0))
