@@ -26,7 +26,18 @@ def connect(num_cpus=None):
     cpus = max(os.cpu_count() or 1, num_cpus or 0)
     # address="local": always a private Ray for this process, never a cluster someone else
     # started on this machine with `ray start` (that one is reached through RAY_ADDRESS).
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV})
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+             runtime_env={"env_vars": WORKER_ENV, "worker_process_setup_hook": quiet_placement_group_cleaner})
+
+
+def quiet_placement_group_cleaner():
+    """Run in every worker of a local Ray. Ray Train's placement-group cleaner asks the state API
+    every second whether the controller lives, and without the dashboard (local Ray here) logs a
+    warning each time it cannot: a line a second on the console for the whole run. Its job,
+    removing a dead controller's placement group, ends with a local Ray anyway."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def workers_that_fit(cpus_per_worker, gpus_per_worker=0):
