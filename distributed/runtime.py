@@ -26,8 +26,10 @@ def connect(num_cpus=None):
     cpus = max(os.cpu_count() or 1, num_cpus or 0)
     # address="local": always a private Ray for this process, never a cluster someone else
     # started on this machine with `ray start` (that one is reached through RAY_ADDRESS).
+    # A copy: ray.init writes the hook's key into the env_vars it is given, and WORKER_ENV goes
+    # into os.environ, where every subprocess (a `ray start` of another cluster) would inherit it.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-             runtime_env={"env_vars": WORKER_ENV, "worker_process_setup_hook": quiet_placement_group_cleaner})
+             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": quiet_placement_group_cleaner})
 
 
 def quiet_placement_group_cleaner():

@@ -1,5 +1,7 @@
 """Sizing against the live cluster: the session's local Ray, one node without a GPU."""
 
+import os
+
 import ray
 
 from distributed import runtime
@@ -24,3 +26,11 @@ def test_cluster_shortfall_names_what_is_missing(ray_session):
     assert f"holds {cpus // 2} of the {cpus // 2 + 1} training workers" in warning and "2 CPUs each" in warning
     assert "--cpus-per-worker" in warning
     assert "holds 0 of the 1" in runtime.cluster_shortfall(num_workers=1, cpus_per_worker=1, use_gpu=True)
+
+
+def test_connecting_again_leaks_no_ray_setup_hook_into_subprocesses(ray_session):
+    # The local Ray's setup hook lives in its own GCS; another cluster's workers that inherited
+    # its key (through os.environ, e.g. a `ray start` head) die looking for it.
+    runtime.connect()
+    assert [key for key in os.environ if "SETUP_HOOK" in key] == []
+    assert set(runtime.WORKER_ENV) == {"TF_USE_LEGACY_KERAS", "TF_CPP_MIN_LOG_LEVEL"}
