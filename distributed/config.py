@@ -109,7 +109,7 @@ class TrainConfig:
 
 # Recipes by name. `default` (the dataclass defaults) is the best recipe found on held-out real
 # CARLA frames (RESULTS.md), sized to ~15 minutes of training on 2 Zen 2 cores without native
-# bfloat16 (30 minutes on the slower Zen 3 machine of 2026-12-01):
+# bfloat16 (24 minutes on the slower Zen 3 machine of 2026-12-02):
 # batch 8 (beat 16 at equal epochs on bf16; 4 scored lower in 60 epochs here),
 # flips/zoom/brightness, square-root class balancing, cosine decay over 60 epochs, gradient norm
 # capped at 1 (no late gain, but no collapse in the first epochs: RESULTS.md), logits' bias
