@@ -45,6 +45,8 @@ def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
     assert "fp32_final_loss" in by_name["bf16_vs_fp32"] and "bf16_final_loss" in by_name["bf16_vs_fp32"]
     assert by_name["xla_vs_graph"]["xla_used"], by_name["xla_vs_graph"]  # tiny is float32, one worker
     assert by_name["shard_memory_vs_stream"]["feeds_as_labelled"], by_name["shard_memory_vs_stream"]
+    train_vs_keras = by_name["train_vs_keras"]  # training only: the product's own validation seconds taken out
+    assert train_vs_keras["ratio_train_only"] > train_vs_keras["ratio"] > 0 < train_vs_keras["ray_train_val_seconds"]
     costs = by_name["infer_vs_predict"]["cpu_ms_per_image"]
     steps = ["decode", "resize_and_scale", "mask_to_source_size", "class_counts", "encode_mask_png"]
     assert all(costs[step] > 0 for step in steps + ["decode_with_pillow"]), costs
