@@ -59,7 +59,7 @@ class TrainConfig:
     scene_count: int = 256  # frames generated when no --data is given
     keep_checkpoints: int = 2  # best K by validation mIoU
     checkpoint_every: int = 10  # also checkpoint on every new best val mIoU and at the last epoch
-    # Fault injection for tests: rank 1 raises once during this epoch (1-based); a marker file
+    # Fault injection for tests: the last worker raises once during this epoch (1-based); a marker file
     # in the run's storage keeps it from failing again after the restart.
     fail_once_at_epoch: int | None = None
 

@@ -130,7 +130,7 @@ def train_loop_per_worker(loop_config):
         {"resumed_from_epoch": first_epoch, "mixed_precision": precision, "jit_compile": jit_compile,
          "shard_in_memory": in_memory},
     )
-    callbacks = [end_of_epoch] + ([FailOnce(config, rank)] if config.fail_once_at_epoch else [])
+    callbacks = [end_of_epoch] + ([FailOnce(config, rank, world_size)] if config.fail_once_at_epoch else [])
     model.fit(batches, initial_epoch=first_epoch, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
               verbose=0, callbacks=callbacks)
 
@@ -350,11 +350,13 @@ def save_and_report(model, metrics, history, rank, with_checkpoint=True):
 
 
 class FailOnce(tf.keras.callbacks.Callback):
-    """Makes rank 1 crash mid-epoch, once per run, to prove that training recovers from checkpoints."""
+    """Makes the last worker crash mid-epoch, once per run, to prove that training recovers from
+    checkpoints (on a lone worker too: it is the last)."""
 
-    def __init__(self, config, rank):
+    def __init__(self, config, rank, world_size):
         super().__init__()
-        self.fails_here = rank == 1
+        self.rank = rank
+        self.fails_here = rank == world_size - 1
         self.fail_epoch = config.fail_once_at_epoch
         self.marker = os.path.join(config.resolved_storage_path, config.run_name, "injected_failure")
         self.epoch = 0
@@ -365,4 +367,4 @@ class FailOnce(tf.keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if self.fails_here and self.epoch == self.fail_epoch and not os.path.exists(self.marker):
             open(self.marker, "w").close()
-            raise RuntimeError(f"injected failure on rank 1 in epoch {self.epoch}")
+            raise RuntimeError(f"injected failure on rank {self.rank} in epoch {self.epoch}")
