@@ -45,10 +45,15 @@ def checkpoint_model(directory):
 def assert_validation_counted_once(config, row):
     """The reported validation figures equal a single-process score of the weights the
     checkpoint of that epoch was scored with (the moving average, when the run keeps one)."""
-    images, masks, names = data.load_pairs(os.path.join(config.output, "scenes"), config.image_size, 23)
-    is_val = np.array(data.validation_flags(names, config.val_fraction, config.split))
+    pairs = data.find_pairs(config.data or os.path.join(config.output, "scenes"))
+    is_val = data.validation_flags([pair.name for pair in pairs], config.val_fraction, config.split)
+    # Only the validation frames are read: a run may have skipped an unreadable training frame.
+    frames = [data.preprocess_pair(data.read_bytes(pair.image_path), data.read_bytes(pair.mask_path),
+                                   pair.image_path, pair.mask_path, config.image_size, 23)
+              for pair, flag in zip(pairs, is_val) if flag]
+    images, masks = np.stack([image for image, _ in frames]), np.stack([mask for _, mask in frames])
     with averaged_weights(checkpoint_model(checkpoint_dirs(config)[row["epoch"]])) as model:
-        loss, confusion = evaluate_arrays(model, images[is_val], masks[is_val], 23)
+        loss, confusion = evaluate_arrays(model, images, masks, 23)
     assert row["val_loss"] == pytest.approx(loss, rel=1e-4)
     assert row["val_mean_iou"] == pytest.approx(confusion.mean_iou(), abs=1e-6)
     assert row["val_pixel_accuracy"] == pytest.approx(confusion.pixel_accuracy(), abs=1e-6)
@@ -117,6 +122,7 @@ def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_ba
     # Epochs 2 and 3 ran after the restart, which loaded epoch 1's checkpoint, not nothing.
     assert [row["resumed_from_epoch"] for row in history] == [0, 1, 1]
     assert all(row["jit_compile"] is True for row in history)
+    assert_validation_counted_once(config, history[max(checkpoint_dirs(config)) - 1])  # the kept checkpoint's epoch
     with open(os.path.join(config.output, "skipped.json")) as file:
         skipped = json.load(file)
     assert list(skipped) == ["scene_000005.png"] and "scene_000005.png" in skipped["scene_000005.png"]
