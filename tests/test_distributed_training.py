@@ -103,15 +103,16 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
 
 
 def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_bad_frames(tmp_path, ray_session):
-    """The default layout (one worker with both cores, XLA): a crash mid-run restarts the worker,
-    which resumes from the latest checkpoint; an unreadable frame is skipped and listed."""
+    """The default layout on a CPU without native bfloat16 (one worker with both cores, float32, XLA): a crash
+    mid-run restarts the worker, which resumes from the latest checkpoint; an unreadable frame is skipped and listed."""
     frames = tmp_path / "frames"
     scenes.write_scenes(str(frames), 24, seed=3)
     truncated = frames / "CameraRGB" / "scene_000005.png"
     truncated.write_bytes(truncated.read_bytes()[:300])
     config = dataclasses.replace(
         smoke_config(tmp_path, data=str(frames), epochs=3, max_failures=1, fail_once_at_epoch=2, skip_bad=True),
-        num_workers=1, cpus_per_worker=2,
+        # `auto` would pick bfloat16 on a CPU with AVX512-BF16, and bfloat16 is never XLA-compiled on CPU.
+        num_workers=1, cpus_per_worker=2, mixed_precision="off",
     )
 
     history = train(config)
