@@ -44,6 +44,9 @@ class TrainConfig:
     # Start the logits' bias at the log class frequencies of the training masks (RESULTS.md).
     prior_bias: bool = True
     augment: bool = True
+    # Chance that a training frame gets half the classes of another frame pasted in (ClassMix;
+    # needs `augment`): the regulariser that let long runs on 85 frames keep improving. 0: off.
+    class_mix: float = 0.5
     class_weight_power: float = 0.5  # 0: plain loss; >0: per-pixel weights from class frequencies
     early_stopping_patience: int = 0  # epochs without a better val mIoU before stopping; 0: never
     max_failures: int = 0
@@ -77,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"ema_momentum must be 0 (no average) or in (0, 1), got {self.ema_momentum}")
         if self.cache_shard_mb < 0:
             raise ValueError(f"cache_shard_mb must be 0 (always stream) or positive, got {self.cache_shard_mb}")
+        if not 0.0 <= self.class_mix <= 1.0:
+            raise ValueError(f"class_mix must be a probability in [0, 1], got {self.class_mix}")
         if self.clip_norm < 0:
             raise ValueError(f"clip_norm must be 0 (no cap) or positive, got {self.clip_norm}")
         for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "n_filters", "n_classes",
@@ -111,7 +116,7 @@ class TrainConfig:
 # CARLA frames (RESULTS.md), sized to ~15 minutes of training on 2 Zen 2 cores without native
 # bfloat16 (24 minutes on the slower Zen 3 machine of 2026-12-02):
 # batch 8 (beat 16 at equal epochs on bf16; 4 scored lower in 60 epochs here),
-# flips/zoom/brightness, square-root class balancing, cosine decay over 60 epochs, gradient norm
+# flips/zoom/brightness, ClassMix, square-root class balancing, cosine decay over 60 epochs, gradient norm
 # capped at 1 (no late gain, but no collapse in the first epochs: RESULTS.md), logits' bias
 # started at the class prior, scored on a moving average of the weights. Where more
 # steps fit the same time (bf16 CPUs, GPUs), more epochs score better: --epochs 210 --warmup-epochs 7.
@@ -120,6 +125,6 @@ class TrainConfig:
 PRESETS = {
     "default": {},
     "classic": dict(epochs=40, batch_size=32, learning_rate=1e-3, lr_schedule="constant", warmup_epochs=0,
-                    augment=False, class_weight_power=0.0, early_stopping_patience=0, mixed_precision="off",
-                    clip_norm=0.0, ema_momentum=0.0, prior_bias=False),
+                    augment=False, class_mix=0.0, class_weight_power=0.0, early_stopping_patience=0,
+                    mixed_precision="off", clip_norm=0.0, ema_momentum=0.0, prior_bias=False),
 }

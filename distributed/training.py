@@ -224,7 +224,11 @@ def training_batches(train_shard, config, first_epoch, rank, class_weights, in_m
         dataset = epoch_frames(epoch)
         if config.augment:
             dataset = dataset.map(augment.augment, num_parallel_calls=tf.data.AUTOTUNE)
-        return dataset.batch(config.batch_size)
+        dataset = dataset.batch(config.batch_size)
+        if config.augment and config.class_mix:
+            dataset = dataset.map(lambda images, masks: augment.class_mix(images, masks, config.class_mix,
+                                                                          config.n_classes))
+        return dataset
 
     dataset = tf.data.Dataset.range(first_epoch, config.epochs).flat_map(epoch_batches)
     if class_weights is not None:

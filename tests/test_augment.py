@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from unet_core.augment import augment, class_weights, pixel_weights
+from unet_core.augment import augment, class_mix, class_weights, pixel_weights
 
 
 def blocky_frame(seed):
@@ -68,3 +68,23 @@ def test_pixel_weights_look_up_each_pixel():
     mask = tf.constant([[0, 2], [1, 2]], tf.uint8)
     weights = pixel_weights(mask, [0.5, 1.0, 4.0])
     np.testing.assert_allclose(weights.numpy(), [[0.5, 4.0], [1.0, 4.0]])
+
+
+def test_class_mix_pastes_image_and_mask_pixels_from_the_same_places_of_the_previous_frame():
+    tf.random.set_seed(0)
+    frames = [blocky_frame(seed) for seed in range(4)]
+    images = np.stack([image for image, _ in frames])
+    masks = np.stack([mask for _, mask in frames])
+    mixed_images, mixed_masks = (out.numpy() for out in class_mix(tf.constant(images), tf.constant(masks), 1.0))
+    partner_images, partner_masks = np.roll(images, 1, axis=0), np.roll(masks, 1, axis=0)
+    pasted = (mixed_images != images).any(axis=-1)
+    np.testing.assert_array_equal(mixed_images[pasted], partner_images[pasted])
+    np.testing.assert_array_equal(mixed_masks[pasted], partner_masks[pasted])
+    np.testing.assert_array_equal(mixed_masks[~pasted], masks[~pasted])
+    for frame in range(4):  # whole classes move: a class of the partner is pasted everywhere or nowhere
+        for class_id in np.unique(partner_masks[frame]):
+            where = partner_masks[frame] == class_id
+            assert pasted[frame][where].all() or not pasted[frame][where].any()
+        assert 0.1 < pasted[frame].mean() < 0.9
+    unchanged = class_mix(tf.constant(images), tf.constant(masks), 0.0)
+    np.testing.assert_array_equal(unchanged[1].numpy(), masks)

@@ -1,7 +1,8 @@
 """Training-time augmentation and class balancing, as tf ops for a tf.data pipeline.
 
 Geometric changes (flip, zoom-crop) are applied to the image and its mask together, the mask
-always with nearest neighbour; photometric changes touch the image only.
+always with nearest neighbour; photometric changes touch the image only. ClassMix pastes whole
+classes of one frame onto another, image pixels and mask pixels from the same places.
 """
 
 import numpy as np
@@ -28,6 +29,22 @@ def augment(image, mask, max_zoom=1.25, brightness=0.1, contrast=0.2):
     image = tf.image.adjust_contrast(image, tf.random.uniform((), 1.0 - contrast, 1.0 + contrast))
     image = tf.clip_by_value(image, 0.0, 1.0)
     return tf.ensure_shape(image, (height, width, 3)), tf.ensure_shape(mask[..., 0], (height, width))
+
+
+def class_mix(images, masks, probability=0.5, n_classes=23):
+    """ClassMix (Olsson et al., 2021) within a batch: with `probability`, a frame gets the pixels
+    of a random half of the classes in the batch's previous frame, pasted with their labels.
+
+    On 85 real frames it is what stopped the model from overfitting (val loss still falling at
+    epoch 150 where plain augmentation turned up at epoch 80; RESULTS.md). A batch of one frame
+    is its own partner and stays as it is. images: float (B, H, W, 3); masks: int (B, H, W).
+    """
+    partner_images, partner_masks = tf.roll(images, 1, axis=0), tf.roll(masks, 1, axis=0)
+    frames = tf.shape(images)[0]
+    chosen_classes = tf.random.uniform((frames, n_classes)) < 0.5
+    paste = tf.gather(chosen_classes, tf.cast(partner_masks, tf.int32), batch_dims=1)
+    paste &= tf.random.uniform((frames, 1, 1)) < probability
+    return tf.where(paste[..., tf.newaxis], partner_images, images), tf.where(paste, partner_masks, masks)
 
 
 def class_weights(pixel_counts, power=0.5, max_weight=10.0):
