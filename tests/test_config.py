@@ -9,7 +9,8 @@ from jobs.train import config_from_args, parse_args
 def test_default_recipe_and_classic_preset():
     default = config_from_args(parse_args([]))
     assert default == TrainConfig()
-    assert (default.epochs, default.batch_size, default.clip_norm, default.augment) == (60, 8, 1.0, True)
+    assert (default.epochs, default.warmup_epochs, default.batch_size, default.clip_norm, default.augment) == (
+        250, 8, 8, 1.0, True)
     assert (default.ema_momentum, default.prior_bias, default.split) == (0.99, True, "tail")
     classic = config_from_args(parse_args(["--preset", "classic"]))
     # The exercise: constant Adam 1e-3, batch 32, 40 epochs, plain loss, no augmentation, no cap.
