@@ -103,7 +103,7 @@ def train_loop_per_worker(loop_config):
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
         learning_rate = cosine_with_warmup(
-            config.learning_rate, steps_per_epoch * config.epochs, steps_per_epoch * config.warmup_epochs
+            config.learning_rate, steps_per_epoch * config.epochs, steps_per_epoch * config.resolved_warmup_epochs
         )
     with strategy.scope():
         model = compile_unet(

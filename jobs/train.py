@@ -45,7 +45,7 @@ def parse_args(argv=None):
         ("--batch-size", dict(type=int, help="per worker")),
         ("--learning-rate", dict(type=float)),
         ("--lr-schedule", dict(choices=("constant", "cosine"))),
-        ("--warmup-epochs", dict(type=int)),
+        ("--warmup-epochs", dict(type=int, help="before the cosine decay; default: a thirtieth of --epochs")),
         ("--clip-norm", dict(type=float, help="cap on the global gradient norm; 0: none")),
         ("--ema-momentum", dict(type=float, help="score and export a moving average of the weights; 0: raw")),
         ("--prior-bias", dict(action=argparse.BooleanOptionalAction,

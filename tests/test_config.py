@@ -9,8 +9,8 @@ from jobs.train import config_from_args, parse_args
 def test_default_recipe_and_classic_preset():
     default = config_from_args(parse_args([]))
     assert default == TrainConfig()
-    assert (default.epochs, default.warmup_epochs, default.batch_size, default.clip_norm, default.augment) == (
-        250, 8, 8, 1.0, True)
+    assert (default.epochs, default.resolved_warmup_epochs, default.batch_size, default.clip_norm,
+            default.augment) == (250, 8, 8, 1.0, True)
     assert (default.ema_momentum, default.prior_bias, default.split) == (0.99, True, "tail")
     classic = config_from_args(parse_args(["--preset", "classic"]))
     # The exercise: constant Adam 1e-3, batch 32, 40 epochs, plain loss, no augmentation, no cap.
@@ -36,3 +36,14 @@ def test_bad_values_are_refused_with_the_field_named():
         TrainConfig(cache_shard_mb=-1)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         TrainConfig.from_preset("fast")
+
+
+def test_warm_up_is_a_thirtieth_of_the_epochs_unless_given():
+    # Every measured recipe warmed up for ~1/30 of its epochs (2 of 60, 8 of 250, 16 of 500).
+    assert [TrainConfig(epochs=n).resolved_warmup_epochs for n in (1, 2, 4, 60, 250, 500)] == [0, 1, 1, 2, 8, 17]
+    assert TrainConfig(epochs=500, warmup_epochs=16).resolved_warmup_epochs == 16
+    assert config_from_args(parse_args(["--epochs", "5"])).resolved_warmup_epochs == 1
+    assert config_from_args(parse_args(["--smoke"])).resolved_warmup_epochs == 1
+    assert config_from_args(parse_args(["--smoke", "--warmup-epochs", "8"])).resolved_warmup_epochs == 2
+    with pytest.raises(ValueError, match="warmup_epochs must be at least 0 and less than epochs \\(5\\), got 8"):
+        TrainConfig(epochs=5, warmup_epochs=8)
