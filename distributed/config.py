@@ -84,15 +84,15 @@ class TrainConfig:
             raise ValueError(f"cache_shard_mb must be 0 (always stream) or positive, got {self.cache_shard_mb}")
         if not 0.0 <= self.class_mix <= 1.0:
             raise ValueError(f"class_mix must be a probability in [0, 1], got {self.class_mix}")
-        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs must be at least 0 and less than epochs ({self.epochs}), "
-                             f"got {self.warmup_epochs}; leave it unset for a thirtieth of the epochs")
         if self.clip_norm < 0:
             raise ValueError(f"clip_norm must be 0 (no cap) or positive, got {self.clip_norm}")
         for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "n_filters", "n_classes",
                      "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must be at least 0 and less than epochs ({self.epochs}), "
+                             f"got {self.warmup_epochs}; leave it unset for a thirtieth of the epochs")
 
     @property
     def resolved_warmup_epochs(self):
