@@ -211,3 +211,26 @@ def test_fast_png_path_gives_pillows_pixels(real_carla):
             np.testing.assert_array_equal(data.decode_image(content, name), with_pillow)
             if folder == "CameraMask":
                 np.testing.assert_array_equal(data.decode_mask(content, name), with_pillow.max(axis=-1))
+
+
+def test_tail_split_validates_the_last_frames_by_sorted_name_whatever_the_order():
+    names = [f"{index:06d}.png" for index in (7, 3, 9, 1, 5, 2, 8, 0, 6, 4)]
+    flags = data.validation_flags(names, 0.2, "tail")
+    assert sorted(name for name, flag in zip(names, flags) if flag) == ["000008.png", "000009.png"]
+    assert sum(data.validation_flags(names[:3], 0.01, "tail")) == 1  # never an empty validation set
+    with pytest.raises(ValueError, match="split must be one of"):
+        data.validation_flags(names, 0.2, "random")
+
+
+def test_hash_split_is_stable_and_near_the_fraction():
+    names = [f"{index:06d}.png" for index in range(2000)]
+    flags = data.validation_flags(names, 0.2, "hash")
+    assert flags == data.validation_flags(list(reversed(names)), 0.2, "hash")[::-1]
+    assert 0.17 < sum(flags) / len(names) < 0.23
+
+
+def test_tail_split_of_the_real_frames_is_the_stretch_results_md_scores(real_carla):
+    names = sorted(path.name for path in (real_carla / "CameraRGB").iterdir())
+    held_out = [name for name, flag in zip(names, data.validation_flags(names, 0.2, "tail")) if flag]
+    assert len(names) == 106 and len(held_out) == 21 and held_out == names[-21:]
+    assert held_out[0] == "018084.png"
