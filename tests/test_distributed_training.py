@@ -13,8 +13,8 @@ import tensorflow as tf
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
-    CHECKPOINT_MODEL, CHECKPOINT_STATE, read_shard, restore, shard_fits_in_memory, should_checkpoint, train,
-    training_batches,
+    CHECKPOINT_MODEL, CHECKPOINT_STATE, read_shard, restore, shard_fits_in_memory, should_checkpoint,
+    should_stop_early, train, training_batches,
 )
 from unet_core import data, scenes, unet_model
 from unet_core.training import averaged_weights, compile_unet, evaluate_arrays
@@ -237,3 +237,11 @@ def test_a_shard_is_held_in_memory_only_up_to_the_configured_size():
     assert shard_fits_in_memory(2**20 // frame_bytes, config)
     assert not shard_fits_in_memory(2**20 // frame_bytes + 1, config)
     assert not shard_fits_in_memory(1, TrainConfig(cache_shard_mb=0))
+
+
+def test_early_stopping_waits_patience_epochs_after_the_best_val_mean_iou():
+    history = [{"val_mean_iou": value} for value in (0.10, 0.30, 0.20, 0.25)]
+    assert not should_stop_early(history, 0)  # 0: never
+    assert not should_stop_early(history, 3)  # the best, epoch 2, is only two epochs back
+    assert should_stop_early(history, 2)
+    assert not should_stop_early(history + [{"val_mean_iou": 0.31}], 2)  # a new best restarts the count
