@@ -130,6 +130,14 @@ def test_images_are_scaled_to_unit_range_once():
     np.testing.assert_allclose(scaled, 1.0)  # the exercise's second /255 would give 0.0039
 
 
+def test_image_pixels_are_taken_where_the_mask_takes_its_labels():
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 23, (480, 640)).astype(np.uint8)
+    rgb = np.stack([ids * 10, 255 - ids, ids], axis=-1).astype(np.uint8)  # the colour encodes the id
+    image, mask = data.resize_image(rgb, SIZE), data.resize_mask(ids, SIZE)
+    np.testing.assert_array_equal(np.round(image[..., 2] * 255).astype(np.uint8), mask)
+
+
 def test_preprocess_pair_shapes_and_values():
     rng = np.random.default_rng(3)
     image = rng.integers(0, 256, (480, 640, 4), np.uint8)

@@ -122,11 +122,17 @@ def decode_mask(data, path):
 
 
 def resize_image(rgb, size):
-    """uint8 RGB → float32 in [0, 1] at `size` (height, width). Scaled by 255 exactly once."""
+    """uint8 RGB → float32 in [0, 1] at `size` (height, width). Scaled by 255 exactly once.
+
+    Nearest neighbour, at the very source pixels `resize_mask` takes its labels from: each input
+    pixel then shows what its label names. An antialiased filter blurs a pole or a road line into
+    its neighbours' label; on the real frames, sampling like the mask scored 0.890 / 0.262 against
+    0.883 / 0.251 (same seed, RESULTS.md).
+    """
     height, width = size
     if rgb.shape[:2] != (height, width):
-        # Pillow's bilinear filter widens with the scale factor, so downscaling is antialiased.
-        rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
+        rows = np.take(rgb, nearest_indices(rgb.shape[0], height), axis=0)
+        rgb = np.take(rows, nearest_indices(rgb.shape[1], width), axis=1)
     return rgb.astype(np.float32) / 255.0
 
 
