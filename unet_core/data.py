@@ -129,11 +129,7 @@ def resize_image(rgb, size):
     its neighbours' label; on the real frames, sampling like the mask scored 0.890 / 0.262 against
     0.883 / 0.251 (same seed, RESULTS.md).
     """
-    height, width = size
-    if rgb.shape[:2] != (height, width):
-        rows = np.take(rgb, nearest_indices(rgb.shape[0], height), axis=0)
-        rgb = np.take(rows, nearest_indices(rgb.shape[1], width), axis=1)
-    return rgb.astype(np.float32) / 255.0
+    return sample_nearest(rgb, size).astype(np.float32) / 255.0
 
 
 def nearest_indices(length, new_length):
@@ -142,14 +138,18 @@ def nearest_indices(length, new_length):
     return np.minimum(((np.arange(new_length) + 0.5) * (length / new_length)).astype(np.int64), length - 1)
 
 
+def sample_nearest(array, size):
+    """`array` (H, W, ...) at `size` (height, width) by nearest neighbour: images and masks alike."""
+    height, width = size
+    if array.shape[:2] == (height, width):
+        return array
+    rows = np.take(array, nearest_indices(array.shape[0], height), axis=0)
+    return np.take(rows, nearest_indices(array.shape[1], width), axis=1)
+
+
 def resize_mask(class_ids, size):
     """Class ids → uint8 ids at `size` (height, width), nearest neighbour so no id is invented."""
-    height, width = size
-    class_ids = np.asarray(class_ids, dtype=np.uint8)
-    if class_ids.shape[:2] == (height, width):
-        return class_ids
-    rows = np.take(class_ids, nearest_indices(class_ids.shape[0], height), axis=0)
-    return np.take(rows, nearest_indices(class_ids.shape[1], width), axis=1)
+    return sample_nearest(np.asarray(class_ids, dtype=np.uint8), size)
 
 
 def resized_mask_counts(class_ids, size, n_classes):
