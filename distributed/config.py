@@ -62,8 +62,8 @@ class TrainConfig:
     cache_shard_mb: int = 1024
     skip_bad: bool = False
     scene_count: int = 256  # frames generated when no --data is given
-    keep_checkpoints: int = 2  # best K by validation mIoU
-    checkpoint_every: int = 10  # also checkpoint on every new best val mIoU and at the last epoch
+    keep_checkpoints: int = 2  # the K most recent; each carries the best epoch's weights so far
+    checkpoint_every: int = 10  # and at the last epoch: what a restart resumes from
     # Fault injection for tests: the last worker raises once during this epoch (1-based); a marker file
     # in the run's storage keeps it from failing again after the restart.
     fail_once_at_epoch: int | None = None

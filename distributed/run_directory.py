@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from distributed import inference
 from unet_core import plots, scenes, unet_model
-from unet_core.training import averaged_weights, predict_logits_fn
+from unet_core.training import predict_logits_fn
 
 PREVIEW_FRAMES = 6
 
@@ -30,15 +30,11 @@ def write_skipped(output, skipped):
         os.remove(path)
 
 
-def write(config, result, val_frames):
-    """Fill the run directory from Ray Train's result; returns the per-epoch metrics."""
-    best = result.get_best_checkpoint("val_mean_iou", "max") or result.checkpoint
-    with result.checkpoint.as_directory() as latest:
-        with open(os.path.join(latest, "state.json")) as file:
-            history = json.load(file)["history"]
+def write(config, history, best_weights, val_frames):
+    """Fill the run directory from a finished run's history and the weights its best epoch was
+    scored with; returns the per-epoch metrics."""
     model_path = os.path.join(config.output, "model.keras")
-    with best.as_directory() as directory:
-        export_model(config, os.path.join(directory, "model.keras"), model_path)
+    export_model(config, best_weights, model_path)
 
     write_metrics(config.output, history)
     plots.save_curves(history, os.path.join(config.output, "curves.png"))
@@ -53,13 +49,10 @@ def write(config, result, val_frames):
     return history
 
 
-def export_model(config, checkpoint_model, path):
-    """The weights the checkpoint was scored with (their moving average, when the run kept one)
-    in a float32 model without optimizer state: a third of the size, and it predicts the same on
-    any hardware, whatever precision training used."""
-    trained = inference.load_model(checkpoint_model, with_optimizer=True)  # the average lives in Adam's state
-    with averaged_weights(trained):
-        weights = trained.get_weights()
+def export_model(config, weights, path):
+    """Weights (as scored: their moving average, when the run kept one) in a float32 model without
+    optimizer state: a quarter of a checkpoint's size, and it predicts the same on any hardware,
+    whatever precision training used."""
     tf.keras.mixed_precision.set_global_policy("float32")  # the driver trains nothing itself
     model = unet_model((*config.image_size, 3), config.n_filters, config.n_classes)
     model.set_weights(weights)

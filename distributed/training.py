@@ -2,8 +2,9 @@
 
 Read top to bottom: `train` (driver) prepares data and launches `train_loop_per_worker` on every
 worker; each worker runs one `fit` over every epoch, and after each epoch the workers score the
-whole validation set once between them, report, and save a checkpoint together when one is due;
-the driver then writes the run directory from the best one.
+whole validation set once between them, keep the weights of the best epoch so far in memory,
+report, and save a checkpoint together when one is due; the driver then exports the best weights
+the last checkpoint carries.
 """
 
 import json
@@ -30,6 +31,7 @@ from unet_core.training import (
 
 CHECKPOINT_MODEL = "model.keras"
 CHECKPOINT_STATE = "state.json"
+CHECKPOINT_BEST = "best_weights.npz"  # the weights the best val mIoU so far was scored with
 
 
 def train(config: TrainConfig):
@@ -73,16 +75,15 @@ def train(config: TrainConfig):
         run_config=RunConfig(
             name=config.run_name,
             storage_path=config.resolved_storage_path,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=config.keep_checkpoints,
-                checkpoint_score_attribute="val_mean_iou",
-                checkpoint_score_order="max",
-            ),
+            # The most recent ones: each carries the best weights so far.
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )
     result = trainer.fit()
-    return run_directory.write(config, result, val_frames)
+    with result.checkpoint.as_directory() as directory:  # the last epoch always checkpoints
+        history, best_weights = read_checkpoint(directory)
+    return run_directory.write(config, history, best_weights, val_frames)
 
 
 def train_loop_per_worker(loop_config):
@@ -112,7 +113,7 @@ def train_loop_per_worker(loop_config):
         )
         if loop_config["class_pixel_counts"] is not None:
             start_from_class_prior(model, loop_config["class_pixel_counts"])
-        first_epoch, history = restore(model, ray.train.get_checkpoint())
+        first_epoch, history, best_weights = restore(model, ray.train.get_checkpoint())
     if first_epoch >= config.epochs:
         return
 
@@ -126,7 +127,7 @@ def train_loop_per_worker(loop_config):
         lambda _: training_batches(train_shard, config, first_epoch, rank, loop_config["class_weights"], in_memory)
     )
     end_of_epoch = EndOfEpoch(
-        strategy, ray.train.get_dataset_shard("val"), rank, world_size, config, history,
+        strategy, ray.train.get_dataset_shard("val"), rank, world_size, config, history, best_weights,
         {"resumed_from_epoch": first_epoch, "mixed_precision": precision, "jit_compile": jit_compile,
          "shard_in_memory": in_memory},
     )
@@ -137,13 +138,19 @@ def train_loop_per_worker(loop_config):
 
 class EndOfEpoch(tf.keras.callbacks.Callback):
     """After each epoch, on every worker: score validation (on the weights' moving average when
-    the run keeps one), report to Ray Train (with a checkpoint when one is due: raw weights and
-    Adam's state, the average included), and stop early once val mIoU stops improving."""
+    the run keeps one) and copy the scored weights when they beat every epoch before, report to
+    Ray Train (with a checkpoint when one is due: raw weights and Adam's state, the average
+    included, and the best weights so far), and stop early once val mIoU stops improving.
 
-    def __init__(self, strategy, val_frames, rank, world_size, config, history, constants):
+    The best weights wait in memory for the next scheduled checkpoint instead of being
+    checkpointed at once: a new best comes almost every epoch early in a run, and saving model
+    and Adam's state each time took 156 saves and 14% of a 250-epoch run (RESULTS.md).
+    """
+
+    def __init__(self, strategy, val_frames, rank, world_size, config, history, best_weights, constants):
         super().__init__()
         self.strategy, self.val_frames, self.rank, self.world_size = strategy, val_frames, rank, world_size
-        self.config, self.history, self.constants = config, history, constants
+        self.config, self.history, self.best_weights, self.constants = config, history, best_weights, constants
         self.forward = None
         self.started = time.time()
 
@@ -158,6 +165,9 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
         with averaged_weights(self.model):
             scores = evaluate(self.model, self.forward, self.strategy, self.val_frames, self.rank, self.world_size,
                               config)
+            # The scores are all-reduced, so every worker keeps the same epoch's weights.
+            if is_new_best(self.history, scores):
+                self.best_weights = self.model.get_weights()
         metrics = {
             "epoch": epoch + 1,
             "loss": logs["loss"],
@@ -168,7 +178,6 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
             "epoch_seconds": time.time() - self.started,  # training + validation
             "val_seconds": time.time() - val_started,
         }
-        checkpoint_now = should_checkpoint(self.history, metrics, epoch, config)
         self.history.append(metrics)
         stop = should_stop_early(self.history, config.early_stopping_patience)
         if self.rank == 0:
@@ -176,7 +185,8 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
                        f"val_loss {metrics['val_loss']:.4f} val_pixel_accuracy "
                        f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f} "
                        f"({metrics['epoch_seconds']:.0f} s)")
-        save_and_report(self.model, metrics, self.history, self.rank, checkpoint_now or stop)
+        checkpoint_now = should_checkpoint(epoch, config) or stop
+        save_and_report(self.model, metrics, self.history, self.best_weights, self.rank, checkpoint_now)
         if stop:
             # Metrics are all-reduced, so every worker stops after the same epoch.
             if self.rank == 0:
@@ -256,16 +266,18 @@ def worker_log(message):
     print(message, file=sys.__stdout__, flush=True)
 
 
-def should_checkpoint(history, metrics, epoch, config):
-    """A new best val mIoU, every `checkpoint_every`-th epoch (what a restart resumes from), the last.
+def is_new_best(history, scores):
+    """Whether an epoch's val mIoU beats every earlier epoch's (a tie does not)."""
+    return scores["val_mean_iou"] > max((row["val_mean_iou"] for row in history), default=-1.0)
 
-    Saving model and Adam state costs about a second, a lot beside the few seconds of an epoch
-    on a small dataset. The metrics are all-reduced, so every worker decides the same way, as
-    saving under MWMS needs.
+
+def should_checkpoint(epoch, config):
+    """Every `checkpoint_every`-th epoch (what a restart resumes from) and the last.
+
+    Saving model and Adam's state costs about a second, a lot beside the few seconds of an epoch
+    on a small dataset. Every worker decides the same way, as saving under MWMS needs.
     """
-    best = max((row["val_mean_iou"] for row in history), default=-1.0)
-    return (metrics["val_mean_iou"] > best or (epoch + 1) % config.checkpoint_every == 0
-            or epoch + 1 == config.epochs)
+    return (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
 
 
 def should_stop_early(history, patience):
@@ -285,17 +297,26 @@ def set_precision_policy(mixed_precision, use_gpu):
 
 
 def restore(model, checkpoint):
-    """Load weights and Adam's state from a checkpoint; returns (first epoch to run, history)."""
+    """Load weights and Adam's state from a checkpoint; returns (first epoch to run, history,
+    best weights so far)."""
     if checkpoint is None:
-        return 0, []
+        return 0, [], None
     with checkpoint.as_directory() as directory:
         # Adam's slots must exist before loading, or their saved values are silently dropped.
         model.optimizer.build(model.trainable_variables)
         model.load_weights(os.path.join(directory, CHECKPOINT_MODEL))
-        with open(os.path.join(directory, CHECKPOINT_STATE)) as file:
-            history = json.load(file)["history"]
+        history, best_weights = read_checkpoint(directory)
     worker_log(f"[unet-ray] resumed from the checkpoint of epoch {len(history)}")
-    return len(history), history
+    return len(history), history, best_weights
+
+
+def read_checkpoint(directory):
+    """(history, the weights the best val mIoU so far was scored with) of a checkpoint's directory."""
+    with open(os.path.join(directory, CHECKPOINT_STATE)) as file:
+        history = json.load(file)["history"]
+    with np.load(os.path.join(directory, CHECKPOINT_BEST)) as arrays:
+        best_weights = [arrays[f"arr_{index}"] for index in range(len(arrays.files))]
+    return history, best_weights
 
 
 def evaluate(model, forward, strategy, val_frames, rank, world_size, config):
@@ -334,7 +355,7 @@ def weights_fingerprint(model):
                      for index, weights in enumerate(model.get_weights())))
 
 
-def save_and_report(model, metrics, history, rank, with_checkpoint=True):
+def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint=True):
     """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint.
 
     Every worker reports every epoch, checkpoint or not: Ray Train counts the reports.
@@ -349,6 +370,7 @@ def save_and_report(model, metrics, history, rank, with_checkpoint=True):
         model.save(os.path.join(directory, CHECKPOINT_MODEL), save_format="keras_v3")
         with open(os.path.join(directory, CHECKPOINT_STATE), "w") as file:
             json.dump({"history": history}, file)
+        np.savez(os.path.join(directory, CHECKPOINT_BEST), *best_weights)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         ray.train.report(reported, checkpoint=checkpoint)
 

@@ -37,7 +37,7 @@ def parse_args(argv=None):
     option("--skip-bad", "train without unreadable frames (listed in OUTPUT/skipped.json)", action="store_true",
            default=None)
     option("--scene-count", "frames to generate when --data is not given", type=int)
-    option("--checkpoint-every", "epochs between checkpoints, besides every new best and the last", type=int)
+    option("--checkpoint-every", "epochs between checkpoints; the last epoch always saves one", type=int)
     recipe = parser.add_argument_group("recipe (set together by --preset; any flag overrides it)")
     recipe.add_argument("--preset", choices=tuple(PRESETS), default="default")
     for flag, kwargs in (

@@ -13,8 +13,8 @@ import tensorflow as tf
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
-    CHECKPOINT_MODEL, CHECKPOINT_STATE, read_shard, restore, shard_fits_in_memory, should_checkpoint,
-    should_stop_early, train, training_batches,
+    CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, is_new_best, read_checkpoint, read_shard, restore,
+    shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
 )
 from unet_core import data, scenes, unet_model
 from unet_core.training import averaged_weights, compile_unet, evaluate_arrays
@@ -42,9 +42,9 @@ def checkpoint_model(directory):
     return tf.keras.models.load_model(path)
 
 
-def assert_validation_counted_once(config, row):
-    """The reported validation figures equal a single-process score of the weights the
-    checkpoint of that epoch was scored with (the moving average, when the run keeps one)."""
+def assert_scores_as_reported(config, model, row):
+    """A single-process score of `model` on the validation frames equals the reported figures of
+    `row`: validation was counted once over the whole set, and `model` holds the weights scored."""
     pairs = data.find_pairs(config.data or os.path.join(config.output, "scenes"))
     is_val = data.validation_flags([pair.name for pair in pairs], config.val_fraction, config.split)
     # Only the validation frames are read: a run may have skipped an unreadable training frame.
@@ -52,11 +52,17 @@ def assert_validation_counted_once(config, row):
                                    pair.image_path, pair.mask_path, config.image_size, 23)
               for pair, flag in zip(pairs, is_val) if flag]
     images, masks = np.stack([image for image, _ in frames]), np.stack([mask for _, mask in frames])
-    with averaged_weights(checkpoint_model(checkpoint_dirs(config)[row["epoch"]])) as model:
-        loss, confusion = evaluate_arrays(model, images, masks, 23)
+    loss, confusion = evaluate_arrays(model, images, masks, 23)
     assert row["val_loss"] == pytest.approx(loss, rel=1e-4)
     assert row["val_mean_iou"] == pytest.approx(confusion.mean_iou(), abs=1e-6)
     assert row["val_pixel_accuracy"] == pytest.approx(confusion.pixel_accuracy(), abs=1e-6)
+
+
+def assert_validation_counted_once(config, row):
+    """The weights the checkpoint of that epoch was scored with (the moving average, when the run
+    keeps one) score as reported."""
+    with averaged_weights(checkpoint_model(checkpoint_dirs(config)[row["epoch"]])) as model:
+        assert_scores_as_reported(config, model, row)
 
 
 def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
@@ -83,17 +89,15 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
 
     # Validation is counted once over the whole set, though two workers share it.
     assert_validation_counted_once(config, saved[-1])
-    # The export holds a kept checkpoint's weight average (the best's), not its raw weights.
-    exported = model.get_weights()
-    matches = []
-    for directory in checkpoint_dirs(config).values():
-        trained = checkpoint_model(directory)
-        raw = trained.get_weights()
-        with averaged_weights(trained):
-            averaged = trained.get_weights()
-        assert not all(np.allclose(a, r) for a, r in zip(averaged, raw))
-        matches.append(all(np.array_equal(a, e) for a, e in zip(averaged, exported)))
-    assert matches.count(True) == 1
+    # Only the last epoch checkpointed (checkpoint_every 10), yet the export holds the weights the
+    # best epoch was scored with, whichever it was, and the checkpoint carries them for a resume.
+    assert list(checkpoint_dirs(config)) == [2]
+    _, best = read_checkpoint(checkpoint_dirs(config)[2])
+    assert len(best) == len(model.get_weights())
+    assert all(np.array_equal(b, e) for b, e in zip(best, model.get_weights()))
+    trained = checkpoint_model(checkpoint_dirs(config)[2])  # in the precision training scored in
+    trained.set_weights(best)
+    assert_scores_as_reported(config, trained, max(saved, key=lambda row: row["val_mean_iou"]))
 
     # Same run name and storage path, more epochs: continues after epoch 2 instead of restarting.
     resumed = train(smoke_config(tmp_path, epochs=3))
@@ -110,7 +114,8 @@ def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_ba
     truncated = frames / "CameraRGB" / "scene_000005.png"
     truncated.write_bytes(truncated.read_bytes()[:300])
     config = dataclasses.replace(
-        smoke_config(tmp_path, data=str(frames), epochs=3, max_failures=1, fail_once_at_epoch=2, skip_bad=True),
+        smoke_config(tmp_path, data=str(frames), epochs=3, max_failures=1, fail_once_at_epoch=2, skip_bad=True,
+                     checkpoint_every=1),
         # `auto` would pick bfloat16 on a CPU with AVX512-BF16, and bfloat16 is never XLA-compiled on CPU.
         num_workers=1, cpus_per_worker=2, mixed_precision="off",
     )
@@ -152,17 +157,16 @@ def test_unpaired_files_fail_before_training(tmp_path, ray_session):
         train(smoke_config(tmp_path, data=str(frames), epochs=1))
 
 
-def test_checkpoints_on_a_new_best_every_nth_epoch_and_the_last():
+def test_checkpoints_every_nth_epoch_and_the_last():
     config = TrainConfig(epochs=10, checkpoint_every=4)
-    history = []
-    saved = []
-    for epoch, score in enumerate([0.1, 0.3, 0.2, 0.25, 0.3, 0.1, 0.31, 0.2, 0.2, 0.1]):
-        metrics = {"val_mean_iou": score}
-        if should_checkpoint(history, metrics, epoch, config):
-            saved.append(epoch + 1)
-        history.append(metrics)
-    # 1, 2, 7: new bests (a tie is not one); 4, 8: every 4th; 10: the last.
-    assert saved == [1, 2, 4, 7, 8, 10]
+    assert [epoch + 1 for epoch in range(10) if should_checkpoint(epoch, config)] == [4, 8, 10]
+
+
+def test_a_new_best_beats_every_earlier_epoch():
+    history = [{"val_mean_iou": value} for value in (0.1, 0.3, 0.2)]
+    assert is_new_best([], {"val_mean_iou": 0.0})  # the first epoch always is
+    assert is_new_best(history, {"val_mean_iou": 0.31})
+    assert not is_new_best(history, {"val_mean_iou": 0.3})  # a tie is not
 
 
 @pytest.mark.parametrize("augment, in_memory", [(False, False), (True, False), (False, True), (True, True)])
@@ -196,7 +200,7 @@ def test_every_epoch_feeds_each_frame_once_in_a_new_order(ray_session, augment, 
         assert epochs[0] != epochs[1] != epochs[2]
 
 
-def test_resume_restores_the_weights_and_their_moving_average(tmp_path):
+def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tmp_path):
     def compiled():
         return compile_unet(unet_model((32, 48, 3), n_filters=4), learning_rate=1e-2, ema_momentum=0.9)
 
@@ -209,11 +213,14 @@ def test_resume_restores_the_weights_and_their_moving_average(tmp_path):
         averaged = model.get_weights()
     model.save(str(tmp_path / CHECKPOINT_MODEL), save_format="keras_v3")
     (tmp_path / CHECKPOINT_STATE).write_text(json.dumps({"history": [{"epoch": 1}]}))
+    best = [np.full_like(w, index) for index, w in enumerate(averaged)]
+    np.savez(tmp_path / CHECKPOINT_BEST, *best)
 
     resumed = compiled()
-    first_epoch, history = restore(resumed, ray.train.Checkpoint.from_directory(str(tmp_path)))
+    first_epoch, history, best_weights = restore(resumed, ray.train.Checkpoint.from_directory(str(tmp_path)))
 
     assert (first_epoch, history) == (1, [{"epoch": 1}])
+    assert len(best_weights) == len(best) and all(np.array_equal(a, b) for a, b in zip(best, best_weights))
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), resumed.get_weights()))
     with averaged_weights(resumed):
         assert all(np.array_equal(a, b) for a, b in zip(averaged, resumed.get_weights()))
