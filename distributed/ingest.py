@@ -107,6 +107,10 @@ def load_frames(uri, size, n_classes, val_fraction, split="hash", skip_bad=False
             f"{min_train_frames} (one global batch per worker) and validation at least 1: "
             f"add frames, lower --batch-size or change --val-fraction"
         )
+    for split_frames in (train, val):
+        # Both are in memory now. Training reads them again every epoch (validation whole, on every
+        # worker), and a progress bar for each of those reads only buries the epoch's own line.
+        split_frames.context.enable_progress_bars = False
     return train, val, skipped
 
 

@@ -42,6 +42,19 @@ def quiet_placement_group_cleaner():
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+def quiet_per_epoch_logs():
+    """Run in every training worker. Each epoch Ray Train logs the whole report it is handed and
+    Ray Data logs each pass over the validation set: with the pass's progress bar (turned off in
+    `ingest.load_frames`), five lines of Ray's beside the run's own line every epoch (1,500 in a
+    250-epoch run). Warnings still show."""
+    import logging
+
+    from ray.train.v2._internal.execution import context  # its logger is named after its file
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
+
+
 def workers_that_fit(cpus_per_worker, gpus_per_worker=0):
     """How many training workers the cluster's live nodes hold now: a worker cannot span nodes."""
     fit = 0

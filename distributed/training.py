@@ -90,6 +90,7 @@ def train_loop_per_worker(loop_config):
     config = TrainConfig(**loop_config["config"])
     steps_per_epoch = math.ceil(loop_config["rows_per_worker"] / config.batch_size)
     runtime.configure_tensorflow_threads(config.cpus_per_worker)
+    runtime.quiet_per_epoch_logs()
     precision = set_precision_policy(config.mixed_precision, config.use_gpu)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
