@@ -10,6 +10,9 @@ class TrainConfig:
     """Defaults are the `default` preset; `TrainConfig.from_preset("classic")` is the exercise's."""
 
     data: str | None = None  # CARLA-layout directory or URI; None = generate scenes into `output`
+    # A CARLA-layout directory or URI to validate on; every frame of `data` then trains, and
+    # `val_fraction` and `split` go unused. None: validate on a split of `data`.
+    val_data: str | None = None
     output: str = "runs/unet"
     run_name: str = "unet"
     storage_path: str | None = None  # Ray Train's checkpoints; None = `output`/ray_results

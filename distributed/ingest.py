@@ -70,42 +70,55 @@ def preprocess_batch(batch, filesystem, root, size, n_classes):
             errors.append("")
         except (ValueError, OSError) as error:
             errors.append(str(error))
-    return {"name": names, "image": images, "mask": masks, "is_val": batch["is_val"], "error": np.array(errors)}
+    return {"name": names, "image": images, "mask": masks, "is_val": batch["is_val"], "key": batch["key"],
+            "error": np.array(errors)}
 
 
 def _rows_where(batch, keep):
-    return {key: value[keep] for key, value in batch.items() if key not in ("error", "is_val")}
+    return {key: value[keep] for key, value in batch.items() if key not in ("error", "is_val", "key")}
 
 
-def load_frames(uri, size, n_classes, val_fraction, split="hash", skip_bad=False, min_train_frames=1):
-    """(train dataset, validation dataset, skipped {path-ish name: reason}).
+def load_frames(uri, size, n_classes, val_fraction, split="hash", skip_bad=False, min_train_frames=1,
+                val_uri=None):
+    """(train dataset, validation dataset, skipped {name: reason}).
 
-    Raises one ValueError naming every unreadable frame, unless `skip_bad`.
+    Validation is a split of `uri` (`val_fraction` of it, picked by `split`) or, given `val_uri`,
+    every frame of that directory, and then every frame of `uri` trains. Frames of `val_uri` are
+    listed in `skipped` under their path. Raises one ValueError naming every unreadable frame,
+    unless `skip_bad`.
     """
-    filesystem, root, names = discover_pairs(uri)
-    is_val = data.validation_flags(names, val_fraction, split)
-    items = [{"name": name, "is_val": flag} for name, flag in zip(names, is_val)]
-    frames = ray.data.from_items(items).map_batches(
-        preprocess_batch,
-        batch_size=ROWS_PER_TASK,
-        fn_kwargs=dict(filesystem=filesystem, root=root, size=tuple(size), n_classes=n_classes),
-    ).materialize()
-    failed = frames.filter(lambda row: row["error"] != "").select_columns(["name", "error"]).take_all()
-    skipped = {row["name"]: row["error"] for row in failed}
+    sources = [(uri, None)] if val_uri is None else [(uri, False), (val_uri, True)]
+    parts, frame_count = [], 0
+    for source, is_val in sources:
+        filesystem, root, names = discover_pairs(source)
+        flags = data.validation_flags(names, val_fraction, split) if is_val is None else [is_val] * len(names)
+        items = [{"name": name, "is_val": flag, "key": f"{source}/{name}" if is_val else name}
+                 for name, flag in zip(names, flags)]
+        parts.append(ray.data.from_items(items).map_batches(
+            preprocess_batch,
+            batch_size=ROWS_PER_TASK,
+            fn_kwargs=dict(filesystem=filesystem, root=root, size=tuple(size), n_classes=n_classes),
+        ))
+        frame_count += len(names)
+    frames = (parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])).materialize()
+    where = uri if val_uri is None else f"{uri} and {val_uri}"
+    failed = frames.filter(lambda row: row["error"] != "").select_columns(["key", "error"]).take_all()
+    skipped = {row["key"]: row["error"] for row in failed}
     if skipped and not skip_bad:
         listing = "\n".join(f"  {reason}" for reason in skipped.values())
         raise ValueError(
-            f"{uri}: {len(skipped)} of {len(names)} frame(s) cannot be read "
+            f"{where}: {len(skipped)} of {frame_count} frame(s) cannot be read "
             f"(fix them, or pass --skip-bad to train without them):\n{listing}"
         )
     train = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & ~b["is_val"])).materialize()
     val = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & b["is_val"])).materialize()
     if train.count() < min_train_frames or val.count() == 0:
+        how, remedy = ((f"at val_fraction={val_fraction}", "add frames, lower --batch-size or change --val-fraction")
+                       if val_uri is None else ("", "add frames or lower --batch-size"))
         raise ValueError(
-            f"{uri}: {len(names) - len(skipped)} usable frame(s) give {train.count()} for training and "
-            f"{val.count()} for validation at val_fraction={val_fraction}; training needs at least "
-            f"{min_train_frames} (one global batch per worker) and validation at least 1: "
-            f"add frames, lower --batch-size or change --val-fraction"
+            f"{where}: {frame_count - len(skipped)} usable frame(s) give {train.count()} for training and "
+            f"{val.count()} for validation{' ' + how if how else ''}; training needs at least "
+            f"{min_train_frames} (one global batch per worker) and validation at least 1: {remedy}"
         )
     for split_frames in (train, val):
         # Both are in memory now. Training reads them again every epoch (validation whole, on every

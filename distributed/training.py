@@ -44,7 +44,7 @@ def train(config: TrainConfig):
     data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
         data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.skip_bad,
-        min_train_frames=config.num_workers,
+        min_train_frames=config.num_workers, val_uri=config.val_data,
     )
     run_directory.write_skipped(config.output, skipped)
     counts = weights = None

@@ -26,6 +26,7 @@ def parse_args(argv=None):
     option("--image-size", metavar=("H", "W"), type=int, nargs=2)
     option("--n-filters", type=int)
     option("--n-classes", type=int)
+    option("--val-data", "CARLA-layout directory or URI to validate on; every frame of --data then trains")
     option("--val-fraction", type=float)
     option("--split", "hash: stable random by name; tail: last frames by name", choices=("hash", "tail"))
     option("--max-failures", "worker failures to recover from", type=int)

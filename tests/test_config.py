@@ -25,6 +25,7 @@ def test_flags_override_the_preset():
                                           "--ema-momentum", "0.9"]))
     assert (config.clip_norm, config.epochs, config.batch_size, config.ema_momentum) == (0.5, 3, 32, 0.9)
     assert config_from_args(parse_args(["--cache-shard-mb", "0"])).cache_shard_mb == 0
+    assert config_from_args(parse_args(["--val-data", "held_out"])).val_data == "held_out"
 
 
 def test_bad_values_are_refused_with_the_field_named():

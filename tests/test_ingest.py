@@ -1,10 +1,11 @@
-"""Ray Data ingest on a real local Ray: the class counts the recipe takes from the training frames."""
+"""Ray Data ingest on a real local Ray: train and validation frames, and the class counts the recipe takes."""
 
 import numpy as np
 import pytest
 import ray
 
 from distributed import ingest
+from unet_core import data, scenes
 
 
 @pytest.fixture(scope="module")
@@ -19,3 +20,31 @@ def frames(ray_session):
 def test_class_pixel_counts_equal_numpy_over_every_pixel(frames):
     dataset, masks = frames
     assert ingest.class_pixel_counts(dataset, 6).tolist() == np.bincount(masks.ravel(), minlength=6).tolist()
+
+
+def test_a_validation_directory_validates_whole_while_every_frame_of_data_trains(tmp_path, ray_session):
+    # Both directories name their frames scene_000000.png, ...: the rows must not mix them up.
+    scenes.write_scenes(str(tmp_path / "train"), 5, seed=1)
+    scenes.write_scenes(str(tmp_path / "val"), 3, seed=2)
+    train, val, skipped = ingest.load_frames(str(tmp_path / "train"), (32, 48), 23, 0.5, "tail",
+                                             val_uri=str(tmp_path / "val"))
+    assert skipped == {}
+    assert sorted(train.to_pandas()["name"]) == [f"scene_{i:06d}.png" for i in range(5)]
+    rows = val.take_all()
+    assert sorted(row["name"] for row in rows) == [f"scene_{i:06d}.png" for i in range(3)]
+    expected, _, names = data.load_pairs(str(tmp_path / "val"), (32, 48), 23)
+    for row in rows:
+        np.testing.assert_array_equal(row["image"], expected[names.index(row["name"])])
+
+
+def test_an_unreadable_validation_frame_is_named_by_its_path(tmp_path, ray_session):
+    scenes.write_scenes(str(tmp_path / "train"), 4, seed=1)
+    scenes.write_scenes(str(tmp_path / "val"), 2, seed=2)
+    mask = tmp_path / "val" / "CameraMask" / "scene_000001.png"
+    mask.write_bytes(mask.read_bytes()[:100])
+    arguments = (str(tmp_path / "train"), (32, 48), 23, 0.5, "tail")
+    with pytest.raises(ValueError, match="1 of 6 frame\\(s\\) cannot be read") as error:
+        ingest.load_frames(*arguments, val_uri=str(tmp_path / "val"))
+    assert str(mask) in str(error.value)
+    _, val, skipped = ingest.load_frames(*arguments, skip_bad=True, val_uri=str(tmp_path / "val"))
+    assert list(skipped) == [f"{tmp_path / 'val'}/scene_000001.png"] and val.count() == 1
