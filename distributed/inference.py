@@ -122,9 +122,9 @@ def model_file(path):
     return candidate
 
 
-def load_model(path, with_optimizer=False):
-    """A saved model in safe mode; `with_optimizer` also restores Adam's state (weight average included)."""
-    return tf.keras.models.load_model(path, compile=with_optimizer, safe_mode=True)
+def load_model(path):
+    """A saved model in safe mode, for prediction (no optimizer state)."""
+    return tf.keras.models.load_model(path, compile=False, safe_mode=True)
 
 
 def model_identity(model_bytes, path):

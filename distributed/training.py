@@ -315,6 +315,9 @@ def read_checkpoint(directory):
     """(history, the weights the best val mIoU so far was scored with) of a checkpoint's directory."""
     with open(os.path.join(directory, CHECKPOINT_STATE)) as file:
         history = json.load(file)["history"]
+    if not os.path.exists(os.path.join(directory, CHECKPOINT_BEST)):
+        raise ValueError(f"{directory}: checkpoint without {CHECKPOINT_BEST}, written before unet-ray kept the best "
+                         f"weights there; start a new run (another --run-name or --storage-path)")
     with np.load(os.path.join(directory, CHECKPOINT_BEST)) as arrays:
         best_weights = [arrays[f"arr_{index}"] for index in range(len(arrays.files))]
     return history, best_weights

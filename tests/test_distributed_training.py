@@ -218,6 +218,9 @@ def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tm
 
     resumed = compiled()
     first_epoch, history, best_weights = restore(resumed, ray.train.Checkpoint.from_directory(str(tmp_path)))
+    (tmp_path / CHECKPOINT_BEST).unlink()
+    with pytest.raises(ValueError, match=f"checkpoint without {CHECKPOINT_BEST}"):
+        restore(compiled(), ray.train.Checkpoint.from_directory(str(tmp_path)))
 
     assert (first_epoch, history) == (1, [{"epoch": 1}])
     assert len(best_weights) == len(best) and all(np.array_equal(a, b) for a, b in zip(best, best_weights))
