@@ -48,3 +48,15 @@ def test_an_unreadable_validation_frame_is_named_by_its_path(tmp_path, ray_sessi
     assert str(mask) in str(error.value)
     _, val, skipped = ingest.load_frames(*arguments, skip_bad=True, val_uri=str(tmp_path / "val"))
     assert list(skipped) == [f"{tmp_path / 'val'}/scene_000001.png"] and val.count() == 1
+
+
+def test_too_few_frames_for_a_split_is_a_clear_error(tmp_path, ray_session):
+    scenes.write_scenes(str(tmp_path / "one"), 1, seed=1)
+    with pytest.raises(ValueError, match="give 0 for training and 1 for validation at val_fraction=0.5; .*"
+                                         "change --val-fraction"):
+        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail")
+    scenes.write_scenes(str(tmp_path / "val"), 1, seed=2)
+    with pytest.raises(ValueError, match="give 1 for training and 1 for validation; training needs at least 2 .*"
+                                         "add frames or lower --batch-size$"):
+        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", min_train_frames=2,
+                           val_uri=str(tmp_path / "val"))
