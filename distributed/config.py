@@ -89,8 +89,21 @@ class TrainConfig:
             raise ValueError(f"class_mix must be a probability in [0, 1], got {self.class_mix}")
         if self.clip_norm < 0:
             raise ValueError(f"clip_norm must be 0 (no cap) or positive, got {self.clip_norm}")
+        if len(self.image_size) != 2 or any(side < 16 or side % 16 for side in self.image_size):
+            # Checked here, not first in a Ray worker after the whole dataset is decoded.
+            raise ValueError(f"image_size must be a height and a width, each a multiple of 16 (the U-Net pools "
+                             f"four times), got {'x'.join(map(str, self.image_size))}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.class_weight_power < 0:
+            raise ValueError(f"class_weight_power must be 0 (plain loss) or positive, got {self.class_weight_power}")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be 0 (never stop) or positive, "
+                             f"got {self.early_stopping_patience}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be -1 (no limit), 0 or positive, got {self.max_failures}")
         for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "n_filters", "n_classes",
-                     "checkpoint_every"):
+                     "checkpoint_every", "keep_checkpoints", "scene_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:

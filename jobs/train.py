@@ -1,6 +1,7 @@
 """python -m jobs.train: train the U-Net on Ray (local, or the cluster in RAY_ADDRESS)."""
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -29,7 +30,7 @@ def parse_args(argv=None):
     option("--val-data", "CARLA-layout directory or URI to validate on; every frame of --data then trains")
     option("--val-fraction", type=float)
     option("--split", "hash: stable random by name; tail: last frames by name", choices=("hash", "tail"))
-    option("--max-failures", "worker failures to recover from", type=int)
+    option("--max-failures", "worker failures to recover from; -1: no limit", type=int)
     option("--seed", type=int)
     option("--mixed-precision", "auto: bf16 on hardware with native bfloat16", choices=("auto", "off", "bf16", "fp16"))
     option("--jit-compile", "XLA-compile the training step", action=argparse.BooleanOptionalAction)
@@ -57,15 +58,16 @@ def parse_args(argv=None):
         ("--early-stopping-patience", dict(type=int, help="0: never")),
     ):
         recipe.add_argument(flag, **kwargs)
-    parser.add_argument("--smoke", action="store_true", help="tiny model and data: a run in seconds")
+    parser.add_argument("--smoke", action="store_true", help="tiny model and data: a run in seconds (flags given still apply)")
     return parser.parse_args(argv)
 
 
 def config_from_args(args):
+    """The preset, shrunk by --smoke, then every flag given: a flag always wins."""
     overrides = {key: value for key, value in vars(args).items()
                  if value is not None and key not in ("smoke", "preset")}
-    config = TrainConfig.from_preset(args.preset, **overrides)
-    return config.smoke() if args.smoke else config
+    config = TrainConfig.from_preset(args.preset)
+    return dataclasses.replace(config.smoke() if args.smoke else config, **overrides)
 
 
 def main(argv=None):

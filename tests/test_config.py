@@ -37,6 +37,24 @@ def test_bad_values_are_refused_with_the_field_named():
         TrainConfig(cache_shard_mb=-1)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         TrainConfig.from_preset("fast")
+    # Refused before Ray starts, not in a worker after the data is decoded.
+    for bad in ([100, 128], (96,), (0, 128)):
+        with pytest.raises(ValueError, match="image_size must be a height and a width, each a multiple of 16"):
+            TrainConfig(image_size=bad)
+    for field, value in (("learning_rate", 0.0), ("class_weight_power", -0.5), ("early_stopping_patience", -1),
+                         ("max_failures", -2), ("scene_count", 0), ("keep_checkpoints", 0)):
+        with pytest.raises(ValueError, match=field):
+            TrainConfig(**{field: value})
+    assert TrainConfig(max_failures=-1).max_failures == -1  # Ray's "retry without limit"
+    assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
+
+
+def test_smoke_shrinks_the_run_but_every_given_flag_wins():
+    smoke = config_from_args(parse_args(["--smoke"]))
+    assert (smoke.image_size, smoke.n_filters, smoke.batch_size, smoke.epochs) == ((32, 48), 4, 4, 3)
+    given = config_from_args(parse_args(["--smoke", "--batch-size", "2", "--image-size", "64", "96",
+                                         "--epochs", "5"]))
+    assert (given.image_size, given.n_filters, given.batch_size, given.epochs) == ((64, 96), 4, 2, 5)
 
 
 def test_warm_up_is_a_thirtieth_of_the_epochs_unless_given():
@@ -45,6 +63,6 @@ def test_warm_up_is_a_thirtieth_of_the_epochs_unless_given():
     assert TrainConfig(epochs=500, warmup_epochs=16).resolved_warmup_epochs == 16
     assert config_from_args(parse_args(["--epochs", "5"])).resolved_warmup_epochs == 1
     assert config_from_args(parse_args(["--smoke"])).resolved_warmup_epochs == 1
-    assert config_from_args(parse_args(["--smoke", "--warmup-epochs", "8"])).resolved_warmup_epochs == 2
+    assert config_from_args(parse_args(["--smoke", "--warmup-epochs", "2"])).resolved_warmup_epochs == 2
     with pytest.raises(ValueError, match="warmup_epochs must be at least 0 and less than epochs \\(5\\), got 8"):
         TrainConfig(epochs=5, warmup_epochs=8)
