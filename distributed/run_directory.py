@@ -5,20 +5,68 @@ import json
 import os
 
 import numpy as np
+import pyarrow.fs
 import tensorflow as tf
 
-from distributed import inference
+from distributed import inference, ingest
 from unet_core import plots, scenes, unet_model
 from unet_core.training import predict_logits_fn
 
 PREVIEW_FRAMES = 6
 
 
+# What a checkpoint is only good for: the same frames and the same network. A rerun may change
+# anything else (more epochs, another cluster shape, a new learning rate) and resume.
+IDENTITY_FIELDS = ("data", "val_data", "val_fraction", "split", "image_size", "n_filters", "n_classes")
+IDENTITY_FILE = "unet_run.json"
+
+
 def generate_scenes(config):
-    """The default data: synthetic CARLA-layout scenes inside the run directory (kept on rerun)."""
+    """The default data: synthetic CARLA-layout scenes inside the run directory. A rerun writes the
+    same frames again and removes any beyond `scene_count`, left by a larger run before it."""
     directory = os.path.abspath(os.path.join(config.output, "scenes"))
-    scenes.write_scenes(directory, config.scene_count, seed=config.seed)
+    names = set(scenes.write_scenes(directory, config.scene_count, seed=config.seed))
+    for folder in ("CameraRGB", "CameraMask"):
+        for name in set(os.listdir(os.path.join(directory, folder))) - names:
+            os.remove(os.path.join(directory, folder, name))
     return directory
+
+
+def check_run_identity(config):
+    """Refuse to resume a run (same `run_name` and storage) that trained on other frames or another
+    network, which would silently continue it or fail inside a worker."""
+    filesystem, path, identity = _identity(config)
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return
+    with filesystem.open_input_stream(path) as stream:
+        recorded = json.loads(stream.read())
+    changed = [f"{field} {recorded.get(field)!r} -> {value!r}" for field, value in identity.items()
+               if recorded.get(field) != value]
+    if changed:
+        raise ValueError(
+            f"{config.resolved_storage_path}/{config.run_name}: run {config.run_name!r} there trained with other "
+            f"settings ({'; '.join(changed)}); rerun with its settings to resume it, or pass another --run-name "
+            f"or --output to start a new run")
+
+
+def record_run_identity(config):
+    """What `check_run_identity` compares a rerun with, written beside the run's checkpoints."""
+    filesystem, path, identity = _identity(config)
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(json.dumps(identity, indent=2).encode())
+
+
+def _identity(config):
+    identity = {field: value for field, value in config.to_dict().items() if field in IDENTITY_FIELDS}
+    for field in ("data", "val_data"):
+        if identity[field] is not None and "://" not in identity[field]:
+            identity[field] = os.path.abspath(identity[field])
+    if config.data is None:
+        identity["data"] = f"{config.scene_count} generated scenes, seed {config.seed}"
+    identity["image_size"] = list(identity["image_size"])
+    filesystem, run_root = ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}")
+    return filesystem, f"{run_root}/{IDENTITY_FILE}", identity
 
 
 def write_skipped(output, skipped):

@@ -37,6 +37,7 @@ CHECKPOINT_BEST = "best_weights.npz"  # the weights the best val mIoU so far was
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
     os.makedirs(config.output, exist_ok=True)
+    run_directory.check_run_identity(config)
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     shortfall = runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu)
     if shortfall:
@@ -47,6 +48,7 @@ def train(config: TrainConfig):
         min_train_frames=config.num_workers, val_uri=config.val_data,
     )
     run_directory.write_skipped(config.output, skipped)
+    run_directory.record_run_identity(config)
     counts = weights = None
     if config.class_weight_power > 0 or config.prior_bias:
         counts = ingest.class_pixel_counts(train_frames, config.n_classes)

@@ -106,6 +106,9 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     assert [row["epoch"] for row in resumed] == [1, 2, 3]
     assert resumed[:2] == saved
     assert resumed[2]["resumed_from_epoch"] == 2
+    # Other frames under the same name and storage: refused, not continued on the wrong data.
+    with pytest.raises(ValueError, match="'24 generated scenes, seed 0' -> '24 generated scenes, seed 1'"):
+        train(smoke_config(tmp_path, epochs=4, seed=1))
 
 
 def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_bad_frames(tmp_path, ray_session):
@@ -176,12 +179,12 @@ def test_every_epoch_feeds_each_frame_once_in_a_new_order(ray_session, augment, 
     # Frame i is an image of constant value i / 100 and a mask of constant class i % 23 (both
     # survive flips and zoom-crops), so a batch tells which frames it holds.
     frames = 42
-    rows = [{"name": f"{i:06d}.png", "image": np.full((8, 16, 3), i / 100, np.float32),
-             "mask": np.full((8, 16), i % 23, np.uint8)} for i in range(frames)]
+    rows = [{"name": f"{i:06d}.png", "image": np.full((16, 16, 3), i / 100, np.float32),
+             "mask": np.full((16, 16), i % 23, np.uint8)} for i in range(frames)]
     shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
     # ClassMix off: it pastes one frame's classes into another, and these one-class frames whole
     # (tests/test_augment.py checks it).
-    config = TrainConfig(image_size=(8, 16), batch_size=4, epochs=4, augment=augment, class_mix=0.0)
+    config = TrainConfig(image_size=(16, 16), batch_size=4, epochs=4, augment=augment, class_mix=0.0)
     # As every worker does; the default global seed, 0, is one that Dataset.shuffle cannot take
     # beside a seed tensor.
     tf.keras.utils.set_random_seed(config.seed)

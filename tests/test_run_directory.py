@@ -1,0 +1,40 @@
+"""The run directory: generated scenes, and which reruns may resume a run."""
+
+import os
+
+import pytest
+
+from distributed import run_directory
+from distributed.config import TrainConfig
+
+
+def test_generated_scenes_are_exactly_scene_count_on_a_rerun(tmp_path):
+    larger = TrainConfig(output=str(tmp_path), scene_count=5)
+    directory = run_directory.generate_scenes(larger)
+    assert len(os.listdir(os.path.join(directory, "CameraRGB"))) == 5
+    smaller = run_directory.generate_scenes(TrainConfig(output=str(tmp_path), scene_count=3))
+    expected = [f"scene_{index:06d}.png" for index in range(3)]
+    for folder in ("CameraRGB", "CameraMask"):
+        assert sorted(os.listdir(os.path.join(smaller, folder))) == expected
+
+
+def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("frames")
+    first = TrainConfig(data="frames", output="run", epochs=2)
+    run_directory.check_run_identity(first)  # nothing recorded yet: a new run
+    run_directory.record_run_identity(first)
+    recorded = tmp_path / "run" / "ray_results" / "unet" / run_directory.IDENTITY_FILE
+    assert recorded.exists()
+    # More epochs, another cluster shape or learning rate, the same data by absolute path: a resume.
+    run_directory.check_run_identity(TrainConfig(data=str(tmp_path / "frames"), output="run", epochs=5,
+                                                 num_workers=2, learning_rate=1e-3))
+    with pytest.raises(ValueError, match=r"run 'unet' there trained with other settings \(data .*other_frames"):
+        run_directory.check_run_identity(TrainConfig(data="other_frames", output="run"))
+    with pytest.raises(ValueError, match=r"image_size \[96, 128\] -> \[64, 96\]; n_filters 32 -> 8\)"):
+        run_directory.check_run_identity(TrainConfig(data="frames", output="run", image_size=(64, 96), n_filters=8))
+    with pytest.raises(ValueError, match="'24 generated scenes, seed 0'"):
+        run_directory.check_run_identity(TrainConfig(output="run").smoke())
+    # Another run name is another run.
+    run_directory.check_run_identity(TrainConfig(output="run", run_name="scenes").smoke())
+    assert not (tmp_path / "run" / "ray_results" / "scenes").exists()  # checking writes nothing
