@@ -113,13 +113,13 @@ def load_frames(uri, size, n_classes, val_fraction, split="hash", skip_bad=False
     train = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & ~b["is_val"])).materialize()
     val = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & b["is_val"])).materialize()
     if train.count() < min_train_frames or val.count() == 0:
-        split_by, remedy = f" at val_fraction={val_fraction}", "add frames, lower --batch-size or change --val-fraction"
+        split_by, remedy = f" at val_fraction={val_fraction}", "add frames, lower --num-workers or change --val-fraction"
         if val_uri is not None:
-            split_by, remedy = "", "add frames or lower --batch-size"
+            split_by, remedy = "", "add frames or lower --num-workers"
         raise ValueError(
             f"{where}: {frame_count - len(skipped)} usable frame(s) give {train.count()} for training and "
             f"{val.count()} for validation{split_by}; training needs at least "
-            f"{min_train_frames} (one global batch per worker) and validation at least 1: {remedy}"
+            f"{min_train_frames} (one frame per worker) and validation at least 1: {remedy}"
         )
     for split_frames in (train, val):
         # Both are in memory now. Training reads them again every epoch (validation whole, on every

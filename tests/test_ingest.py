@@ -57,6 +57,6 @@ def test_too_few_frames_for_a_split_is_a_clear_error(tmp_path, ray_session):
         ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail")
     scenes.write_scenes(str(tmp_path / "val"), 1, seed=2)
     with pytest.raises(ValueError, match="give 1 for training and 1 for validation; training needs at least 2 .*"
-                                         "add frames or lower --batch-size$"):
+                                         "\\(one frame per worker\\) .*add frames or lower --num-workers$"):
         ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", min_train_frames=2,
                            val_uri=str(tmp_path / "val"))

@@ -1,9 +1,13 @@
+import os
 import subprocess
 import sys
 
 
 def run_python(code):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # Without the test session's TF_USE_LEGACY_KERAS (conftest sets it): the package must set it itself.
+    environment = {key: value for key, value in os.environ.items() if key != "TF_USE_LEGACY_KERAS"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=environment).stdout
 
 
 def test_importing_unet_core_does_not_import_ray():
