@@ -119,6 +119,7 @@ def train_loop_per_worker(loop_config):
         first_epoch, history, best_weights = restore(model, ray.train.get_checkpoint())
     if first_epoch >= config.epochs:
         return
+    seed_augmentation(config, rank)
 
     train_shard = ray.train.get_dataset_shard("train")
     # Each worker feeds its own shard in per-worker batches. Handing Keras a plain dataset
@@ -212,7 +213,7 @@ def training_batches(train_shard, config, first_epoch, rank, class_weights, in_m
         def epoch_frames(epoch):
             # A stateless permutation: Dataset.shuffle cannot take a per-epoch seed tensor once
             # the worker has set a global seed.
-            seed = tf.stack([tf.constant(config.seed * 1_000 + rank, tf.int64), epoch])
+            seed = tf.stack([tf.constant(worker_seed(config, rank), tf.int64), epoch])
             order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(images)[0]), seed)
             return tf.data.Dataset.from_tensor_slices(order).map(lambda row: (images[row], masks[row]))
     else:
@@ -224,7 +225,7 @@ def training_batches(train_shard, config, first_epoch, rank, class_weights, in_m
             return train_shard.iter_batches(
                 batch_size=config.batch_size, batch_format="numpy",
                 local_shuffle_buffer_size=max(4 * config.batch_size, 64),
-                local_shuffle_seed=config.seed * 1_000 + int(epoch) * 10 + rank,
+                local_shuffle_seed=worker_seed(config, rank) + int(epoch) * 10,
             )
 
         def epoch_frames(epoch):
@@ -247,6 +248,17 @@ def training_batches(train_shard, config, first_epoch, rank, class_weights, in_m
     if class_weights is not None:
         dataset = dataset.map(lambda image, mask: (image, mask, augment.pixel_weights(mask, class_weights)))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def worker_seed(config, rank):
+    return config.seed * 1_000 + rank
+
+
+def seed_augmentation(config, rank):
+    """After the model is built (the same initial weights everywhere), give each worker its own
+    random stream: with one seed, every worker drew the same flips, zooms and ClassMix choices
+    for its k-th frame."""
+    tf.random.set_seed(worker_seed(config, rank))
 
 
 def read_shard(train_shard):

@@ -14,7 +14,7 @@ from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
     CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, is_new_best, read_checkpoint, read_shard, restore,
-    shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
+    seed_augmentation, shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
 )
 from unet_core import data, scenes, unet_model
 from unet_core.training import averaged_weights, compile_unet, evaluate_arrays
@@ -203,6 +203,23 @@ def test_every_epoch_feeds_each_frame_once_in_a_new_order(ray_session, augment, 
         epochs = [images[k * frames:(k + 1) * frames] for k in range(3)]
         assert all(sorted(epoch) == list(range(frames)) for epoch in epochs)
         assert epochs[0] != epochs[1] != epochs[2]
+
+
+def test_each_worker_draws_its_own_augmentation(ray_session):
+    rng = np.random.default_rng(0)
+    rows = [{"name": "000000.png", "image": rng.random((16, 16, 3), np.float32),
+             "mask": np.arange(256, dtype=np.uint8).reshape(16, 16) % 23}]
+    config = TrainConfig(image_size=(16, 16), batch_size=1, epochs=6, class_mix=0.0)
+
+    def views(rank):
+        seed_augmentation(config, rank)  # as each worker does once its model is built
+        shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
+        # rank 0's order either way: only the augmentation seed differs.
+        batches = training_batches(shard, config, first_epoch=0, rank=0, class_weights=None, in_memory=True)
+        return np.stack([images.numpy() for images, _ in batches])
+
+    assert np.array_equal(views(0), views(0))  # a restarted worker draws the same again
+    assert not np.array_equal(views(0), views(1))
 
 
 def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tmp_path):
