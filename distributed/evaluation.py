@@ -22,8 +22,9 @@ from unet_core.training import predict_logits_fn, score_batch
 def evaluate(model, data_uri, output, batch_size=32):
     """Score `model` (a .keras file or run directory) on `data_uri`; writes the report into `output`.
 
-    Returns the metrics written to metrics.json. A frame that cannot be read stops the
-    evaluation with a ValueError naming it, because leaving it out would change the scores.
+    Returns the metrics written to metrics.json. Frames that cannot be read fail the evaluation
+    with one ValueError naming every one of them, because leaving them out would change the
+    scores; the report in `output` is then left as it was.
     """
     model_path = inference.model_file(model)
     with open(model_path, "rb") as file:
@@ -37,12 +38,16 @@ def evaluate(model, data_uri, output, batch_size=32):
     previews = {"images": [], "masks": [], "predicted": [], "names": []}
     os.makedirs(output, exist_ok=True)
     worst = WorstFrames(PREVIEW_FRAMES)
-    with open(os.path.join(output, "per_frame.csv"), "w", newline="") as per_frame_file:
+    unreadable = []
+    per_frame_path = os.path.join(output, "per_frame.csv")
+    with open(per_frame_path + ".tmp", "w", newline="") as per_frame_file:
         per_frame = csv.writer(per_frame_file)
         per_frame.writerow(["name", "pixel_accuracy", "mean_iou_truth_classes"])
         for start in range(0, len(names), batch_size):
-            batch_names = names[start : start + batch_size]
-            images, masks = read_batch(filesystem, root, batch_names, size, n_classes)
+            batch_names, images, masks = read_batch(filesystem, root, names[start : start + batch_size], size,
+                                                    n_classes, unreadable)
+            if unreadable:
+                continue  # the scores are void; read on only to name every bad frame at once
             logits = forward(tf.constant(images)).numpy()
             batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes)
             loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
@@ -55,6 +60,12 @@ def evaluate(model, data_uri, output, batch_size=32):
                 frame = ConfusionMatrix(n_classes).update(mask, prediction)
                 per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
                 worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
+    if unreadable:
+        os.remove(per_frame_path + ".tmp")
+        listing = "\n".join(f"  {reason}" for reason in unreadable)
+        raise ValueError(f"{data_uri}: {len(unreadable)} of {len(names)} frame(s) cannot be read (fix them; "
+                         f"scores without them would not be this set's):\n{listing}")
+    os.replace(per_frame_path + ".tmp", per_frame_path)
 
     summary = confusion.summary()
     metrics = {
@@ -95,9 +106,18 @@ class WorstFrames:
         return [(name, -negative, arrays) for negative, name, arrays in ranked]
 
 
-def read_batch(filesystem, root, names, size, n_classes):
-    pairs = [ingest.read_pair(filesystem, root, name, size, n_classes) for name in names]
-    return np.stack([image for image, _ in pairs]), np.stack([mask for _, mask in pairs])
+def read_batch(filesystem, root, names, size, n_classes, unreadable):
+    """(names read, images, masks); the reason each other frame cannot be read goes to `unreadable`."""
+    read, pairs = [], []
+    for name in names:
+        try:
+            pairs.append(ingest.read_pair(filesystem, root, name, size, n_classes))
+            read.append(name)
+        except (ValueError, OSError) as error:
+            unreadable.append(str(error))
+    if not pairs:
+        return read, None, None
+    return read, np.stack([image for image, _ in pairs]), np.stack([mask for _, mask in pairs])
 
 
 def write_report(output, metrics, confusion, previews):

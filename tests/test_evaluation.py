@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -62,14 +63,20 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
     assert list(metrics["worst_frames"].values()) == pytest.approx(sorted(accuracy.values())[:6])
 
 
-def test_evaluate_names_an_unreadable_frame(tmp_path, capsys):
+def test_evaluate_names_every_unreadable_frame_and_writes_no_report(tmp_path, capsys):
     tf.keras.utils.set_random_seed(0)
     unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
-    scenes.write_scenes(tmp_path / "frames", 2)
+    scenes.write_scenes(tmp_path / "frames", 5)
     (tmp_path / "frames" / "CameraRGB" / "scene_000001.png").write_bytes(b"")
+    mask = tmp_path / "frames" / "CameraMask" / "scene_000004.png"
+    mask.write_bytes(mask.read_bytes()[:100])
 
+    # Batches of 2: the bad frames sit in the first and the last batch.
     code = evaluate_job.main(["--model", str(tmp_path), "--data", str(tmp_path / "frames"),
-                              "--output", str(tmp_path / "report")])
+                              "--output", str(tmp_path / "report"), "--batch-size", "2"])
 
     assert code == 2
-    assert "scene_000001.png: empty file" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "2 of 5 frame(s) cannot be read" in error
+    assert "CameraRGB/scene_000001.png: empty file" in error and "CameraMask/scene_000004.png" in error
+    assert os.listdir(tmp_path / "report") == []  # no half-written report
