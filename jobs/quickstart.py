@@ -25,11 +25,23 @@ def parse_args(argv=None):
     parser.add_argument("--scene-count", type=int, default=256, help="frames to train and validate on")
     parser.add_argument("--new-frames", type=int, default=32, help="unseen frames to infer and evaluate")
     parser.add_argument("--smoke", action="store_true", help="tiny model and data: seconds, not minutes")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag in ("epochs", "scene_count", "new_frames"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args):
     started = time.time()
     output = os.path.abspath(args.output)
     # Two workers, to show data-parallel training (MultiWorkerMirroredStrategy) at work; a lone

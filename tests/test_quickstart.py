@@ -2,6 +2,7 @@ import json
 import os
 
 import pyarrow.parquet as pq
+import pytest
 
 from jobs import quickstart
 
@@ -27,3 +28,12 @@ def test_quickstart_runs_the_product_end_to_end(tmp_path, ray_session, capsys):
     table = pq.read_table(tmp_path / "inference" / "predictions")
     assert table.num_rows == 5
     assert len(os.listdir(tmp_path / "inference" / "masks")) == 5
+
+
+def test_quickstart_refuses_empty_counts_before_any_work(tmp_path, capsys):
+    for flag in ("--epochs", "--scene-count", "--new-frames"):
+        with pytest.raises(SystemExit) as exit_info:
+            quickstart.main(["--output", str(tmp_path), flag, "0"])
+        assert exit_info.value.code == 2
+        assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
