@@ -78,7 +78,7 @@ def _rows_where(batch, keep):
     return {key: value[keep] for key, value in batch.items() if key not in ("error", "is_val", "key")}
 
 
-def load_frames(uri, size, n_classes, val_fraction, split="hash", skip_bad=False, min_train_frames=1,
+def load_frames(uri, size, n_classes, val_fraction, split, skip_bad=False, min_train_frames=1,
                 val_uri=None):
     """(train dataset, validation dataset, skipped {name: reason}).
 

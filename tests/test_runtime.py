@@ -33,4 +33,5 @@ def test_connecting_again_leaks_no_ray_setup_hook_into_subprocesses(ray_session)
     # its key (through os.environ, e.g. a `ray start` head) die looking for it.
     runtime.connect()
     assert [key for key in os.environ if "SETUP_HOOK" in key] == []
+    # ray.init writes the hook's key into the env_vars it is handed: a copy, never WORKER_ENV.
     assert set(runtime.WORKER_ENV) == {"TF_USE_LEGACY_KERAS", "TF_CPP_MIN_LOG_LEVEL"}

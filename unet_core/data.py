@@ -219,7 +219,7 @@ def is_validation_name(name, val_fraction):
 SPLITS = ("hash", "tail")
 
 
-def validation_flags(names, val_fraction, split="hash"):
+def validation_flags(names, val_fraction, split):
     """Which frames validate. `hash`: a stable pseudo-random pick by name. `tail`: the last
     fraction by sorted name, for sequences whose neighbouring frames look alike, where a random
     pick would put near-copies of training frames into validation and flatter the score."""
