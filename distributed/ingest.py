@@ -113,7 +113,8 @@ def load_frames(uri, size, n_classes, val_fraction, split, skip_bad=False, min_t
     train = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & ~b["is_val"])).materialize()
     val = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & b["is_val"])).materialize()
     if train.count() < min_train_frames or val.count() == 0:
-        split_by, remedy = f" at val_fraction={val_fraction}", "add frames, lower --num-workers or change --val-fraction"
+        split_by = f" at val_fraction={val_fraction}"
+        remedy = "add frames, lower --num-workers or change --val-fraction"
         if val_uri is not None:
             split_by, remedy = "", "add frames or lower --num-workers"
         raise ValueError(

@@ -58,7 +58,8 @@ def parse_args(argv=None):
         ("--early-stopping-patience", dict(type=int, help="0: never")),
     ):
         recipe.add_argument(flag, **kwargs)
-    parser.add_argument("--smoke", action="store_true", help="tiny model and data: a run in seconds (flags given still apply)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model and data: a run in seconds (flags given still apply)")
     return parser.parse_args(argv)
 
 
