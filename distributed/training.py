@@ -251,6 +251,7 @@ def training_batches(train_shard, config, first_epoch, rank, class_weights, in_m
 
 
 def worker_seed(config, rank):
+    """A seed of each worker's own, the same on a restart: its shuffles and augmentation draw from it."""
     return config.seed * 1_000 + rank
 
 
