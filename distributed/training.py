@@ -118,6 +118,9 @@ def train_loop_per_worker(loop_config):
             start_from_class_prior(model, loop_config["class_pixel_counts"])
         first_epoch, history, best_weights = restore(model, ray.train.get_checkpoint())
     if first_epoch >= config.epochs:
+        if rank == 0:
+            worker_log(f"[unet-ray] run {config.run_name!r} has trained all {config.epochs} epochs; exporting its best "
+                       f"model again (pass more --epochs to train on)")
         return
     seed_augmentation(config, rank)
 
