@@ -4,6 +4,8 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from unet_core import check_input_size
+
 
 @dataclass
 class TrainConfig:
@@ -89,10 +91,9 @@ class TrainConfig:
             raise ValueError(f"class_mix must be a probability in [0, 1], got {self.class_mix}")
         if self.clip_norm < 0:
             raise ValueError(f"clip_norm must be 0 (no cap) or positive, got {self.clip_norm}")
-        if len(self.image_size) != 2 or any(side < 16 or side % 16 for side in self.image_size):
-            # Checked here, not first in a Ray worker after the whole dataset is decoded.
-            raise ValueError(f"image_size must be a height and a width, each a multiple of 16 (the U-Net pools "
-                             f"four times), got {'x'.join(map(str, self.image_size))}")
+        if len(self.image_size) != 2:
+            raise ValueError(f"image_size must be a height and a width, got {self.image_size}")
+        check_input_size(*self.image_size, what="image_size")  # here, not in a worker after decoding the data
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.class_weight_power < 0:

@@ -44,8 +44,9 @@ def evaluate(model, data_uri, output, batch_size=32):
         per_frame = csv.writer(per_frame_file)
         per_frame.writerow(["name", "pixel_accuracy", "mean_iou_truth_classes"])
         for start in range(0, len(names), batch_size):
-            batch_names, images, masks = read_batch(filesystem, root, names[start : start + batch_size], size,
-                                                    n_classes, unreadable)
+            batch_names = names[start : start + batch_size]
+            images, masks, reasons = ingest.read_frames(filesystem, root, batch_names, size, n_classes)
+            unreadable += [reason for reason in reasons if reason]
             if unreadable:
                 continue  # the scores are void; read on only to name every bad frame at once
             logits = forward(tf.constant(images)).numpy()
@@ -104,20 +105,6 @@ class WorstFrames:
         """[(name, pixel accuracy, arrays)], worst first; names break ties, so arrays are never compared."""
         ranked = sorted(self.heap, key=lambda entry: entry[:2], reverse=True)
         return [(name, -negative, arrays) for negative, name, arrays in ranked]
-
-
-def read_batch(filesystem, root, names, size, n_classes, unreadable):
-    """(names read, images, masks); the reason each other frame cannot be read goes to `unreadable`."""
-    read, pairs = [], []
-    for name in names:
-        try:
-            pairs.append(ingest.read_pair(filesystem, root, name, size, n_classes))
-            read.append(name)
-        except (ValueError, OSError) as error:
-            unreadable.append(str(error))
-    if not pairs:
-        return read, None, None
-    return read, np.stack([image for image, _ in pairs]), np.stack([mask for _, mask in pairs])
 
 
 def write_report(output, metrics, confusion, previews):

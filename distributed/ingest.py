@@ -58,20 +58,26 @@ def read_pair(filesystem, root, name, size, n_classes):
     )
 
 
-def preprocess_batch(batch, filesystem, root, size, n_classes):
-    """Names → preprocessed frames; a frame that fails keeps its row, with the reason in `error`."""
-    names = batch["name"]
+def read_frames(filesystem, root, names, size, n_classes):
+    """(images, masks, reasons) of `names`: a frame that cannot be read stays zeros, and its reason
+    is in `reasons` ("" for every frame read). What counts as unreadable is decided here only."""
     images = np.zeros((len(names), *size, 3), np.float32)
     masks = np.zeros((len(names), *size), np.uint8)
-    errors = []
+    reasons = []
     for index, name in enumerate(names):
         try:
             images[index], masks[index] = read_pair(filesystem, root, name, size, n_classes)
-            errors.append("")
+            reasons.append("")
         except (ValueError, OSError) as error:
-            errors.append(str(error))
-    return {"name": names, "image": images, "mask": masks, "is_val": batch["is_val"], "key": batch["key"],
-            "error": np.array(errors)}
+            reasons.append(str(error))
+    return images, masks, reasons
+
+
+def preprocess_batch(batch, filesystem, root, size, n_classes):
+    """Names → preprocessed frames; a frame that fails keeps its row, with the reason in `error`."""
+    images, masks, reasons = read_frames(filesystem, root, batch["name"], size, n_classes)
+    return {"name": batch["name"], "image": images, "mask": masks, "is_val": batch["is_val"], "key": batch["key"],
+            "error": np.array(reasons)}
 
 
 def _rows_where(batch, keep):

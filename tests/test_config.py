@@ -38,8 +38,11 @@ def test_bad_values_are_refused_with_the_field_named():
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         TrainConfig.from_preset("fast")
     # Refused before Ray starts, not in a worker after the data is decoded.
-    for bad in ([100, 128], (96,), (0, 128)):
-        with pytest.raises(ValueError, match="image_size must be a height and a width, each a multiple of 16"):
+    with pytest.raises(ValueError, match="image_size must be a height and a width, got \\(96,\\)"):
+        TrainConfig(image_size=(96,))
+    for bad, hint in (([100, 128], "96×128"), ((0, 128), "16×128")):
+        with pytest.raises(ValueError, match=f"image_size height and width must be positive multiples of 16 .*"
+                                             f"; try {hint}"):
             TrainConfig(image_size=bad)
     for field, value in (("learning_rate", 0.0), ("class_weight_power", -0.5), ("early_stopping_patience", -1),
                          ("max_failures", -2), ("scene_count", 0), ("keep_checkpoints", 0)):

@@ -95,7 +95,7 @@ def test_unet_model_other_sizes():
     assert model.output_shape == (None, 64, 80, 5)
 
 
-@pytest.mark.parametrize("size", [(100, 128, 3), (96, 120, 3)])
+@pytest.mark.parametrize("size", [(100, 128, 3), (96, 120, 3), (0, 128, 3)])
 def test_unet_model_rejects_sizes_not_divisible_by_16(size):
-    with pytest.raises(ValueError, match="divisible by 16"):
+    with pytest.raises(ValueError, match="unet_model input height and width must be positive multiples of 16"):
         unet_model(size)

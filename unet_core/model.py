@@ -2,10 +2,9 @@
 
 import tensorflow as tf
 
-Conv2D = tf.keras.layers.Conv2D
+from unet_core import check_input_size
 
-# The encoder halves height and width four times, so both must divide by 2**4.
-DOWNSAMPLING_FACTOR = 16
+Conv2D = tf.keras.layers.Conv2D
 
 
 def conv_block(inputs, n_filters=32, dropout_prob=0, max_pooling=True):
@@ -32,13 +31,7 @@ def upsampling_block(expansive_input, contractive_input, n_filters=32):
 
 def unet_model(input_size=(96, 128, 3), n_filters=32, n_classes=23):
     """The full U-Net; outputs per-pixel logits of shape (batch, height, width, n_classes)."""
-    height, width = input_size[0], input_size[1]
-    if height % DOWNSAMPLING_FACTOR or width % DOWNSAMPLING_FACTOR:
-        raise ValueError(
-            f"unet_model input height and width must be divisible by {DOWNSAMPLING_FACTOR} "
-            f"(the encoder pools four times), got {height}×{width}; "
-            f"try {round(height / 16) * 16 or 16}×{round(width / 16) * 16 or 16}."
-        )
+    check_input_size(input_size[0], input_size[1])
     inputs = tf.keras.Input(input_size)
     block1 = conv_block(inputs, n_filters)
     block2 = conv_block(block1[0], n_filters * 2)
