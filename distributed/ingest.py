@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pyarrow.fs
 import ray
+from ray.data.expressions import col
 
 from unet_core import data
 
@@ -108,7 +109,7 @@ def load_frames(uri, size, n_classes, val_fraction, split, skip_bad=False, min_t
         frame_count += len(names)
     frames = (parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])).materialize()
     where = uri if val_uri is None else f"{uri} and {val_uri}"
-    failed = frames.filter(lambda row: row["error"] != "").select_columns(["key", "error"]).take_all()
+    failed = frames.filter(expr=col("error") != "").select_columns(["key", "error"]).take_all()
     skipped = {row["key"]: row["error"] for row in failed}
     if skipped and not skip_bad:
         listing = "\n".join(f"  {reason}" for reason in skipped.values())
