@@ -81,10 +81,6 @@ def preprocess_batch(batch, filesystem, root, size, n_classes):
             "error": np.array(reasons)}
 
 
-def _rows_where(batch, keep):
-    return {key: value[keep] for key, value in batch.items() if key not in ("error", "is_val", "key")}
-
-
 def load_frames(uri, size, n_classes, val_fraction, split, skip_bad=False, min_train_frames=1,
                 val_uri=None):
     """(train dataset, validation dataset, skipped {name: reason}).
@@ -117,8 +113,9 @@ def load_frames(uri, size, n_classes, val_fraction, split, skip_bad=False, min_t
             f"{where}: {len(skipped)} of {frame_count} frame(s) cannot be read "
             f"(fix them, or pass --skip-bad to train without them):\n{listing}"
         )
-    train = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & ~b["is_val"])).materialize()
-    val = frames.map_batches(lambda b: _rows_where(b, (b["error"] == "") & b["is_val"])).materialize()
+    readable, bookkeeping = col("error") == "", ["error", "is_val", "key"]
+    train = frames.filter(expr=readable & ~col("is_val")).drop_columns(bookkeeping).materialize()
+    val = frames.filter(expr=readable & col("is_val")).drop_columns(bookkeeping).materialize()
     if train.count() < min_train_frames or val.count() == 0:
         split_by = f" at val_fraction={val_fraction}"
         remedy = "add frames, lower --num-workers or change --val-fraction"
