@@ -32,6 +32,18 @@ def carla_mask(class_ids):
     return mask
 
 
+def reference_scores(model, images, masks, n_classes):
+    """Mean pixel loss and confusion matrix of `model` over in-memory arrays, by plain Keras
+    `predict` and its loss: a yardstick for the product's own scoring loops, not a copy of them."""
+    import tensorflow as tf
+
+    from unet_core.metrics import ConfusionMatrix
+
+    logits = model.predict(images, batch_size=8, verbose=0)
+    loss = tf.keras.losses.sparse_categorical_crossentropy(masks, logits, from_logits=True)
+    return float(tf.reduce_mean(loss)), ConfusionMatrix(n_classes).update(masks, logits.argmax(-1))
+
+
 @pytest.fixture(scope="session")
 def real_carla():
     if not REAL_CARLA.is_dir():

@@ -17,7 +17,8 @@ from distributed.training import (
     seed_augmentation, shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
 )
 from unet_core import data, scenes, unet_model
-from unet_core.training import averaged_weights, compile_unet, evaluate_arrays
+from tests.conftest import reference_scores
+from unet_core.training import averaged_weights, compile_unet
 
 
 def smoke_config(tmp_path, **overrides):
@@ -52,7 +53,7 @@ def assert_scores_as_reported(config, model, row):
                                    pair.image_path, pair.mask_path, config.image_size, 23)
               for pair, flag in zip(pairs, is_val) if flag]
     images, masks = np.stack([image for image, _ in frames]), np.stack([mask for _, mask in frames])
-    loss, confusion = evaluate_arrays(model, images, masks, 23)
+    loss, confusion = reference_scores(model, images, masks, 23)
     assert row["val_loss"] == pytest.approx(loss, rel=1e-4)
     assert row["val_mean_iou"] == pytest.approx(confusion.mean_iou(), abs=1e-6)
     assert row["val_pixel_accuracy"] == pytest.approx(confusion.pixel_accuracy(), abs=1e-6)

@@ -54,6 +54,7 @@ def test_keras_metric_matches_numpy_and_resets():
     truth = rng.integers(0, 5, (3, 6, 6))
     logits = rng.normal(size=(3, 6, 6, 7)).astype(np.float32)
     metric = KerasMeanIoU(7)
+    assert float(metric.result()) == ConfusionMatrix(7).mean_iou() == 0.0  # no pixel yet: 0, not NaN
     metric.update_state(truth[:2], logits[:2])
     metric.update_state(truth[2:], logits[2:])
     expected = ConfusionMatrix(7).update(truth, logits.argmax(-1)).mean_iou()

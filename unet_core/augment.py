@@ -18,6 +18,8 @@ def augment(image, mask, max_zoom=1.25, brightness=0.1, contrast=0.2):
 
     zoom = tf.random.uniform((), 1.0, max_zoom)
     zoomed_size = tf.cast(tf.math.ceil(zoom * tf.constant([height, width], tf.float32)), tf.int32)
+    # Unlike the downsizing in data.resize_image, this enlarges by at most max_zoom: nearest would
+    # repeat every few rows and columns, a stripe pattern no evaluated frame has.
     image = tf.image.resize(image, zoomed_size, method="bilinear")
     mask = tf.image.resize(mask, zoomed_size, method="nearest")
     top = tf.random.uniform((), 0, zoomed_size[0] - height + 1, tf.int32)
@@ -51,7 +53,8 @@ def class_weights(pixel_counts, power=0.5, max_weight=10.0):
     """Per-class loss weights (median frequency / frequency) ** power, clipped; 0 for absent classes.
 
     `power` 0 gives every class weight 1; 1 is full median-frequency balancing, which on a few
-    dozen frames over-rewards classes seen in one frame. Present classes average to weight 1.
+    dozen frames over-rewards classes seen in one frame. Scaled so that the mean weight over the
+    pixels is 1: the loss keeps its usual scale.
     """
     counts = np.asarray(pixel_counts, np.float64)
     present = counts > 0
@@ -60,7 +63,7 @@ def class_weights(pixel_counts, power=0.5, max_weight=10.0):
         return weights.astype(np.float32)
     frequency = counts[present] / counts.sum()
     weights[present] = np.minimum((np.median(frequency) / frequency) ** power, max_weight)
-    pixel_mean = (weights * counts).sum() / counts.sum()  # keep the loss on its usual scale
+    pixel_mean = (weights * counts).sum() / counts.sum()
     return (weights / pixel_mean).astype(np.float32)
 
 

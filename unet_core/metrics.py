@@ -72,8 +72,10 @@ class ConfusionMatrix:
 class KerasMeanIoU(tf.keras.metrics.Metric):
     """Mean IoU over present classes from logits, for `model.compile(metrics=...)`.
 
-    Keeps the confusion matrix as a metric variable, so Keras sums it across replicas and resets
-    it each epoch; unlike tf.keras.metrics.MeanIoU it ignores classes absent from both sides.
+    tf.keras.metrics.MeanIoU wants class ids, so it would need an argmax layer in the model or a
+    wrapper; this one takes the logits the model outputs. The confusion matrix is a metric
+    variable, so Keras sums it across replicas and resets it each epoch. Same mean as
+    `ConfusionMatrix.mean_iou()`: over classes in the truth or the prediction, 0 before any pixel.
     """
 
     def __init__(self, n_classes, name="mean_iou", **kwargs):
@@ -93,7 +95,8 @@ class KerasMeanIoU(tf.keras.metrics.Metric):
         true_positive = tf.linalg.diag_part(self.counts)
         union = tf.reduce_sum(self.counts, 0) + tf.reduce_sum(self.counts, 1) - true_positive
         present = union > 0
-        return tf.reduce_mean(tf.boolean_mask(true_positive, present) / tf.boolean_mask(union, present))
+        iou_sum = tf.reduce_sum(tf.math.divide_no_nan(true_positive, union))
+        return tf.math.divide_no_nan(iou_sum, tf.reduce_sum(tf.cast(present, tf.float64)))
 
     def reset_state(self):
         self.counts.assign(tf.zeros_like(self.counts))

@@ -1,7 +1,7 @@
 """What every training path shares: the loss, the compiled model, prediction and scoring.
 
-The Ray Train workers and single-process runs (tests, benchmarks, evaluation) both call these,
-so the model is compiled and scored the same way wherever it runs.
+The Ray Train workers, evaluation, inference and single-process benchmarks call these, so the
+model is compiled and scored the same way wherever it runs.
 """
 
 import contextlib
@@ -98,14 +98,3 @@ def score_batch(logits, true_ids, n_classes):
     confusion = ConfusionMatrix(n_classes).update(true_ids, np.argmax(logits, axis=-1))
     return float(tf.reduce_sum(loss)), true_ids.size, confusion.counts
 
-
-def evaluate_arrays(model, images, masks, n_classes, batch_size=32):
-    """Loss and confusion matrix of a model over in-memory arrays, counted over every pixel once."""
-    forward = predict_logits_fn(model)
-    loss_sum, pixels, confusion = 0.0, 0, ConfusionMatrix(n_classes)
-    for start in range(0, len(images), batch_size):
-        logits = forward(tf.constant(images[start : start + batch_size])).numpy()
-        batch_loss, batch_pixels, counts = score_batch(logits, masks[start : start + batch_size], n_classes)
-        loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
-        confusion.counts += counts
-    return loss_sum / max(pixels, 1), confusion
