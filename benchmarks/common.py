@@ -2,7 +2,7 @@
 
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -30,9 +30,6 @@ class Profile:
     n_classes: int = 23
     learning_rate: float = 1e-3
     seed: int = 0
-
-    def to_dict(self):
-        return asdict(self)
 
 
 PROFILES = {

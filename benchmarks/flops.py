@@ -18,7 +18,8 @@ TRAINING_FACTOR = 3
 
 
 def layer_forward_flops(layer):
-    """Forward FLOPs per image of one layer (0 for layers without multiply-adds worth counting)."""
+    """Forward FLOPs per image of one U-Net layer: its convolutions; pooling, concatenation and
+    dropout have no multiply-adds worth counting."""
     if isinstance(layer, tf.keras.layers.Conv2DTranspose):  # before Conv2D: it subclasses it
         out_h, out_w, c_out = layer.output_shape[1:]
         c_in = layer.input_shape[-1]
@@ -30,10 +31,6 @@ def layer_forward_flops(layer):
         c_in = layer.input_shape[-1] // layer.groups
         bias = out_h * out_w * c_out if layer.use_bias else 0
         return 2 * out_h * out_w * math.prod(layer.kernel_size) * c_in * c_out + bias
-    if isinstance(layer, tf.keras.layers.Dense):
-        positions = math.prod(dim for dim in layer.output_shape[1:-1]) if len(layer.output_shape) > 2 else 1
-        bias = positions * layer.units if layer.use_bias else 0
-        return positions * 2 * layer.input_shape[-1] * layer.units + bias
     return 0
 
 

@@ -125,7 +125,6 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_ac
     images = preloaded_images(input_dir, profile.image_size)
     model.predict(images[:batch_size], batch_size=batch_size, verbose=0)  # builds the predict function
     runs = {"predict": [], "infer": []}
-    output = None
     for round_index in range(profile.infer_repeats):
         for name in rotated(["predict", "infer"], round_index):
             log(f"[bench] inference round {round_index + 1}/{profile.infer_repeats}: {name}")
@@ -198,7 +197,7 @@ def infer_memory(profile, cache, work, log):
                        "--output", output, "--batch-size", str(profile.batch_size)]
             log(f"[bench] memory round {round_index + 1}/{profile.memory_repeats}: jobs.infer on {count} frames")
             result = memory.run_sampled(command, output + ".log", env=env)
-            if result["returncode"] != 0 or json.loads(result["last_line"] or "{}").get("ok") != count:
+            if result["returncode"] != 0 or result["summary"].get("ok") != count:
                 raise RuntimeError(f"jobs.infer on {count} frames failed: {result}; log in {output}.log")
             shutil.rmtree(output, ignore_errors=True)
             log(f"[bench]   peak RSS {result['peak_rss_mb']:.0f} MB, PSS {result['peak_pss_mb']:.0f} MB, "

@@ -6,6 +6,7 @@ map them) over the command's process tree, and keeps the peaks. RSS sums count s
 per process, so they overstate the true footprint; PSS sums do not.
 """
 
+import json
 import os
 import subprocess
 import threading
@@ -75,22 +76,23 @@ class TreeSampler(threading.Thread):
         self.join()
 
 
-def run_sampled(command, log_path, env=None, interval=0.2, timeout=None):
-    """Run `command`, sampling its process tree; returns its peaks, seconds and last output line."""
+def run_sampled(command, log_path, env=None):
+    """Run `command`, sampling its process tree; returns its peaks, seconds and JSON summary line."""
     with open(log_path, "w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        sampler = TreeSampler(process.pid, interval)
+        sampler = TreeSampler(process.pid)
         sampler.start()
         try:
-            returncode = process.wait(timeout=timeout)
+            returncode = process.wait()
         finally:
             sampler.stop()
-            if process.poll() is None:
+            if process.poll() is None:  # interrupted: leave no Ray behind
                 process.kill()
         seconds = time.perf_counter() - started
     with open(log_path) as log:
-        lines = [line.strip() for line in log if line.strip()]
+        # The job prints its summary as one JSON object, but Ray may log a worker's line after it.
+        summaries = [line for line in log if line.startswith('{"ok"')]
     return {
         "returncode": returncode,
         "seconds": seconds,
@@ -98,5 +100,5 @@ def run_sampled(command, log_path, env=None, interval=0.2, timeout=None):
         "peak_pss_mb": sampler.peak_pss_kb / 1024,
         "max_processes": sampler.max_processes,
         "samples": sampler.samples,
-        "last_line": lines[-1] if lines else "",
+        "summary": json.loads(summaries[-1]) if summaries else {},
     }

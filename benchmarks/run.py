@@ -41,8 +41,9 @@ FIGURES = TRAINING_FIGURES + INFERENCE_FIGURES
 def figure_names(text):
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     unknown = [name for name in names if name not in FIGURES]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown figure(s) {', '.join(unknown) or '(none given)'}; "
+                                         f"choose from {', '.join(FIGURES)}")
     return names
 
 
