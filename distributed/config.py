@@ -60,7 +60,8 @@ class TrainConfig:
     seed: int = 0
     # auto: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else off
     mixed_precision: str = "auto"  # auto | off | bf16 | fp16
-    # XLA-compile the training step of a lone worker (XLA on CPU cannot compile MWMS's all-reduce)
+    # XLA-compile the training step of a lone worker (XLA on CPU cannot compile MWMS's all-reduce),
+    # on CPU in float32 only (XLA would compute bfloat16 in float32)
     jit_compile: bool = True
     # A worker whose training shard is at most this big (MB, as float32 images) reads it once and
     # feeds every epoch from memory; larger shards stream from Ray Data every epoch. 0: always stream.
@@ -107,6 +108,10 @@ class TrainConfig:
                      "checkpoint_every", "keep_checkpoints", "scene_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_classes > 256:
+            raise ValueError(f"n_classes must be at most 256: masks are stored as 8-bit class ids, got {self.n_classes}")
+        if self.fail_once_at_epoch is not None and not 1 <= self.fail_once_at_epoch <= self.epochs:
+            raise ValueError(f"fail_once_at_epoch must be an epoch from 1 to {self.epochs}, got {self.fail_once_at_epoch}")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs must be at least 0 and less than epochs ({self.epochs}), "
                              f"got {self.warmup_epochs}; leave it unset for a thirtieth of the epochs")

@@ -5,6 +5,7 @@ frames the model never saw, and evaluates them — then says where every artifac
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,13 +22,14 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jobs.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/quickstart")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--scene-count", type=int, default=256, help="frames to train and validate on")
+    parser.add_argument("--epochs", type=int, help="default: 4, or 3 with --smoke")
+    parser.add_argument("--scene-count", type=int, help="frames to train and validate on; default: 256, or 24 with --smoke")
     parser.add_argument("--new-frames", type=int, default=32, help="unseen frames to infer and evaluate")
-    parser.add_argument("--smoke", action="store_true", help="tiny model and data: seconds, not minutes")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model and data: seconds, not minutes (flags given still apply)")
     args = parser.parse_args(argv)
     for flag in ("epochs", "scene_count", "new_frames"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     return args
 
@@ -41,16 +43,23 @@ def main(argv=None):
         return 2
 
 
-def run(args):
-    started = time.time()
-    output = os.path.abspath(args.output)
+def train_config(args, output):
+    """The quickstart's run, shrunk by --smoke, then --epochs and --scene-count if given."""
     # Two workers, to show data-parallel training (MultiWorkerMirroredStrategy) at work; a lone
     # worker would train faster here (README, Training).
     # A few hundred steps are too short for the default ~100-step weight average, which would
     # still hold much of the initial weights at the end.
-    config = TrainConfig(output=os.path.join(output, "train"), epochs=args.epochs, num_workers=2,
-                         cpus_per_worker=1, batch_size=4, scene_count=args.scene_count, ema_momentum=0.0)
+    config = TrainConfig(output=os.path.join(output, "train"), epochs=4, num_workers=2, cpus_per_worker=1,
+                         batch_size=4, scene_count=256, ema_momentum=0.0)
     config = config.smoke() if args.smoke else config
+    given = {"epochs": args.epochs, "scene_count": args.scene_count}
+    return dataclasses.replace(config, **{key: value for key, value in given.items() if value is not None})
+
+
+def run(args):
+    started = time.time()
+    output = os.path.abspath(args.output)
+    config = train_config(args, output)
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     train(config)
 

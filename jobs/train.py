@@ -33,7 +33,8 @@ def parse_args(argv=None):
     option("--max-failures", "worker failures to recover from; -1: no limit", type=int)
     option("--seed", type=int)
     option("--mixed-precision", "auto: bf16 on hardware with native bfloat16", choices=("auto", "off", "bf16", "fp16"))
-    option("--jit-compile", "XLA-compile the training step", action=argparse.BooleanOptionalAction)
+    option("--jit-compile", "XLA-compile the training step of a lone worker; on CPU in float32 only",
+           action=argparse.BooleanOptionalAction)
     option("--cache-shard-mb", "a worker holds its training shard in memory up to this size; 0: stream every epoch",
            type=int)
     option("--skip-bad", "train without unreadable frames (listed in OUTPUT/skipped.json)", action="store_true",
@@ -53,7 +54,7 @@ def parse_args(argv=None):
         ("--prior-bias", dict(action=argparse.BooleanOptionalAction,
                               help="start the logits' bias at the log class frequencies")),
         ("--augment", dict(action=argparse.BooleanOptionalAction)),
-        ("--class-mix", dict(type=float, help="chance a frame gets another's classes pasted in; 0: off")),
+        ("--class-mix", dict(type=float, help="chance a frame gets another's classes pasted in (with --augment); 0: off")),
         ("--class-weight-power", dict(type=float, help="0: plain loss")),
         ("--early-stopping-patience", dict(type=int, help="0: never")),
     ):

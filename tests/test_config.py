@@ -44,6 +44,11 @@ def test_bad_values_are_refused_with_the_field_named():
         with pytest.raises(ValueError, match=f"image_size height and width must be positive multiples of 16 .*"
                                              f"; try {hint}"):
             TrainConfig(image_size=bad)
+    with pytest.raises(ValueError, match="n_classes must be at most 256: masks are stored as 8-bit"):
+        TrainConfig(n_classes=300)
+    for epoch in (0, 251):
+        with pytest.raises(ValueError, match=f"fail_once_at_epoch must be an epoch from 1 to 250, got {epoch}"):
+            TrainConfig(fail_once_at_epoch=epoch)
     for field, value in (("learning_rate", 0.0), ("class_weight_power", -0.5), ("early_stopping_patience", -1),
                          ("max_failures", -2), ("scene_count", 0), ("keep_checkpoints", 0)):
         with pytest.raises(ValueError, match=field):

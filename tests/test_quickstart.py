@@ -37,3 +37,12 @@ def test_quickstart_refuses_empty_counts_before_any_work(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_smoke_shrinks_the_run_but_flags_given_still_apply():
+    smoke = quickstart.train_config(quickstart.parse_args(["--smoke"]), "out")
+    assert (smoke.epochs, smoke.scene_count, smoke.n_filters) == (3, 24, 4)
+    asked = quickstart.train_config(quickstart.parse_args(["--smoke", "--epochs", "5", "--scene-count", "40"]), "out")
+    assert (asked.epochs, asked.scene_count, asked.n_filters) == (5, 40, 4)
+    full = quickstart.train_config(quickstart.parse_args([]), "out")
+    assert (full.epochs, full.scene_count, full.n_filters, full.num_workers) == (4, 256, 32, 2)
