@@ -34,9 +34,18 @@ def generate_scenes(config):
 
 def check_run_identity(config):
     """Refuse to resume a run (same `run_name` and storage) that trained on other frames or another
-    network, which would silently continue it or fail inside a worker."""
+    network, which would silently continue it or fail inside a worker, where Ray Train retries
+    the error as a worker failure instead of reporting it."""
     filesystem, path, identity = _identity(config)
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        run_root = path.rsplit("/", 1)[0]
+        found = filesystem.get_file_info(pyarrow.fs.FileSelector(run_root, allow_not_found=True))
+        if any(item.base_name.startswith("checkpoint_") for item in found):
+            # Every run records its identity before its first checkpoint, so these came from an
+            # older unet-ray, whose checkpoints lack the best epoch's weights.
+            raise ValueError(f"{config.resolved_storage_path}/{config.run_name}: checkpoints of a run without "
+                             f"{IDENTITY_FILE}, written by an older unet-ray, which this one cannot resume; "
+                             f"pass another --run-name or --output to start a new run")
         return
     with filesystem.open_input_stream(path) as stream:
         recorded = json.loads(stream.read())
@@ -58,7 +67,10 @@ def record_run_identity(config):
 
 
 def _identity(config):
-    identity = {field: value for field, value in config.to_dict().items() if field in IDENTITY_FIELDS}
+    # With a validation directory the split settings go unused, so changing them changes nothing.
+    unused = ("val_fraction", "split") if config.val_data is not None else ()
+    identity = {field: value for field, value in config.to_dict().items()
+                if field in IDENTITY_FIELDS and field not in unused}
     for field in ("data", "val_data"):
         if identity[field] is not None and "://" not in identity[field]:
             identity[field] = os.path.abspath(identity[field])

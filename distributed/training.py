@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import tensorflow as tf
@@ -100,8 +101,8 @@ def train_loop_per_worker(loop_config):
 
     # A lone worker has nothing to all-reduce, so it runs without MWMS and can XLA-compile its
     # training step: 13 s instead of 21 s per epoch on 2 cores (BENCHMARKS.md). Not under MWMS
-    # (XLA on CPU cannot compile collectives), nor for bfloat16 on CPU, where XLA computes
-    # convolutions in float32 (openxla/xla#10687) and would forfeit the native bf16 speed.
+    # (XLA on CPU cannot compile collectives), nor with mixed precision on CPU: for bfloat16 XLA
+    # computes convolutions in float32 (openxla/xla#10687) and would forfeit the native bf16 speed.
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
     jit_compile = config.jit_compile and world_size == 1 and (config.use_gpu or precision == "off")
     learning_rate = config.learning_rate
@@ -121,6 +122,11 @@ def train_loop_per_worker(loop_config):
         if rank == 0:
             worker_log(f"[unet-ray] run {config.run_name!r} has trained all {config.epochs} epochs; exporting its best "
                        f"model again (pass more --epochs to train on)")
+        return
+    if should_stop_early(history, config.early_stopping_patience):
+        if rank == 0:
+            worker_log(f"[unet-ray] run {config.run_name!r} stopped early after epoch {first_epoch}; exporting its best "
+                       f"model again (pass a larger --early-stopping-patience to train on)")
         return
     seed_augmentation(config, rank)
 
@@ -333,9 +339,6 @@ def read_checkpoint(directory):
     """(history, the weights the best val mIoU so far was scored with) of a checkpoint's directory."""
     with open(os.path.join(directory, CHECKPOINT_STATE)) as file:
         history = json.load(file)["history"]
-    if not os.path.exists(os.path.join(directory, CHECKPOINT_BEST)):
-        raise ValueError(f"{directory}: checkpoint without {CHECKPOINT_BEST}, written before unet-ray kept the best "
-                         f"weights there; start a new run (another --run-name or --storage-path)")
     with np.load(os.path.join(directory, CHECKPOINT_BEST)) as arrays:
         best_weights = [arrays[f"arr_{index}"] for index in range(len(arrays.files))]
     return history, best_weights
@@ -406,13 +409,17 @@ class FailOnce(tf.keras.callbacks.Callback):
         self.rank = rank
         self.fails_here = rank == world_size - 1
         self.fail_epoch = config.fail_once_at_epoch
-        self.marker = os.path.join(config.resolved_storage_path, config.run_name, "injected_failure")
+        # In the run's storage, which every node reaches (a cloud URI on a cluster).
+        self.filesystem, run_root = ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}")
+        self.marker = f"{run_root}/injected_failure"
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.fails_here and self.epoch == self.fail_epoch and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
+        if (self.fails_here and self.epoch == self.fail_epoch
+                and self.filesystem.get_file_info(self.marker).type == pyarrow.fs.FileType.NotFound):
+            with self.filesystem.open_output_stream(self.marker):
+                pass
             raise RuntimeError(f"injected failure on rank {self.rank} in epoch {self.epoch}")

@@ -38,3 +38,21 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
     # Another run name is another run.
     run_directory.check_run_identity(TrainConfig(output="run", run_name="scenes").smoke())
     assert not (tmp_path / "run" / "ray_results" / "scenes").exists()  # checking writes nothing
+
+
+def test_a_validation_directory_makes_the_split_settings_free_to_change(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_directory.record_run_identity(TrainConfig(data="frames", val_data="held_out", output="run"))
+    run_directory.check_run_identity(TrainConfig(data="frames", val_data="held_out", output="run",
+                                                 split="hash", val_fraction=0.3))
+    with pytest.raises(ValueError, match=r"val_data .*held_out' -> None"):
+        run_directory.check_run_identity(TrainConfig(data="frames", output="run"))
+
+
+def test_checkpoints_of_an_older_unet_ray_are_refused_on_the_driver(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "ray_results" / "unet" / "checkpoint_2026-12-01_10-00-00.000000").mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"checkpoints of a run without {run_directory.IDENTITY_FILE}, written by "
+                                         "an older unet-ray"):
+        run_directory.check_run_identity(TrainConfig(data="frames", output="run"))
+    run_directory.check_run_identity(TrainConfig(data="frames", output="run", run_name="fresh"))
