@@ -14,6 +14,7 @@ run starts the errors table afresh: every input is in predictions or errors, nev
 import hashlib
 import io
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -43,7 +44,7 @@ STAGING = ".staging"
 
 @dataclass
 class InferConfig:
-    model: str  # a .keras file, or a training run / checkpoint directory holding model.keras
+    model: str  # a .keras file, or a training run's output directory holding model.keras
     input: str  # directory or URI of PNG/JPEG images, listed recursively
     output: str  # directory or URI receiving predictions/, errors/, masks/, overlays/
     batch_size: int = 32
@@ -92,6 +93,9 @@ def infer(config: InferConfig):
     print(f"[unet-ray] {len(inputs)} image(s) under {config.input}: {len(pending)} to predict, "
           f"{len(inputs) - len(pending)} already done in {config.output}", flush=True)
 
+    shortfall = actor_shortfall(config) if pending else None
+    if shortfall:
+        print(f"[unet-ray] warning: {shortfall}", file=sys.stderr, flush=True)
     output.start_run()
     names = class_names(n_classes)
     predictions = PartWriter(output, "predictions", config.rows_per_file)
@@ -112,10 +116,32 @@ def infer(config: InferConfig):
     return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
 
 
+def actor_shortfall(config):
+    """A warning when the cluster holds fewer Predictor actors than asked for, else None.
+
+    Ray Data predicts with the actors that start and starts the rest once nodes are added (an
+    autoscaling cluster's GPU nodes); with none, it waits without end, so say why.
+    """
+    fit = runtime.workers_that_fit(config.cpus_per_actor, 1 if config.use_gpu else 0)
+    if fit >= config.num_actors:
+        return None
+    each = f"{config.cpus_per_actor} CPU{'s' if config.cpus_per_actor > 1 else ''}" + (" + 1 GPU" if config.use_gpu else "")
+    then = "nothing is predicted until a node that holds one is added" if fit == 0 else f"{fit} predict until nodes are added"
+    return (f"the cluster holds {fit} of the {config.num_actors} inference actors asked for ({each} each, on one "
+            f"node): {then}. On a cluster that does not autoscale, lower --num-actors or --cpus-per-actor"
+            f"{', or drop --use-gpu' if config.use_gpu else ''}.")
+
+
 # --- the model ---------------------------------------------------------------------------------
 
 def model_file(path):
-    """The .keras file behind --model: the file itself, or model.keras in a run or checkpoint directory."""
+    """The .keras file behind --model: the file itself, or model.keras in a run's output directory."""
+    from distributed.training import CHECKPOINT_STATE  # here: distributed.training imports this module
+
+    if os.path.isfile(os.path.join(path, CHECKPOINT_STATE)):
+        raise ValueError(f"{path}: a training checkpoint, whose {MODEL_FILE} holds the raw weights training goes on "
+                         f"from (not the best epoch's, nor their moving average); pass the run's --output directory "
+                         f"or its {MODEL_FILE}, which jobs.train exports")
     candidate = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
     if not candidate.endswith(".keras") or not os.path.isfile(candidate):
         raise ValueError(f"{path}: not a .keras model file, nor a directory holding {MODEL_FILE}")

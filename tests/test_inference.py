@@ -150,3 +150,23 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         InferConfig(model="m.keras", input="in", output="out", output_size="huge")
     with pytest.raises(ValueError, match="model.keras"):
         inference.model_file(str(tmp_path))
+    (tmp_path / "model.keras").write_bytes(b"")
+    (tmp_path / "state.json").write_text("{}")  # what every checkpoint of distributed.training holds
+    with pytest.raises(ValueError, match="a training checkpoint, whose model.keras holds the raw weights"):
+        inference.model_file(str(tmp_path))
+
+
+def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them(ray_session):
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])  # the session's local Ray: no GPU
+
+    def config(**settings):
+        return InferConfig(model="m.keras", input="in", output="out", **settings)
+
+    assert inference.actor_shortfall(config(num_actors=cpus)) is None
+    warning = inference.actor_shortfall(config(use_gpu=True))
+    assert "holds 0 of the 1 inference actors asked for (1 CPU + 1 GPU each" in warning
+    assert "nothing is predicted until a node that holds one is added" in warning and "drop --use-gpu" in warning
+    warning = inference.actor_shortfall(config(num_actors=cpus + 1))
+    assert f"holds {cpus} of the {cpus + 1} inference actors" in warning and f"{cpus} predict until" in warning
