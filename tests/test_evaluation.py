@@ -36,6 +36,7 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
     expected = confusion.summary()
     assert metrics["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
     assert metrics["mean_iou"] == pytest.approx(expected["mean_iou"])
+    assert metrics["mean_iou_truth_classes"] == pytest.approx(expected["mean_iou_truth_classes"])  # RESULTS.md's
     assert metrics["per_class_iou"] == pytest.approx(expected["iou_per_class"])
     assert metrics["frames"] == 7
 
