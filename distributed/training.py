@@ -292,7 +292,11 @@ def worker_log(message):
 
 
 def is_new_best(history, scores):
-    """Whether an epoch's val mIoU beats every earlier epoch's (a tie does not)."""
+    """Whether an epoch's val mIoU beats every earlier epoch's (a tie does not).
+
+    By `val_mean_iou`, Keras's definition: a class predicted but absent from the truth counts
+    as an IoU of 0, so an epoch that hallucinates classes is not kept for it.
+    """
     return scores["val_mean_iou"] > max((row["val_mean_iou"] for row in history), default=-1.0)
 
 
