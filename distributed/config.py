@@ -135,7 +135,7 @@ class TrainConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     def smoke(self):
-        """A tiny version of this run that finishes in seconds: for local checks and tests."""
+        """A tiny version of this run that trains in seconds: for local checks and tests."""
         epochs = min(self.epochs, 3)
         warmup_epochs = None if self.warmup_epochs is None else min(self.warmup_epochs, epochs - 1)
         return dataclasses.replace(
@@ -154,7 +154,8 @@ class TrainConfig:
 # 8 of warm-up, gradient norm capped at 1 (no late gain, but no collapse in the first epochs),
 # logits' bias started at the class prior, scored on a moving average of the weights. The budget
 # is optimizer steps: a CPU without native bfloat16 (float32, 5-8x slower per epoch) fits about
-# --epochs 60 (2 warm-up) in that time (0.863 / 0.217 in R2, against R8's 0.896 / 0.276).
+# --epochs 60 (2 warm-up) in that time (0.863 / 0.217 in R2, which ran without ClassMix, against
+# R8's 0.896 / 0.276).
 # `classic` is the Keras exercise: constant Adam 1e-3, 40 epochs, no augmentation, batch 32
 # (per worker: global 32 on the default single worker), raw weights, default initialisation.
 PRESETS = {
