@@ -17,7 +17,8 @@ def formats(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m jobs.infer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .keras file, or a training run's --output directory")
     parser.add_argument("--input", required=True, help="directory or URI of PNG/JPEG images (searched recursively)")
     parser.add_argument("--output", required=True, help="directory or URI for the results")

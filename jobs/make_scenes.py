@@ -7,7 +7,7 @@ from unet_core.scenes import write_scenes
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m jobs.make_scenes", description=__doc__)
     parser.add_argument("--output", required=True, help="directory that receives CameraRGB/ and CameraMask/")
     parser.add_argument("--count", type=int, default=1000, help="number of frames to write")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed; frame i depends only on (seed, i)")

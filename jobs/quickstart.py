@@ -26,7 +26,7 @@ def parse_args(argv=None):
     parser.add_argument("--scene-count", type=int, help="frames to train and validate on; default: 256, or 24 with --smoke")
     parser.add_argument("--new-frames", type=int, default=32, help="unseen frames to infer and evaluate")
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny model and data: seconds, not minutes (flags given still apply)")
+                        help="tiny model and data: about a minute instead of several (flags given still apply)")
     args = parser.parse_args(argv)
     for flag in ("epochs", "scene_count", "new_frames"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

@@ -60,7 +60,8 @@ def parse_args(argv=None):
     ):
         recipe.add_argument(flag, **kwargs)
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny model and data: a run in seconds (flags given still apply)")
+                        help="tiny model and data: a run in under a minute, mostly Ray and TensorFlow starting "
+                             "(flags given still apply)")
     return parser.parse_args(argv)
 
 
