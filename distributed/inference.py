@@ -117,19 +117,14 @@ def infer(config: InferConfig):
 
 
 def actor_shortfall(config):
-    """A warning when the cluster holds fewer Predictor actors than asked for, else None.
-
-    Ray Data predicts with the actors that start and starts the rest once nodes are added (an
-    autoscaling cluster's GPU nodes); with none, it waits without end, so say why.
-    """
-    fit = runtime.workers_that_fit(config.cpus_per_actor, 1 if config.use_gpu else 0)
-    if fit >= config.num_actors:
-        return None
-    each = f"{config.cpus_per_actor} CPU{'s' if config.cpus_per_actor > 1 else ''}" + (" + 1 GPU" if config.use_gpu else "")
-    then = "nothing is predicted until a node that holds one is added" if fit == 0 else f"{fit} predict until nodes are added"
-    return (f"the cluster holds {fit} of the {config.num_actors} inference actors asked for ({each} each, on one "
-            f"node): {then}. On a cluster that does not autoscale, lower --num-actors or --cpus-per-actor"
-            f"{', or drop --use-gpu' if config.use_gpu else ''}.")
+    """A warning when the cluster holds fewer Predictor actors than asked for, else None."""
+    # With Ray Data's default wait_for_min_actors_s (-1), the actors that start predict and the
+    # rest start as nodes are added; with none, nothing ever runs.
+    return runtime.cluster_shortfall(
+        config.num_actors, config.cpus_per_actor, config.use_gpu, what="inference actors",
+        flags=("--num-actors", "--cpus-per-actor"),
+        waits="Ray Data predicts with those that start, starts the rest as nodes are added, and with none waits",
+    )
 
 
 # --- the model ---------------------------------------------------------------------------------

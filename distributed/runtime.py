@@ -68,20 +68,20 @@ def workers_that_fit(cpus_per_worker, gpus_per_worker=0):
     return fit
 
 
-def cluster_shortfall(num_workers, cpus_per_worker, use_gpu):
-    """A warning when the cluster holds fewer workers than asked for, else None.
+def cluster_shortfall(num_workers, cpus_per_worker, use_gpu, what="training workers",
+                      flags=("--num-workers", "--cpus-per-worker"), waits="Ray Train will wait until nodes are added"):
+    """A warning when the cluster holds fewer workers (or actors: `what`) than asked for, else None.
 
-    Ray Train then waits for the missing nodes, retrying without end: right on an autoscaling
-    cluster whose GPU nodes are still starting, a silent hang on a fixed one. So this warns and
-    does not stop the run.
+    Ray then waits for the missing nodes without end: right on an autoscaling cluster whose GPU
+    nodes are still starting, a silent hang on a fixed one. So this warns and does not stop the run.
     """
     fit = workers_that_fit(cpus_per_worker, 1 if use_gpu else 0)
     if fit >= num_workers:
         return None
     per_worker = f"{cpus_per_worker} CPU{'s' if cpus_per_worker > 1 else ''}" + (" + 1 GPU" if use_gpu else "")
-    return (f"the cluster holds {fit} of the {num_workers} training workers asked for ({per_worker} each, "
-            f"on one node); Ray Train will wait until nodes are added. On a cluster that does not "
-            f"autoscale, lower --num-workers or --cpus-per-worker.")
+    return (f"the cluster holds {fit} of the {num_workers} {what} asked for ({per_worker} each, on one node); "
+            f"{waits}. On a cluster that does not autoscale, lower {flags[0]} or {flags[1]}"
+            f"{', or drop --use-gpu' if use_gpu else ''}.")
 
 
 def configure_tensorflow_threads(num_threads):

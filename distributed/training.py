@@ -413,17 +413,18 @@ class FailOnce(tf.keras.callbacks.Callback):
         self.rank = rank
         self.fails_here = rank == world_size - 1
         self.fail_epoch = config.fail_once_at_epoch
-        # In the run's storage, which every node reaches (a cloud URI on a cluster).
+        # In the run's storage, which every node reaches (a cloud URI on a cluster). Looked up
+        # once: a restarted worker builds a new callback.
         self.filesystem, run_root = ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}")
         self.marker = f"{run_root}/injected_failure"
+        self.failed_before = self.filesystem.get_file_info(self.marker).type != pyarrow.fs.FileType.NotFound
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):
-        if (self.fails_here and self.epoch == self.fail_epoch
-                and self.filesystem.get_file_info(self.marker).type == pyarrow.fs.FileType.NotFound):
+        if self.fails_here and self.epoch == self.fail_epoch and not self.failed_before:
             with self.filesystem.open_output_stream(self.marker):
                 pass
             raise RuntimeError(f"injected failure on rank {self.rank} in epoch {self.epoch}")

@@ -261,7 +261,6 @@ def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tm
         assert all(np.array_equal(a, b) for a, b in zip(averaged, resumed.get_weights()))
 
 
-
 def test_a_shard_read_into_memory_is_in_frame_name_order(ray_session):
     # Whatever order the blocks arrive in, the epochs' permutations start from the same array.
     names = [f"{i:06d}.png" for i in np.random.default_rng(0).permutation(20)]

@@ -25,7 +25,8 @@ def test_cluster_shortfall_names_what_is_missing(ray_session):
     warning = runtime.cluster_shortfall(num_workers=cpus // 2 + 1, cpus_per_worker=2, use_gpu=False)
     assert f"holds {cpus // 2} of the {cpus // 2 + 1} training workers" in warning and "2 CPUs each" in warning
     assert "--cpus-per-worker" in warning
-    assert "holds 0 of the 1" in runtime.cluster_shortfall(num_workers=1, cpus_per_worker=1, use_gpu=True)
+    warning = runtime.cluster_shortfall(num_workers=1, cpus_per_worker=1, use_gpu=True)
+    assert "holds 0 of the 1" in warning and "Ray Train will wait" in warning and "drop --use-gpu" in warning
 
 
 def test_connecting_again_leaks_no_ray_setup_hook_into_subprocesses(ray_session):

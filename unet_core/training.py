@@ -97,4 +97,3 @@ def score_batch(logits, true_ids, n_classes):
     loss = tf.keras.losses.sparse_categorical_crossentropy(true_ids, logits, from_logits=True)
     confusion = ConfusionMatrix(n_classes).update(true_ids, np.argmax(logits, axis=-1))
     return float(tf.reduce_sum(loss)), true_ids.size, confusion.counts
-
