@@ -162,9 +162,10 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
 
     def __init__(self, strategy, val_frames, rank, world_size, config, history, best_weights, constants):
         super().__init__()
-        self.strategy, self.val_frames, self.rank, self.world_size = strategy, val_frames, rank, world_size
+        self.val_frames, self.rank, self.world_size = val_frames, rank, world_size
         self.config, self.history, self.best_weights, self.constants = config, history, best_weights, constants
         self.forward = None
+        self.sum_across_workers = summing_across_workers(strategy)
         self.started = time.time()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -176,8 +177,8 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
         config = self.config
         val_started = time.time()
         with averaged_weights(self.model):
-            scores = evaluate(self.model, self.forward, self.strategy, self.val_frames, self.rank, self.world_size,
-                              config)
+            scores = evaluate(self.model, self.forward, self.sum_across_workers, self.val_frames, self.rank,
+                              self.world_size, config)
             # The scores are all-reduced, so every worker keeps the same epoch's weights.
             if is_new_best(self.history, scores):
                 self.best_weights = self.model.get_weights()
@@ -348,7 +349,7 @@ def read_checkpoint(directory):
     return history, best_weights
 
 
-def evaluate(model, forward, strategy, val_frames, rank, world_size, config):
+def evaluate(model, forward, sum_across_workers, val_frames, rank, world_size, config):
     """Loss and metrics over the whole validation set, every frame counted exactly once.
 
     Each worker scores every world_size-th batch locally, then one all-reduce sums the loss and
@@ -367,8 +368,7 @@ def evaluate(model, forward, strategy, val_frames, rank, world_size, config):
     # The weights' fingerprint rides along: equal on all workers iff gradients were all-reduced.
     fingerprint = weights_fingerprint(model)
     local = tf.constant(np.concatenate([[loss_sum, pixels, fingerprint, fingerprint**2], counts.ravel()]), tf.float64)
-    summed = strategy.run(lambda value: tf.distribute.get_replica_context().all_reduce("SUM", value), (local,))
-    total = strategy.experimental_local_results(summed)[0].numpy()
+    total = sum_across_workers(local).numpy()
     confusion = ConfusionMatrix(config.n_classes, total[4:].reshape(config.n_classes, config.n_classes))
     spread = total[3] / world_size - (total[2] / world_size) ** 2  # variance of the fingerprints
     return {
@@ -376,6 +376,18 @@ def evaluate(model, forward, strategy, val_frames, rank, world_size, config):
         **confusion.summary("val_"),
         "weights_in_sync": bool(spread <= 1e-12 * max(fingerprint**2, 1.0)),
     }
+
+
+def summing_across_workers(strategy):
+    """An all-reduce (sum) of one tensor over every worker, traced once: run eagerly, MWMS
+    warns of its overhead on every worker. Traced, a replica context's `all_reduce` finds no
+    device to reduce to ("destinations can not be empty"); `strategy.reduce` picks one."""
+
+    @tf.function
+    def summed(value):
+        return strategy.reduce("SUM", strategy.run(tf.identity, (value,)), axis=None)
+
+    return summed
 
 
 def weights_fingerprint(model):
