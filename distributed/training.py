@@ -128,7 +128,7 @@ def train_loop_per_worker(loop_config):
             worker_log(f"[unet-ray] run {config.run_name!r} stopped early after epoch {first_epoch}; exporting its best "
                        f"model again (pass a larger --early-stopping-patience to train on)")
         return
-    seed_augmentation(config, rank)
+    seed_dropout(config, rank)
 
     train_shard = ray.train.get_dataset_shard("train")
     # Each worker feeds its own shard in per-worker batches. Handing Keras a plain dataset
@@ -244,14 +244,23 @@ def training_batches(train_shard, config, first_epoch, rank, class_weights, in_m
                 args=(epoch,), output_signature=signature,
             ).unbatch()
 
+    # Each frame's view and each batch's ClassMix draw from a seed of (worker, epoch, position):
+    # a resumed or restarted worker with its shard in memory feeds what it would have fed
+    # without the break (a streamed shard's order depends on how Ray Data hands over blocks).
+    worker_key = tf.constant([worker_seed(config, rank), 0], tf.int64)
+    fold_in = tf.random.experimental.stateless_fold_in
+
     def epoch_batches(epoch):
+        frame_key, batch_key = tf.unstack(tf.random.experimental.stateless_split(fold_in(worker_key, epoch), 2))
         dataset = epoch_frames(epoch)
         if config.augment:
-            dataset = dataset.map(augment.augment, num_parallel_calls=tf.data.AUTOTUNE)
+            dataset = dataset.enumerate().map(
+                lambda index, frame: augment.augment(*frame, fold_in(frame_key, index)),
+                num_parallel_calls=tf.data.AUTOTUNE)
         dataset = dataset.batch(config.batch_size)
         if config.augment and config.class_mix:
-            dataset = dataset.map(lambda images, masks: augment.class_mix(images, masks, config.class_mix,
-                                                                          config.n_classes))
+            dataset = dataset.enumerate().map(lambda index, batch: augment.class_mix(
+                *batch, fold_in(batch_key, index), config.class_mix, config.n_classes))
         return dataset
 
     dataset = tf.data.Dataset.range(first_epoch, config.epochs).flat_map(epoch_batches)
@@ -261,14 +270,13 @@ def training_batches(train_shard, config, first_epoch, rank, class_weights, in_m
 
 
 def worker_seed(config, rank):
-    """A seed of each worker's own, the same on a restart: its shuffles and augmentation draw from it."""
+    """A seed of each worker's own, the same on a restart: its shuffles, augmentation and dropout draw from it."""
     return config.seed * 1_000 + rank
 
 
-def seed_augmentation(config, rank):
+def seed_dropout(config, rank):
     """After the model is built (the same initial weights everywhere), give each worker its own
-    random stream: with one seed, every worker drew the same flips, zooms and ClassMix choices
-    for its k-th frame."""
+    global random stream: with one seed, every worker's dropout drew the same masks at each step."""
     tf.random.set_seed(worker_seed(config, rank))
 
 

@@ -5,6 +5,11 @@ import tensorflow as tf
 from unet_core.augment import augment, class_mix, class_weights, pixel_weights
 
 
+def key(*numbers):
+    """A seed for the stateless augmentation ops."""
+    return tf.constant([*numbers, 0][:2], tf.int64)
+
+
 def blocky_frame(seed):
     """A mask of 8×8-pixel blocks of class ids, and an image whose red channel encodes the id."""
     rng = np.random.default_rng(seed)
@@ -15,10 +20,9 @@ def blocky_frame(seed):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_image_and_mask_move_together(seed):
-    tf.random.set_seed(seed)
     image, mask = blocky_frame(seed)
     # Photometric changes off: the red channel must still spell out the mask after flip and zoom.
-    out_image, out_mask = augment(tf.constant(image), tf.constant(mask), brightness=0.0, contrast=0.0)
+    out_image, out_mask = augment(tf.constant(image), tf.constant(mask), key(seed), brightness=0.0, contrast=0.0)
     out_image, out_mask = out_image.numpy(), out_mask.numpy()
     assert out_image.shape == (96, 128, 3) and out_mask.shape == (96, 128) and out_mask.dtype == np.uint8
     assert set(np.unique(out_mask)) <= set(np.unique(mask))  # nearest neighbour: no invented ids
@@ -35,8 +39,8 @@ def test_image_and_mask_move_together(seed):
 
 def test_augmentation_varies_and_flips():
     image, mask = blocky_frame(0)
-    views = [augment(tf.constant(image), tf.constant(mask), max_zoom=1.0, brightness=0.0, contrast=0.0)[1].numpy()
-             for _ in range(16)]
+    views = [augment(tf.constant(image), tf.constant(mask), key(seed), max_zoom=1.0, brightness=0.0,
+                     contrast=0.0)[1].numpy() for seed in range(16)]
     flipped = [np.array_equal(view, mask[:, ::-1]) for view in views]
     unchanged = [np.array_equal(view, mask) for view in views]
     assert any(flipped) and any(unchanged) and all(f or u for f, u in zip(flipped, unchanged))
@@ -44,8 +48,21 @@ def test_augmentation_varies_and_flips():
 
 def test_photometric_changes_stay_in_range():
     image, mask = blocky_frame(1)
-    out_image, out_mask = augment(tf.constant(image), tf.constant(mask), max_zoom=1.0, brightness=0.5, contrast=0.5)
+    out_image, out_mask = augment(tf.constant(image), tf.constant(mask), key(1), max_zoom=1.0, brightness=0.5,
+                                  contrast=0.5)
     assert 0.0 <= out_image.numpy().min() and out_image.numpy().max() <= 1.0
+
+
+def test_a_seed_picks_one_view_and_another_seed_another():
+    image, mask = (tf.constant(array) for array in blocky_frame(2))
+    first, again, other = (augment(image, mask, seed)[0].numpy() for seed in (key(5, 7), key(5, 7), key(5, 8)))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    images, masks = (tf.constant(np.stack([array] * 2)) for array in blocky_frame(3))
+    images = tf.concat([images[:1], images[1:] * 0.5], axis=0)  # two frames, so there is something to paste
+    mixed = [class_mix(images, masks, seed, 1.0)[0].numpy() for seed in (key(1), key(1), key(2))]
+    np.testing.assert_array_equal(mixed[0], mixed[1])
+    assert not np.array_equal(mixed[0], mixed[2])
 
 
 def test_class_weights_favour_rare_classes_and_keep_the_mean():
@@ -71,11 +88,10 @@ def test_pixel_weights_look_up_each_pixel():
 
 
 def test_class_mix_pastes_image_and_mask_pixels_from_the_same_places_of_the_previous_frame():
-    tf.random.set_seed(0)
     frames = [blocky_frame(seed) for seed in range(4)]
     images = np.stack([image for image, _ in frames])
     masks = np.stack([mask for _, mask in frames])
-    mixed_images, mixed_masks = (out.numpy() for out in class_mix(tf.constant(images), tf.constant(masks), 1.0))
+    mixed_images, mixed_masks = (out.numpy() for out in class_mix(tf.constant(images), tf.constant(masks), key(0), 1.0))
     partner_images, partner_masks = np.roll(images, 1, axis=0), np.roll(masks, 1, axis=0)
     pasted = (mixed_images != images).any(axis=-1)
     np.testing.assert_array_equal(mixed_images[pasted], partner_images[pasted])
@@ -86,5 +102,5 @@ def test_class_mix_pastes_image_and_mask_pixels_from_the_same_places_of_the_prev
             where = partner_masks[frame] == class_id
             assert pasted[frame][where].all() or not pasted[frame][where].any()
         assert 0.1 < pasted[frame].mean() < 0.9
-    unchanged = class_mix(tf.constant(images), tf.constant(masks), 0.0)
+    unchanged = class_mix(tf.constant(images), tf.constant(masks), key(0), 0.0)
     np.testing.assert_array_equal(unchanged[1].numpy(), masks)

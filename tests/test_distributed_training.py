@@ -14,7 +14,7 @@ from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
     CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, is_new_best, read_checkpoint, read_shard, restore,
-    seed_augmentation, shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
+    shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
 )
 from unet_core import data, scenes, unet_model
 from tests.conftest import reference_scores
@@ -228,15 +228,37 @@ def test_each_worker_draws_its_own_augmentation(ray_session):
              "mask": np.arange(256, dtype=np.uint8).reshape(16, 16) % 23}]
     config = TrainConfig(image_size=(16, 16), batch_size=1, epochs=6, class_mix=0.0)
 
-    def views(rank):
-        seed_augmentation(config, rank)  # as each worker does once its model is built
+    def views(rank, first_epoch=0):
         shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
-        # rank 0's order either way: only the augmentation seed differs.
-        batches = training_batches(shard, config, first_epoch=0, rank=0, class_weights=None, in_memory=True)
+        batches = training_batches(shard, config, first_epoch, rank, class_weights=None, in_memory=True)
         return np.stack([images.numpy() for images, _ in batches])
 
     assert np.array_equal(views(0), views(0))  # a restarted worker draws the same again
     assert not np.array_equal(views(0), views(1))
+    epochs = views(0)
+    assert not np.array_equal(epochs[0], epochs[1])  # a new view every epoch
+    # Resumed after epoch 2 (a checkpoint, a restart), a worker feeds what it would have fed.
+    np.testing.assert_array_equal(views(0, first_epoch=2), epochs[2:])
+
+
+def test_a_resumed_worker_feeds_its_uninterrupted_batches_class_mix_included(ray_session):
+    # Frame i: a constant image i / 10, class i on the top half and i + 6 on the bottom.
+    rows = [{"name": f"{i:06d}.png", "image": np.full((16, 16, 3), i / 10, np.float32),
+             "mask": np.repeat(np.array([i, i + 6], np.uint8), 8)[:, None].repeat(16, axis=1)} for i in range(6)]
+    config = TrainConfig(image_size=(16, 16), batch_size=3, epochs=4, class_mix=1.0)
+
+    def batches(first_epoch):
+        shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
+        return [tuple(part.numpy() for part in batch)
+                for batch in training_batches(shard, config, first_epoch, 0, class_weights=None, in_memory=True)]
+
+    uninterrupted, resumed = batches(0), batches(2)
+    assert len(uninterrupted) == 8 and len(resumed) == 4  # 2 batches an epoch
+    for (images, masks), (images_again, masks_again) in zip(uninterrupted[4:], resumed):
+        np.testing.assert_array_equal(images, images_again)
+        np.testing.assert_array_equal(masks, masks_again)
+    # ClassMix did paste: some frame holds pixels of two frames.
+    assert any(len(np.unique(image)) > 1 for images, _ in uninterrupted for image in images)
 
 
 def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tmp_path):
