@@ -5,9 +5,9 @@ import tensorflow as tf
 from unet_core.augment import augment, class_mix, class_weights, pixel_weights
 
 
-def key(*numbers):
+def key(first, second=0):
     """A seed for the stateless augmentation ops."""
-    return tf.constant([*numbers, 0][:2], tf.int64)
+    return tf.constant([first, second], tf.int64)
 
 
 def blocky_frame(seed):

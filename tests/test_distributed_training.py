@@ -228,17 +228,15 @@ def test_each_worker_draws_its_own_augmentation(ray_session):
              "mask": np.arange(256, dtype=np.uint8).reshape(16, 16) % 23}]
     config = TrainConfig(image_size=(16, 16), batch_size=1, epochs=6, class_mix=0.0)
 
-    def views(rank, first_epoch=0):
+    def views(rank):
         shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
-        batches = training_batches(shard, config, first_epoch, rank, class_weights=None, in_memory=True)
+        batches = training_batches(shard, config, first_epoch=0, rank=rank, class_weights=None, in_memory=True)
         return np.stack([images.numpy() for images, _ in batches])
 
-    assert np.array_equal(views(0), views(0))  # a restarted worker draws the same again
-    assert not np.array_equal(views(0), views(1))
     epochs = views(0)
+    assert np.array_equal(views(0), epochs)  # a restarted worker draws the same again
+    assert not np.array_equal(views(1), epochs)
     assert not np.array_equal(epochs[0], epochs[1])  # a new view every epoch
-    # Resumed after epoch 2 (a checkpoint, a restart), a worker feeds what it would have fed.
-    np.testing.assert_array_equal(views(0, first_epoch=2), epochs[2:])
 
 
 def test_a_resumed_worker_feeds_its_uninterrupted_batches_class_mix_included(ray_session):
