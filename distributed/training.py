@@ -117,7 +117,9 @@ def train_loop_per_worker(loop_config):
         )
         if loop_config["class_pixel_counts"] is not None:
             start_from_class_prior(model, loop_config["class_pixel_counts"])
-        first_epoch, history, best_weights = restore(model, ray.train.get_checkpoint())
+        first_epoch, history, best_weights = restore(model, ray.train.get_checkpoint(), steps_per_epoch)
+    if first_epoch and rank == 0:
+        worker_log(f"[unet-ray] resumed from the checkpoint of epoch {first_epoch}")
     if first_epoch >= config.epochs:
         if rank == 0:
             worker_log(f"[unet-ray] run {config.run_name!r} has trained all {config.epochs} epochs; exporting its best "
@@ -334,9 +336,15 @@ def set_precision_policy(mixed_precision, use_gpu):
     return mixed_precision
 
 
-def restore(model, checkpoint):
+def restore(model, checkpoint, steps_per_epoch):
     """Load weights and Adam's state from a checkpoint; returns (first epoch to run, history,
-    best weights so far)."""
+    best weights so far).
+
+    Adam's step count, which drives the learning-rate schedule, is set to the epochs done times
+    this run's steps per epoch: a rerun on another number of workers or batch size has another
+    number of steps per epoch, and the restored count would put the schedule epochs off (past
+    its end, at a learning rate of 0, when the steps per epoch shrink).
+    """
     if checkpoint is None:
         return 0, [], None
     with checkpoint.as_directory() as directory:
@@ -344,7 +352,7 @@ def restore(model, checkpoint):
         model.optimizer.build(model.trainable_variables)
         model.load_weights(os.path.join(directory, CHECKPOINT_MODEL))
         history, best_weights = read_checkpoint(directory)
-    worker_log(f"[unet-ray] resumed from the checkpoint of epoch {len(history)}")
+    model.optimizer.iterations.assign(len(history) * steps_per_epoch)
     return len(history), history, best_weights
 
 
