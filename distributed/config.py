@@ -5,6 +5,10 @@ import os
 from dataclasses import dataclass
 
 from unet_core import check_input_size
+from unet_core.data import SPLITS
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "off", "bf16", "fp16")
 
 
 @dataclass
@@ -76,12 +80,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self.image_size = tuple(self.image_size)
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
-        if self.split not in ("hash", "tail"):
-            raise ValueError(f"split must be hash or tail, got {self.split!r}")
-        if self.mixed_precision not in ("auto", "off", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be auto, off, bf16 or fp16, got {self.mixed_precision!r}")
+        for name, allowed in (("lr_schedule", LR_SCHEDULES), ("split", SPLITS), ("mixed_precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if not 0.0 <= self.ema_momentum < 1.0:
@@ -129,10 +130,10 @@ class TrainConfig:
         return self.storage_path if "://" in self.storage_path else os.path.abspath(self.storage_path)
 
     @classmethod
-    def from_preset(cls, name, **overrides):
+    def from_preset(cls, name):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**PRESETS[name])
 
     def smoke(self):
         """A tiny version of this run that trains in seconds: for local checks and tests."""

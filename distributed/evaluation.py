@@ -15,6 +15,7 @@ import tensorflow as tf
 from distributed import ingest, inference
 from distributed.run_directory import PREVIEW_FRAMES
 from unet_core import plots
+from unet_core.classes import class_names
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import predict_logits_fn, score_batch
 
@@ -40,33 +41,36 @@ def evaluate(model, data_uri, output, batch_size=32):
     worst = WorstFrames(PREVIEW_FRAMES)
     unreadable = []
     per_frame_path = os.path.join(output, "per_frame.csv")
-    with open(per_frame_path + ".tmp", "w", newline="") as per_frame_file:
-        per_frame = csv.writer(per_frame_file)
-        per_frame.writerow(["name", "pixel_accuracy", "mean_iou_truth_classes"])
-        for start in range(0, len(names), batch_size):
-            batch_names = names[start : start + batch_size]
-            images, masks, reasons = ingest.read_frames(filesystem, root, batch_names, size, n_classes)
-            unreadable += [reason for reason in reasons if reason]
-            if unreadable:
-                continue  # the scores are void; read on only to name every bad frame at once
-            logits = forward(tf.constant(images)).numpy()
-            batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes)
-            loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
-            confusion.counts += counts
-            predicted = np.argmax(logits, axis=-1)
-            keep = PREVIEW_FRAMES - len(previews["names"])
-            for key, values in zip(previews, (images, masks, predicted, batch_names)):
-                previews[key].extend(values[:keep])
-            for name, image, mask, prediction in zip(batch_names, images, masks, predicted):
-                frame = ConfusionMatrix(n_classes).update(mask, prediction)
-                per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
-                worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
-    if unreadable:
-        os.remove(per_frame_path + ".tmp")
-        listing = "\n".join(f"  {reason}" for reason in unreadable)
-        raise ValueError(f"{data_uri}: {len(unreadable)} of {len(names)} frame(s) cannot be read (fix them; "
-                         f"scores without them would not be this set's):\n{listing}")
-    os.replace(per_frame_path + ".tmp", per_frame_path)
+    try:
+        with open(per_frame_path + ".tmp", "w", newline="") as per_frame_file:
+            per_frame = csv.writer(per_frame_file)
+            per_frame.writerow(["name", "pixel_accuracy", "mean_iou_truth_classes"])
+            for start in range(0, len(names), batch_size):
+                batch_names = names[start : start + batch_size]
+                images, masks, reasons = ingest.read_frames(filesystem, root, batch_names, size, n_classes)
+                unreadable += [reason for reason in reasons if reason]
+                if unreadable:
+                    continue  # the scores are void; read on only to name every bad frame at once
+                logits = forward(tf.constant(images)).numpy()
+                batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes)
+                loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
+                confusion.counts += counts
+                predicted = np.argmax(logits, axis=-1)
+                keep = PREVIEW_FRAMES - len(previews["names"])
+                for key, values in zip(previews, (images, masks, predicted, batch_names)):
+                    previews[key].extend(values[:keep])
+                for name, image, mask, prediction in zip(batch_names, images, masks, predicted):
+                    frame = ConfusionMatrix(n_classes).update(mask, prediction)
+                    per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
+                    worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
+        if unreadable:
+            listing = "\n".join(f"  {reason}" for reason in unreadable)
+            raise ValueError(f"{data_uri}: {len(unreadable)} of {len(names)} frame(s) cannot be read (fix them; "
+                             f"scores without them would not be this set's):\n{listing}")
+        os.replace(per_frame_path + ".tmp", per_frame_path)
+    finally:
+        if os.path.exists(per_frame_path + ".tmp"):  # a failure midway leaves the last report as it was
+            os.remove(per_frame_path + ".tmp")
 
     summary = confusion.summary()
     metrics = {
@@ -86,7 +90,8 @@ def evaluate(model, data_uri, output, batch_size=32):
     if ranked:
         images, masks, predicted = (np.stack(arrays) for arrays in zip(*(arrays for *_, arrays in ranked)))
         titles = [f"{name}: {accuracy:.3f}" for name, accuracy, _ in ranked]
-        plots.save_previews(images, masks, predicted, os.path.join(output, "worst_frames.png"), titles)
+        plots.save_previews(images, masks, predicted, os.path.join(output, "worst_frames.png"), titles,
+                            class_names(n_classes))
     return metrics
 
 
@@ -111,7 +116,7 @@ def write_report(output, metrics, confusion, previews):
     """metrics.json, per_class_iou.csv, confusion_matrix.png and previews.png in `output`."""
     with open(os.path.join(output, "metrics.json"), "w") as file:
         json.dump(metrics, file, indent=2)
-    names = inference.class_names(confusion.n_classes)
+    names = class_names(confusion.n_classes)
     iou = confusion.iou()
     with open(os.path.join(output, "per_class_iou.csv"), "w", newline="") as file:
         writer = csv.writer(file)
@@ -121,7 +126,8 @@ def write_report(output, metrics, confusion, previews):
                              int(confusion.counts[class_id].sum()), int(confusion.counts[:, class_id].sum())])
     plots.save_confusion_matrix(confusion.counts, os.path.join(output, "confusion_matrix.png"), names)
     plots.save_previews(np.stack(previews["images"]), np.stack(previews["masks"]), np.stack(previews["predicted"]),
-                        os.path.join(output, "previews.png"), titles=[str(name) for name in previews["names"]])
+                        os.path.join(output, "previews.png"), titles=[str(name) for name in previews["names"]],
+                        class_names=names)
 
 
 def iou_table(metrics):

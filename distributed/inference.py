@@ -32,7 +32,7 @@ from PIL import Image
 from distributed import runtime
 from distributed.ingest import open_root, read_file
 from unet_core import data, plots
-from unet_core.classes import CLASS_NAMES
+from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
 
 MODEL_FILE = "model.keras"
@@ -93,6 +93,8 @@ def infer(config: InferConfig):
     print(f"[unet-ray] {len(inputs)} image(s) under {config.input}: {len(pending)} to predict, "
           f"{len(inputs) - len(pending)} already done in {config.output}", flush=True)
 
+    # Ray starts only now: a bad model, input or output is refused before it (and before any work).
+    runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
     shortfall = actor_shortfall(config) if pending else None
     if shortfall:
         print(f"[unet-ray] warning: {shortfall}", file=sys.stderr, flush=True)
@@ -145,7 +147,10 @@ def model_file(path):
 
 def load_model(path):
     """A saved model in safe mode, for prediction (no optimizer state)."""
-    return tf.keras.models.load_model(path, compile=False, safe_mode=True)
+    try:
+        return tf.keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as error:  # whatever the loader trips on (h5py's OSError, a bad zip, ...), the file is bad
+        raise ValueError(f"{path}: tf.keras cannot load this model: {type(error).__name__}: {error}") from error
 
 
 def model_identity(model_bytes, path):
@@ -162,11 +167,6 @@ def model_geometry(model, path):
     if n_classes > 256:
         raise ValueError(f"{path}: {n_classes} classes do not fit the 8-bit class ids of a mask PNG")
     return (height, width), n_classes
-
-
-def class_names(n_classes):
-    # Named as in ConfusionMatrix.summary, so predictions and metrics agree.
-    return list(CLASS_NAMES) if n_classes == len(CLASS_NAMES) else [str(i) for i in range(n_classes)]
 
 
 # --- listing the inputs ------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from distributed import inference, ingest
 from unet_core import plots, scenes, unet_model
+from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
 
 PREVIEW_FRAMES = 6
@@ -35,18 +36,19 @@ def generate_scenes(config):
 def check_run_identity(config):
     """Refuse to resume a run (same `run_name` and storage) that trained on other frames or another
     network, which would silently continue it or fail inside a worker, where Ray Train retries
-    the error as a worker failure instead of reporting it."""
+    the error as a worker failure instead of reporting it. A run stopped before its first
+    checkpoint left nothing to resume: its rerun starts afresh, whatever the settings."""
     filesystem, path, identity = _identity(config)
-    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
-        run_root = path.rsplit("/", 1)[0]
-        found = filesystem.get_file_info(pyarrow.fs.FileSelector(run_root, allow_not_found=True))
-        if any(item.base_name.startswith("checkpoint_") for item in found):
-            # Every run records its identity before its first checkpoint, so these came from an
-            # older unet-ray, whose checkpoints lack the best epoch's weights.
-            raise ValueError(f"{config.resolved_storage_path}/{config.run_name}: checkpoints of a run without "
-                             f"{IDENTITY_FILE}, written by an older unet-ray, which this one cannot resume; "
-                             f"pass another --run-name or --output to start a new run")
+    run_root = path.rsplit("/", 1)[0]
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(run_root, allow_not_found=True))
+    if not any(item.base_name.startswith("checkpoint_") for item in found):
         return
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        # Every run records its identity before its first checkpoint, so these came from an
+        # older unet-ray, whose checkpoints lack the best epoch's weights.
+        raise ValueError(f"{config.resolved_storage_path}/{config.run_name}: checkpoints of a run without "
+                         f"{IDENTITY_FILE}, written by an older unet-ray, which this one cannot resume; "
+                         f"pass another --run-name or --output to start a new run")
     with filesystem.open_input_stream(path) as stream:
         recorded = json.loads(stream.read())
     changed = [f"{field} {recorded.get(field)!r} -> {value!r}" for field, value in identity.items()
@@ -103,7 +105,7 @@ def write(config, history, best_weights, val_frames):
     frames = val_frames.take_batch(PREVIEW_FRAMES, batch_format="numpy")
     predicted = np.argmax(predict_logits_fn(model)(tf.constant(frames["image"])).numpy(), axis=-1)
     plots.save_previews(frames["image"], frames["mask"], predicted, os.path.join(config.output, "previews.png"),
-                        titles=[str(name) for name in frames["name"]])
+                        titles=[str(name) for name in frames["name"]], class_names=class_names(config.n_classes))
     print(f"[unet-ray] run directory {os.path.abspath(config.output)}: model.keras (best val mIoU "
           f"{max(h['val_mean_iou'] for h in history):.4f}), metrics.json, curves.png, previews.png", flush=True)
     return history

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from distributed import inference, runtime
+from distributed import inference
 
 
 def formats(text):
@@ -39,7 +39,6 @@ def parse_args(argv=None):
 def main(argv=None):
     try:
         config = inference.InferConfig(**vars(parse_args(argv)))
-        runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
         summary = inference.infer(config)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

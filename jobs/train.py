@@ -5,7 +5,7 @@ import dataclasses
 import json
 import sys
 
-from distributed.config import PRESETS, TrainConfig
+from distributed.config import LR_SCHEDULES, PRECISIONS, PRESETS, SPLITS, TrainConfig
 
 
 def parse_args(argv=None):
@@ -29,10 +29,10 @@ def parse_args(argv=None):
     option("--n-classes", type=int)
     option("--val-data", "CARLA-layout directory or URI to validate on; every frame of --data then trains")
     option("--val-fraction", type=float)
-    option("--split", "hash: stable random by name; tail: last frames by name", choices=("hash", "tail"))
+    option("--split", "hash: stable random by name; tail: last frames by name", choices=SPLITS)
     option("--max-failures", "worker failures to recover from; -1: no limit", type=int)
     option("--seed", type=int)
-    option("--mixed-precision", "auto: bf16 on hardware with native bfloat16", choices=("auto", "off", "bf16", "fp16"))
+    option("--mixed-precision", "auto: bf16 on hardware with native bfloat16", choices=PRECISIONS)
     option("--jit-compile", "XLA-compile the training step of a lone worker; on CPU in float32 only",
            action=argparse.BooleanOptionalAction)
     option("--cache-shard-mb", "a worker holds its training shard in memory up to this size; 0: stream every epoch",
@@ -47,7 +47,7 @@ def parse_args(argv=None):
         ("--epochs", dict(type=int)),
         ("--batch-size", dict(type=int, help="per worker")),
         ("--learning-rate", dict(type=float)),
-        ("--lr-schedule", dict(choices=("constant", "cosine"))),
+        ("--lr-schedule", dict(choices=LR_SCHEDULES)),
         ("--warmup-epochs", dict(type=int, help="before the cosine decay; default: a thirtieth of --epochs")),
         ("--clip-norm", dict(type=float, help="cap on the global gradient norm; 0: none")),
         ("--ema-momentum", dict(type=float, help="score and export a moving average of the weights; 0: raw")),
@@ -74,10 +74,12 @@ def config_from_args(args):
 
 
 def main(argv=None):
-    from distributed.training import train
-
     try:
-        history = train(config_from_args(parse_args(argv)))
+        config = config_from_args(parse_args(argv))
+        # Imported once the flags are good: TensorFlow and Ray take seconds to import.
+        from distributed.training import train
+
+        history = train(config)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

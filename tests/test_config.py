@@ -1,5 +1,10 @@
 """The run's settings from the command line: presets, overrides and refused values."""
 
+import pathlib
+import re
+import subprocess
+import sys
+
 import pytest
 
 from distributed.config import TrainConfig
@@ -53,8 +58,22 @@ def test_bad_values_are_refused_with_the_field_named():
                          ("max_failures", -2), ("scene_count", 0), ("keep_checkpoints", 0)):
         with pytest.raises(ValueError, match=field):
             TrainConfig(**{field: value})
+    for field, value, allowed in (("split", "random", "hash, tail"), ("lr_schedule", "step", "constant, cosine"),
+                                  ("mixed_precision", "fp8", "auto, off, bf16, fp16")):
+        with pytest.raises(ValueError, match=f"{field} must be one of {allowed}; got '{value}'"):
+            TrainConfig(**{field: value})
     assert TrainConfig(max_failures=-1).max_failures == -1  # Ray's "retry without limit"
     assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
+
+
+def test_jobs_train_refuses_a_bad_flag_before_importing_tensorflow_or_ray():
+    # Both take seconds to import and log a screenful; a typo should cost neither.
+    script = ("import sys; from jobs import train; code = train.main(['--epochs', '0']); "
+              "print(sorted({'tensorflow', 'ray'} & set(sys.modules))); sys.exit(code)")
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2
+    assert finished.stderr.strip() == "error: epochs must be at least 1, got 0"
+    assert finished.stdout.strip() == "[]"
 
 
 def test_smoke_shrinks_the_run_but_every_given_flag_wins():
@@ -74,3 +93,13 @@ def test_warm_up_is_a_thirtieth_of_the_epochs_unless_given():
     assert config_from_args(parse_args(["--smoke", "--warmup-epochs", "2"])).resolved_warmup_epochs == 2
     with pytest.raises(ValueError, match="warmup_epochs must be at least 0 and less than epochs \\(5\\), got 8"):
         TrainConfig(epochs=5, warmup_epochs=8)
+
+
+def test_every_flag_the_readme_gives_jobs_train_exists(capsys):
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Training"):readme.index("Speed figures")]  # then other commands
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    known = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
+    given = {f"--{name}" for name in re.findall(r"--(?:\[no-\])?([a-z][a-z-]*)", section)}
+    assert len(given) > 20 and given <= known, sorted(given - known)

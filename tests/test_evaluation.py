@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from distributed import evaluation
 from jobs import evaluate as evaluate_job
 from unet_core import data, scenes, unet_model
 from unet_core.metrics import ConfusionMatrix
@@ -81,3 +82,20 @@ def test_evaluate_names_every_unreadable_frame_and_writes_no_report(tmp_path, ca
     assert "2 of 5 frame(s) cannot be read" in error
     assert "CameraRGB/scene_000001.png: empty file" in error and "CameraMask/scene_000004.png" in error
     assert os.listdir(tmp_path / "report") == []  # no half-written report
+
+
+def test_a_failure_midway_leaves_the_last_report_as_it_was(tmp_path, monkeypatch):
+    tf.keras.utils.set_random_seed(0)
+    unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
+    scenes.write_scenes(tmp_path / "frames", 3)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "per_frame.csv").write_text("the last report\n")
+
+    def fails(*_):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(evaluation.ingest, "read_frames", fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluation.evaluate(str(tmp_path), str(tmp_path / "frames"), str(report))
+    assert os.listdir(report) == ["per_frame.csv"] and (report / "per_frame.csv").read_text() == "the last report\n"

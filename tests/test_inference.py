@@ -14,6 +14,7 @@ from distributed import inference
 from distributed.inference import InferConfig, infer
 from jobs import infer as infer_job
 from unet_core import data, scenes, unet_model
+from unet_core.classes import class_names
 
 SIZE = (32, 48)
 SOURCE = (480, 640)  # the size write_scenes renders
@@ -94,7 +95,7 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
         np.testing.assert_array_equal(channels[..., 0], expected[row["path"]])
         np.testing.assert_array_equal(data.decode_mask(row["mask_png"], row["path"]), expected[row["path"]])
         counts = np.bincount(expected[row["path"]].ravel(), minlength=23)
-        assert [row[f"pixels_{name}"] for name in inference.class_names(23)] == counts.tolist()
+        assert [row[f"pixels_{name}"] for name in class_names(23)] == counts.tolist()
         assert row["model"].startswith("model.keras@sha256:")
         assert Image.open(output / "overlays" / row["path"]).size == SOURCE[::-1]
 
@@ -143,7 +144,15 @@ def test_output_paths_cannot_leave_the_output(relative):
         inference.output_path("masks", relative)
 
 
-def test_bad_settings_are_refused_before_any_work(tmp_path):
+def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    def no_ray(**_):
+        raise AssertionError("Ray was started for a job that cannot run")
+
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    for model in (tmp_path / "missing.keras", tmp_path / "text.keras"):
+        (tmp_path / "text.keras").write_text("not a model")
+        assert infer_job.main(["--model", str(model), "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+        assert str(model) in capsys.readouterr().err
     with pytest.raises(ValueError, match="formats"):
         InferConfig(model="m.keras", input="in", output="out", formats=("tiff",))
     with pytest.raises(ValueError, match="output_size"):

@@ -26,6 +26,9 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
     run_directory.record_run_identity(first)
     recorded = tmp_path / "run" / "ray_results" / "unet" / run_directory.IDENTITY_FILE
     assert recorded.exists()
+    # Stopped before its first checkpoint: nothing to resume, so a corrected rerun starts afresh.
+    run_directory.check_run_identity(TrainConfig(data="other_frames", output="run", image_size=(64, 96)))
+    (recorded.parent / "checkpoint_2026-12-04_10-00-00.000000").mkdir()
     # More epochs, another cluster shape or learning rate, the same data by absolute path: a resume.
     run_directory.check_run_identity(TrainConfig(data=str(tmp_path / "frames"), output="run", epochs=5,
                                                  num_workers=2, learning_rate=1e-3))
@@ -43,6 +46,7 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
 def test_a_validation_directory_makes_the_split_settings_free_to_change(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_directory.record_run_identity(TrainConfig(data="frames", val_data="held_out", output="run"))
+    (tmp_path / "run" / "ray_results" / "unet" / "checkpoint_2026-12-04_10-00-00.000000").mkdir()
     run_directory.check_run_identity(TrainConfig(data="frames", val_data="held_out", output="run",
                                                  split="hash", val_fraction=0.3))
     with pytest.raises(ValueError, match=r"val_data .*held_out' -> None"):

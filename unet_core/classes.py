@@ -11,6 +11,12 @@ CLASS_NAMES = (
 CLASS_IDS = {name: class_id for class_id, name in enumerate(CLASS_NAMES)}
 N_CLASSES = len(CLASS_NAMES)
 
+
+def class_names(n_classes):
+    """Names of a model's classes: CARLA's for a 23-class model, else the ids as text (a model
+    trained on other labels gives its ids no CARLA meaning)."""
+    return list(CLASS_NAMES) if n_classes == N_CLASSES else [str(i) for i in range(n_classes)]
+
 # CARLA's own Cityscapes-like palette, so our previews look like the simulator's.
 PALETTE = np.array(
     [

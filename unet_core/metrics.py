@@ -7,7 +7,7 @@ the ratios taken once at the end; averaging per-batch ratios would weight small 
 import numpy as np
 import tensorflow as tf
 
-from unet_core.classes import CLASS_NAMES
+from unet_core.classes import class_names
 
 
 def confusion_counts(true_ids, predicted_ids, n_classes):
@@ -57,7 +57,7 @@ class ConfusionMatrix:
 
     def summary(self, prefix=""):
         """JSON-ready metrics; IoU per class is keyed by class name."""
-        names = CLASS_NAMES if self.n_classes == len(CLASS_NAMES) else [str(i) for i in range(self.n_classes)]
+        names = class_names(self.n_classes)
         return {
             f"{prefix}pixel_accuracy": self.pixel_accuracy(),
             f"{prefix}mean_iou": self.mean_iou(),

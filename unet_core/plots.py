@@ -121,8 +121,9 @@ def _bare(ax):
         spine.set_visible(False)
 
 
-def save_previews(images, true_masks, predicted_masks, path, titles=None):
-    """One row per frame: input image | true mask | predicted mask (no true column if it is None)."""
+def save_previews(images, true_masks, predicted_masks, path, titles=None, class_names=CLASS_NAMES):
+    """One row per frame: input image | true mask | predicted mask (no true column if it is None),
+    and a legend naming the classes shown (`unet_core.classes.class_names` of the model)."""
     images = _to_uint8(images)
     predicted = _class_ids(predicted_masks)
     columns = [("Input Image", images), ("Predicted Mask", predicted)]
@@ -155,7 +156,7 @@ def save_previews(images, true_masks, predicted_masks, path, titles=None):
     present = np.unique(np.concatenate([masks.ravel() for _, masks in columns[1:]]))
     fig.legend(
         handles=[
-            Patch(color=_colour_of(i) / 255, label=CLASS_NAMES[i] if i < len(CLASS_NAMES) else f"class {i}")
+            Patch(color=_colour_of(i) / 255, label=class_names[i] if i < len(class_names) else f"class {i}")
             for i in present
         ],
         loc="outside lower center", ncol=min(len(present), 6), fontsize="small", frameon=False,
