@@ -27,6 +27,7 @@ def evaluate(model, data_uri, output, batch_size=32):
     with one ValueError naming every one of them, because leaving them out would change the
     scores; the report in `output` is then left as it was.
     """
+    ingest.open_output(output)
     model_path = inference.model_file(model)
     with open(model_path, "rb") as file:
         identity = inference.model_identity(file.read(), model_path)

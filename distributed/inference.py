@@ -30,7 +30,7 @@ import tensorflow as tf
 from PIL import Image
 
 from distributed import runtime
-from distributed.ingest import open_root, read_file
+from distributed.ingest import list_tree, open_output, open_root, read_file
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
@@ -40,6 +40,8 @@ FORMATS = ("parquet", "png")
 OUTPUT_SIZES = ("source", "model")
 # Temporary files live here until renamed into place; a run starts by emptying it.
 STAGING = ".staging"
+# Unreadable images named on the console, one line each; errors/*.parquet holds every one.
+FAILURES_SHOWN = 20
 
 
 @dataclass
@@ -82,16 +84,24 @@ def infer(config: InferConfig):
     # Loaded here too, so a broken model fails before any actor starts, and for its shapes.
     size, n_classes = model_geometry(load_model(model_path), model_path)
 
-    output = Output(*open_root(config.output))
+    output = Output(*open_output(config.output))
     input_filesystem, input_root = open_root(config.input)
     input_root = image_root(input_filesystem, input_root)
-    if output.root == input_root:
-        raise ValueError(f"{config.output}: the output must be another directory than the input images")
-    inputs = list_images(input_filesystem, input_root, skip=output.root)
+    if input_root == output.root or input_root.startswith(output.root + "/"):
+        # Everything under the output counts as earlier results, so no input would be predicted.
+        raise ValueError(f"{config.output}: the output must be another directory than the input images "
+                         f"({config.input}), and not one that holds them")
+    inputs, ignored = list_images(input_filesystem, input_root, skip=output.root)
+    if not inputs:
+        raise ValueError(f"{config.input}: no {'/'.join(data.IMAGE_EXTENSIONS)} images below it"
+                         + (f" (only {len(ignored)} other file(s), such as {ignored[0]})" if ignored else ""))
     done = output.done_paths(identity)
     pending = [path for path in inputs if path not in done]
     print(f"[unet-ray] {len(inputs)} image(s) under {config.input}: {len(pending)} to predict, "
           f"{len(inputs) - len(pending)} already done in {config.output}", flush=True)
+    if ignored:
+        print(f"[unet-ray] {len(ignored)} file(s) there are not {'/'.join(data.IMAGE_EXTENSIONS)} images and are "
+              f"left alone, such as {', '.join(ignored[:3])}", file=sys.stderr, flush=True)
 
     # Ray starts only now: a bad model, input or output is refused before it (and before any work).
     runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
@@ -112,9 +122,15 @@ def infer(config: InferConfig):
             predictions.add(prediction_table(batch, succeeded, identity, names, "parquet" in config.formats))
             errors.add(pa.table({"path": pa.array(batch["path"][~succeeded], pa.string()),
                                  "error": pa.array(batch["error"][~succeeded], pa.string())}))
+            for error in batch["error"][~succeeded][:max(0, FAILURES_SHOWN - failed)]:
+                print(f"[unet-ray] failed: {error}", file=sys.stderr, flush=True)
             ok, failed = ok + int(succeeded.sum()), failed + int((~succeeded).sum())
     predictions.flush()
     errors.flush()
+    if failed:
+        more = f" ({failed - FAILURES_SHOWN} not shown above)" if failed > FAILURES_SHOWN else ""
+        print(f"[unet-ray] {failed} image(s) could not be read{more}: every path and reason is in "
+              f"{config.output}/errors/*.parquet; a rerun retries them", file=sys.stderr, flush=True)
     return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
 
 
@@ -180,26 +196,29 @@ def image_root(filesystem, root):
 
 
 def list_images(filesystem, root, skip=None):
-    """Sorted paths, relative to `root`, of the PNG/JPEG files below it, hidden ones left out.
+    """(sorted paths of the PNG/JPEG files below `root`, sorted paths of its other files), both
+    relative to `root`, hidden ones left out.
 
     `skip` is the output directory: nested in the input, its masks must not become inputs.
     """
-    if filesystem.get_file_info(root).type != pyarrow.fs.FileType.Directory:
-        raise ValueError(f"{root}: input directory not found")
-    paths = []
-    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True)):
+    info = filesystem.get_file_info(root)
+    if info.type != pyarrow.fs.FileType.Directory:
+        what = "a file" if info.type == pyarrow.fs.FileType.File else "not found"
+        raise ValueError(f"{root}: {what}; --input must be a directory of images")
+    paths, ignored = [], []
+    for info in list_tree(filesystem, root):
         relative = info.path[len(root) + 1:]
-        if (info.type == pyarrow.fs.FileType.File and data.is_image_name(info.base_name)
-                and not any(part.startswith(".") for part in relative.split("/"))
-                and not (skip and info.path.startswith(skip + "/"))):
-            paths.append(relative)
+        if (info.type == pyarrow.fs.FileType.Directory or any(part.startswith(".") for part in relative.split("/"))
+                or (skip and info.path.startswith(skip + "/"))):
+            continue
+        (paths if data.is_image_name(info.base_name) else ignored).append(relative)
     paths.sort()
     outputs = {}
     for path in paths:
         clash = outputs.setdefault(output_path("masks", mask_name(path)), path)
         if clash != path:
             raise ValueError(f"{root}: {clash} and {path} would both write the mask {mask_name(path)}")
-    return paths
+    return paths, sorted(ignored)
 
 
 def mask_name(relative):

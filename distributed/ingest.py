@@ -26,23 +26,48 @@ def open_root(uri):
     return filesystem, root.rstrip("/")
 
 
+def open_output(uri):
+    """`open_root` of an output directory or URI, new or existing; a file there is refused."""
+    filesystem, root = open_root(uri)
+    if filesystem.get_file_info(root).type == pyarrow.fs.FileType.File:
+        raise ValueError(f"{uri}: a file; the output must be a directory (new or existing)")
+    return filesystem, root
+
+
+def list_tree(filesystem, directory, recursive=True):
+    """FileInfo of everything below `directory`; a file name that is not UTF-8 is a clear error."""
+    try:
+        found = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, recursive=recursive))
+        return [info for info in found if info.path]  # names decode on first use: a bad one fails here
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{directory}: holds a file name that is not valid UTF-8 ({error}); rename it") from None
+
+
 def list_image_names(filesystem, directory):
-    info = filesystem.get_file_info(directory)
-    if info.type != pyarrow.fs.FileType.Directory:
-        raise ValueError(f"{directory}: directory not found")
-    selector = pyarrow.fs.FileSelector(directory, recursive=False)
-    return [item.base_name for item in filesystem.get_file_info(selector)
-            if item.type == pyarrow.fs.FileType.File and data.is_image_name(item.base_name)]
+    """Names of the PNG/JPEG files in one flat folder of the CARLA layout (hidden ones left out).
+
+    A subfolder is refused rather than passed over: its frames would silently not train.
+    """
+    names = []
+    for item in list_tree(filesystem, directory, recursive=False):
+        if item.base_name.startswith("."):
+            continue
+        if item.type == pyarrow.fs.FileType.Directory:
+            raise ValueError(f"{item.path}: a folder; CameraRGB and CameraMask hold frames only (move its files "
+                             f"up, or pass it as a CARLA-layout directory of its own)")
+        if data.is_image_name(item.base_name):
+            names.append(item.base_name)
+    return names
 
 
 def discover_pairs(uri):
     """(filesystem, root, sorted paired names); one ValueError names every unpaired file."""
     filesystem, root = open_root(uri)
-    try:
-        images = list_image_names(filesystem, f"{root}/{data.IMAGE_DIR}")
-        masks = list_image_names(filesystem, f"{root}/{data.MASK_DIR}")
-    except ValueError as error:
-        raise ValueError(f"{uri}: not a CARLA-layout directory ({error})") from None
+    folders = [f"{root}/{data.IMAGE_DIR}", f"{root}/{data.MASK_DIR}"]
+    for folder, info in zip(folders, filesystem.get_file_info(folders)):
+        if info.type != pyarrow.fs.FileType.Directory:
+            raise ValueError(f"{uri}: not a CARLA-layout directory ({folder}: directory not found)")
+    images, masks = (list_image_names(filesystem, folder) for folder in folders)
     return filesystem, root, data.pair_names(images, masks, uri)
 
 

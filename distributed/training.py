@@ -33,10 +33,12 @@ from unet_core.training import (
 CHECKPOINT_MODEL = "model.keras"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_BEST = "best_weights.npz"  # the weights the best val mIoU so far was scored with
+SKIPPED_SHOWN = 20  # unreadable frames named on the console with --skip-bad; skipped.json has them all
 
 
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
+    ingest.open_output(config.output)
     os.makedirs(config.output, exist_ok=True)
     run_directory.check_run_identity(config)
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
@@ -57,6 +59,11 @@ def train(config: TrainConfig):
         weights = augment.class_weights(counts, config.class_weight_power).tolist()
     print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
           f"from {data_uri}; {len(skipped)} skipped", flush=True)
+    for reason in list(skipped.values())[:SKIPPED_SHOWN]:
+        print(f"[unet-ray] skipped: {reason}", file=sys.stderr, flush=True)
+    if skipped:
+        print(f"[unet-ray] every skipped frame and why: {os.path.join(config.output, 'skipped.json')}",
+              file=sys.stderr, flush=True)
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,

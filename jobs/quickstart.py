@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from distributed import evaluation, runtime
+from distributed import evaluation
 from distributed.config import TrainConfig
 from distributed.inference import InferConfig, infer
 from distributed.training import train
@@ -60,7 +60,6 @@ def run(args):
     started = time.time()
     output = os.path.abspath(args.output)
     config = train_config(args, output)
-    runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     train(config)
 
     new_frames = os.path.join(output, "new_frames")

@@ -92,10 +92,34 @@ def test_mask_class_is_max_over_colour_channels_never_alpha():
     assert ids[0, :3].tolist() == [7, 9, 13] and ids.max() == 13
 
 
+def png16_rgb(rgb):
+    """A 16-bit RGB PNG, which Pillow cannot write: IHDR, one IDAT of unfiltered rows, IEND."""
+    def chunk(kind, body):
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    height, width, _ = rgb.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb)
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
 def test_gray_and_16bit_masks_hold_ids_directly():
     ids = np.array([[1, 2], [22, 0]], np.uint8)
     assert data.decode_mask(png_bytes(ids), "m.png").tolist() == ids.tolist()
     assert data.decode_mask(png_bytes(ids.astype(np.uint16)), "m16.png").tolist() == ids.tolist()
+    # 16-bit colour too: Pillow would read these ids as 0 (it keeps each value's high byte).
+    colour = np.stack([ids, np.zeros_like(ids), np.zeros_like(ids)], axis=-1).astype(np.uint16)
+    assert data.decode_mask(png16_rgb(colour), "m16rgb.png").tolist() == ids.tolist()
+    with pytest.raises(ValueError, match="m16x257.png: mask has class id 5654 but the model has 23 classes"):
+        data.check_class_ids(data.decode_mask(png16_rgb(colour * 257), "m16x257.png"), 23, "m16x257.png")
+
+
+def test_a_jpeg_mask_is_refused_for_its_lossy_edges():
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(buffer, "JPEG")
+    with pytest.raises(ValueError, match="mask.jpg: a JPEG mask; .* masks must be PNG"):
+        data.decode_mask(buffer.getvalue(), "mask.jpg")
+    assert data.decode_image(buffer.getvalue(), "image.jpg").shape == (8, 8, 3)  # images may be JPEG
 
 
 def test_masks_resize_with_nearest_neighbour_only():
@@ -157,7 +181,7 @@ def _valid_png():
     [
         (_valid_png()[:60], "not a readable"),
         (b"", "empty file"),
-        (b"this is a text file, not a picture\n", "not a readable"),
+        (b"this is a text file, not a picture\n", "not a readable PNG/JPEG image \\(not in any image format"),
     ],
     ids=["truncated", "zero-bytes", "text-named-png"],
 )
@@ -214,7 +238,7 @@ def test_fast_png_path_gives_pillows_pixels(real_carla):
     for name in ("000026.png", "064407.png"):
         for folder in ("CameraRGB", "CameraMask"):
             content = (real_carla / folder / name).read_bytes()
-            assert data._is_8bit_colour_png(content)
+            assert data._colour_png_depth(content) == 8
             with_pillow = np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
             np.testing.assert_array_equal(data.decode_image(content, name), with_pillow)
             if folder == "CameraMask":

@@ -112,7 +112,8 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
         train(smoke_config(tmp_path, epochs=4, seed=1))
 
 
-def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_bad_frames(tmp_path, ray_session):
+def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_bad_frames(tmp_path, ray_session,
+                                                                                         capfd):
     """The default layout on a CPU without native bfloat16 (one worker with both cores, float32, XLA): a crash
     mid-run restarts the worker, which resumes from the latest checkpoint; an unreadable frame is skipped and listed."""
     frames = tmp_path / "frames"
@@ -138,6 +139,9 @@ def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_ba
     with open(os.path.join(config.output, "skipped.json")) as file:
         skipped = json.load(file)
     assert list(skipped) == ["scene_000005.png"] and "scene_000005.png" in skipped["scene_000005.png"]
+    printed = capfd.readouterr().err  # named on the console too, not only counted
+    assert f"[unet-ray] skipped: {truncated}: not a readable PNG/JPEG image" in printed
+    assert f"every skipped frame and why: {config.output}/skipped.json" in printed
 
 
 def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ray_session, capfd):
@@ -169,6 +173,12 @@ def test_truncated_png_fails_before_training(tmp_path, ray_session):
     assert "2 of 6 frame(s) cannot be read" in message
     assert "CameraMask/scene_000002.png" in message and "CameraMask/scene_000004.png" in message
     assert not os.path.exists(os.path.join(config.resolved_storage_path, config.run_name))
+
+
+def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path):
+    (tmp_path / "run").write_text("an earlier run's notes")
+    with pytest.raises(ValueError, match="run: a file; the output must be a directory"):
+        train(smoke_config(tmp_path))
 
 
 def test_unpaired_files_fail_before_training(tmp_path, ray_session):

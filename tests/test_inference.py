@@ -115,12 +115,18 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     scenes.write_scenes(root, 3)
     Image.open(images / "scene_000002.png").convert("RGB").save(images / "frame.jpg")
     (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
+    (images / "notes.txt").write_text("not an input")
     output = images / "predicted"  # inside the input: its masks must never become inputs
     argv = ["--model", str(model_dir), "--input", str(root), "--output", str(output), "--batch-size", "2",
             "--output-size", "model", "--formats", "png", "--fail-on-error"]
 
     assert infer_job.main(argv) == 1
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 4, "failed": 1, "skipped": 0}
+    printed = capsys.readouterr()
+    assert json.loads(printed.out.strip().splitlines()[-1]) == {"ok": 4, "failed": 1, "skipped": 0}
+    # Every failure named on the console too, and the file that is no image said to be left alone.
+    assert f"failed: {images / 'broken.jpg'}: not a readable PNG/JPEG image" in printed.err
+    assert f"1 image(s) could not be read: every path and reason is in {output}/errors/*.parquet" in printed.err
+    assert "1 file(s) there are not .png/.jpg/.jpeg images and are left alone, such as notes.txt" in printed.err
     predictions = read_table(output / "predictions")
     assert "mask_png" not in predictions.column_names  # png only: masks are files, not table bytes
     assert set(predictions["width"].to_pylist()) == {SIZE[1]} and set(predictions["height"].to_pylist()) == {SIZE[0]}
@@ -144,7 +150,7 @@ def test_output_paths_cannot_leave_the_output(relative):
         inference.output_path("masks", relative)
 
 
-def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys, model_dir):
     def no_ray(**_):
         raise AssertionError("Ray was started for a job that cannot run")
 
@@ -153,6 +159,19 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys)
         (tmp_path / "text.keras").write_text("not a model")
         assert infer_job.main(["--model", str(model), "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
         assert str(model) in capsys.readouterr().err
+    # Inputs the run cannot take, before Ray starts too.
+    scenes.write_scenes(tmp_path / "run" / "frames", 1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "frame.bmp").write_bytes(b"BM")
+    for input_dir, output_dir, message in (
+        (tmp_path / "run" / "frames", tmp_path / "run", "the output must be another directory than the input "
+                                                        "images .*, and not one that holds them"),
+        (tmp_path / "empty", tmp_path / "out", "empty: no .png/.jpg/.jpeg images below it \\(only 1 other "
+                                              "file\\(s\\), such as frame.bmp\\)"),
+        (tmp_path / "run" / "frames", tmp_path / "text.keras", "text.keras: a file; the output must be a directory"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            infer(InferConfig(model=str(model_dir / "model.keras"), input=str(input_dir), output=str(output_dir)))
     with pytest.raises(ValueError, match="formats"):
         InferConfig(model="m.keras", input="in", output="out", formats=("tiff",))
     with pytest.raises(ValueError, match="output_size"):

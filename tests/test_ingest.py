@@ -60,3 +60,26 @@ def test_too_few_frames_for_a_split_is_a_clear_error(tmp_path, ray_session):
                                          "\\(one frame per worker\\) .*add frames or lower --num-workers$"):
         ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", min_train_frames=2,
                            val_uri=str(tmp_path / "val"))
+
+
+def test_a_folder_inside_the_layout_is_refused_not_passed_over(tmp_path):
+    scenes.write_scenes(str(tmp_path), 2)
+    (tmp_path / "CameraRGB" / ".ipynb_checkpoints").mkdir()  # hidden: left alone, as hidden files are
+    assert ingest.discover_pairs(str(tmp_path))[2] == ["scene_000000.png", "scene_000001.png"]
+    (tmp_path / "CameraRGB" / "more").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path}/CameraRGB/more: a folder; CameraRGB and CameraMask hold "
+                                         "frames only"):
+        ingest.discover_pairs(str(tmp_path))
+
+
+def test_a_file_name_that_is_not_utf8_or_a_missing_folder_is_named(tmp_path):
+    scenes.write_scenes(str(tmp_path), 1)
+    with open(bytes(tmp_path / "CameraMask") + b"/\xff.png", "wb"):
+        pass
+    with pytest.raises(ValueError, match=f"{tmp_path}/CameraMask: holds a file name that is not valid UTF-8 .*; "
+                                         "rename it"):
+        ingest.discover_pairs(str(tmp_path))
+
+    with pytest.raises(ValueError, match=f"{tmp_path}/missing: not a CARLA-layout directory \\({tmp_path}/missing/"
+                                         "CameraRGB: directory not found\\)"):
+        ingest.discover_pairs(str(tmp_path / "missing"))

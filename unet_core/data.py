@@ -68,7 +68,9 @@ def _open(data, path):
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not a readable PNG/JPEG image (not in any image format Pillow knows)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: not a readable PNG/JPEG image ({error})") from None
     return image
 
@@ -76,30 +78,31 @@ def _open(data, path):
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _is_8bit_colour_png(data):
-    """8-bit RGB or RGBA per the IHDR chunk, which a PNG must start with: every CARLA frame.
+def _colour_png_depth(data):
+    """The bit depth (8 or 16) of an RGB or RGBA PNG, per the IHDR chunk a PNG must start with;
+    None for any other image. Every CARLA frame is 8-bit.
 
     Oversized headers are left to Pillow, whose decompression-bomb check then names the file.
     """
     if not (len(data) > 25 and data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR"):
-        return False
+        return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     within_limit = Image.MAX_IMAGE_PIXELS is None or width * height <= Image.MAX_IMAGE_PIXELS
-    return data[24] == 8 and data[25] in (2, 6) and within_limit
+    return data[24] if data[24] in (8, 16) and data[25] in (2, 6) and within_limit else None
 
 
-def _decode_colour_png(data, path):
+def _decode_colour_png(data, path, output_format="RGB"):
     # libspng decodes these in 2/3 to 3/4 of Pillow's time (BENCHMARKS.md), to the same pixels;
     # decoding is most of the CPU work of batch inference besides the model.
     try:
-        return pyspng.load(data, "RGB")
+        return pyspng.load(data, output_format)
     except RuntimeError as error:
         raise ValueError(f"{path}: not a readable PNG/JPEG image ({error})") from None
 
 
 def decode_image(data, path):
     """Encoded bytes → uint8 RGB array (H, W, 3), from any common mode (RGB, RGBA, L, P, 16-bit)."""
-    if _is_8bit_colour_png(data):
+    if _colour_png_depth(data) == 8:
         return _decode_colour_png(data, path)
     image = _open(data, path)
     if image.mode in _WIDE_GRAY_MODES:
@@ -110,10 +113,21 @@ def decode_image(data, path):
 
 
 def decode_mask(data, path):
-    """Encoded bytes → class ids (H, W): the max over the colour channels, never alpha."""
-    if _is_8bit_colour_png(data):
-        return _decode_colour_png(data, path).max(axis=-1).astype(np.int64)
+    """Encoded bytes → class ids (H, W): the max over the colour channels, never alpha.
+
+    16-bit masks keep their full values, colour or gray (Pillow would keep only the high byte of
+    a 16-bit colour PNG and read ids 1..255 as 0). JPEG is refused: its lossy compression changes
+    class ids along every edge.
+    """
+    depth = _colour_png_depth(data)
+    if depth:
+        # 16-bit: libspng's own output format (its "RGB" would scale the values to 8 bits).
+        rgb = _decode_colour_png(data, path, "RGB" if depth == 8 else None)[..., :3]
+        return rgb.max(axis=-1).astype(np.int64)
     image = _open(data, path)
+    if image.format == "JPEG":
+        raise ValueError(f"{path}: a JPEG mask; JPEG's lossy compression changes class ids along every edge, "
+                         f"so masks must be PNG")
     if image.mode in _WIDE_GRAY_MODES or image.mode == "L":
         return np.asarray(image).astype(np.int64)
     if image.mode == "LA":
