@@ -30,7 +30,7 @@ import tensorflow as tf
 from PIL import Image
 
 from distributed import runtime
-from distributed.ingest import list_tree, open_output, open_root, read_file
+from distributed.ingest import FAILURES_SHOWN, list_tree, open_output, open_root, read_file
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
@@ -40,8 +40,6 @@ FORMATS = ("parquet", "png")
 OUTPUT_SIZES = ("source", "model")
 # Temporary files live here until renamed into place; a run starts by emptying it.
 STAGING = ".staging"
-# Unreadable images named on the console, one line each; errors/*.parquet holds every one.
-FAILURES_SHOWN = 20
 
 
 @dataclass
@@ -92,16 +90,17 @@ def infer(config: InferConfig):
         raise ValueError(f"{config.output}: the output must be another directory than the input images "
                          f"({config.input}), and not one that holds them")
     inputs, ignored = list_images(input_filesystem, input_root, skip=output.root)
+    kinds = "/".join(data.IMAGE_EXTENSIONS)
     if not inputs:
-        raise ValueError(f"{config.input}: no {'/'.join(data.IMAGE_EXTENSIONS)} images below it"
+        raise ValueError(f"{config.input}: no {kinds} images below it"
                          + (f" (only {len(ignored)} other file(s), such as {ignored[0]})" if ignored else ""))
     done = output.done_paths(identity)
     pending = [path for path in inputs if path not in done]
     print(f"[unet-ray] {len(inputs)} image(s) under {config.input}: {len(pending)} to predict, "
           f"{len(inputs) - len(pending)} already done in {config.output}", flush=True)
     if ignored:
-        print(f"[unet-ray] {len(ignored)} file(s) there are not {'/'.join(data.IMAGE_EXTENSIONS)} images and are "
-              f"left alone, such as {', '.join(ignored[:3])}", file=sys.stderr, flush=True)
+        print(f"[unet-ray] {len(ignored)} file(s) there are not {kinds} images and are left alone, such as "
+              f"{', '.join(ignored[:3])}", file=sys.stderr, flush=True)
 
     # Ray starts only now: a bad model, input or output is refused before it (and before any work).
     runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)

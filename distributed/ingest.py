@@ -26,6 +26,11 @@ def open_root(uri):
     return filesystem, root.rstrip("/")
 
 
+# Failures named on the console one line each: enough to show what is wrong, not a flood when
+# thousands of frames fail alike. The job's files (errors/, skipped.json) hold every one.
+FAILURES_SHOWN = 20
+
+
 def open_output(uri):
     """`open_root` of an output directory or URI, new or existing; a file there is refused."""
     filesystem, root = open_root(uri)
@@ -38,26 +43,18 @@ def list_tree(filesystem, directory, recursive=True):
     """FileInfo of everything below `directory`; a file name that is not UTF-8 is a clear error."""
     try:
         found = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, recursive=recursive))
-        return [info for info in found if info.path]  # names decode on first use: a bad one fails here
+        for info in found:
+            info.path  # pyarrow decodes each name on first use: a bad one fails here, inside the try
+        return found
     except UnicodeDecodeError as error:
         raise ValueError(f"{directory}: holds a file name that is not valid UTF-8 ({error}); rename it") from None
 
 
 def list_image_names(filesystem, directory):
-    """Names of the PNG/JPEG files in one flat folder of the CARLA layout (hidden ones left out).
-
-    A subfolder is refused rather than passed over: its frames would silently not train.
-    """
-    names = []
-    for item in list_tree(filesystem, directory, recursive=False):
-        if item.base_name.startswith("."):
-            continue
-        if item.type == pyarrow.fs.FileType.Directory:
-            raise ValueError(f"{item.path}: a folder; CameraRGB and CameraMask hold frames only (move its files "
-                             f"up, or pass it as a CARLA-layout directory of its own)")
-        if data.is_image_name(item.base_name):
-            names.append(item.base_name)
-    return names
+    """Names of the frames in one folder of the CARLA layout (see `data.frame_names`)."""
+    entries = ((info.base_name, info.type == pyarrow.fs.FileType.Directory)
+               for info in list_tree(filesystem, directory, recursive=False))
+    return data.frame_names(entries, directory)
 
 
 def discover_pairs(uri):

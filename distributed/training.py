@@ -33,7 +33,6 @@ from unet_core.training import (
 CHECKPOINT_MODEL = "model.keras"
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_BEST = "best_weights.npz"  # the weights the best val mIoU so far was scored with
-SKIPPED_SHOWN = 20  # unreadable frames named on the console with --skip-bad; skipped.json has them all
 
 
 def train(config: TrainConfig):
@@ -59,11 +58,12 @@ def train(config: TrainConfig):
         weights = augment.class_weights(counts, config.class_weight_power).tolist()
     print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
           f"from {data_uri}; {len(skipped)} skipped", flush=True)
-    for reason in list(skipped.values())[:SKIPPED_SHOWN]:
+    for reason in list(skipped.values())[:ingest.FAILURES_SHOWN]:
         print(f"[unet-ray] skipped: {reason}", file=sys.stderr, flush=True)
     if skipped:
-        print(f"[unet-ray] every skipped frame and why: {os.path.join(config.output, 'skipped.json')}",
-              file=sys.stderr, flush=True)
+        more = len(skipped) - ingest.FAILURES_SHOWN
+        print(f"[unet-ray] every skipped frame and why{f' ({more} not shown above)' if more > 0 else ''}: "
+              f"{os.path.join(config.output, 'skipped.json')}", file=sys.stderr, flush=True)
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
@@ -350,7 +350,10 @@ def restore(model, checkpoint, steps_per_epoch):
     Adam's step count, which drives the learning-rate schedule, is set to the epochs done times
     this run's steps per epoch: a rerun on another number of workers or batch size has another
     number of steps per epoch, and the restored count would put the schedule epochs off (past
-    its end, at a learning rate of 0, when the steps per epoch shrink).
+    its end, at a learning rate of 0, when the steps per epoch shrink). On the same shape the
+    count is unchanged. On another, Adam's bias correction reads the new count too: until the
+    count reaches a few thousand, its steps shrink or grow by up to the square root of the ratio
+    of the old to the new steps per epoch, a smaller error than the schedule's.
     """
     if checkpoint is None:
         return 0, [], None

@@ -17,9 +17,13 @@ def test_pairs_are_matched_by_file_name(tmp_path):
         write_pair(tmp_path, name, rng.integers(0, 255, (48, 64, 3), np.uint8), carla_mask(np.ones((48, 64), np.uint8)))
     (tmp_path / "CameraRGB" / ".hidden.png").write_bytes(b"")
     (tmp_path / "CameraRGB" / "notes.txt").write_text("not an image")
+    (tmp_path / "CameraMask" / ".cache").mkdir()  # hidden: left alone
     pairs = data.find_pairs(str(tmp_path))
     assert [p.name for p in pairs] == ["a.png", "b.png"]
     assert pairs[0].mask_path.endswith("CameraMask/a.png")
+    (tmp_path / "CameraMask" / "more").mkdir()  # its frames would never pair: refused, not passed over
+    with pytest.raises(ValueError, match="CameraMask/more: a folder; CameraRGB and CameraMask hold frames only"):
+        data.find_pairs(str(tmp_path))
 
 
 def test_unpaired_files_are_all_listed(tmp_path):
@@ -92,14 +96,14 @@ def test_mask_class_is_max_over_colour_channels_never_alpha():
     assert ids[0, :3].tolist() == [7, 9, 13] and ids.max() == 13
 
 
-def png16_rgb(rgb):
-    """A 16-bit RGB PNG, which Pillow cannot write: IHDR, one IDAT of unfiltered rows, IEND."""
+def png16(pixels, colour_type):
+    """A 16-bit PNG, which Pillow cannot write in colour: IHDR, one IDAT of unfiltered rows, IEND."""
     def chunk(kind, body):
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
-    height, width, _ = rgb.shape
-    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb)
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 2, 0, 0, 0])
+    height, width = pixels.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, colour_type, 0, 0, 0])
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
@@ -109,17 +113,21 @@ def test_gray_and_16bit_masks_hold_ids_directly():
     assert data.decode_mask(png_bytes(ids.astype(np.uint16)), "m16.png").tolist() == ids.tolist()
     # 16-bit colour too: Pillow would read these ids as 0 (it keeps each value's high byte).
     colour = np.stack([ids, np.zeros_like(ids), np.zeros_like(ids)], axis=-1).astype(np.uint16)
-    assert data.decode_mask(png16_rgb(colour), "m16rgb.png").tolist() == ids.tolist()
+    opaque = np.full_like(colour[..., :1], 65535)
+    assert data.decode_mask(png16(colour, 2), "m16rgb.png").tolist() == ids.tolist()
+    assert data.decode_mask(png16(np.concatenate([colour, opaque], -1), 6), "m16rgba.png").tolist() == ids.tolist()
     with pytest.raises(ValueError, match="m16x257.png: mask has class id 5654 but the model has 23 classes"):
-        data.check_class_ids(data.decode_mask(png16_rgb(colour * 257), "m16x257.png"), 23, "m16x257.png")
+        data.check_class_ids(data.decode_mask(png16(colour * 257, 2), "m16x257.png"), 23, "m16x257.png")
+    with pytest.raises(ValueError, match="m16la.png: a 16-bit gray\\+alpha mask, which cannot be read without"):
+        data.decode_mask(png16(np.concatenate([colour[..., :1], opaque], -1), 4), "m16la.png")
 
 
-def test_a_jpeg_mask_is_refused_for_its_lossy_edges():
+@pytest.mark.parametrize("image_format", ["JPEG", "WEBP", "GIF"])
+def test_a_mask_in_another_format_than_png_is_refused(image_format):
     buffer = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(buffer, "JPEG")
-    with pytest.raises(ValueError, match="mask.jpg: a JPEG mask; .* masks must be PNG"):
-        data.decode_mask(buffer.getvalue(), "mask.jpg")
-    assert data.decode_image(buffer.getvalue(), "image.jpg").shape == (8, 8, 3)  # images may be JPEG
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(buffer, image_format)
+    with pytest.raises(ValueError, match=f"mask.png: a {image_format} mask; masks must be PNG"):
+        data.decode_mask(buffer.getvalue(), "mask.png")  # whatever its name says
 
 
 def test_masks_resize_with_nearest_neighbour_only():
@@ -238,7 +246,7 @@ def test_fast_png_path_gives_pillows_pixels(real_carla):
     for name in ("000026.png", "064407.png"):
         for folder in ("CameraRGB", "CameraMask"):
             content = (real_carla / folder / name).read_bytes()
-            assert data._colour_png_depth(content) == 8
+            assert data._png_header(content) == (8, 6)  # 8-bit RGBA
             with_pillow = np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
             np.testing.assert_array_equal(data.decode_image(content, name), with_pillow)
             if folder == "CameraMask":

@@ -10,6 +10,7 @@ import pytest
 import ray
 import tensorflow as tf
 
+from distributed import runtime
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
@@ -175,10 +176,15 @@ def test_truncated_png_fails_before_training(tmp_path, ray_session):
     assert not os.path.exists(os.path.join(config.resolved_storage_path, config.run_name))
 
 
-def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path):
+def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    def no_ray(**_):
+        raise AssertionError("Ray was started for a run that cannot write its output")
+
+    monkeypatch.setattr(runtime, "connect", no_ray)
     (tmp_path / "run").write_text("an earlier run's notes")
     with pytest.raises(ValueError, match="run: a file; the output must be a directory"):
         train(smoke_config(tmp_path))
+    assert os.listdir(tmp_path) == ["run"] and (tmp_path / "run").read_text() == "an earlier run's notes"
 
 
 def test_unpaired_files_fail_before_training(tmp_path, ray_session):

@@ -99,5 +99,10 @@ def test_a_failure_midway_leaves_the_last_report_as_it_was(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="out of memory"):
         evaluation.evaluate(str(tmp_path), str(tmp_path / "frames"), str(report))
     assert os.listdir(report) == ["per_frame.csv"] and (report / "per_frame.csv").read_text() == "the last report\n"
-    with pytest.raises(ValueError, match="per_frame.csv: a file; the output must be a directory"):
-        evaluation.evaluate(str(tmp_path), str(tmp_path / "frames"), str(report / "per_frame.csv"))
+
+
+def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
+    (tmp_path / "report").write_text("notes")
+    with pytest.raises(ValueError, match="report: a file; the output must be a directory"):
+        evaluation.evaluate(str(tmp_path / "model.keras"), str(tmp_path / "frames"), str(tmp_path / "report"))

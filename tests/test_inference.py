@@ -155,10 +155,12 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
         raise AssertionError("Ray was started for a job that cannot run")
 
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
-    for model in (tmp_path / "missing.keras", tmp_path / "text.keras"):
-        (tmp_path / "text.keras").write_text("not a model")
-        assert infer_job.main(["--model", str(model), "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
-        assert str(model) in capsys.readouterr().err
+    (tmp_path / "text.keras").write_text("not a model")
+    for model, message in (("missing.keras", "not a .keras model file"),
+                           ("text.keras", "tf.keras cannot load this model")):
+        argv = ["--model", str(tmp_path / model), "--input", str(tmp_path), "--output", str(tmp_path / "out")]
+        assert infer_job.main(argv) == 2
+        assert f"error: {tmp_path / model}: {message}" in capsys.readouterr().err
     # Inputs the run cannot take, before Ray starts too.
     scenes.write_scenes(tmp_path / "run" / "frames", 1)
     (tmp_path / "empty").mkdir()

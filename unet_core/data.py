@@ -35,6 +35,22 @@ def is_image_name(name):
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def frame_names(entries, directory):
+    """Names of the PNG/JPEG frames among the (name, is_folder) entries of one CARLA-layout
+    folder, hidden ones left out. A subfolder is refused rather than passed over: its frames
+    would silently not train."""
+    names = []
+    for name, is_folder in entries:
+        if name.startswith("."):
+            continue
+        if is_folder:
+            raise ValueError(f"{directory}/{name}: a folder; {IMAGE_DIR} and {MASK_DIR} hold frames only (move its "
+                             f"files up, or pass it as a CARLA-layout directory of its own)")
+        if is_image_name(name):
+            names.append(name)
+    return names
+
+
 def pair_names(image_names, mask_names, root="."):
     """Match image and mask file names; raises one ValueError listing every unpaired file."""
     images, masks = set(image_names), set(mask_names)
@@ -57,7 +73,8 @@ def find_pairs(root):
         directory = os.path.join(root, sub)
         if not os.path.isdir(directory):
             raise ValueError(f"{root}: not a CARLA-layout directory, {directory} is missing")
-        listing[sub] = [n for n in os.listdir(directory) if is_image_name(n)]
+        with os.scandir(directory) as entries:
+            listing[sub] = frame_names(((entry.name, entry.is_dir()) for entry in entries), directory)
     names = pair_names(listing[IMAGE_DIR], listing[MASK_DIR], root)
     return [Pair(n, os.path.join(root, IMAGE_DIR, n), os.path.join(root, MASK_DIR, n)) for n in names]
 
@@ -78,17 +95,19 @@ def _open(data, path):
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _colour_png_depth(data):
-    """The bit depth (8 or 16) of an RGB or RGBA PNG, per the IHDR chunk a PNG must start with;
-    None for any other image. Every CARLA frame is 8-bit.
+# PNG colour types of the IHDR chunk.
+_RGB, _GRAY_ALPHA, _RGBA = 2, 4, 6
 
-    Oversized headers are left to Pillow, whose decompression-bomb check then names the file.
-    """
+
+def _png_header(data):
+    """(bit depth, colour type) per the IHDR chunk a PNG must start with; None for any other
+    image, and for headers over Pillow's size limit, left to Pillow, whose decompression-bomb
+    check then names the file."""
     if not (len(data) > 25 and data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR"):
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     within_limit = Image.MAX_IMAGE_PIXELS is None or width * height <= Image.MAX_IMAGE_PIXELS
-    return data[24] if data[24] in (8, 16) and data[25] in (2, 6) and within_limit else None
+    return (data[24], data[25]) if within_limit else None
 
 
 def _decode_colour_png(data, path, output_format="RGB"):
@@ -102,7 +121,7 @@ def _decode_colour_png(data, path, output_format="RGB"):
 
 def decode_image(data, path):
     """Encoded bytes → uint8 RGB array (H, W, 3), from any common mode (RGB, RGBA, L, P, 16-bit)."""
-    if _colour_png_depth(data) == 8:
+    if _png_header(data) in ((8, _RGB), (8, _RGBA)):  # every CARLA frame
         return _decode_colour_png(data, path)
     image = _open(data, path)
     if image.mode in _WIDE_GRAY_MODES:
@@ -115,19 +134,22 @@ def decode_image(data, path):
 def decode_mask(data, path):
     """Encoded bytes → class ids (H, W): the max over the colour channels, never alpha.
 
-    16-bit masks keep their full values, colour or gray (Pillow would keep only the high byte of
-    a 16-bit colour PNG and read ids 1..255 as 0). JPEG is refused: its lossy compression changes
-    class ids along every edge.
+    Masks must be PNG: a lossy format changes class ids along every edge. 16-bit masks keep their
+    full values: Pillow keeps only the high byte of 16-bit colour, so those go through libspng's
+    16-bit output; 16-bit gray+alpha, which neither reads whole, is refused.
     """
-    depth = _colour_png_depth(data)
-    if depth:
-        # 16-bit: libspng's own output format (its "RGB" would scale the values to 8 bits).
-        rgb = _decode_colour_png(data, path, "RGB" if depth == 8 else None)[..., :3]
-        return rgb.max(axis=-1).astype(np.int64)
+    header = _png_header(data)
+    if header in ((8, _RGB), (8, _RGBA)):
+        return _decode_colour_png(data, path).max(axis=-1).astype(np.int64)
+    if header in ((16, _RGB), (16, _RGBA)):
+        return _decode_colour_png(data, path, None)[..., :3].max(axis=-1).astype(np.int64)
+    if header == (16, _GRAY_ALPHA):
+        raise ValueError(f"{path}: a 16-bit gray+alpha mask, which cannot be read without losing its low byte; "
+                         f"save it as 16-bit gray (no alpha), 16-bit RGB or 8-bit")
     image = _open(data, path)
-    if image.format == "JPEG":
-        raise ValueError(f"{path}: a JPEG mask; JPEG's lossy compression changes class ids along every edge, "
-                         f"so masks must be PNG")
+    if image.format != "PNG":
+        raise ValueError(f"{path}: a {image.format} mask; masks must be PNG, as lossy compression changes class "
+                         f"ids along every edge")
     if image.mode in _WIDE_GRAY_MODES or image.mode == "L":
         return np.asarray(image).astype(np.int64)
     if image.mode == "LA":
