@@ -115,20 +115,19 @@ def infer(config: InferConfig):
     if pending:
         pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes), config)
         for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
-            succeeded = batch["error"] == ""
-            write_images(output, batch, succeeded, config)
+            succeeded, reasons = write_images(output, batch, config)
             # After the images: a committed row always has its PNG files.
             predictions.add(prediction_table(batch, succeeded, identity, names, "parquet" in config.formats))
             errors.add(pa.table({"path": pa.array(batch["path"][~succeeded], pa.string()),
-                                 "error": pa.array(batch["error"][~succeeded], pa.string())}))
-            for error in batch["error"][~succeeded][:max(0, FAILURES_SHOWN - failed)]:
+                                 "error": pa.array(reasons[~succeeded], pa.string())}))
+            for error in reasons[~succeeded][:max(0, FAILURES_SHOWN - failed)]:
                 print(f"[unet-ray] failed: {error}", file=sys.stderr, flush=True)
             ok, failed = ok + int(succeeded.sum()), failed + int((~succeeded).sum())
     predictions.flush()
     errors.flush()
     if failed:
         more = f" ({failed - FAILURES_SHOWN} not shown above)" if failed > FAILURES_SHOWN else ""
-        print(f"[unet-ray] {failed} image(s) could not be read{more}: every path and reason is in "
+        print(f"[unet-ray] {failed} image(s) failed{more}: every path and reason is in "
               f"{config.output}/errors/*.parquet; a rerun retries them", file=sys.stderr, flush=True)
     return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
 
@@ -344,12 +343,23 @@ def encode_png(pixels):
 
 # --- the output --------------------------------------------------------------------------------
 
-def write_images(output, batch, succeeded, config):
+def write_images(output, batch, config):
+    """Write the PNG files of each frame predicted; returns (succeeded, error) per row.
+
+    A frame whose files cannot be written (a name too long for the filesystem, say) fails with
+    the reason, into errors/ like an unreadable one, instead of ending the job.
+    """
+    reasons = batch["error"].astype(object)
     columns = ([("masks", "mask_png")] if "png" in config.formats else []) + (
         [("overlays", "overlay_png")] if config.overlay else [])
-    for folder, column in columns:
-        for relative, content in zip(batch["path"][succeeded], batch[column][succeeded]):
-            output.write(output_path(folder, mask_name(relative)), content)
+    for index in np.flatnonzero(reasons == ""):
+        relative = batch["path"][index]
+        try:
+            for folder, column in columns:
+                output.write(output_path(folder, mask_name(relative)), batch[column][index])
+        except OSError as error:
+            reasons[index] = f"{relative}: its output cannot be written ({error})"
+    return reasons == "", reasons
 
 
 def prediction_table(batch, succeeded, identity, names, with_masks):
@@ -409,10 +419,14 @@ class Output:
         with self.filesystem.open_output_stream(temporary) as stream:
             stream.write(content)
         folder = path.rsplit("/", 1)[0]
-        if folder not in self.folders:
-            self.filesystem.create_dir(folder, recursive=True)
-            self.folders.add(folder)
-        self.filesystem.move(temporary, path)
+        try:
+            if folder not in self.folders:
+                self.filesystem.create_dir(folder, recursive=True)
+                self.folders.add(folder)
+            self.filesystem.move(temporary, path)
+        except OSError:
+            self.filesystem.delete_file(temporary)
+            raise
 
 
 class PartWriter:

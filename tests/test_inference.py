@@ -116,16 +116,20 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     Image.open(images / "scene_000002.png").convert("RGB").save(images / "frame.jpg")
     (images / "broken.jpg").write_bytes(b"\xff\xd8 not really a JPEG")
     (images / "notes.txt").write_text("not an input")
+    long_name = "a" * 251 + ".jpg"  # the longest a file name may be: its mask, .jpg.png, may not be written
+    (images / long_name).write_bytes((images / "frame.jpg").read_bytes())
     output = images / "predicted"  # inside the input: its masks must never become inputs
     argv = ["--model", str(model_dir), "--input", str(root), "--output", str(output), "--batch-size", "2",
             "--output-size", "model", "--formats", "png", "--fail-on-error"]
 
     assert infer_job.main(argv) == 1
     printed = capsys.readouterr()
-    assert json.loads(printed.out.strip().splitlines()[-1]) == {"ok": 4, "failed": 1, "skipped": 0}
+    assert json.loads(printed.out.strip().splitlines()[-1]) == {"ok": 4, "failed": 2, "skipped": 0}
     # Every failure named on the console too, and the file that is no image said to be left alone.
     assert f"failed: {images / 'broken.jpg'}: not a readable PNG/JPEG image" in printed.err
-    assert f"1 image(s) could not be read: every path and reason is in {output}/errors/*.parquet" in printed.err
+    assert f"failed: {long_name}: its output cannot be written ([Errno 36] Failed renaming" in printed.err
+    assert "File name too long" in printed.err
+    assert f"2 image(s) failed: every path and reason is in {output}/errors/*.parquet" in printed.err
     assert "1 file(s) there are not .png/.jpg/.jpeg images and are left alone, such as notes.txt" in printed.err
     predictions = read_table(output / "predictions")
     assert "mask_png" not in predictions.column_names  # png only: masks are files, not table bytes
@@ -137,11 +141,12 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
         mask = (output / "masks" / inference.mask_name(path)).read_bytes()
         np.testing.assert_array_equal(data.decode_mask(mask, path), expected[path])
     assert not (output / "overlays").exists()
-    assert read_table(output / "errors")["path"].to_pylist() == ["broken.jpg"]
+    assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
+    assert os.listdir(output / ".staging") == []  # the unwritable mask's temporary file removed
 
-    assert infer_job.main(argv) == 1  # the broken file is retried, and fails again
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 0, "failed": 1, "skipped": 4}
-    assert read_table(output / "errors")["path"].to_pylist() == ["broken.jpg"]
+    assert infer_job.main(argv) == 1  # the failed files are retried, and fail again
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 0, "failed": 2, "skipped": 4}
+    assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
 
 
 @pytest.mark.parametrize("relative", ["../escape.png", "/etc/escape.png", "a/../../escape.png", "a//b.png", ""])
