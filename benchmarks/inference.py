@@ -91,9 +91,9 @@ def time_infer(config, count):
     """
     arrivals, original = [], inference.write_images
 
-    def recording(output, batch, succeeded, infer_config):
+    def recording(output, batch, *rest):
         arrivals.append((time.perf_counter(), len(batch["path"])))
-        return original(output, batch, succeeded, infer_config)
+        return original(output, batch, *rest)
 
     inference.write_images = recording
     try:
