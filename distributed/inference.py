@@ -199,9 +199,9 @@ def list_images(filesystem, root, skip=None):
 
     `skip` is the output directory: nested in the input, its masks must not become inputs.
     """
-    info = filesystem.get_file_info(root)
-    if info.type != pyarrow.fs.FileType.Directory:
-        what = "a file" if info.type == pyarrow.fs.FileType.File else "not found"
+    root_type = filesystem.get_file_info(root).type
+    if root_type != pyarrow.fs.FileType.Directory:
+        what = "a file" if root_type == pyarrow.fs.FileType.File else "not found"
         raise ValueError(f"{root}: {what}; --input must be a directory of images")
     paths, ignored = [], []
     for info in list_tree(filesystem, root):
@@ -344,7 +344,7 @@ def encode_png(pixels):
 # --- the output --------------------------------------------------------------------------------
 
 def write_images(output, batch, config):
-    """Write the PNG files of each frame predicted; returns (succeeded, error) per row.
+    """Write the PNG files of each frame predicted; returns (succeeded, reason) per row.
 
     A frame whose files cannot be written (a name too long for the filesystem, say) fails with
     the reason, into errors/ like an unreadable one, instead of ending the job.

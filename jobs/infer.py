@@ -29,7 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("--overlay", action="store_true", help="also write masks blended over the images")
     parser.add_argument("--formats", type=formats, default=inference.FORMATS,
                         help="parquet (mask bytes in the table), png (masks/ files), or both: parquet,png")
-    parser.add_argument("--fail-on-error", action="store_true", help="exit 1 when any image failed (unreadable, or its files unwritable)")
+    parser.add_argument("--fail-on-error", action="store_true",
+                        help="exit 1 when any image failed (unreadable, or its files unwritable)")
     parser.add_argument("--output-size", choices=inference.OUTPUT_SIZES, default="source",
                         help="masks at each image's own size (source) or at the model's input size")
     parser.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part")

@@ -79,7 +79,6 @@ def test_a_file_name_that_is_not_utf8_or_a_missing_folder_is_named(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path}/CameraMask: holds a file name that is not valid UTF-8 .*; "
                                          "rename it"):
         ingest.discover_pairs(str(tmp_path))
-
     with pytest.raises(ValueError, match=f"{tmp_path}/missing: not a CARLA-layout directory \\({tmp_path}/missing/"
                                          "CameraRGB: directory not found\\)"):
         ingest.discover_pairs(str(tmp_path / "missing"))

@@ -17,6 +17,7 @@ def class_names(n_classes):
     trained on other labels gives its ids no CARLA meaning)."""
     return list(CLASS_NAMES) if n_classes == N_CLASSES else [str(i) for i in range(n_classes)]
 
+
 # CARLA's own Cityscapes-like palette, so our previews look like the simulator's.
 PALETTE = np.array(
     [
