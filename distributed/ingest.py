@@ -40,14 +40,32 @@ def open_output(uri):
 
 
 def list_tree(filesystem, directory, recursive=True):
-    """FileInfo of everything below `directory`; a file name that is not UTF-8 is a clear error."""
+    """FileInfo of everything below `directory`; a file name that is not UTF-8 is a clear error.
+
+    A symbolic link whose target is missing is listed as a file, so that reading it fails and names
+    it, like any other unreadable frame: pyarrow's own listing leaves such links out without a word.
+    """
     try:
         found = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, recursive=recursive))
         for info in found:
             info.path  # pyarrow decodes each name on first use: a bad one fails here, inside the try
-        return found
     except UnicodeDecodeError as error:
         raise ValueError(f"{directory}: holds a file name that is not valid UTF-8 ({error}); rename it") from None
+    dangling = broken_links(filesystem, directory, found)
+    return found + [pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.File) for path in dangling]
+
+
+def broken_links(filesystem, directory, found):
+    """Paths of the dangling symbolic links in `directory` and the folders `found` below it.
+
+    Only a local filesystem has them. One more listing of each folder costs little beside decoding
+    its frames: 0.09 s for 100,000 files here, against pyarrow's own 0.23 s.
+    """
+    if not isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return []
+    folders = [directory] + [info.path for info in found if info.type == pyarrow.fs.FileType.Directory]
+    return [entry.path for folder in folders for entry in os.scandir(folder)
+            if entry.is_symlink() and not os.path.exists(entry.path)]
 
 
 def list_image_names(filesystem, directory):

@@ -72,6 +72,17 @@ def test_a_folder_inside_the_layout_is_refused_not_passed_over(tmp_path):
         ingest.discover_pairs(str(tmp_path))
 
 
+def test_a_dangling_symbolic_link_is_a_frame_that_cannot_be_read_not_one_passed_over(tmp_path):
+    scenes.write_scenes(str(tmp_path), 2)
+    for folder in (data.IMAGE_DIR, data.MASK_DIR):
+        (tmp_path / folder / "gone.png").symlink_to(tmp_path / "moved-away.png")
+    filesystem, root, names = ingest.discover_pairs(str(tmp_path))
+    assert names == ["gone.png", "scene_000000.png", "scene_000001.png"]
+    _, _, reasons = ingest.read_frames(filesystem, root, names, (32, 48), 23)
+    assert f"'{tmp_path}/CameraRGB/gone.png'" in reasons[0] and "No such file" in reasons[0]
+    assert reasons[1:] == ["", ""]
+
+
 def test_a_file_name_that_is_not_utf8_or_a_missing_folder_is_named(tmp_path):
     scenes.write_scenes(str(tmp_path), 1)
     with open(bytes(tmp_path / "CameraMask") + b"/\xff.png", "wb"):
