@@ -21,6 +21,7 @@ from PIL import Image
 from benchmarks import frames, memory
 from benchmarks.common import median, ratio, rotated, rounded
 from distributed import inference, runtime
+from distributed.config import FORMATS, InferConfig
 from unet_core import data, unet_model
 
 FIGURES = ("infer_vs_predict", "infer_memory_5000_vs_500")
@@ -133,9 +134,8 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_ac
             else:
                 output = os.path.join(work, f"infer-r{round_index}")
                 shutil.rmtree(output, ignore_errors=True)
-                config = inference.InferConfig(model=model_path, input=input_dir, output=output,
-                                               batch_size=batch_size, num_actors=num_actors,
-                                               cpus_per_actor=cpus_per_actor)
+                config = InferConfig(model=model_path, input=input_dir, output=output, batch_size=batch_size,
+                                     num_actors=num_actors, cpus_per_actor=cpus_per_actor)
                 runs[name].append(time_infer(config, count))
             log(f"[bench]   {json.dumps(rounded(runs[name][-1], 3))}")
     # The old benchmarks.inference figure: a rerun into the same output finds everything done.
@@ -176,7 +176,7 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_ac
             "profile": profile.name, "frames": count, "source_size": [480, 640],
             "image_size": list(profile.image_size), "n_filters": profile.n_filters, "batch_size": batch_size,
             "num_actors": num_actors, "cpus_per_actor": cpus_per_actor, "predict_threads": cores,
-            "formats": list(inference.FORMATS), "output_size": "source", "repeats": profile.infer_repeats,
+            "formats": list(FORMATS), "output_size": "source", "repeats": profile.infer_repeats,
         },
     }
 

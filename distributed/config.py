@@ -1,4 +1,5 @@
-"""The settings of a training run: one dataclass from the command line to every Ray worker."""
+"""The settings of a run: `TrainConfig` (one dataclass from the command line to every Ray worker)
+and `InferConfig`. TensorFlow and Ray are not imported here, so a bad flag fails in milliseconds."""
 
 import dataclasses
 import os
@@ -9,6 +10,8 @@ from unet_core.data import SPLITS
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "off", "bf16", "fp16")
+FORMATS = ("parquet", "png")
+OUTPUT_SIZES = ("source", "model")
 
 
 @dataclass
@@ -165,3 +168,33 @@ PRESETS = {
                     augment=False, class_mix=0.0, class_weight_power=0.0, early_stopping_patience=0,
                     mixed_precision="off", clip_norm=0.0, ema_momentum=0.0, prior_bias=False),
 }
+
+
+@dataclass
+class InferConfig:
+    """The settings of a batch-inference job (`jobs.infer`, `distributed.inference.infer`)."""
+
+    model: str  # a .keras file, or a training run's output directory holding model.keras
+    input: str  # directory or URI of PNG/JPEG images, listed recursively
+    output: str  # directory or URI receiving predictions/, errors/, masks/, overlays/
+    batch_size: int = 32
+    num_actors: int = 1
+    cpus_per_actor: int = 1
+    use_gpu: bool = False
+    overlay: bool = False
+    # parquet: the masks' PNG bytes go into the predictions table; png: into masks/ files.
+    # The predictions table is written either way: it records what is done.
+    formats: tuple[str, ...] = FORMATS
+    fail_on_error: bool = False
+    output_size: str = "source"  # source: masks at each image's own size; model: at the model's input size
+    rows_per_file: int = 1000
+
+    def __post_init__(self):
+        self.formats = tuple(self.formats)
+        if not self.formats or not set(self.formats) <= set(FORMATS):
+            raise ValueError(f"formats must be one or more of {', '.join(FORMATS)}; got {self.formats}")
+        if self.output_size not in OUTPUT_SIZES:
+            raise ValueError(f"output_size must be source or model, got {self.output_size!r}")
+        for name in ("batch_size", "num_actors", "cpus_per_actor", "rows_per_file"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -30,44 +29,15 @@ import tensorflow as tf
 from PIL import Image
 
 from distributed import runtime
+from distributed.config import InferConfig
 from distributed.ingest import FAILURES_SHOWN, list_tree, open_output, open_root, read_file
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
 
 MODEL_FILE = "model.keras"
-FORMATS = ("parquet", "png")
-OUTPUT_SIZES = ("source", "model")
 # Temporary files live here until renamed into place; a run starts by emptying it.
 STAGING = ".staging"
-
-
-@dataclass
-class InferConfig:
-    model: str  # a .keras file, or a training run's output directory holding model.keras
-    input: str  # directory or URI of PNG/JPEG images, listed recursively
-    output: str  # directory or URI receiving predictions/, errors/, masks/, overlays/
-    batch_size: int = 32
-    num_actors: int = 1
-    cpus_per_actor: int = 1
-    use_gpu: bool = False
-    overlay: bool = False
-    # parquet: the masks' PNG bytes go into the predictions table; png: into masks/ files.
-    # The predictions table is written either way: it records what is done.
-    formats: tuple[str, ...] = FORMATS
-    fail_on_error: bool = False
-    output_size: str = "source"  # source: masks at each image's own size; model: at the model's input size
-    rows_per_file: int = 1000
-
-    def __post_init__(self):
-        self.formats = tuple(self.formats)
-        if not self.formats or not set(self.formats) <= set(FORMATS):
-            raise ValueError(f"formats must be one or more of {', '.join(FORMATS)}; got {self.formats}")
-        if self.output_size not in OUTPUT_SIZES:
-            raise ValueError(f"output_size must be source or model, got {self.output_size!r}")
-        for name in ("batch_size", "num_actors", "cpus_per_actor", "rows_per_file"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 def infer(config: InferConfig):

@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 
-from distributed import evaluation
 
 
 def parse_args(argv=None):
@@ -28,6 +27,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from distributed import evaluation  # TensorFlow and Ray: seconds to import, so after the flags
+
     try:
         metrics = evaluation.evaluate(args.model, args.data, args.output, args.batch_size)
     except ValueError as error:

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from distributed import inference
+from distributed.config import FORMATS, OUTPUT_SIZES, InferConfig
 
 
 def formats(text):
@@ -27,11 +27,11 @@ def parse_args(argv=None):
     parser.add_argument("--cpus-per-actor", type=int, default=1)
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     parser.add_argument("--overlay", action="store_true", help="also write masks blended over the images")
-    parser.add_argument("--formats", type=formats, default=inference.FORMATS,
+    parser.add_argument("--formats", type=formats, default=FORMATS,
                         help="parquet (mask bytes in the table), png (masks/ files), or both: parquet,png")
     parser.add_argument("--fail-on-error", action="store_true",
                         help="exit 1 when any image failed (unreadable, or its files unwritable)")
-    parser.add_argument("--output-size", choices=inference.OUTPUT_SIZES, default="source",
+    parser.add_argument("--output-size", choices=OUTPUT_SIZES, default="source",
                         help="masks at each image's own size (source) or at the model's input size")
     parser.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part")
     return parser.parse_args(argv)
@@ -39,7 +39,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     try:
-        config = inference.InferConfig(**vars(parse_args(argv)))
+        config = InferConfig(**vars(parse_args(argv)))
+        from distributed import inference  # TensorFlow and Ray: seconds to import, so after the flags
+
         summary = inference.infer(config)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Write synthetic driving scenes in CARLA's layout: python -m jobs.make_scenes --output DIR --count N."""
 
 import argparse
+import os
 import time
 
 from unet_core.scenes import write_scenes
@@ -15,6 +16,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.count < 0 or args.seed < 0 or args.start < 0:
         parser.error("--count, --seed and --start must be >= 0")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(f"--output {args.output}: a file; it must be a directory (new or existing)")
     return args
 
 

@@ -11,10 +11,7 @@ import os
 import sys
 import time
 
-from distributed import evaluation
-from distributed.config import TrainConfig
-from distributed.inference import InferConfig, infer
-from distributed.training import train
+from distributed.config import InferConfig, TrainConfig
 from unet_core import scenes
 
 
@@ -57,6 +54,11 @@ def train_config(args, output):
 
 
 def run(args):
+    # TensorFlow and Ray take seconds to import: after the flags are checked.
+    from distributed import evaluation
+    from distributed.inference import infer
+    from distributed.training import train
+
     started = time.time()
     output = os.path.abspath(args.output)
     config = train_config(args, output)

@@ -2,8 +2,6 @@
 
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -64,16 +62,6 @@ def test_bad_values_are_refused_with_the_field_named():
             TrainConfig(**{field: value})
     assert TrainConfig(max_failures=-1).max_failures == -1  # Ray's "retry without limit"
     assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
-
-
-def test_jobs_train_refuses_a_bad_flag_before_importing_tensorflow_or_ray():
-    # Both take seconds to import and log a screenful; a typo should cost neither.
-    script = ("import sys; from jobs import train; code = train.main(['--epochs', '0']); "
-              "print(sorted({'tensorflow', 'ray'} & set(sys.modules))); sys.exit(code)")
-    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert finished.returncode == 2
-    assert finished.stderr.strip() == "error: epochs must be at least 1, got 0"
-    assert finished.stdout.strip() == "[]"
 
 
 def test_smoke_shrinks_the_run_but_every_given_flag_wins():

@@ -11,7 +11,8 @@ import tensorflow as tf
 from PIL import Image
 
 from distributed import inference
-from distributed.inference import InferConfig, infer
+from distributed.config import InferConfig
+from distributed.inference import infer
 from jobs import infer as infer_job
 from unet_core import data, scenes, unet_model
 from unet_core.classes import class_names

@@ -2,6 +2,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def run_python(code):
     # Without the test session's TF_USE_LEGACY_KERAS (conftest sets it): the package must set it itself.
@@ -23,3 +25,22 @@ def test_tf_keras_is_the_legacy_keras_2():
     # Keras 3 breaks MultiWorkerMirroredStrategy; importing unet_core must select tf-keras.
     code = "import unet_core, tensorflow as tf; print(tf.keras.__name__, tf.keras.layers.Conv2D.__module__)"
     assert "tf_keras" in run_python(code)
+
+
+@pytest.mark.parametrize("job, argv, message", [
+    ("train", ["--epochs", "0"], "error: epochs must be at least 1, got 0"),
+    ("infer", ["--model", "m", "--input", "i", "--output", "o", "--formats", "tiff"],
+     "error: formats must be one or more of parquet, png; got ('tiff',)"),
+    ("evaluate", ["--model", "m", "--data", "d", "--output", "o", "--batch-size", "0"],
+     "--batch-size must be at least 1, got 0"),
+    ("quickstart", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+])
+def test_a_job_refuses_a_bad_flag_before_importing_tensorflow_or_ray(job, argv, message):
+    # Both take seconds to import and log a screenful; a typo should cost neither.
+    code = (f"import sys\nfrom jobs import {job}\ntry:\n    code = {job}.main({argv!r})\n"
+            f"except SystemExit as exit:\n    code = exit.code\n"
+            f"print(sorted({{'tensorflow', 'ray'}} & set(sys.modules)))\nsys.exit(code)")
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2
+    assert finished.stderr.strip().endswith(message)
+    assert finished.stdout.strip() == "[]"

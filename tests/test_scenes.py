@@ -121,6 +121,11 @@ def test_cli_writes_the_same_scenes(dataset, tmp_path, capsys):
             assert file_bytes(output, sub, name) == file_bytes(dataset[0], sub, name)
 
 
-def test_cli_rejects_a_negative_count(tmp_path):
+def test_cli_rejects_a_negative_count_and_an_output_that_is_a_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         make_scenes.main(["--output", str(tmp_path), "--count", "-1"])
+    assert "--count, --seed and --start must be >= 0" in capsys.readouterr().err
+    (tmp_path / "frames").write_text("")
+    with pytest.raises(SystemExit):
+        make_scenes.main(["--output", str(tmp_path / "frames"), "--count", "1"])
+    assert f"--output {tmp_path / 'frames'}: a file; it must be a directory" in capsys.readouterr().err
