@@ -74,9 +74,7 @@ def infer(config: InferConfig):
 
     # Ray starts only now: a bad model, input or output is refused before it (and before any work).
     runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
-    shortfall = actor_shortfall(config) if pending else None
-    if shortfall:
-        print(f"[unet-ray] warning: {shortfall}", file=sys.stderr, flush=True)
+    runtime.refuse_or_warn(actor_shortfall(config) if pending else None)
     output.start_run()
     names = class_names(n_classes)
     predictions = PartWriter(output, "predictions", config.rows_per_file)

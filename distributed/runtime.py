@@ -1,11 +1,15 @@
 """Starting or joining Ray, and the environment every worker and actor runs with."""
 
 import os
+import sys
 
 import ray
 
 # tf.keras must be tf-keras (Keras 2) in every process: Keras 3 breaks MultiWorkerMirroredStrategy.
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+# Whether `connect` started this process's own local Ray: no node can ever join that one.
+started_local_ray = False
 
 
 def connect(num_cpus=None):
@@ -23,6 +27,7 @@ def connect(num_cpus=None):
         # still get tf-keras: importing unet_core sets TF_USE_LEGACY_KERAS before tf.keras loads.
         ray.init(log_to_driver=True)
         return
+    global started_local_ray
     cpus = max(os.cpu_count() or 1, num_cpus or 0)
     # address="local": always a private Ray for this process, never a cluster someone else
     # started on this machine with `ray start` (that one is reached through RAY_ADDRESS).
@@ -30,6 +35,7 @@ def connect(num_cpus=None):
     # into os.environ, where every subprocess (a `ray start` of another cluster) would inherit it.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False,
              runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": quiet_placement_group_cleaner})
+    started_local_ray = True
 
 
 def quiet_placement_group_cleaner():
@@ -70,18 +76,30 @@ def workers_that_fit(cpus_per_worker, gpus_per_worker=0):
 
 def cluster_shortfall(num_workers, cpus_per_worker, use_gpu, what="training workers",
                       flags=("--num-workers", "--cpus-per-worker"), waits="Ray Train will wait until nodes are added"):
-    """A warning when the cluster holds fewer workers (or actors: `what`) than asked for, else None.
+    """What is missing when the cluster holds fewer workers (or actors: `what`) than asked for, else None.
 
     Ray then waits for the missing nodes without end: right on an autoscaling cluster whose GPU
-    nodes are still starting, a silent hang on a fixed one. So this warns and does not stop the run.
+    nodes are still starting, a silent hang on a fixed one. See `refuse_or_warn`.
     """
     fit = workers_that_fit(cpus_per_worker, 1 if use_gpu else 0)
     if fit >= num_workers:
         return None
     per_worker = f"{cpus_per_worker} CPU{'s' if cpus_per_worker > 1 else ''}" + (" + 1 GPU" if use_gpu else "")
+    remedy = f"lower {flags[0]} or {flags[1]}{', or drop --use-gpu' if use_gpu else ''}"
+    if started_local_ray:
+        return (f"the local Ray this job started holds {fit} of the {num_workers} {what} asked for ({per_worker} "
+                f"each), and no node can join it: {remedy} (or submit the job to a cluster that has them)")
     return (f"the cluster holds {fit} of the {num_workers} {what} asked for ({per_worker} each, on one node); "
-            f"{waits}. On a cluster that does not autoscale, lower {flags[0]} or {flags[1]}"
-            f"{', or drop --use-gpu' if use_gpu else ''}.")
+            f"{waits}. On a cluster that does not autoscale, {remedy}.")
+
+
+def refuse_or_warn(shortfall):
+    """A shortfall is an error on the local Ray `connect` started, where Ray would wait forever;
+    on a cluster, a warning, since an autoscaler may still add the nodes."""
+    if shortfall and started_local_ray:
+        raise ValueError(shortfall)
+    if shortfall:
+        print(f"[unet-ray] warning: {shortfall}", file=sys.stderr, flush=True)
 
 
 def configure_tensorflow_threads(num_threads):

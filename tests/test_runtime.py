@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import ray
 
 from distributed import runtime
@@ -19,7 +20,8 @@ def test_workers_that_fit_count_whole_workers_per_node(ray_session):
     assert runtime.workers_that_fit(cpus_per_worker=1, gpus_per_worker=1) == 0
 
 
-def test_cluster_shortfall_names_what_is_missing(ray_session):
+def test_cluster_shortfall_names_what_is_missing(ray_session, monkeypatch, capsys):
+    monkeypatch.setattr(runtime, "started_local_ray", False)  # as if joined through RAY_ADDRESS
     cpus = local_cpus()
     assert runtime.cluster_shortfall(num_workers=cpus, cpus_per_worker=1, use_gpu=False) is None
     warning = runtime.cluster_shortfall(num_workers=cpus // 2 + 1, cpus_per_worker=2, use_gpu=False)
@@ -27,6 +29,23 @@ def test_cluster_shortfall_names_what_is_missing(ray_session):
     assert "--cpus-per-worker" in warning
     warning = runtime.cluster_shortfall(num_workers=1, cpus_per_worker=1, use_gpu=True)
     assert "holds 0 of the 1" in warning and "Ray Train will wait" in warning and "drop --use-gpu" in warning
+    runtime.refuse_or_warn(warning)  # an autoscaler may still add a GPU node: the run goes on
+    assert capsys.readouterr().err == f"[unet-ray] warning: {warning}\n"
+    runtime.refuse_or_warn(None)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_shortfall_on_the_local_ray_a_job_started_is_refused_not_waited_for(ray_session, tmp_path):
+    # No node can ever join it: Ray Train would wait forever (WorkerGroupStartupTimeoutError each minute).
+    from distributed.config import TrainConfig
+    from distributed.training import train
+
+    assert runtime.started_local_ray  # the session's Ray came from runtime.connect, as a job's does
+    with pytest.raises(ValueError, match="the local Ray this job started holds 0 of the 1 training workers asked "
+                                         "for \\(2 CPUs \\+ 1 GPU each\\), and no node can join it: lower "
+                                         "--num-workers or --cpus-per-worker, or drop --use-gpu"):
+        train(TrainConfig(output=str(tmp_path / "run"), use_gpu=True).smoke())
+    assert not (tmp_path / "run" / "ray_results").exists()  # refused before any training
 
 
 def test_connecting_again_leaks_no_ray_setup_hook_into_subprocesses(ray_session):
