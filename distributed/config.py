@@ -2,6 +2,7 @@
 and `InferConfig`. TensorFlow and Ray are not imported here, so a bad flag fails in milliseconds."""
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 
@@ -83,6 +84,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.image_size = tuple(self.image_size)
+        for field in dataclasses.fields(self):  # argparse's float() takes "nan" and "inf"
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value}")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("split", SPLITS), ("mixed_precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

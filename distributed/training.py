@@ -89,6 +89,12 @@ def train(config: TrainConfig):
         ),
     )
     result = trainer.fit()
+    diverged = result.return_value  # rank 0's; all-reduced scores make every worker's the same
+    if diverged:
+        raise ValueError(
+            f"{config.output}: training diverged at epoch {diverged['epoch']} (validation loss "
+            f"{diverged['val_loss']}), so no model was exported from it; train into another --output with a "
+            f"lower --learning-rate (now {config.learning_rate}) or a cap on the gradient (--clip-norm 1)")
     with result.checkpoint.as_directory() as directory:  # the last epoch always checkpoints
         history, best_weights = read_checkpoint(directory)
     return run_directory.write(config, history, best_weights, val_frames)
@@ -154,6 +160,7 @@ def train_loop_per_worker(loop_config):
     callbacks = [end_of_epoch] + ([FailOnce(config, rank, world_size)] if config.fail_once_at_epoch else [])
     model.fit(batches, initial_epoch=first_epoch, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
               verbose=0, callbacks=callbacks)
+    return end_of_epoch.diverged
 
 
 class EndOfEpoch(tf.keras.callbacks.Callback):
@@ -174,6 +181,7 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
         self.forward = None
         self.sum_across_workers = summing_across_workers(strategy)
         self.started = time.time()
+        self.diverged = None  # the metrics of the epoch whose weights went to NaN or inf, if one did
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.time()
@@ -186,8 +194,10 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
         with averaged_weights(self.model):
             scores = evaluate(self.model, self.forward, self.sum_across_workers, self.val_frames, self.rank,
                               self.world_size, config)
-            # The scores are all-reduced, so every worker keeps the same epoch's weights.
-            if is_new_best(self.history, scores):
+            # Weights gone to NaN or inf still score a val mIoU (every pixel class 0): never the best.
+            diverged = not math.isfinite(scores["val_loss"])
+            # The scores are all-reduced, so every worker keeps the same epoch's weights (and stops alike).
+            if not diverged and is_new_best(self.history, scores):
                 self.best_weights = self.model.get_weights()
         metrics = {
             "epoch": epoch + 1,
@@ -200,17 +210,20 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
             "val_seconds": time.time() - val_started,
         }
         self.history.append(metrics)
-        stop = should_stop_early(self.history, config.early_stopping_patience)
+        if diverged:
+            self.diverged = {key: metrics[key] for key in ("epoch", "val_loss")}
+        stop = diverged or should_stop_early(self.history, config.early_stopping_patience)
         if self.rank == 0:
             worker_log(f"[unet-ray] epoch {metrics['epoch']}/{config.epochs} loss {metrics['loss']:.4f} "
                        f"val_loss {metrics['val_loss']:.4f} val_pixel_accuracy "
                        f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f} "
                        f"({metrics['epoch_seconds']:.0f} s)")
-        checkpoint_now = should_checkpoint(epoch, config) or stop
+        # A diverged epoch is not checkpointed: the last checkpoint keeps weights that were still finite.
+        checkpoint_now = (should_checkpoint(epoch, config) or stop) and not diverged
         save_and_report(self.model, metrics, self.history, self.best_weights, self.rank, checkpoint_now)
         if stop:
             # Metrics are all-reduced, so every worker stops after the same epoch.
-            if self.rank == 0:
+            if self.rank == 0 and not diverged:
                 worker_log(f"[unet-ray] early stop: no better val_mean_iou for {config.early_stopping_patience} epochs")
             self.model.stop_training = True
 

@@ -60,6 +60,10 @@ def test_bad_values_are_refused_with_the_field_named():
                                   ("mixed_precision", "fp8", "auto, off, bf16, fp16")):
         with pytest.raises(ValueError, match=f"{field} must be one of {allowed}; got '{value}'"):
             TrainConfig(**{field: value})
+    for field in ("learning_rate", "clip_norm", "class_weight_power", "class_mix", "val_fraction"):
+        for value in (float("nan"), float("inf")):  # argparse's float() takes both
+            with pytest.raises(ValueError, match=f"{field} must be a finite number, got {value}"):
+                TrainConfig(**{field: value})
     assert TrainConfig(max_failures=-1).max_failures == -1  # Ray's "retry without limit"
     assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
 

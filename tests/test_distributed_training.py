@@ -161,6 +161,18 @@ def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ra
     assert "stopped early after epoch 2; exporting its best model again" in capfd.readouterr().out
 
 
+def test_a_diverged_run_stops_on_every_worker_and_exports_nothing(tmp_path, ray_session, capfd):
+    # Steps this large send the weights to inf within the first epoch; without the check the run
+    # trained on, kept a NaN epoch as its best (val mIoU 0 > none) and exported it, exit 0.
+    config = smoke_config(tmp_path, epochs=3, learning_rate=1e3, clip_norm=0.0, ema_momentum=0.0)
+    with pytest.raises(ValueError, match="run: training diverged at epoch 1 \\(validation loss nan\\), so no model "
+                                         "was exported from it; train into another --output with a lower "
+                                         "--learning-rate \\(now 1000.0\\)"):
+        train(config)
+    assert "epoch 2/3" not in capfd.readouterr().out  # both workers stopped after the same epoch
+    assert checkpoint_dirs(config) == {} and not os.path.exists(os.path.join(config.output, "model.keras"))
+
+
 def test_truncated_png_fails_before_training(tmp_path, ray_session):
     frames = tmp_path / "frames"
     scenes.write_scenes(str(frames), 6, seed=1)
