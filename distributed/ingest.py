@@ -86,6 +86,19 @@ def discover_pairs(uri):
     return filesystem, root, data.pair_names(images, masks, uri)
 
 
+def check_validation_apart(uri, val_uri):
+    """A ValueError when `val_uri` names the same directory as `uri` (through symbolic links, locally)."""
+    (filesystem, root), (val_filesystem, val_root) = open_root(uri), open_root(val_uri)
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem) and isinstance(val_filesystem, pyarrow.fs.LocalFileSystem):
+        same = os.path.realpath(root) == os.path.realpath(val_root)
+    else:
+        same = filesystem.equals(val_filesystem) and root == val_root
+    if same:
+        raise ValueError(f"{val_uri}: the validation directory is the training data ({uri}); scores on frames "
+                         f"the model trained on say nothing of new ones: pass another --val-data, or none to "
+                         f"validate on a held-out split of --data")
+
+
 def read_file(filesystem, path):
     with filesystem.open_input_stream(path) as stream:
         return stream.readall()

@@ -38,6 +38,8 @@ CHECKPOINT_BEST = "best_weights.npz"  # the weights the best val mIoU so far was
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
     ingest.open_output(config.output)
+    if config.data is not None and config.val_data is not None:
+        ingest.check_validation_apart(config.data, config.val_data)
     os.makedirs(config.output, exist_ok=True)
     run_directory.check_run_identity(config)
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
@@ -54,8 +56,9 @@ def train(config: TrainConfig):
         counts = ingest.class_pixel_counts(train_frames, config.n_classes)
     if config.class_weight_power > 0:
         weights = augment.class_weights(counts, config.class_weight_power).tolist()
+    sources = data_uri if config.val_data is None else f"{data_uri} and {config.val_data}"
     print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
-          f"from {data_uri}; {len(skipped)} skipped", flush=True)
+          f"from {sources}; {len(skipped)} skipped", flush=True)
     for reason in list(skipped.values())[:ingest.FAILURES_SHOWN]:
         print(f"[unet-ray] skipped: {reason}", file=sys.stderr, flush=True)
     if skipped:

@@ -67,6 +67,9 @@ def parse_args(argv=None):
 
 def config_from_args(args):
     """The preset, shrunk by --smoke, then every flag given: a flag always wins."""
+    if args.val_data is not None and (args.val_fraction is not None or args.split is not None):
+        raise ValueError("--val-fraction and --split pick validation frames out of --data; with --val-data every "
+                         "frame of --data trains, so pass one or the other")
     overrides = {key: value for key, value in vars(args).items()
                  if value is not None and key not in ("smoke", "preset")}
     config = TrainConfig.from_preset(args.preset)

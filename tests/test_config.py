@@ -68,6 +68,13 @@ def test_bad_values_are_refused_with_the_field_named():
     assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
 
 
+def test_split_flags_with_a_validation_directory_are_refused_not_ignored():
+    for flags in (["--val-fraction", "0.5"], ["--split", "hash"]):
+        with pytest.raises(ValueError, match="with --val-data every frame of --data trains, so pass one or the other"):
+            config_from_args(parse_args(["--data", "d", "--val-data", "v", *flags]))
+    assert config_from_args(parse_args(["--data", "d", "--val-data", "v"])).val_data == "v"
+
+
 def test_smoke_shrinks_the_run_but_every_given_flag_wins():
     smoke = config_from_args(parse_args(["--smoke"]))
     assert (smoke.image_size, smoke.n_filters, smoke.batch_size, smoke.epochs) == ((32, 48), 4, 4, 3)

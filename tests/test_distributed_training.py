@@ -199,6 +199,20 @@ def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, mo
     assert os.listdir(tmp_path) == ["run"] and (tmp_path / "run").read_text() == "an earlier run's notes"
 
 
+def test_validating_on_the_training_data_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    def no_ray(**_):
+        raise AssertionError("Ray was started for a run that would score the frames it trains on")
+
+    monkeypatch.setattr(runtime, "connect", no_ray)
+    scenes.write_scenes(str(tmp_path / "frames"), 2)
+    (tmp_path / "link").symlink_to(tmp_path / "frames")
+    for val_data in (tmp_path / "frames", f"{tmp_path / 'frames'}/", tmp_path / "link"):
+        with pytest.raises(ValueError, match=f"{val_data}: the validation directory is the training data "
+                                             f"\\({tmp_path / 'frames'}\\)"):
+            train(smoke_config(tmp_path, data=str(tmp_path / "frames"), val_data=str(val_data)))
+    assert not (tmp_path / "run").exists()
+
+
 def test_unpaired_files_fail_before_training(tmp_path, ray_session):
     frames = tmp_path / "frames"
     scenes.write_scenes(str(frames), 4, seed=1)
