@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed import ingest, inference
-from distributed.run_directory import PREVIEW_FRAMES
+from distributed.run_directory import IDENTITY_FILE, PREVIEW_FRAMES
 from unet_core import plots
 from unet_core.classes import class_names
 from unet_core.metrics import ConfusionMatrix
@@ -28,6 +28,13 @@ def evaluate(model, data_uri, output, batch_size=32):
     scores; the report in `output` is then left as it was.
     """
     ingest.open_output(output)
+    if ingest.within(output, data_uri):
+        raise ValueError(f"{output}: inside --data ({data_uri}); the report's PNGs would land among the frames it "
+                         f"scores: pass an --output outside it")
+    if os.path.exists(os.path.join(output, IDENTITY_FILE)):
+        raise ValueError(f"{output}: a training run's directory (it holds {IDENTITY_FILE}); the report's "
+                         f"metrics.json and previews.png would replace the run's own: pass another --output, "
+                         f"such as {os.path.join(output, 'evaluation')}")
     model_path = inference.model_file(model)
     with open(model_path, "rb") as file:
         identity = inference.model_identity(file.read(), model_path)

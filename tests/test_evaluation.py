@@ -106,3 +106,21 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, mo
     (tmp_path / "report").write_text("notes")
     with pytest.raises(ValueError, match="report: a file; the output must be a directory"):
         evaluation.evaluate(str(tmp_path / "model.keras"), str(tmp_path / "frames"), str(tmp_path / "report"))
+
+
+def test_an_output_inside_the_data_or_a_run_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
+    scenes.write_scenes(tmp_path / "frames", 1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "unet_run.json").write_text("{}")
+    for output, message in (
+        (tmp_path / "frames", "frames: inside --data"),
+        (tmp_path / "frames" / "CameraRGB", "CameraRGB: inside --data .*: pass an --output outside it"),
+        (tmp_path / "run", "run: a training run's directory \\(it holds unet_run.json\\); the report's metrics.json "
+                           "and previews.png would replace the run's own: pass another --output, such as .*"
+                           "run/evaluation"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            evaluation.evaluate(str(tmp_path / "run"), str(tmp_path / "frames"), str(output))
+    assert sorted(os.listdir(tmp_path / "run")) == ["unet_run.json"]
+    assert sorted(os.listdir(tmp_path / "frames")) == ["CameraMask", "CameraRGB"]
