@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from distributed import ingest, inference
 from distributed.run_directory import IDENTITY_FILE, PREVIEW_FRAMES
-from unet_core import plots
+from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import predict_logits_fn, score_batch
@@ -73,6 +73,10 @@ def evaluate(model, data_uri, output, batch_size=32):
                     worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
         if unreadable:
             listing = "\n".join(f"  {reason}" for reason in unreadable)
+            highest = data.highest_refused_class_id(unreadable)
+            if highest is not None:
+                listing += (f"\n  the masks hold class ids up to {highest}, the model predicts {n_classes} classes: "
+                            f"score a model trained with --n-classes {highest + 1} or more")
             raise ValueError(f"{data_uri}: {len(unreadable)} of {len(names)} frame(s) cannot be read (fix them; "
                              f"scores without them would not be this set's):\n{listing}")
         os.replace(per_frame_path + ".tmp", per_frame_path)

@@ -165,11 +165,14 @@ def load_frames(uri, size, n_classes, val_fraction, split, skip_bad=False, min_t
     where = uri if val_uri is None else f"{uri} and {val_uri}"
     failed = frames.filter(expr=col("error") != "").select_columns(["key", "error"]).take_all()
     skipped = {row["key"]: row["error"] for row in failed}
+    highest = data.highest_refused_class_id(skipped.values())
+    more_classes = "" if highest is None else (
+        f"\n  the masks hold class ids up to {highest}: if those are classes, pass --n-classes {highest + 1}")
     if skipped and not skip_bad:
         listing = "\n".join(f"  {reason}" for reason in skipped.values())
         raise ValueError(
             f"{where}: {len(skipped)} of {frame_count} frame(s) cannot be read "
-            f"(fix them, or pass --skip-bad to train without them):\n{listing}"
+            f"(fix them, or pass --skip-bad to train without them):\n{listing}{more_classes}"
         )
     readable, bookkeeping = col("error") == "", ["error", "is_val", "key"]
     train = frames.filter(expr=readable & ~col("is_val")).drop_columns(bookkeeping).materialize()
@@ -179,10 +182,11 @@ def load_frames(uri, size, n_classes, val_fraction, split, skip_bad=False, min_t
         remedy = "add frames, lower --num-workers or change --val-fraction"
         if val_uri is not None:
             split_by, remedy = "", "add frames or lower --num-workers"
+        unusable = f" ({len(skipped)} skipped, such as {next(iter(skipped.values()))})" if skipped else ""
         raise ValueError(
-            f"{where}: {frame_count - len(skipped)} usable frame(s) give {train.count()} for training and "
+            f"{where}: {frame_count - len(skipped)} usable frame(s){unusable} give {train.count()} for training and "
             f"{val.count()} for validation{split_by}; training needs at least "
-            f"{min_train_frames} (one frame per worker) and validation at least 1: {remedy}"
+            f"{min_train_frames} (one frame per worker) and validation at least 1: {remedy}{more_classes}"
         )
     for split_frames in (train, val):
         # Both are in memory now. Training reads them again every epoch (validation whole, on every

@@ -215,6 +215,14 @@ def test_class_id_beyond_the_model_is_named():
     with pytest.raises(ValueError, match="class id 30 but the model has 23 classes") as error:
         data.preprocess_pair(_valid_png(), png_bytes(carla_mask(ids)), "i.png", "/d/CameraMask/m.png", SIZE, 23)
     assert "/d/CameraMask/m.png" in str(error.value)
+    reasons = [str(error.value), "/d/CameraRGB/x.png: empty file (0 bytes)"]
+    for highest, n_classes in ((30, 23), (30, 5)):
+        ids[5, 6] = highest
+        with pytest.raises(ValueError) as other:
+            data.check_class_ids(ids, n_classes, "/d/CameraMask/n.png")
+        reasons.append(str(other.value))
+    assert data.highest_refused_class_id(reasons) == 30
+    assert data.highest_refused_class_id(reasons[1:2]) is None
 
 
 def test_image_mask_size_mismatch_is_named():

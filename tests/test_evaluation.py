@@ -108,6 +108,17 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, mo
         evaluation.evaluate(str(tmp_path / "model.keras"), str(tmp_path / "frames"), str(tmp_path / "report"))
 
 
+def test_class_ids_beyond_the_model_name_the_number_of_classes_they_need(tmp_path, capsys):
+    unet_model((*SIZE, 3), n_filters=4, n_classes=5).save(tmp_path / "model.keras")
+    scenes.write_scenes(tmp_path / "frames", 2)
+    code = evaluate_job.main(["--model", str(tmp_path), "--data", str(tmp_path / "frames"),
+                              "--output", str(tmp_path / "report")])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "2 of 2 frame(s) cannot be read" in error and "scene_000001.png: mask has class id" in error
+    assert ", the model predicts 5 classes: score a model trained with --n-classes " in error
+
+
 def test_an_output_inside_the_data_or_a_run_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
     scenes.write_scenes(tmp_path / "frames", 1)

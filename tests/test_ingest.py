@@ -1,5 +1,7 @@
 """Ray Data ingest on a real local Ray: train and validation frames, and the class counts the recipe takes."""
 
+import os
+
 import numpy as np
 import pytest
 import ray
@@ -48,6 +50,18 @@ def test_an_unreadable_validation_frame_is_named_by_its_path(tmp_path, ray_sessi
     assert str(mask) in str(error.value)
     _, val, skipped = ingest.load_frames(*arguments, skip_bad=True, val_uri=str(tmp_path / "val"))
     assert list(skipped) == [f"{tmp_path / 'val'}/scene_000001.png"] and val.count() == 1
+
+
+def test_class_ids_beyond_n_classes_suggest_the_number_of_classes(tmp_path, ray_session):
+    scenes.write_scenes(str(tmp_path), 3, seed=1)
+    highest = max(int(data.decode_mask((tmp_path / "CameraMask" / name).read_bytes(), name).max())
+                  for name in data.frame_names(((name, False) for name in os.listdir(tmp_path / "CameraMask")), ""))
+    hint = f"the masks hold class ids up to {highest}: if those are classes, pass --n-classes {highest + 1}$"
+    with pytest.raises(ValueError, match=f"3 of 3 frame\\(s\\) cannot be read (.|\n)*{hint}"):
+        ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail")
+    with pytest.raises(ValueError, match=f"0 usable frame\\(s\\) \\(3 skipped, such as {tmp_path}/CameraMask/"
+                                         f"scene_000000.png: mask has class id (.|\\n)*{hint}"):
+        ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail", skip_bad=True)
 
 
 def test_too_few_frames_for_a_split_is_a_clear_error(tmp_path, ray_session):

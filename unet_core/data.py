@@ -7,6 +7,7 @@ ingest read from any filesystem and hand the bytes here.
 
 import io
 import os
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -207,6 +208,16 @@ def check_class_ids(class_ids, n_classes, path):
             f"{path}: mask has class id {highest} but the model has {n_classes} classes "
             f"(ids 0..{n_classes - 1}); {count} pixel(s) out of range"
         )
+
+
+CLASS_ID_REFUSED = re.compile(r": mask has class id (\d+) but the model has \d+ classes")
+
+
+def highest_refused_class_id(reasons):
+    """The highest class id `check_class_ids` refused among these failure reasons, or None: when
+    every mask fails, the likelier fix is the number of classes, not the masks."""
+    found = [int(match.group(1)) for match in map(CLASS_ID_REFUSED.search, reasons) if match]
+    return max(found, default=None)
 
 
 def preprocess_image(data, path, size):
