@@ -36,9 +36,9 @@ def evaluate(model, data_uri, output, batch_size=32):
                          f"metrics.json and previews.png would replace the run's own: pass another --output, "
                          f"such as {os.path.join(output, 'evaluation')}")
     model_path = inference.model_file(model)
+    keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
     with open(model_path, "rb") as file:
         identity = inference.model_identity(file.read(), model_path)
-    keras_model = inference.load_model(model_path)
     size, n_classes = inference.model_geometry(keras_model, model_path)
     filesystem, root, names = ingest.discover_pairs(data_uri)
 

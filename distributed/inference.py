@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -46,11 +47,12 @@ def infer(config: InferConfig):
     Returns {"ok": predicted now, "failed": unreadable now, "skipped": done by earlier runs}.
     """
     model_path = model_file(config.model)
+    # Loaded here too, so a broken model fails before any actor starts (and before its members
+    # are read for its identity), and for its shapes.
+    size, n_classes = model_geometry(load_model(model_path), model_path)
     with open(model_path, "rb") as file:
         model_bytes = file.read()
     identity = model_identity(model_bytes, model_path)
-    # Loaded here too, so a broken model fails before any actor starts, and for its shapes.
-    size, n_classes = model_geometry(load_model(model_path), model_path)
 
     output = Output(*open_output(config.output))
     input_filesystem, input_root = open_root(config.input)
@@ -136,8 +138,25 @@ def load_model(path):
 
 
 def model_identity(model_bytes, path):
-    """Names the exact weights that made a prediction, wherever the file was copied to."""
-    return f"{os.path.basename(path)}@sha256:{hashlib.sha256(model_bytes).hexdigest()}"
+    """Names the network and weights that made a prediction, wherever the file was copied to and
+    however often they were exported again."""
+    return f"{os.path.basename(path)}@sha256:{model_digest(model_bytes)}"
+
+
+def model_digest(model_bytes):
+    """sha256 of a .keras zip's members but metadata.json, in name order; of the whole file otherwise."""
+    if not zipfile.is_zipfile(io.BytesIO(model_bytes)):
+        return hashlib.sha256(model_bytes).hexdigest()  # an HDF5 model named .keras, which tf.keras loads too
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(io.BytesIO(model_bytes)) as archive:
+        for name in sorted(archive.namelist()):
+            # metadata.json holds the time the model was saved, which changes no prediction.
+            if name != "metadata.json":
+                content = archive.read(name)
+                # Each name and length first, so that no two different archives hash alike.
+                digest.update(f"{name}\n{len(content)}\n".encode())
+                digest.update(content)
+    return digest.hexdigest()
 
 
 def model_geometry(model, path):

@@ -1,7 +1,9 @@
 """Batch inference on a real local Ray: real PNG/JPEG files in, Parquet and PNG out, read back."""
 
+import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -149,6 +151,30 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert infer_job.main(argv) == 1  # the failed files are retried, and fail again
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 0, "failed": 2, "skipped": 4}
     assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
+
+
+def test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it(tmp_path):
+    tf.keras.utils.set_random_seed(1)
+    model = unet_model((*SIZE, 3), n_filters=4, n_classes=23)
+    saved = {}
+    for name in ("first", "again", "other_weights", "legacy_h5"):
+        (tmp_path / name).mkdir()
+        saved[name] = tmp_path / name / "model.keras"
+    model.save(saved["first"])
+    time.sleep(1.1)  # metadata.json's date_saved counts seconds
+    model.save(saved["again"])
+    model.set_weights([weights + 0.5 for weights in model.get_weights()])
+    model.save(saved["other_weights"])
+    model.save(tmp_path / "legacy.h5")
+    os.replace(tmp_path / "legacy.h5", saved["legacy_h5"])  # HDF5 under a .keras name: tf.keras loads it too
+    inference.load_model(saved["legacy_h5"])
+
+    identity = {name: inference.model_identity(path.read_bytes(), str(path)) for name, path in saved.items()}
+    assert saved["first"].read_bytes() != saved["again"].read_bytes()
+    assert identity["first"] == identity["again"]
+    assert identity["other_weights"] != identity["first"]
+    legacy_digest = hashlib.sha256(saved["legacy_h5"].read_bytes()).hexdigest()
+    assert identity["legacy_h5"] == f"model.keras@sha256:{legacy_digest}"  # not a zip: the whole file
 
 
 @pytest.mark.parametrize("relative", ["../escape.png", "/etc/escape.png", "a/../../escape.png", "a//b.png", ""])
