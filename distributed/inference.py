@@ -385,7 +385,8 @@ class Output:
             by_other_models += pc.sum(pc.not_equal(table["model"], identity)).as_py() or 0
         if by_other_models:
             print(f"[unet-ray] warning: {by_other_models} prediction(s) in {self.root} came from another "
-                  f"model; they are kept and skipped (use a new --output to predict them again)", flush=True)
+                  f"model; they are kept and skipped (use a new --output to predict them again)", file=sys.stderr,
+                  flush=True)
         return done
 
     def start_run(self):

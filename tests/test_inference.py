@@ -15,6 +15,7 @@ from PIL import Image
 from distributed import inference
 from distributed.config import InferConfig
 from distributed.inference import infer
+from distributed.ingest import open_output
 from jobs import infer as infer_job
 from unet_core import data, scenes, unet_model
 from unet_core.classes import class_names
@@ -175,6 +176,17 @@ def test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it(tmp_
     assert identity["other_weights"] != identity["first"]
     legacy_digest = hashlib.sha256(saved["legacy_h5"].read_bytes()).hexdigest()
     assert identity["legacy_h5"] == f"model.keras@sha256:{legacy_digest}"  # not a zip: the whole file
+
+
+def test_predictions_of_another_model_are_kept_with_a_warning_on_stderr(tmp_path, capsys):
+    (tmp_path / "predictions").mkdir()
+    models = ["model.keras@sha256:old", "model.keras@sha256:new"]
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "model": models}), tmp_path / "predictions" / "part-0.parquet")
+
+    assert inference.Output(*open_output(str(tmp_path))).done_paths("model.keras@sha256:new") == {"a.png", "b.png"}
+    printed = capsys.readouterr()
+    assert "[unet-ray] warning: 1 prediction(s) in" in printed.err and "came from another model" in printed.err
+    assert printed.out == ""
 
 
 @pytest.mark.parametrize("relative", ["../escape.png", "/etc/escape.png", "a/../../escape.png", "a//b.png", ""])
