@@ -418,7 +418,7 @@ class Output:
 
 
 class PartWriter:
-    """Collects rows and commits them as Parquet parts of about `rows_per_file` rows each."""
+    """Commits rows as Parquet parts of `rows_per_file` rows each; a run's last part may hold fewer."""
 
     def __init__(self, output, folder, rows_per_file):
         self.output, self.folder, self.rows_per_file = output, folder, rows_per_file
@@ -430,13 +430,18 @@ class PartWriter:
         if table.num_rows:
             self.tables.append(table)
             self.rows += table.num_rows
-        if self.rows >= self.rows_per_file:
-            self.flush()
+        while self.rows >= self.rows_per_file:
+            self.commit(self.rows_per_file)
 
     def flush(self):
-        if not self.tables:
-            return
+        if self.rows:
+            self.commit(self.rows)
+
+    def commit(self, rows):
+        """Write the first `rows` rows collected as the next part; keep the others for the next."""
+        collected = pa.concat_tables(self.tables)
         buffer = pa.BufferOutputStream()
-        pq.write_table(pa.concat_tables(self.tables), buffer)
+        pq.write_table(collected.slice(0, rows), buffer)
         self.output.write(f"{self.folder}/{self.prefix}-{self.written:05d}.parquet", buffer.getvalue())
-        self.tables, self.rows, self.written = [], 0, self.written + 1
+        self.tables = [collected.slice(rows)] if rows < self.rows else []
+        self.rows, self.written = self.rows - rows, self.written + 1

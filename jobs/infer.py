@@ -33,7 +33,8 @@ def parse_args(argv=None):
                         help="exit 1 when any image failed (unreadable, or its files unwritable)")
     parser.add_argument("--output-size", choices=OUTPUT_SIZES, default="source",
                         help="masks at each image's own size (source) or at the model's input size")
-    parser.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part")
+    parser.add_argument("--rows-per-file", type=int, default=1000,
+                        help="rows per Parquet part (the last part of a run may hold fewer)")
     return parser.parse_args(argv)
 
 

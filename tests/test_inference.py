@@ -47,6 +47,10 @@ def read_table(folder):
     return pa.concat_tables([pq.read_table(part) for part in parts]) if parts else None
 
 
+def part_rows(folder):
+    return [pq.read_metadata(part).num_rows for part in sorted(folder.glob("*.parquet"))]
+
+
 def expected_masks(model_path, folder, paths, size=SOURCE):
     """argmax of model.predict on the same preprocessed inputs, resized back with nearest neighbour."""
     model = tf.keras.models.load_model(model_path, compile=False)
@@ -67,9 +71,10 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
     os.replace(images / "scene_000001.png", images / "sub" / "scene_000001.png")  # a nested input
     output = tmp_path / "out"
     config = InferConfig(model=str(model_dir / "model.keras"), input=str(images), output=str(output),
-                         batch_size=4, rows_per_file=8, overlay=True)
+                         batch_size=4, rows_per_file=6, overlay=True)
 
     assert infer(config) == {"ok": 20, "failed": 4, "skipped": 0}
+    assert part_rows(output / "predictions") == [6, 6, 6, 2]  # whole parts of 6 rows, not whole batches of 4
 
     # A killed run: its last Parquet part never committed, a temporary file left in staging.
     last_part = sorted((output / "predictions").glob("*.parquet"))[-1]
@@ -80,6 +85,7 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
 
     assert infer(config) == {"ok": 30 + lost, "failed": 4, "skipped": 20 - lost}
 
+    assert sorted(part_rows(output / "predictions")) == [2] + [6] * 8
     good = sorted([f"scene_{i:06d}.png" for i in range(50) if i != 1] + ["sub/scene_000001.png"])
     predictions = read_table(output / "predictions")
     assert sorted(predictions["path"].to_pylist()) == good  # each exactly once
