@@ -13,6 +13,7 @@ run starts the errors table afresh: every input is in predictions or errors, nev
 
 import hashlib
 import io
+import json
 import os
 import sys
 import tempfile
@@ -39,6 +40,8 @@ from unet_core.training import predict_logits_fn
 MODEL_FILE = "model.keras"
 # Temporary files live here until renamed into place; a run starts by emptying it.
 STAGING = ".staging"
+# The output settings the predictions were made with, which a rerun into the output must keep.
+SETTINGS_FILE = "output_settings.json"
 
 
 def infer(config: InferConfig):
@@ -61,6 +64,8 @@ def infer(config: InferConfig):
         # Everything under the output counts as earlier results, so no input would be predicted.
         raise ValueError(f"{config.output}: the output must be another directory than the input images "
                          f"({config.input}), and not one that holds them")
+    settings = output_settings(config)
+    output.check_settings(settings)
     inputs, ignored = list_images(input_filesystem, input_root, skip=output.root)
     kinds = "/".join(data.IMAGE_EXTENSIONS)
     if not inputs:
@@ -78,6 +83,7 @@ def infer(config: InferConfig):
     runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
     runtime.refuse_or_warn(actor_shortfall(config) if pending else None)
     output.start_run()
+    output.record_settings(settings)  # before any part is committed: every done frame is under these
     names = class_names(n_classes)
     predictions = PartWriter(output, "predictions", config.rows_per_file)
     errors = PartWriter(output, "errors", config.rows_per_file)
@@ -100,6 +106,12 @@ def infer(config: InferConfig):
         print(f"[unet-ray] {failed} image(s) failed{more}: every path and reason is in "
               f"{config.output}/errors/*.parquet; a rerun retries them", file=sys.stderr, flush=True)
     return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
+
+
+def output_settings(config):
+    """The settings that shape the files of each frame. The others (batch size, actors, CPUs, rows
+    per file, failing on errors) change no result, so reruns into one output may change them."""
+    return {"formats": sorted(set(config.formats)), "overlay": config.overlay, "output_size": config.output_size}
 
 
 def actor_shortfall(config):
@@ -365,7 +377,8 @@ def prediction_table(batch, succeeded, identity, names, with_masks):
 
 
 class Output:
-    """The output directory or URI: atomic writes, and the ledger of inputs already done."""
+    """The output directory or URI: atomic writes, the ledger of inputs already done, and the
+    output settings they were done with."""
 
     def __init__(self, filesystem, root):
         self.filesystem, self.root = filesystem, root
@@ -388,6 +401,28 @@ class Output:
                   f"model; they are kept and skipped (use a new --output to predict them again)", file=sys.stderr,
                   flush=True)
         return done
+
+    def check_settings(self, settings):
+        """Refuse a rerun with other output settings: the frames done would be skipped and keep
+        their files, so the output would end up mixed (mask sizes, table columns) or incomplete."""
+        if not self.parts("predictions"):
+            return  # nothing done yet to stay consistent with
+        path = f"{self.root}/{SETTINGS_FILE}"
+        if self.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+            # Predictions made before unet-ray recorded settings: what made them is unknown, and
+            # refusing would strand every such output, so this run's settings are adopted.
+            return
+        with self.filesystem.open_input_stream(path) as stream:
+            recorded = json.loads(stream.read())
+        changed = [f"--{name.replace('_', '-')} {flag_value(recorded.get(name))} -> {flag_value(value)}"
+                   for name, value in settings.items() if recorded.get(name) != value]
+        if changed:
+            raise ValueError(f"{self.root}: its predictions were made with other output settings "
+                             f"({'; '.join(changed)}); rerun with those to complete them, or pass another "
+                             f"--output for these")
+
+    def record_settings(self, settings):
+        self.write(SETTINGS_FILE, json.dumps(settings, indent=2).encode())
 
     def start_run(self):
         """Drop what a killed run left in staging, and the errors of the last run: they are retried."""
@@ -415,6 +450,13 @@ class Output:
         except OSError:
             self.filesystem.delete_file(temporary)
             raise
+
+
+def flag_value(value):
+    """A recorded setting as the command line gives it."""
+    if isinstance(value, bool):
+        return "given" if value else "not given"
+    return ",".join(value) if isinstance(value, list) else value
 
 
 class PartWriter:

@@ -1,5 +1,6 @@
 """Batch inference on a real local Ray: real PNG/JPEG files in, Parquet and PNG out, read back."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,6 +60,10 @@ def expected_masks(model_path, folder, paths, size=SOURCE):
     return {path: data.resize_mask(ids, size) for path, ids in zip(paths, predicted)}
 
 
+def no_ray(**_):
+    raise AssertionError("Ray was started for a job that cannot run")
+
+
 def all_files(root):
     return sorted(os.path.relpath(os.path.join(here, name), root)
                   for here, _, names in os.walk(root) for name in names)
@@ -75,6 +80,8 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
 
     assert infer(config) == {"ok": 20, "failed": 4, "skipped": 0}
     assert part_rows(output / "predictions") == [6, 6, 6, 2]  # whole parts of 6 rows, not whole batches of 4
+    settings = json.loads((output / "output_settings.json").read_text())
+    assert settings == {"formats": ["parquet", "png"], "overlay": True, "output_size": "source"}
 
     # A killed run: its last Parquet part never committed, a temporary file left in staging.
     last_part = sorted((output / "predictions").glob("*.parquet"))[-1]
@@ -83,7 +90,8 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
     (output / ".staging" / "killed.tmp").write_bytes(b"PAR1 half a parquet part")
     scenes.write_scenes(tmp_path / "frames", 30, seed=1, start=20)
 
-    assert infer(config) == {"ok": 30 + lost, "failed": 4, "skipped": 20 - lost}
+    # Settings that change no result may change between runs into one output.
+    assert infer(dataclasses.replace(config, batch_size=5)) == {"ok": 30 + lost, "failed": 4, "skipped": 20 - lost}
 
     assert sorted(part_rows(output / "predictions")) == [2] + [6] * 8
     good = sorted([f"scene_{i:06d}.png" for i in range(50) if i != 1] + ["sub/scene_000001.png"])
@@ -115,12 +123,13 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
     assert sorted(f for f in files if f.startswith("masks/")) == [f"masks/{path}" for path in good]
     assert len([f for f in files if f.startswith("overlays/")]) == len(good)
     for name in files:
-        assert name.endswith((".png", ".parquet")), name
+        assert name.endswith((".png", ".parquet")) or name == "output_settings.json", name
         if name.endswith(".parquet"):
             pq.read_table(output / name)
 
 
-def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_session, model_dir, capsys):
+def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_session, model_dir, capsys,
+                                                               monkeypatch):
     root = tmp_path / "frames"  # a CARLA-layout root: its CameraRGB folder is the input
     images = root / "CameraRGB"
     scenes.write_scenes(root, 3)
@@ -155,9 +164,20 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
     assert os.listdir(output / ".staging") == []  # the unwritable mask's temporary file removed
 
-    assert infer_job.main(argv) == 1  # the failed files are retried, and fail again
+    # An output from before the settings were recorded: the rerun adopts its own (and another batch size).
+    (output / "output_settings.json").unlink()
+    assert infer_job.main(argv + ["--batch-size", "3"]) == 1  # the failed files are retried, and fail again
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 0, "failed": 2, "skipped": 4}
     assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
+    settings = json.loads((output / "output_settings.json").read_text())
+    assert settings == {"formats": ["png"], "overlay": False, "output_size": "model"}
+
+    # Frames done would keep masks without table bytes or overlays: refused, before Ray starts.
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    assert infer_job.main(argv + ["--formats", "parquet,png", "--overlay"]) == 2
+    assert (f"error: {output}: its predictions were made with other output settings (--formats png -> parquet,png; "
+            f"--overlay not given -> given); rerun with those to complete them, or pass another --output for these"
+            in capsys.readouterr().err)
 
 
 def test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it(tmp_path):
@@ -202,9 +222,6 @@ def test_output_paths_cannot_leave_the_output(relative):
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys, model_dir):
-    def no_ray(**_):
-        raise AssertionError("Ray was started for a job that cannot run")
-
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
     (tmp_path / "text.keras").write_text("not a model")
     for model, message in (("missing.keras", "not a .keras model file"),
