@@ -1,8 +1,9 @@
 """Batch inference on Ray: python -m jobs.infer --model M --input DIR/URI --output DIR.
 
 Writes predictions/*.parquet, masks/, errors/*.parquet (and overlays/) under --output; a rerun
-skips the images already predicted there and retries the failed ones. The last line printed is
-a JSON summary {"ok": N, "failed": N, "skipped": N}.
+skips the images already predicted there and retries the failed ones, and must keep their
+--formats, --overlay and --output-size. The last line printed is a JSON summary
+{"ok": N, "failed": N, "skipped": N}.
 """
 
 import argparse
