@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from distributed import inference
+from distributed import inference, runtime
 from distributed.config import InferConfig
 from distributed.inference import infer
 from distributed.ingest import open_output
@@ -254,7 +254,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
         inference.model_file(str(tmp_path))
 
 
-def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them(ray_session):
+def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them(ray_session, monkeypatch):
     import ray
 
     cpus = int(ray.cluster_resources()["CPU"])  # the session's local Ray: no GPU
@@ -263,6 +263,11 @@ def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them
         return InferConfig(model="m.keras", input="in", output="out", **settings)
 
     assert inference.actor_shortfall(config(num_actors=cpus)) is None
+    # The session's Ray came from runtime.connect, as a job's own does: no node can join it.
+    assert "the local Ray this job started holds 0 of the 1 inference actors asked for (1 CPU + 1 GPU each), " \
+           "and no node can join it: lower --num-actors or --cpus-per-actor, or drop --use-gpu" \
+           in inference.actor_shortfall(config(use_gpu=True))
+    monkeypatch.setattr(runtime, "started_local_ray", False)  # as if joined through RAY_ADDRESS
     warning = inference.actor_shortfall(config(use_gpu=True))
     assert "holds 0 of the 1 inference actors asked for (1 CPU + 1 GPU each" in warning
     assert "with none waits" in warning and "lower --num-actors or --cpus-per-actor, or drop --use-gpu" in warning
