@@ -1,6 +1,7 @@
 """What a training run leaves in `--output`: the best model, metrics, curves, previews, TensorBoard."""
 
 import csv
+import hashlib
 import json
 import os
 
@@ -33,12 +34,16 @@ def generate_scenes(config):
     return directory
 
 
-def check_run_identity(config):
+def check_run_identity(config, frames=None):
     """Refuse to resume a run (same `run_name` and storage) that trained on other frames or another
     network, which would silently continue it or fail inside a worker, where Ray Train retries
     the error as a worker failure instead of reporting it. A run stopped before its first
-    checkpoint left nothing to resume: its rerun starts afresh, whatever the settings."""
-    filesystem, path, identity = _identity(config)
+    checkpoint left nothing to resume: its rerun starts afresh, whatever the settings.
+
+    Checked twice: on the settings before Ray starts, then with `frames` (`frames_identity`) once
+    the data is listed, as the same directory may hold other frames by then (frames added to a
+    tail split would move validation frames into training)."""
+    filesystem, path, identity = _identity(config, frames)
     run_root = path.rsplit("/", 1)[0]
     found = filesystem.get_file_info(pyarrow.fs.FileSelector(run_root, allow_not_found=True))
     if not any(item.base_name.startswith("checkpoint_") for item in found):
@@ -52,7 +57,7 @@ def check_run_identity(config):
     with filesystem.open_input_stream(path) as stream:
         recorded = json.loads(stream.read())
     changed = [f"{field} {recorded.get(field)!r} -> {value!r}" for field, value in identity.items()
-               if recorded.get(field) != value]
+               if recorded.get(field) != value and (field != "frames" or field in recorded)]
     if changed:
         raise ValueError(
             f"{config.resolved_storage_path}/{config.run_name}: run {config.run_name!r} there trained with other "
@@ -60,15 +65,25 @@ def check_run_identity(config):
             f"or --output to start a new run")
 
 
-def record_run_identity(config):
+def record_run_identity(config, frames):
     """What `check_run_identity` compares a rerun with, written beside the run's checkpoints."""
-    filesystem, path, identity = _identity(config)
+    filesystem, path, identity = _identity(config, frames)
     filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with filesystem.open_output_stream(path) as stream:
         stream.write(json.dumps(identity, indent=2).encode())
 
 
-def _identity(config):
+def frames_identity(train_frames, val_frames):
+    """The frames a run trains and validates on, in one line: their counts and a hash of their names."""
+    digest, counts = hashlib.sha256(), []
+    for frames in (train_frames, val_frames):
+        names = sorted(row["name"] for row in frames.select_columns(["name"]).iter_rows())
+        digest.update(("\n".join(names) + "\0").encode())
+        counts.append(len(names))
+    return f"{counts[0]} training / {counts[1]} validation frames, names sha256:{digest.hexdigest()[:16]}"
+
+
+def _identity(config, frames=None):
     # With a validation directory the split settings go unused, so changing them changes nothing.
     unused = ("val_fraction", "split") if config.val_data is not None else ()
     identity = {field: value for field, value in config.to_dict().items()
@@ -79,6 +94,8 @@ def _identity(config):
     if config.data is None:
         identity["data"] = f"{config.scene_count} generated scenes, seed {config.seed}"
     identity["image_size"] = list(identity["image_size"])
+    if frames is not None:
+        identity["frames"] = frames
     filesystem, run_root = ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}")
     return filesystem, f"{run_root}/{IDENTITY_FILE}", identity
 

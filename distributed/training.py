@@ -50,7 +50,9 @@ def train(config: TrainConfig):
         min_train_frames=config.num_workers, val_uri=config.val_data,
     )
     run_directory.write_skipped(config.output, skipped)
-    run_directory.record_run_identity(config)
+    frames = run_directory.frames_identity(train_frames, val_frames)
+    run_directory.check_run_identity(config, frames)
+    run_directory.record_run_identity(config, frames)
     counts = weights = None
     if config.class_weight_power > 0 or config.prior_bias:
         counts = ingest.class_pixel_counts(train_frames, config.n_classes)
@@ -136,8 +138,8 @@ def train_loop_per_worker(loop_config):
         worker_log(f"[unet-ray] resumed from the checkpoint of epoch {first_epoch}")
     if first_epoch >= config.epochs:
         if rank == 0:
-            worker_log(f"[unet-ray] run {config.run_name!r} has trained all {config.epochs} epochs; exporting its best "
-                       f"model again (pass more --epochs to train on)")
+            worker_log(f"[unet-ray] run {config.run_name!r} has trained {first_epoch} epoch(s), --epochs {config.epochs} "
+                       f"asks for no more; exporting its best model again (pass more --epochs to train on)")
         return
     if should_stop_early(history, config.early_stopping_patience):
         if rank == 0:

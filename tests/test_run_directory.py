@@ -3,9 +3,12 @@
 import os
 
 import pytest
+import ray
 
 from distributed import run_directory
 from distributed.config import TrainConfig
+
+FRAMES = "2 training / 1 validation frames, names sha256:0123456789abcdef"
 
 
 def test_generated_scenes_are_exactly_scene_count_on_a_rerun(tmp_path):
@@ -23,7 +26,7 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
     os.makedirs("frames")
     first = TrainConfig(data="frames", output="run", epochs=2)
     run_directory.check_run_identity(first)  # nothing recorded yet: a new run
-    run_directory.record_run_identity(first)
+    run_directory.record_run_identity(first, FRAMES)
     recorded = tmp_path / "run" / "ray_results" / "unet" / run_directory.IDENTITY_FILE
     assert recorded.exists()
     # Stopped before its first checkpoint: nothing to resume, so a corrected rerun starts afresh.
@@ -45,7 +48,7 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
 
 def test_a_validation_directory_makes_the_split_settings_free_to_change(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_directory.record_run_identity(TrainConfig(data="frames", val_data="held_out", output="run"))
+    run_directory.record_run_identity(TrainConfig(data="frames", val_data="held_out", output="run"), FRAMES)
     (tmp_path / "run" / "ray_results" / "unet" / "checkpoint_2026-12-04_10-00-00.000000").mkdir()
     run_directory.check_run_identity(TrainConfig(data="frames", val_data="held_out", output="run",
                                                  split="hash", val_fraction=0.3))
@@ -60,3 +63,29 @@ def test_checkpoints_of_an_older_unet_ray_are_refused_on_the_driver(tmp_path, mo
                                          "an older unet-ray"):
         run_directory.check_run_identity(TrainConfig(data="frames", output="run"))
     run_directory.check_run_identity(TrainConfig(data="frames", output="run", run_name="fresh"))
+
+
+def test_a_rerun_resumes_only_on_the_same_frames_of_its_data(tmp_path, monkeypatch, ray_session):
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(data="frames", output="run")
+
+    def identity(train_names, val_names):
+        return run_directory.frames_identity(*(ray.data.from_items([{"name": name} for name in names])
+                                               for names in (train_names, val_names)))
+
+    before = identity(["a.png", "b.png"], ["c.png"])
+    assert before.startswith("2 training / 1 validation frames, names sha256:")
+    assert identity(["b.png", "a.png"], ["c.png"]) == before  # the rows' order is Ray Data's
+    assert identity(["a.png"], ["b.png", "c.png"]) != identity(["a.png", "b.png"], ["c.png"])
+    run_directory.record_run_identity(config, before)
+    (tmp_path / "run" / "ray_results" / "unet" / "checkpoint_2026-12-04_10-00-00.000000").mkdir()
+    run_directory.check_run_identity(config)  # the settings alone, before the data is listed
+    run_directory.check_run_identity(config, before)
+    # A frame added after the tail split's last one: c.png, which validated, would now train.
+    with pytest.raises(ValueError, match="frames '2 training / 1 validation frames, names sha256:.*' -> "
+                                         "'3 training / 1 validation frames"):
+        run_directory.check_run_identity(config, identity(["a.png", "b.png", "c.png"], ["d.png"]))
+    # Recorded by a unet-ray that did not record frames: nothing to compare them with.
+    recorded = tmp_path / "run" / "ray_results" / "unet" / run_directory.IDENTITY_FILE
+    recorded.write_text(recorded.read_text().replace('"frames"', '"not_frames"'))
+    run_directory.check_run_identity(config, identity(["a.png", "b.png", "c.png"], ["d.png"]))
