@@ -153,6 +153,12 @@ def write_metrics(output, history):
 
 
 def write_tensorboard(directory, history):
+    """The whole history as one event file. Earlier exports' files go: each held the same epochs
+    again, which TensorBoard drew over each other as one zig-zag run."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith("events.out.tfevents."):
+                os.remove(os.path.join(directory, name))
     writer = tf.summary.create_file_writer(directory)
     with writer.as_default():
         for row in history:
