@@ -67,13 +67,25 @@ def parse_args(argv=None):
 
 def config_from_args(args):
     """The preset, shrunk by --smoke, then every flag given: a flag always wins."""
-    if args.val_data is not None and (args.val_fraction is not None or args.split is not None):
-        raise ValueError("--val-fraction and --split pick validation frames out of --data; with --val-data every "
-                         "frame of --data trains, so pass one or the other")
     overrides = {key: value for key, value in vars(args).items()
                  if value is not None and key not in ("smoke", "preset")}
     config = TrainConfig.from_preset(args.preset)
-    return dataclasses.replace(config.smoke() if args.smoke else config, **overrides)
+    config = dataclasses.replace(config.smoke() if args.smoke else config, **overrides)
+    refuse_flags_without_effect(args, config)
+    return config
+
+
+def refuse_flags_without_effect(args, config):
+    """A flag the run would ignore is a mistake in the command: refused, so it is not believed."""
+    for flag, given, ignored_with in (
+        ("--val-fraction", args.val_fraction, config.val_data and "--val-data (every frame of --data trains)"),
+        ("--split", args.split, config.val_data and "--val-data (every frame of --data trains)"),
+        ("--warmup-epochs", args.warmup_epochs, config.lr_schedule == "constant" and "--lr-schedule constant"),
+        ("--class-mix", args.class_mix, not config.augment and "--no-augment"),
+        ("--scene-count", args.scene_count, config.data and "--data (scenes are generated only without it)"),
+    ):
+        if given and ignored_with:
+            raise ValueError(f"{flag} has no effect with {ignored_with}: pass one or the other")
 
 
 def main(argv=None):

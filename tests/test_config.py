@@ -68,11 +68,24 @@ def test_bad_values_are_refused_with_the_field_named():
     assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
 
 
-def test_split_flags_with_a_validation_directory_are_refused_not_ignored():
-    for flags in (["--val-fraction", "0.5"], ["--split", "hash"]):
-        with pytest.raises(ValueError, match="with --val-data every frame of --data trains, so pass one or the other"):
-            config_from_args(parse_args(["--data", "d", "--val-data", "v", *flags]))
+def test_a_flag_the_run_would_ignore_is_refused():
+    for flags, message in (
+        (["--val-data", "v", "--val-fraction", "0.5"], "--val-fraction has no effect with --val-data"),
+        (["--val-data", "v", "--split", "hash"], "--split has no effect with --val-data"),
+        (["--lr-schedule", "constant", "--warmup-epochs", "5"], "--warmup-epochs has no effect with --lr-schedule "
+                                                                 "constant"),
+        (["--preset", "classic", "--warmup-epochs", "5"], "--warmup-epochs has no effect with --lr-schedule "
+                                                          "constant"),
+        (["--no-augment", "--class-mix", "0.9"], "--class-mix has no effect with --no-augment"),
+        (["--scene-count", "50"], "--scene-count has no effect with --data \\(scenes are generated only without it\\)"),
+    ):
+        with pytest.raises(ValueError, match=f"{message}.*: pass one or the other"):
+            config_from_args(parse_args(["--data", "d", *flags]))
+    # The same flags where they act, or given as what the run does anyway.
     assert config_from_args(parse_args(["--data", "d", "--val-data", "v"])).val_data == "v"
+    assert config_from_args(parse_args(["--preset", "classic", "--lr-schedule", "cosine", "--warmup-epochs", "5"]))
+    assert config_from_args(parse_args(["--no-augment", "--class-mix", "0"])).class_mix == 0
+    assert config_from_args(parse_args(["--scene-count", "50"])).scene_count == 50
 
 
 def test_smoke_shrinks_the_run_but_every_given_flag_wins():
