@@ -44,6 +44,9 @@ def train(config: TrainConfig):
     run_directory.check_run_identity(config)
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     runtime.refuse_or_warn(runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu))
+    oversubscribed = runtime.oversubscription(config.num_workers * config.cpus_per_worker)
+    if oversubscribed:
+        print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
     data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
         data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.skip_bad,
@@ -67,6 +70,11 @@ def train(config: TrainConfig):
         more = len(skipped) - ingest.FAILURES_SHOWN
         print(f"[unet-ray] every skipped frame and why{f' ({more} not shown above)' if more > 0 else ''}: "
               f"{os.path.join(config.output, 'skipped.json')}", file=sys.stderr, flush=True)
+    sitting_out = train_frames.count() % config.num_workers
+    if sitting_out:
+        print(f"[unet-ray] warning: Ray Data hands each of the {config.num_workers} workers an equal share of "
+              f"{train_frames.count() // config.num_workers} training frames, so {sitting_out} sit(s) out each epoch",
+              file=sys.stderr, flush=True)
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,

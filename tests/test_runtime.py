@@ -55,3 +55,12 @@ def test_connecting_again_leaks_no_ray_setup_hook_into_subprocesses(ray_session)
     assert [key for key in os.environ if "SETUP_HOOK" in key] == []
     # ray.init writes the hook's key into the env_vars it is handed: a copy, never WORKER_ENV.
     assert set(runtime.WORKER_ENV) == {"TF_USE_LEGACY_KERAS", "TF_CPP_MIN_LOG_LEVEL"}
+
+
+def test_workers_asking_for_more_cpus_than_the_machine_has_are_warned_of(ray_session, monkeypatch):
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    assert runtime.oversubscription(2) is None
+    assert runtime.oversubscription(3) == ("the workers ask for 3 CPUs on a machine with 2: they will share its "
+                                           "cores, and fewer workers (or --cpus-per-worker 1) would train faster")
+    monkeypatch.setattr(runtime, "started_local_ray", False)  # a cluster's nodes are not this machine
+    assert runtime.oversubscription(3) is None
