@@ -11,7 +11,6 @@ import json
 import sys
 
 
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
