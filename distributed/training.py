@@ -146,8 +146,9 @@ def train_loop_per_worker(loop_config):
         worker_log(f"[unet-ray] resumed from the checkpoint of epoch {first_epoch}")
     if first_epoch >= config.epochs:
         if rank == 0:
-            worker_log(f"[unet-ray] run {config.run_name!r} has trained {first_epoch} epoch(s), --epochs {config.epochs} "
-                       f"asks for no more; exporting its best model again (pass more --epochs to train on)")
+            worker_log(f"[unet-ray] run {config.run_name!r} has trained {first_epoch} epoch(s), --epochs "
+                       f"{config.epochs} asks for no more; exporting its best model again (pass more --epochs to "
+                       f"train on)")
         return
     if should_stop_early(history, config.early_stopping_patience):
         if rank == 0:
