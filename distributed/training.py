@@ -62,26 +62,24 @@ def train(config: TrainConfig):
     if config.class_weight_power > 0:
         weights = augment.class_weights(counts, config.class_weight_power).tolist()
     sources = data_uri if config.val_data is None else f"{data_uri} and {config.val_data}"
+    per_worker, sitting_out = divmod(train_frames.count(), config.num_workers)
+    # Ray Data's equal split: every worker gets the same number of training frames.
+    uneven = f"; {sitting_out} training frame(s) sit out each epoch ({per_worker} per worker)" if sitting_out else ""
     print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
-          f"from {sources}; {len(skipped)} skipped", flush=True)
+          f"from {sources}; {len(skipped)} skipped{uneven}", flush=True)
     for reason in list(skipped.values())[:ingest.FAILURES_SHOWN]:
         print(f"[unet-ray] skipped: {reason}", file=sys.stderr, flush=True)
     if skipped:
         more = len(skipped) - ingest.FAILURES_SHOWN
         print(f"[unet-ray] every skipped frame and why{f' ({more} not shown above)' if more > 0 else ''}: "
               f"{os.path.join(config.output, 'skipped.json')}", file=sys.stderr, flush=True)
-    sitting_out = train_frames.count() % config.num_workers
-    if sitting_out:
-        print(f"[unet-ray] warning: Ray Data hands each of the {config.num_workers} workers an equal share of "
-              f"{train_frames.count() // config.num_workers} training frames, so {sitting_out} sit(s) out each epoch",
-              file=sys.stderr, flush=True)
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         # Ray's equal split hands every worker the same number of training rows.
         train_loop_config={
             "config": config.to_dict(),
-            "rows_per_worker": train_frames.count() // config.num_workers,
+            "rows_per_worker": per_worker,
             "class_weights": weights,
             "class_pixel_counts": counts.tolist() if config.prior_bias else None,
         },

@@ -154,7 +154,8 @@ def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ra
     captured = capfd.readouterr()
     assert "early stop: no better val_mean_iou for 1 epochs" in captured.out
     # 24 scenes: 19 train, which 2 workers cannot share equally.
-    assert "each of the 2 workers an equal share of 9 training frames, so 1 sit(s) out each epoch" in captured.err
+    assert "19 training / 5 validation frames" in captured.out
+    assert "; 0 skipped; 1 training frame(s) sit out each epoch (9 per worker)" in captured.out
     # Validation's all-reduce runs traced, not eagerly (which MWMS warns about on every worker).
     assert "eagerly has significant overhead" not in captured.out + captured.err
 
