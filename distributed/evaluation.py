@@ -27,8 +27,7 @@ def evaluate(model, data_uri, output, batch_size=32):
     with one ValueError naming every one of them, because leaving them out would change the
     scores; the report in `output` is then left as it was.
     """
-    ingest.open_output(output)
-    if ingest.within(output, data_uri):
+    if ingest.within(*ingest.open_output(output), *ingest.open_root(data_uri)):
         raise ValueError(f"{output}: inside --data ({data_uri}); the report's PNGs would land among the frames it "
                          f"scores: pass an --output outside it")
     if os.path.exists(os.path.join(output, IDENTITY_FILE)):

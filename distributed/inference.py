@@ -32,7 +32,7 @@ from PIL import Image
 
 from distributed import runtime
 from distributed.config import InferConfig
-from distributed.ingest import FAILURES_SHOWN, list_tree, open_output, open_root, read_file
+from distributed.ingest import FAILURES_SHOWN, list_tree, open_output, open_root, read_file, within
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
@@ -60,7 +60,7 @@ def infer(config: InferConfig):
     output = Output(*open_output(config.output))
     input_filesystem, input_root = open_root(config.input)
     input_root = image_root(input_filesystem, input_root)
-    if input_root == output.root or input_root.startswith(output.root + "/"):
+    if within(input_filesystem, input_root, output.filesystem, output.root):
         # Everything under the output counts as earlier results, so no input would be predicted.
         raise ValueError(f"{config.output}: the output must be another directory than the input images "
                          f"({config.input}), and not one that holds them")

@@ -86,9 +86,9 @@ def discover_pairs(uri):
     return filesystem, root, data.pair_names(images, masks, uri)
 
 
-def within(uri, root_uri):
-    """Whether directory `uri` is `root_uri` or lies below it (through symbolic links, locally)."""
-    (filesystem, path), (root_filesystem, root) = open_root(uri), open_root(root_uri)
+def within(filesystem, path, root_filesystem, root):
+    """Whether directory `path` is `root` or lies below it (through symbolic links, locally); both
+    as `open_root` gives them."""
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem) and isinstance(root_filesystem, pyarrow.fs.LocalFileSystem):
         path, root = os.path.realpath(path), os.path.realpath(root)
     elif not filesystem.equals(root_filesystem):
@@ -98,7 +98,8 @@ def within(uri, root_uri):
 
 def check_validation_apart(uri, val_uri):
     """A ValueError when `val_uri` names the same directory as `uri`; a folder below it is fine."""
-    if within(uri, val_uri) and within(val_uri, uri):
+    (filesystem, root), (val_filesystem, val_root) = open_root(uri), open_root(val_uri)
+    if within(filesystem, root, val_filesystem, val_root) and within(val_filesystem, val_root, filesystem, root):
         raise ValueError(f"{val_uri}: the validation directory is the training data ({uri}); scores on frames "
                          f"the model trained on say nothing of new ones: pass another --val-data, or none to "
                          f"validate on a held-out split of --data")

@@ -232,10 +232,13 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
     # Inputs the run cannot take, before Ray starts too.
     scenes.write_scenes(tmp_path / "run" / "frames", 1)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "run")  # the same directory by another name
     (tmp_path / "empty" / "frame.bmp").write_bytes(b"BM")
     for input_dir, output_dir, message in (
         (tmp_path / "run" / "frames", tmp_path / "run", "the output must be another directory than the input "
                                                         "images .*, and not one that holds them"),
+        (tmp_path / "run" / "frames", tmp_path / "alias", "the output must be another directory than the input "
+                                                          "images .*, and not one that holds them"),
         (tmp_path / "empty", tmp_path / "out", "empty: no .png/.jpg/.jpeg images below it \\(only 1 other "
                                               "file\\(s\\), such as frame.bmp\\)"),
         (tmp_path / "run" / "frames", tmp_path / "text.keras", "text.keras: a file; the output must be a directory"),
