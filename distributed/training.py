@@ -10,8 +10,10 @@ the last checkpoint carries.
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -99,7 +101,7 @@ def train(config: TrainConfig):
             failure_config=FailureConfig(max_failures=config.max_failures),
         ),
     )
-    result = trainer.fit()
+    result = fit(trainer)
     diverged = result.return_value  # rank 0's; all-reduced scores make every worker's the same
     if diverged:
         raise ValueError(
@@ -108,7 +110,45 @@ def train(config: TrainConfig):
             f"lower --learning-rate (now {config.learning_rate}) or a cap on the gradient (--clip-norm 1)")
     with result.checkpoint.as_directory() as directory:  # the last epoch always checkpoints
         history, best_weights = read_checkpoint(directory)
+    stray = remove_untracked_checkpoints(result)
+    if stray:
+        print(f"[unet-ray] removed {stray} checkpoint(s) an interrupted attempt left in {result.path}", flush=True)
     return run_directory.write(config, history, best_weights, val_frames)
+
+
+def fit(trainer):
+    """`trainer.fit()`, where Ctrl-C ends in KeyboardInterrupt and leaves Ctrl-C working afterwards.
+
+    Ray Train installs a SIGINT handler for the run: the first Ctrl-C aborts the run and ends the
+    driver's wait in SystemExit(1). It leaves the handler installed after the run, where aborting
+    the finished run does nothing: the next two Ctrl-C (in the quickstart's inference, say) would
+    be swallowed and the third would exit 0.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except SystemExit as aborted:
+        raise KeyboardInterrupt("training interrupted") from aborted
+    finally:
+        if threading.current_thread() is threading.main_thread():  # where Ray installs it, too
+            signal.signal(signal.SIGINT, handler)
+
+
+def remove_untracked_checkpoints(result):
+    """Delete the run's checkpoint directories that Ray Train does not track; returns how many.
+
+    An aborted run loses the reports its workers made after the controller last polled them (every
+    2 s): those checkpoints are on storage, yet Ray Train never resumes from them and, not counting
+    them in `keep_checkpoints`, never deletes them.
+    """
+    tracked = {checkpoint.path.rstrip("/") for checkpoint, _ in result.best_checkpoints}
+    tracked.add(result.checkpoint.path.rstrip("/"))
+    listing = result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path))
+    untracked = [info.path for info in listing if info.type == pyarrow.fs.FileType.Directory
+                 and info.base_name.startswith("checkpoint_") and info.path.rstrip("/") not in tracked]
+    for path in untracked:
+        result.filesystem.delete_dir(path)
+    return len(untracked)
 
 
 def train_loop_per_worker(loop_config):

@@ -48,6 +48,9 @@ def main(argv=None):
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the same command goes on, skipping the images already written", file=sys.stderr)
+        return 130  # the shell's code for a job ended by Ctrl-C
     print(json.dumps(summary), flush=True)
     return 1 if config.fail_on_error and summary["failed"] else 0
 

@@ -38,6 +38,10 @@ def main(argv=None):
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the same command goes on where it stopped (training resumes from its last "
+              "checkpoint; inference skips the images already written)", file=sys.stderr)
+        return 130  # the shell's code for a job ended by Ctrl-C
 
 
 def train_config(args, output):

@@ -3,6 +3,10 @@
 import dataclasses
 import json
 import os
+import shutil
+import signal
+import threading
+import time
 import zipfile
 
 import numpy as np
@@ -13,6 +17,7 @@ import tensorflow as tf
 from distributed import runtime
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
+from jobs import train as train_job
 from distributed.training import (
     CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, is_new_best, read_checkpoint, read_shard, restore,
     shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
@@ -69,7 +74,9 @@ def assert_validation_counted_once(config, row):
 
 def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     config = smoke_config(tmp_path, epochs=2)
+    ctrl_c = signal.getsignal(signal.SIGINT)
     history = train(config)
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # Ray Train's handler for the run is gone
 
     with open(os.path.join(config.output, "metrics.json")) as file:
         saved = json.load(file)
@@ -103,11 +110,16 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     trained.set_weights(best)
     assert_scores_as_reported(config, trained, max(saved, key=lambda row: row["val_mean_iou"]))
 
+    # A checkpoint an interrupted attempt saved after the controller last polled its workers: Ray
+    # Train never registered it, so neither resumes from it nor deletes it. The run does.
+    untracked = os.path.join(config.resolved_storage_path, config.run_name, "checkpoint_2000-01-01_00-00-00.000000")
+    shutil.copytree(checkpoint_dirs(config)[2], untracked)
     # Same run name and storage path, more epochs: continues after epoch 2 instead of restarting.
     resumed = train(smoke_config(tmp_path, epochs=3))
     assert [row["epoch"] for row in resumed] == [1, 2, 3]
     assert resumed[:2] == saved
     assert resumed[2]["resumed_from_epoch"] == 2
+    assert list(checkpoint_dirs(config)) == [3] and not os.path.exists(untracked)
     # Other frames under the same name and storage: refused, not continued on the wrong data.
     with pytest.raises(ValueError, match="'24 generated scenes, seed 0' -> '24 generated scenes, seed 1'"):
         train(smoke_config(tmp_path, epochs=4, seed=1))
@@ -143,6 +155,31 @@ def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_ba
     printed = capfd.readouterr().err  # named on the console too, not only counted
     assert f"[unet-ray] skipped: {truncated}: not a readable PNG/JPEG image" in printed
     assert f"every skipped frame and why: {config.output}/skipped.json" in printed
+
+
+def test_ctrl_c_aborts_the_run_frees_its_workers_and_says_how_to_resume(tmp_path, ray_session, capsys):
+    output = tmp_path / "run"
+    run_dir = output / "ray_results" / "unet"
+
+    def ctrl_c_once_a_checkpoint_is_saved():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if run_dir.is_dir() and any(path.name.startswith("checkpoint_") for path in run_dir.iterdir()):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=ctrl_c_once_a_checkpoint_is_saved, daemon=True).start()
+    ctrl_c = signal.getsignal(signal.SIGINT)
+    code = train_job.main(["--smoke", "--output", str(output), "--num-workers", "2", "--cpus-per-worker", "1",
+                           "--epochs", "1000", "--checkpoint-every", "1"])
+    assert code == 130
+    assert "interrupted: the same command resumes from the run's last checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # a later Ctrl-C is not swallowed
+    deadline = time.time() + 60  # the aborted workers give their CPUs back to the session's Ray
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
 def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ray_session, capfd):

@@ -277,3 +277,12 @@ def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them
     warning = inference.actor_shortfall(config(num_actors=cpus + 1))
     assert f"holds {cpus} of the {cpus + 1} inference actors" in warning and "predicts with those that start" in warning
     assert "drop --use-gpu" not in warning
+
+
+def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inference, "infer", interrupted)
+    assert infer_job.main(["--model", "m.keras", "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 130
+    assert "interrupted: the same command goes on, skipping the images already written" in capsys.readouterr().err

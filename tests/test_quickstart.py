@@ -46,3 +46,14 @@ def test_smoke_shrinks_the_run_but_flags_given_still_apply():
     assert (asked.epochs, asked.scene_count, asked.n_filters) == (5, 40, 4)
     full = quickstart.train_config(quickstart.parse_args([]), "out")
     assert (full.epochs, full.scene_count, full.n_filters, full.num_workers) == (4, 256, 32, 2)
+
+
+def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):
+    from distributed import training
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert quickstart.main(["--output", str(tmp_path), "--smoke"]) == 130
+    assert "interrupted: the same command goes on where it stopped" in capsys.readouterr().err
