@@ -110,10 +110,9 @@ def train(config: TrainConfig):
             f"lower --learning-rate (now {config.learning_rate}) or a cap on the gradient (--clip-norm 1)")
     with result.checkpoint.as_directory() as directory:  # the last epoch always checkpoints
         history, best_weights = read_checkpoint(directory)
-    stray = remove_untracked_checkpoints(result)
-    if stray:
-        print(f"[unet-ray] removed {stray} checkpoint(s) an interrupted attempt left in {result.path}", flush=True)
-    return run_directory.write(config, history, best_weights, val_frames)
+    exported = run_directory.write(config, history, best_weights, val_frames)
+    remove_untracked_checkpoints(result)  # after the export: housekeeping never costs the run its model
+    return exported
 
 
 def fit(trainer):
@@ -135,7 +134,7 @@ def fit(trainer):
 
 
 def remove_untracked_checkpoints(result):
-    """Delete the run's checkpoint directories that Ray Train does not track; returns how many.
+    """Delete the run's checkpoint directories that Ray Train does not track.
 
     An aborted run loses the reports its workers made after the controller last polled them (every
     2 s): those checkpoints are on storage, yet Ray Train never resumes from them and, not counting
@@ -144,11 +143,16 @@ def remove_untracked_checkpoints(result):
     tracked = {checkpoint.path.rstrip("/") for checkpoint, _ in result.best_checkpoints}
     tracked.add(result.checkpoint.path.rstrip("/"))
     listing = result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path))
-    untracked = [info.path for info in listing if info.type == pyarrow.fs.FileType.Directory
-                 and info.base_name.startswith("checkpoint_") and info.path.rstrip("/") not in tracked]
-    for path in untracked:
-        result.filesystem.delete_dir(path)
-    return len(untracked)
+    for info in listing:
+        if (info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+                and info.path.rstrip("/") not in tracked):
+            try:
+                result.filesystem.delete_dir(info.path)
+                print(f"[unet-ray] removed {info.path}: a checkpoint an interrupted attempt left untracked",
+                      flush=True)
+            except OSError as error:
+                print(f"[unet-ray] warning: could not remove {info.path}, a checkpoint an interrupted attempt "
+                      f"left untracked: {error}", file=sys.stderr, flush=True)
 
 
 def train_loop_per_worker(loop_config):

@@ -8,8 +8,10 @@ import signal
 import threading
 import time
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
+import pyarrow.fs
 import pytest
 import ray
 import tensorflow as tf
@@ -19,8 +21,8 @@ from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from jobs import train as train_job
 from distributed.training import (
-    CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, is_new_best, read_checkpoint, read_shard, restore,
-    shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
+    CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, is_new_best, read_checkpoint, read_shard,
+    remove_untracked_checkpoints, restore, shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
 )
 from unet_core import data, scenes, unet_model
 from tests.conftest import reference_scores
@@ -180,6 +182,33 @@ def test_ctrl_c_aborts_the_run_frees_its_workers_and_says_how_to_resume(tmp_path
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_untracked_checkpoints_are_removed_and_one_that_cannot_be_is_named(tmp_path, capsys):
+    local = pyarrow.fs.LocalFileSystem()
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_stray", "checkpoint_stuck"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+
+    def delete_dir(path):  # as a bucket without delete permission would answer
+        if path.endswith("stuck"):
+            raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
+        local.delete_dir(path)
+
+    def checkpoint(name):
+        return ray.train.Checkpoint(str(tmp_path / name))
+
+    result = SimpleNamespace(path=str(tmp_path), filesystem=SimpleNamespace(get_file_info=local.get_file_info,
+                                                                            delete_dir=delete_dir),
+                             checkpoint=checkpoint("checkpoint_b"),
+                             best_checkpoints=[(checkpoint("checkpoint_a"), {}), (checkpoint("checkpoint_b"), {})])
+    remove_untracked_checkpoints(result)
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "checkpoint_stuck"]
+    printed = capsys.readouterr()
+    assert f"removed {tmp_path / 'checkpoint_stray'}: a checkpoint an interrupted attempt left" in printed.out
+    assert f"warning: could not remove {tmp_path / 'checkpoint_stuck'}" in printed.err
+    assert "Permission denied" in printed.err
 
 
 def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ray_session, capfd):
