@@ -99,8 +99,8 @@ def main(argv=None):
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the same command resumes from the run's last checkpoint (--checkpoint-every)",
-              file=sys.stderr)
+        print("interrupted: the same command resumes from the run's last checkpoint (one every "
+              "--checkpoint-every epochs)", file=sys.stderr)
         return 130  # the shell's code for a job ended by Ctrl-C
     print(json.dumps({key: value for key, value in history[-1].items() if not isinstance(value, dict)}))
     return 0

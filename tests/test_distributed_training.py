@@ -19,11 +19,12 @@ import tensorflow as tf
 from distributed import runtime
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
-from jobs import train as train_job
 from distributed.training import (
     CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, is_new_best, read_checkpoint, read_shard,
-    remove_untracked_checkpoints, restore, shard_fits_in_memory, should_checkpoint, should_stop_early, train, training_batches,
+    remove_untracked_checkpoints, restore, shard_fits_in_memory, should_checkpoint, should_stop_early, train,
+    training_batches,
 )
+from jobs import train as train_job
 from unet_core import data, scenes, unet_model
 from tests.conftest import reference_scores
 from unet_core.training import averaged_weights, compile_unet
