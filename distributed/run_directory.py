@@ -17,10 +17,14 @@ from unet_core.training import predict_logits_fn
 PREVIEW_FRAMES = 6
 
 
-# What a checkpoint is only good for: the same frames and the same network. A rerun may change
-# anything else (more epochs, another cluster shape, a new learning rate) and resume.
+# What a checkpoint is only good for: the same frames, the same network and the same slots of
+# Adam's state (`weight_average`: tf-keras loads no optimizer variable at all, silently, when the
+# checkpoint holds the weight average and the rerun does not, or the other way round). A rerun may
+# change anything else (more epochs, another cluster shape, a new learning rate) and resume.
 IDENTITY_FIELDS = ("data", "val_data", "val_fraction", "split", "image_size", "n_filters", "n_classes")
 IDENTITY_FILE = "unet_run.json"
+# Recorded only since a later unet-ray: compared when the recorded identity holds them.
+LATER_FIELDS = ("frames", "weight_average")
 
 
 def generate_scenes(config):
@@ -57,7 +61,7 @@ def check_run_identity(config, frames=None):
     with filesystem.open_input_stream(path) as stream:
         recorded = json.loads(stream.read())
     changed = [f"{field} {recorded.get(field)!r} -> {value!r}" for field, value in identity.items()
-               if recorded.get(field) != value and (field != "frames" or field in recorded)]
+               if recorded.get(field) != value and (field not in LATER_FIELDS or field in recorded)]
     if changed:
         raise ValueError(
             f"{config.resolved_storage_path}/{config.run_name}: run {config.run_name!r} there trained with other "
@@ -94,6 +98,7 @@ def _identity(config, frames=None):
     if config.data is None:
         identity["data"] = f"{config.scene_count} generated scenes, seed {config.seed}"
     identity["image_size"] = list(identity["image_size"])
+    identity["weight_average"] = "on (--ema-momentum > 0)" if config.ema_momentum > 0 else "off (--ema-momentum 0)"
     if frames is not None:
         identity["frames"] = frames
     filesystem, run_root = ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}")

@@ -48,10 +48,8 @@ def train_config(args, output):
     """The quickstart's run, shrunk by --smoke, then --epochs and --scene-count if given."""
     # Two workers, to show data-parallel training (MultiWorkerMirroredStrategy) at work; a lone
     # worker would train faster here (README, Training).
-    # A few hundred steps are too short for the default ~100-step weight average, which would
-    # still hold much of the initial weights at the end.
     config = TrainConfig(output=os.path.join(output, "train"), epochs=4, num_workers=2, cpus_per_worker=1,
-                         batch_size=4, scene_count=256, ema_momentum=0.0)
+                         batch_size=4, scene_count=256)
     config = config.smoke() if args.smoke else config
     given = {"epochs": args.epochs, "scene_count": args.scene_count}
     return dataclasses.replace(config, **{key: value for key, value in given.items() if value is not None})

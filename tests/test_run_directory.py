@@ -1,5 +1,6 @@
 """The run directory: generated scenes, and which reruns may resume a run."""
 
+import dataclasses
 import os
 
 import pytest
@@ -41,6 +42,10 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
         run_directory.check_run_identity(TrainConfig(data="frames", output="run", image_size=(64, 96), n_filters=8))
     with pytest.raises(ValueError, match="'24 generated scenes, seed 0'"):
         run_directory.check_run_identity(TrainConfig(output="run").smoke())
+    # Another momentum keeps Adam's slots; none at all would drop every one of them on loading.
+    run_directory.check_run_identity(TrainConfig(data="frames", output="run", ema_momentum=0.999))
+    with pytest.raises(ValueError, match=r"weight_average 'on \(--ema-momentum > 0\)' -> 'off \(--ema-momentum 0\)'"):
+        run_directory.check_run_identity(TrainConfig(data="frames", output="run", ema_momentum=0.0))
     # Another run name is another run.
     run_directory.check_run_identity(TrainConfig(output="run", run_name="scenes").smoke())
     assert not (tmp_path / "run" / "ray_results" / "scenes").exists()  # checking writes nothing
@@ -85,10 +90,11 @@ def test_a_rerun_resumes_only_on_the_same_frames_of_its_data(tmp_path, monkeypat
     with pytest.raises(ValueError, match="frames '2 training / 1 validation frames, names sha256:.*' -> "
                                          "'3 training / 1 validation frames"):
         run_directory.check_run_identity(config, identity(["a.png", "b.png", "c.png"], ["d.png"]))
-    # Recorded by a unet-ray that did not record frames: nothing to compare them with.
+    # Recorded by a unet-ray that did not record frames or the weight average: nothing to compare them with.
     recorded = tmp_path / "run" / "ray_results" / "unet" / run_directory.IDENTITY_FILE
-    recorded.write_text(recorded.read_text().replace('"frames"', '"not_frames"'))
-    run_directory.check_run_identity(config, identity(["a.png", "b.png", "c.png"], ["d.png"]))
+    recorded.write_text(recorded.read_text().replace('"frames"', '"not_frames"').replace('"weight_average"', '"x"'))
+    run_directory.check_run_identity(dataclasses.replace(config, ema_momentum=0.0),
+                                     identity(["a.png", "b.png", "c.png"], ["d.png"]))
 
 
 def test_tensorboard_holds_each_epoch_once_after_a_rerun_exports_again(tmp_path):
