@@ -13,6 +13,7 @@ LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "off", "bf16", "fp16")
 FORMATS = ("parquet", "png")
 OUTPUT_SIZES = ("source", "model")
+DEFAULT_STORAGE = "ray_results"  # Ray Train's checkpoints, under --output unless --storage-path is given
 
 
 @dataclass
@@ -25,7 +26,7 @@ class TrainConfig:
     val_data: str | None = None
     output: str = "runs/unet"
     run_name: str = "unet"
-    storage_path: str | None = None  # Ray Train's checkpoints; None = `output`/ray_results
+    storage_path: str | None = None  # Ray Train's checkpoints; None = `output`/DEFAULT_STORAGE
     epochs: int = 250
     batch_size: int = 8  # per worker; the global batch is this × num_workers
     # One worker with both cores beats two with one each on a 2-core machine (XLA, no all-reduce);
@@ -135,7 +136,7 @@ class TrainConfig:
     @property
     def resolved_storage_path(self):
         if self.storage_path is None:
-            return os.path.abspath(os.path.join(self.output, "ray_results"))
+            return os.path.abspath(os.path.join(self.output, DEFAULT_STORAGE))
         return self.storage_path if "://" in self.storage_path else os.path.abspath(self.storage_path)
 
     @classmethod

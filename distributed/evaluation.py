@@ -12,8 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from distributed import ingest, inference
-from distributed.run_directory import IDENTITY_FILE, PREVIEW_FRAMES
+from distributed import inference, ingest, run_directory
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.metrics import ConfusionMatrix
@@ -30,10 +29,9 @@ def evaluate(model, data_uri, output, batch_size=32):
     if ingest.within(*ingest.open_output(output), *ingest.open_root(data_uri)):
         raise ValueError(f"{output}: inside --data ({data_uri}); the report's PNGs would land among the frames it "
                          f"scores: pass an --output outside it")
-    if os.path.exists(os.path.join(output, IDENTITY_FILE)):
-        raise ValueError(f"{output}: a training run's directory (it holds {IDENTITY_FILE}); the report's "
-                         f"metrics.json and previews.png would replace the run's own: pass another --output, "
-                         f"such as {os.path.join(output, 'evaluation')}")
+    if run_directory.is_run_output(output):
+        raise ValueError(f"{output}: a training run's directory; the report's metrics.json and previews.png would "
+                         f"replace the run's own: pass another --output, such as {os.path.join(output, 'evaluation')}")
     model_path = inference.model_file(model)
     keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
     with open(model_path, "rb") as file:
@@ -45,7 +43,7 @@ def evaluate(model, data_uri, output, batch_size=32):
     confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0
     previews = {"images": [], "masks": [], "predicted": [], "names": []}
     os.makedirs(output, exist_ok=True)
-    worst = WorstFrames(PREVIEW_FRAMES)
+    worst = WorstFrames(run_directory.PREVIEW_FRAMES)
     unreadable = []
     per_frame_path = os.path.join(output, "per_frame.csv")
     try:
@@ -63,7 +61,7 @@ def evaluate(model, data_uri, output, batch_size=32):
                 loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
                 confusion.counts += counts
                 predicted = np.argmax(logits, axis=-1)
-                keep = PREVIEW_FRAMES - len(previews["names"])
+                keep = run_directory.PREVIEW_FRAMES - len(previews["names"])
                 for key, values in zip(previews, (images, masks, predicted, batch_names)):
                     previews[key].extend(values[:keep])
                 for name, image, mask, prediction in zip(batch_names, images, masks, predicted):

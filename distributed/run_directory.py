@@ -10,6 +10,7 @@ import pyarrow.fs
 import tensorflow as tf
 
 from distributed import inference, ingest
+from distributed.config import DEFAULT_STORAGE
 from unet_core import plots, scenes, unet_model
 from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
@@ -103,6 +104,19 @@ def _identity(config, frames=None):
         identity["frames"] = frames
     filesystem, run_root = ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}")
     return filesystem, f"{run_root}/{IDENTITY_FILE}", identity
+
+
+def is_run_output(directory):
+    """Whether `directory` is a training run's --output: it holds the run's history (metrics.json,
+    a list of epochs; an evaluation report's is one dict) or, while the run trains, its default
+    checkpoint storage."""
+    if os.path.isdir(os.path.join(directory, DEFAULT_STORAGE)):
+        return True
+    try:
+        with open(os.path.join(directory, "metrics.json")) as file:
+            return isinstance(json.load(file), list)
+    except (OSError, ValueError):
+        return False
 
 
 def write_skipped(output, skipped):

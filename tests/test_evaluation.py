@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from distributed import evaluation
+from distributed import evaluation, run_directory
+from distributed.config import DEFAULT_STORAGE
 from jobs import evaluate as evaluate_job
 from unet_core import data, scenes, unet_model
 from unet_core.metrics import ConfusionMatrix
@@ -63,6 +64,11 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
     # Worst first; among equal accuracies (an untrained model ties often) the later name first.
     assert list(metrics["worst_frames"]) == sorted(accuracy, key=lambda n: (-accuracy[n], n), reverse=True)[:6]
     assert list(metrics["worst_frames"].values()) == pytest.approx(sorted(accuracy.values())[:6])
+
+    # Its own report is no training run's: the same command may write it again.
+    assert evaluate_job.main(["--model", str(model_path), "--data", str(tmp_path / "frames"),
+                              "--output", str(output)]) == 0
+    assert json.loads((output / "metrics.json").read_text())["pixel_accuracy"] == metrics["pixel_accuracy"]
 
 
 def test_evaluate_names_every_unreadable_frame_and_writes_no_report(tmp_path, capsys):
@@ -123,15 +129,17 @@ def test_an_output_inside_the_data_or_a_run_directory_is_refused_before_the_mode
     monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
     scenes.write_scenes(tmp_path / "frames", 1)
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "unet_run.json").write_text("{}")
+    run_directory.write_metrics(str(tmp_path / "run"), [{"epoch": 1, "loss": 1.0, "val_mean_iou": 0.1}])
+    (tmp_path / "training" / DEFAULT_STORAGE).mkdir(parents=True)  # a run still training: checkpoints only
+    refused = "a training run's directory; the report's metrics.json and previews.png would replace the run's own"
     for output, message in (
         (tmp_path / "frames", "frames: inside --data"),
         (tmp_path / "frames" / "CameraRGB", "CameraRGB: inside --data .*: pass an --output outside it"),
-        (tmp_path / "run", "run: a training run's directory \\(it holds unet_run.json\\); the report's metrics.json "
-                           "and previews.png would replace the run's own: pass another --output, such as .*"
-                           "run/evaluation"),
+        (tmp_path / "run", f"run: {refused}: pass another --output, such as .*run/evaluation"),
+        (tmp_path / "training", f"training: {refused}"),
     ):
         with pytest.raises(ValueError, match=message):
             evaluation.evaluate(str(tmp_path / "run"), str(tmp_path / "frames"), str(output))
-    assert sorted(os.listdir(tmp_path / "run")) == ["unet_run.json"]
+    assert sorted(os.listdir(tmp_path / "run")) == ["metrics.csv", "metrics.json"]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())[0]["epoch"] == 1
     assert sorted(os.listdir(tmp_path / "frames")) == ["CameraMask", "CameraRGB"]
