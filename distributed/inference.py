@@ -32,7 +32,7 @@ from PIL import Image
 
 from distributed import runtime
 from distributed.config import InferConfig
-from distributed.ingest import FAILURES_SHOWN, list_tree, open_output, open_root, read_file, within
+from distributed.ingest import FAILURES_SHOWN, list_tree, open_output, open_root, place_below, read_file, within
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
@@ -66,7 +66,9 @@ def infer(config: InferConfig):
                          f"({config.input}), and not one that holds them")
     settings = output_settings(config)
     output.check_settings(settings)
-    inputs, ignored = list_images(input_filesystem, input_root, skip=output.root)
+    below = place_below(output.filesystem, output.root, input_filesystem, input_root)  # an output inside the input,
+    inputs, ignored = list_images(  # however either is spelt: its masks are never inputs
+        input_filesystem, input_root, skip=None if below is None else f"{input_root}/{below}")
     kinds = "/".join(data.IMAGE_EXTENSIONS)
     if not inputs:
         raise ValueError(f"{config.input}: no {kinds} images below it"

@@ -89,11 +89,20 @@ def discover_pairs(uri):
 def within(filesystem, path, root_filesystem, root):
     """Whether directory `path` is `root` or lies below it (through symbolic links, locally); both
     as `open_root` gives them."""
+    return place_below(filesystem, path, root_filesystem, root) is not None
+
+
+def place_below(filesystem, path, root_filesystem, root):
+    """Where directory `path` lies below `root`, relative to it ("" for `root` itself), else None;
+    through symbolic links, locally, so that it holds however either is spelt."""
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem) and isinstance(root_filesystem, pyarrow.fs.LocalFileSystem):
         path, root = os.path.realpath(path), os.path.realpath(root)
     elif not filesystem.equals(root_filesystem):
-        return False
-    return path == root or path.startswith(root.rstrip("/") + "/")
+        return None
+    if path == root:
+        return ""
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else None
 
 
 def check_validation_apart(uri, val_uri):

@@ -165,8 +165,11 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert os.listdir(output / ".staging") == []  # the unwritable mask's temporary file removed
 
     # An output from before the settings were recorded: the rerun adopts its own (and another batch size).
+    # The input by another name (a symbolic link): the output inside it still holds no inputs.
     (output / "output_settings.json").unlink()
-    assert infer_job.main(argv + ["--batch-size", "3"]) == 1  # the failed files are retried, and fail again
+    (tmp_path / "alias").symlink_to(root)
+    alias_argv = [str(tmp_path / "alias") if arg == str(root) else arg for arg in argv]
+    assert infer_job.main(alias_argv + ["--batch-size", "3"]) == 1  # the failed files are retried, and fail again
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 0, "failed": 2, "skipped": 4}
     assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
     settings = json.loads((output / "output_settings.json").read_text())
