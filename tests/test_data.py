@@ -96,15 +96,30 @@ def test_mask_class_is_max_over_colour_channels_never_alpha():
     assert ids[0, :3].tolist() == [7, 9, 13] and ids.max() == 13
 
 
-def png16(pixels, colour_type):
-    """A 16-bit PNG, which Pillow cannot write in colour: IHDR, one IDAT of unfiltered rows, IEND."""
+def raw_png(width, height, bit_depth, colour_type, rows):
+    """A PNG of the given rows' bytes, unfiltered: IHDR, one IDAT, IEND."""
     def chunk(kind, body):
         return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
 
-    height, width = pixels.shape[:2]
-    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, colour_type, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([bit_depth, colour_type, 0, 0, 0])
+    idat = zlib.compress(b"".join(b"\0" + row for row in rows))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def png16(pixels, colour_type):
+    """A 16-bit PNG, which Pillow cannot write in colour."""
+    return raw_png(pixels.shape[1], pixels.shape[0], 16, colour_type, [row.astype(">u2").tobytes() for row in pixels])
+
+
+def gray_png(ids, bit_depth):
+    """A 1-, 2- or 4-bit gray PNG, which Pillow cannot write: each row's values packed into bytes."""
+    per_byte = 8 // bit_depth
+    rows = []
+    for row in ids:
+        padded = np.concatenate([row, np.zeros(-len(row) % per_byte, row.dtype)]).reshape(-1, per_byte)
+        shifts = bit_depth * np.arange(per_byte - 1, -1, -1)
+        rows.append(np.bitwise_or.reduce(padded.astype(np.uint8) << shifts.astype(np.uint8), axis=1).astype(np.uint8).tobytes())
+    return raw_png(ids.shape[1], ids.shape[0], bit_depth, 0, rows)
 
 
 def test_gray_and_16bit_masks_hold_ids_directly():
@@ -120,6 +135,13 @@ def test_gray_and_16bit_masks_hold_ids_directly():
         data.check_class_ids(data.decode_mask(png16(colour * 257, 2), "m16x257.png"), 23, "m16x257.png")
     with pytest.raises(ValueError, match="m16la.png: a 16-bit gray\\+alpha mask, which cannot be read without"):
         data.decode_mask(png16(np.concatenate([colour[..., :1], opaque], -1), 4), "m16la.png")
+
+
+@pytest.mark.parametrize("bit_depth", [1, 2, 4])
+def test_gray_masks_under_8_bits_hold_ids_directly(bit_depth):
+    # Pillow stretches these to 0-255 (a 4-bit 1 reads 17): the stored value is the class id.
+    ids = np.arange(15, dtype=np.uint8).reshape(3, 5) % (2 ** bit_depth)  # 5 columns: a partly filled last byte
+    assert data.decode_mask(gray_png(ids, bit_depth), "mask.png").tolist() == ids.tolist()
 
 
 @pytest.mark.parametrize("image_format", ["JPEG", "WEBP", "GIF"])

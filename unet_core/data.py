@@ -97,7 +97,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # PNG colour types of the IHDR chunk.
-_RGB, _GRAY_ALPHA, _RGBA = 2, 4, 6
+_GRAY, _RGB, _GRAY_ALPHA, _RGBA = 0, 2, 4, 6
 
 
 def _png_header(data):
@@ -151,6 +151,9 @@ def decode_mask(data, path):
     if image.format != "PNG":
         raise ValueError(f"{path}: a {image.format} mask; masks must be PNG, as lossy compression changes class "
                          f"ids along every edge")
+    if header is not None and header[0] < 8 and header[1] == _GRAY:
+        # Pillow stretches 1-, 2- and 4-bit gray to 0-255; the class id is the value stored.
+        return np.asarray(image.convert("L")).astype(np.int64) // (255 // (2 ** header[0] - 1))
     if image.mode in _WIDE_GRAY_MODES or image.mode == "L":
         return np.asarray(image).astype(np.int64)
     if image.mode == "LA":
