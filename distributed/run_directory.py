@@ -29,10 +29,15 @@ LATER_FIELDS = ("frames", "weight_average")
 
 
 def generate_scenes(config):
-    """The default data: synthetic CARLA-layout scenes inside the run directory. A rerun writes the
-    same frames again and removes any beyond `scene_count`, left by a larger run before it."""
-    directory = os.path.abspath(os.path.join(config.output, "scenes"))
-    names = set(scenes.write_scenes(directory, config.scene_count, seed=config.seed))
+    """The default data: synthetic CARLA-layout scenes inside the run directory."""
+    return write_scene_set(os.path.join(config.output, "scenes"), config.scene_count, config.seed)
+
+
+def write_scene_set(directory, count, seed):
+    """Exactly `count` generated scenes in `directory`, a folder the product owns: a rerun writes the
+    same frames again and removes any beyond `count`, left by a larger run before it."""
+    directory = os.path.abspath(directory)
+    names = set(scenes.write_scenes(directory, count, seed=seed))
     for folder in ("CameraRGB", "CameraMask"):
         for name in set(os.listdir(os.path.join(directory, folder))) - names:
             os.remove(os.path.join(directory, folder, name))

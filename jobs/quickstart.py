@@ -12,7 +12,6 @@ import sys
 import time
 
 from distributed.config import InferConfig, TrainConfig
-from unet_core import scenes
 
 
 def parse_args(argv=None):
@@ -57,7 +56,7 @@ def train_config(args, output):
 
 def run(args):
     # TensorFlow and Ray take seconds to import: after the flags are checked.
-    from distributed import evaluation
+    from distributed import evaluation, run_directory
     from distributed.inference import infer
     from distributed.training import train
 
@@ -66,8 +65,8 @@ def run(args):
     config = train_config(args, output)
     train(config)
 
-    new_frames = os.path.join(output, "new_frames")
-    scenes.write_scenes(new_frames, args.new_frames, seed=config.seed + 1)  # another seed: unseen scenes
+    # Another seed: unseen scenes.
+    new_frames = run_directory.write_scene_set(os.path.join(output, "new_frames"), args.new_frames, config.seed + 1)
     model = os.path.join(config.output, "model.keras")
     summary = infer(InferConfig(model=model, input=os.path.join(new_frames, "CameraRGB"),
                                 output=os.path.join(output, "inference"), overlay=True))

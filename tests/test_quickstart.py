@@ -5,9 +5,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import quickstart
+from unet_core import scenes
 
 
 def test_quickstart_runs_the_product_end_to_end(tmp_path, ray_session, capsys):
+    scenes.write_scenes(tmp_path / "new_frames", 7, seed=1)  # left by an earlier run with --new-frames 7
     assert quickstart.main(["--output", str(tmp_path), "--smoke", "--epochs", "1", "--new-frames", "5"]) == 0
     # The summary is the job's last line of its own; Ray may still stream a worker's or actor's
     # log line to the driver's stdout after it, so the test finds it rather than taking the last.
@@ -25,6 +27,8 @@ def test_quickstart_runs_the_product_end_to_end(tmp_path, ray_session, capsys):
     assert 0.0 <= summary["mean_iou"] <= 1.0
     for path in ("train/model.keras", "train/curves.png", "train/previews.png", "evaluation/metrics.json"):
         assert os.path.exists(tmp_path / path), path
+    assert json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["frames"] == 5
+    assert len(os.listdir(tmp_path / "new_frames" / "CameraMask")) == 5
     table = pq.read_table(tmp_path / "inference" / "predictions")
     assert table.num_rows == 5
     assert len(os.listdir(tmp_path / "inference" / "masks")) == 5
