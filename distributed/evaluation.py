@@ -26,9 +26,7 @@ def evaluate(model, data_uri, output, batch_size=32):
     with one ValueError naming every one of them, because leaving them out would change the
     scores; the report in `output` is then left as it was.
     """
-    if ingest.within(*ingest.open_output(output), *ingest.open_root(data_uri)):
-        raise ValueError(f"{output}: inside --data ({data_uri}); the report's PNGs would land among the frames it "
-                         f"scores: pass an --output outside it")
+    ingest.check_output_outside(output, data_uri, "--data", "the report's PNGs")
     if run_directory.is_run_output(output):
         raise ValueError(f"{output}: a training run's directory; the report's metrics.json and previews.png would "
                          f"replace the run's own: pass another --output, such as {os.path.join(output, 'evaluation')}")

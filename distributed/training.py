@@ -40,6 +40,9 @@ CHECKPOINT_BEST = "best_weights.npz"  # the weights the best val mIoU so far was
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
     ingest.open_output(config.output)
+    for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
+        if uri is not None:  # before anything is written: a folder in CameraRGB/ would break the data
+            ingest.check_output_outside(config.output, uri, flag, "the run's files")
     if config.data is not None and config.val_data is not None:
         ingest.check_validation_apart(config.data, config.val_data)
     os.makedirs(config.output, exist_ok=True)

@@ -282,6 +282,19 @@ def test_validating_on_the_training_data_is_refused_before_anything_starts(tmp_p
             train(smoke_config(tmp_path, data=str(tmp_path / "frames"), val_data=str(val_data)))
     assert not (tmp_path / "run").exists()
 
+    # An --output among the frames: its folder in CameraRGB/ would make the data unreadable.
+    scenes.write_scenes(str(tmp_path / "held_out"), 1)
+    for data_dir, val_data, output, flag in (
+        (tmp_path / "frames", None, tmp_path / "frames" / "CameraRGB" / "run", "--data"),
+        (tmp_path / "link", None, tmp_path / "frames" / "run", "--data"),
+        (tmp_path / "frames", tmp_path / "held_out", tmp_path / "held_out" / "run", "--val-data"),
+    ):
+        with pytest.raises(ValueError, match=f"{output}: inside {flag} .*the run's files would land among its frames"):
+            train(dataclasses.replace(smoke_config(tmp_path, data=str(data_dir), val_data=val_data and str(val_data)),
+                                      output=str(output)))
+    assert sorted(os.listdir(tmp_path / "frames" / "CameraRGB")) == ["scene_000000.png", "scene_000001.png"]
+    assert sorted(os.listdir(tmp_path / "held_out")) == ["CameraMask", "CameraRGB"]
+
 
 def test_unpaired_files_fail_before_training(tmp_path, ray_session):
     frames = tmp_path / "frames"
