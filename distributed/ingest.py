@@ -7,6 +7,7 @@ starts rather than in the middle of an epoch.
 """
 
 import os
+import sys
 
 import numpy as np
 import pyarrow.fs
@@ -69,10 +70,15 @@ def broken_links(filesystem, directory, found):
 
 
 def list_image_names(filesystem, directory):
-    """Names of the frames in one folder of the CARLA layout (see `data.frame_names`)."""
+    """Names of the frames in one folder of the CARLA layout (see `data.frame_names`); its other
+    files are named on stderr, as they take no part."""
     entries = ((info.base_name, info.type == pyarrow.fs.FileType.Directory)
                for info in list_tree(filesystem, directory, recursive=False))
-    return data.frame_names(entries, directory)
+    names, others = data.frame_names(entries, directory)
+    if others:
+        print(f"[unet-ray] {len(others)} file(s) in {directory} are not {'/'.join(data.IMAGE_EXTENSIONS)} frames "
+              f"and are left out, such as {', '.join(others[:3])}", file=sys.stderr, flush=True)
+    return names
 
 
 def discover_pairs(uri):

@@ -55,7 +55,7 @@ def test_an_unreadable_validation_frame_is_named_by_its_path(tmp_path, ray_sessi
 def test_class_ids_beyond_n_classes_suggest_the_number_of_classes(tmp_path, ray_session):
     scenes.write_scenes(str(tmp_path), 3, seed=1)
     highest = max(int(data.decode_mask((tmp_path / "CameraMask" / name).read_bytes(), name).max())
-                  for name in data.frame_names(((name, False) for name in os.listdir(tmp_path / "CameraMask")), ""))
+                  for name in os.listdir(tmp_path / "CameraMask"))
     hint = f"the masks hold class ids up to {highest}: if those are classes, pass --n-classes {highest + 1}$"
     with pytest.raises(ValueError, match=f"3 of 3 frame\\(s\\) cannot be read (.|\n)*{hint}"):
         ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail")
@@ -84,6 +84,20 @@ def test_a_folder_inside_the_layout_is_refused_not_passed_over(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path}/CameraRGB/more: a folder; CameraRGB and CameraMask hold "
                                          "frames only"):
         ingest.discover_pairs(str(tmp_path))
+
+
+def test_files_that_are_no_frames_are_named_not_passed_over_in_silence(tmp_path, capsys):
+    scenes.write_scenes(str(tmp_path), 2)
+    (tmp_path / "CameraRGB" / "scene_000001.png").rename(tmp_path / "CameraRGB" / "scene_000001.bmp")
+    (tmp_path / "CameraMask" / "scene_000001.png").rename(tmp_path / "CameraMask" / "scene_000001.bmp")
+    (tmp_path / "CameraRGB" / "notes.txt").write_text("not a frame")
+    (tmp_path / "CameraRGB" / ".DS_Store").write_bytes(b"")  # hidden: left alone without a word
+    assert ingest.discover_pairs(str(tmp_path))[2] == ["scene_000000.png"]
+    printed = capsys.readouterr().err.splitlines()
+    assert printed == [f"[unet-ray] 2 file(s) in {tmp_path}/CameraRGB are not .png/.jpg/.jpeg frames and are left "
+                       f"out, such as notes.txt, scene_000001.bmp",
+                       f"[unet-ray] 1 file(s) in {tmp_path}/CameraMask are not .png/.jpg/.jpeg frames and are left "
+                       f"out, such as scene_000001.bmp"]
 
 
 def test_a_dangling_symbolic_link_is_a_frame_that_cannot_be_read_not_one_passed_over(tmp_path):

@@ -37,19 +37,18 @@ def is_image_name(name):
 
 
 def frame_names(entries, directory):
-    """Names of the PNG/JPEG frames among the (name, is_folder) entries of one CARLA-layout
-    folder, hidden ones left out. A subfolder is refused rather than passed over: its frames
-    would silently not train."""
-    names = []
+    """(names of the PNG/JPEG frames, names of the other files) among the (name, is_folder)
+    entries of one CARLA-layout folder, hidden ones left out. A subfolder is refused rather than
+    passed over: its frames would silently not train."""
+    names, others = [], []
     for name, is_folder in entries:
         if name.startswith("."):
             continue
         if is_folder:
             raise ValueError(f"{directory}/{name}: a folder; {IMAGE_DIR} and {MASK_DIR} hold frames only (move its "
                              f"files up, or pass it as a CARLA-layout directory of its own)")
-        if is_image_name(name):
-            names.append(name)
-    return names
+        (names if is_image_name(name) else others).append(name)
+    return names, sorted(others)
 
 
 def pair_names(image_names, mask_names, root="."):
@@ -75,7 +74,7 @@ def find_pairs(root):
         if not os.path.isdir(directory):
             raise ValueError(f"{root}: not a CARLA-layout directory, {directory} is missing")
         with os.scandir(directory) as entries:
-            listing[sub] = frame_names(((entry.name, entry.is_dir()) for entry in entries), directory)
+            listing[sub], _ = frame_names(((entry.name, entry.is_dir()) for entry in entries), directory)
     names = pair_names(listing[IMAGE_DIR], listing[MASK_DIR], root)
     return [Pair(n, os.path.join(root, IMAGE_DIR, n), os.path.join(root, MASK_DIR, n)) for n in names]
 
