@@ -119,6 +119,8 @@ class TrainConfig:
                      "checkpoint_every", "keep_checkpoints", "scene_count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2 (a background and one class), got {self.n_classes}")
         if self.n_classes > 256:
             raise ValueError(f"n_classes must be at most 256: masks are stored as 8-bit class ids, got {self.n_classes}")
         if self.fail_once_at_epoch is not None and not 1 <= self.fail_once_at_epoch <= self.epochs:

@@ -14,8 +14,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="dataset seed; frame i depends only on (seed, i)")
     parser.add_argument("--start", type=int, default=0, help="index of the first frame (extend or split a set)")
     args = parser.parse_args(argv)
-    if args.count < 0 or args.seed < 0 or args.start < 0:
-        parser.error("--count, --seed and --start must be >= 0")
+    if args.count < 1:
+        parser.error(f"--count must be at least 1, got {args.count}")
+    if args.seed < 0 or args.start < 0:
+        parser.error("--seed and --start must be >= 0")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         parser.error(f"--output {args.output}: a file; it must be a directory (new or existing)")
     return args

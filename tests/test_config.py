@@ -49,6 +49,8 @@ def test_bad_values_are_refused_with_the_field_named():
             TrainConfig(image_size=bad)
     with pytest.raises(ValueError, match="n_classes must be at most 256: masks are stored as 8-bit"):
         TrainConfig(n_classes=300)
+    with pytest.raises(ValueError, match="n_classes must be at least 2 \\(a background and one class\\), got 1"):
+        TrainConfig(n_classes=1)
     for epoch in (0, 251):
         with pytest.raises(ValueError, match=f"fail_once_at_epoch must be an epoch from 1 to 250, got {epoch}"):
             TrainConfig(fail_once_at_epoch=epoch)

@@ -121,10 +121,14 @@ def test_cli_writes_the_same_scenes(dataset, tmp_path, capsys):
             assert file_bytes(output, sub, name) == file_bytes(dataset[0], sub, name)
 
 
-def test_cli_rejects_a_negative_count_and_an_output_that_is_a_file(tmp_path, capsys):
+def test_cli_rejects_no_scenes_a_negative_seed_and_an_output_that_is_a_file(tmp_path, capsys):
+    for count in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            make_scenes.main(["--output", str(tmp_path), "--count", count])
+        assert f"--count must be at least 1, got {count}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        make_scenes.main(["--output", str(tmp_path), "--count", "-1"])
-    assert "--count, --seed and --start must be >= 0" in capsys.readouterr().err
+        make_scenes.main(["--output", str(tmp_path), "--seed", "-1"])
+    assert "--seed and --start must be >= 0" in capsys.readouterr().err
     (tmp_path / "frames").write_text("")
     with pytest.raises(SystemExit):
         make_scenes.main(["--output", str(tmp_path / "frames"), "--count", "1"])
