@@ -12,7 +12,7 @@ import tensorflow as tf
 from distributed import inference, ingest
 from distributed.config import DEFAULT_STORAGE
 from unet_core import plots, scenes, unet_model
-from unet_core.classes import class_names
+from unet_core.classes import CLASS_NAMES, class_names
 from unet_core.training import predict_logits_fn
 
 PREVIEW_FRAMES = 6
@@ -167,7 +167,9 @@ def write_metrics(output, history):
     with open(os.path.join(output, "metrics.json"), "w") as file:
         json.dump(history, file, indent=2)
     flat_keys = [key for key in history[-1] if not isinstance(history[-1][key], dict)]
-    class_names = sorted({name for row in history for name in row.get("val_iou_per_class", {})})
+    # Class-id order, as metrics.json lists them (a 23-class model's names are CARLA's, others' are ids).
+    class_names = sorted({name for row in history for name in row.get("val_iou_per_class", {})},
+                         key=lambda name: CLASS_NAMES.index(name) if name in CLASS_NAMES else int(name))
     with open(os.path.join(output, "metrics.csv"), "w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(flat_keys + [f"val_iou_{name}" for name in class_names])

@@ -77,7 +77,7 @@ quickstart finished in {time.time() - started:.0f} s
   training curves   {config.output}/curves.png
   previews          {config.output}/previews.png  (input | true | predicted)
   model             {model}
-  predictions       {output}/inference/predictions/*.parquet  ({summary['ok']} frames)
+  predictions       {output}/inference/predictions/*.parquet  ({summary['ok'] + summary['skipped']} frames)
   masks, overlays   {output}/inference/masks/, {output}/inference/overlays/
   evaluation        {output}/evaluation/  (pixel accuracy {metrics['pixel_accuracy']:.3f}, mIoU {metrics['mean_iou']:.3f})""")
     print(json.dumps({"pixel_accuracy": metrics["pixel_accuracy"], "mean_iou": metrics["mean_iou"], **summary}))
