@@ -17,7 +17,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="a .keras file, or a training run's --output directory")
     parser.add_argument("--data", required=True, help="CARLA-layout directory or URI (CameraRGB/, CameraMask/)")
     parser.add_argument("--output", required=True, help="directory for the report")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="frames per model call (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")

@@ -7,10 +7,11 @@ skips the images already predicted there and retries the failed ones, and must k
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 
-from distributed.config import FORMATS, OUTPUT_SIZES, InferConfig
+from distributed.config import OUTPUT_SIZES, InferConfig
 
 
 def formats(text):
@@ -23,19 +24,25 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="a .keras file, or a training run's --output directory")
     parser.add_argument("--input", required=True, help="directory or URI of PNG/JPEG images (searched recursively)")
     parser.add_argument("--output", required=True, help="directory or URI for the results")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-actors", type=int, default=1, help="model replicas, one per Ray actor")
-    parser.add_argument("--cpus-per-actor", type=int, default=1)
+    # The defaults are InferConfig's, written once there.
+    defaults = {field.name: field.default for field in dataclasses.fields(InferConfig)}
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                        help="images per model call (default: %(default)s)")
+    parser.add_argument("--num-actors", type=int, default=defaults["num_actors"],
+                        help="model replicas, one per Ray actor (default: %(default)s)")
+    parser.add_argument("--cpus-per-actor", type=int, default=defaults["cpus_per_actor"], help="(default: %(default)s)")
+    parser.add_argument("--formats", type=formats, default=defaults["formats"],
+                        help=f"parquet (mask bytes in the table), png (masks/ files), or both: parquet,png "
+                             f"(default: {','.join(defaults['formats'])})")
+    parser.add_argument("--output-size", choices=OUTPUT_SIZES, default=defaults["output_size"],
+                        help="masks at each image's own size (source) or at the model's input size "
+                             "(default: %(default)s)")
+    parser.add_argument("--rows-per-file", type=int, default=defaults["rows_per_file"],
+                        help="rows per Parquet part; the last part of a run may hold fewer (default: %(default)s)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
     parser.add_argument("--overlay", action="store_true", help="also write masks blended over the images")
-    parser.add_argument("--formats", type=formats, default=FORMATS,
-                        help="parquet (mask bytes in the table), png (masks/ files), or both: parquet,png")
     parser.add_argument("--fail-on-error", action="store_true",
                         help="exit 1 when any image failed (unreadable, or its files unwritable)")
-    parser.add_argument("--output-size", choices=OUTPUT_SIZES, default="source",
-                        help="masks at each image's own size (source) or at the model's input size")
-    parser.add_argument("--rows-per-file", type=int, default=1000,
-                        help="rows per Parquet part (the last part of a run may hold fewer)")
     return parser.parse_args(argv)
 
 

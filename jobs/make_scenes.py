@@ -10,9 +10,11 @@ from unet_core.scenes import write_scenes
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jobs.make_scenes", description=__doc__)
     parser.add_argument("--output", required=True, help="directory that receives CameraRGB/ and CameraMask/")
-    parser.add_argument("--count", type=int, default=1000, help="number of frames to write")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed; frame i depends only on (seed, i)")
-    parser.add_argument("--start", type=int, default=0, help="index of the first frame (extend or split a set)")
+    parser.add_argument("--count", type=int, default=1000, help="number of frames to write (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="dataset seed; frame i depends only on (seed, i) (default: %(default)s)")
+    parser.add_argument("--start", type=int, default=0,
+                        help="index of the first frame, to extend or split a set (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be at least 1, got {args.count}")

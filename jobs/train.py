@@ -9,13 +9,23 @@ from distributed.config import LR_SCHEDULES, PRECISIONS, PRESETS, SPLITS, TrainC
 
 
 def parse_args(argv=None):
-    defaults = TrainConfig()
+    return build_parser().parse_args(argv)
+
+
+def build_parser():
+    presets = {name: TrainConfig.from_preset(name) for name in PRESETS}
     parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
-    parser.set_defaults(**{field: None for field in defaults.to_dict()})
+    parser.set_defaults(**{field: None for field in presets["default"].to_dict()})
+
+    def with_default(flag, help_text):
+        """The help text, then the flag's default, and the classic preset's value where it differs."""
+        field = flag.removeprefix("--").replace("-", "_")
+        default, classic = getattr(presets["default"], field), getattr(presets["classic"], field)
+        shown = f"default: {default}" + (f"; --preset classic: {classic}" if classic != default else "")
+        return f"{help_text} ({shown})".strip()
 
     def option(flag, help_text="", **kwargs):
-        field = flag.removeprefix("--").replace("-", "_")
-        parser.add_argument(flag, help=f"{help_text} (default: {getattr(defaults, field)})".strip(), **kwargs)
+        parser.add_argument(flag, help=with_default(flag, help_text), **kwargs)
 
     option("--data", "CARLA-layout directory or URI (s3://, gs://, ...); none: generate scenes into OUTPUT")
     option("--output", "run directory")
@@ -42,13 +52,13 @@ def parse_args(argv=None):
     option("--scene-count", "frames to generate when --data is not given", type=int)
     option("--checkpoint-every", "epochs between checkpoints; the last epoch always saves one", type=int)
     recipe = parser.add_argument_group("recipe (set together by --preset; any flag overrides it)")
-    recipe.add_argument("--preset", choices=tuple(PRESETS), default="default")
+    recipe.add_argument("--preset", choices=tuple(PRESETS), default="default", help="(default: %(default)s)")
     for flag, kwargs in (
         ("--epochs", dict(type=int)),
         ("--batch-size", dict(type=int, help="per worker")),
         ("--learning-rate", dict(type=float)),
         ("--lr-schedule", dict(choices=LR_SCHEDULES)),
-        ("--warmup-epochs", dict(type=int, help="before the cosine decay; default: a thirtieth of --epochs")),
+        ("--warmup-epochs", dict(type=int, help="before the cosine decay; None: a thirtieth of --epochs")),
         ("--clip-norm", dict(type=float, help="cap on the global gradient norm; 0: none")),
         ("--ema-momentum", dict(type=float, help="score and export a moving average of the weights; 0: raw")),
         ("--prior-bias", dict(action=argparse.BooleanOptionalAction,
@@ -58,11 +68,11 @@ def parse_args(argv=None):
         ("--class-weight-power", dict(type=float, help="0: plain loss")),
         ("--early-stopping-patience", dict(type=int, help="0: never")),
     ):
-        recipe.add_argument(flag, **kwargs)
+        recipe.add_argument(flag, **{**kwargs, "help": with_default(flag, kwargs.get("help", ""))})
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model and data: a run in under a minute, mostly Ray and TensorFlow starting "
                              "(flags given still apply)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def config_from_args(args):

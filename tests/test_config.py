@@ -6,7 +6,7 @@ import re
 import pytest
 
 from distributed.config import TrainConfig
-from jobs.train import config_from_args, parse_args
+from jobs.train import build_parser, config_from_args, parse_args
 
 
 def test_default_recipe_and_classic_preset():
@@ -107,6 +107,17 @@ def test_warm_up_is_a_thirtieth_of_the_epochs_unless_given():
     assert config_from_args(parse_args(["--smoke", "--warmup-epochs", "2"])).resolved_warmup_epochs == 2
     with pytest.raises(ValueError, match="warmup_epochs must be at least 0 and less than epochs \\(5\\), got 8"):
         TrainConfig(epochs=5, warmup_epochs=8)
+
+
+def test_help_gives_every_flags_default_and_the_classic_presets_value():
+    helps = {action.option_strings[0]: action.help for action in build_parser()._actions}
+    assert len(helps) > 30
+    for flag, help_text in helps.items():
+        if flag not in ("-h", "--smoke"):
+            assert "(default: " in help_text, (flag, help_text)
+    assert helps["--epochs"] == "(default: 250; --preset classic: 40)"
+    assert helps["--augment"] == "(default: True; --preset classic: False)"
+    assert helps["--seed"] == "(default: 0)"  # the same in both presets
 
 
 def test_every_flag_the_readme_gives_jobs_train_exists(capsys):
