@@ -135,7 +135,7 @@ def read_file(filesystem, path):
 
 def read_pair(filesystem, root, name, size, n_classes):
     """One paired frame of a CARLA-layout root on any filesystem → (image, mask) via unet_core.data."""
-    image_path, mask_path = f"{root}/{data.IMAGE_DIR}/{name}", f"{root}/{data.MASK_DIR}/{name}"
+    image_path, mask_path = f"{root}/{data.IMAGE_DIR}/{name}", f"{root}/{data.MASK_DIR}/{data.mask_name(name)}"
     return data.preprocess_pair(
         read_file(filesystem, image_path), read_file(filesystem, mask_path), image_path, mask_path, size, n_classes
     )

@@ -1,4 +1,5 @@
 import io
+import os
 import zlib
 
 import numpy as np
@@ -21,6 +22,13 @@ def test_pairs_are_matched_by_file_name(tmp_path):
     pairs = data.find_pairs(str(tmp_path))
     assert [p.name for p in pairs] == ["a.png", "b.png"]
     assert pairs[0].mask_path.endswith("CameraMask/a.png")
+    # A JPEG image's mask is a PNG of its stem (Pascal VOC's x.jpg / x.png).
+    Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(tmp_path / "CameraRGB" / "c.JPG")
+    Image.fromarray(carla_mask(np.full((48, 64), 7, np.uint8))).save(tmp_path / "CameraMask" / "c.png")
+    pairs = data.find_pairs(str(tmp_path))
+    assert [(p.name, os.path.basename(p.mask_path)) for p in pairs] == [("a.png", "a.png"), ("b.png", "b.png"),
+                                                                        ("c.JPG", "c.png")]
+    assert data.load_pairs(str(tmp_path), (32, 48), 23)[1][2].max() == 7  # its mask, read through the pair
     (tmp_path / "CameraMask" / "more").mkdir()  # its frames would never pair: refused, not passed over
     with pytest.raises(ValueError, match="CameraMask/more: a folder; CameraRGB and CameraMask hold frames only"):
         data.find_pairs(str(tmp_path))
@@ -39,6 +47,21 @@ def test_unpaired_files_are_all_listed(tmp_path):
     assert "3 unpaired" in message
     for name in ("CameraRGB/lonely1.png", "CameraRGB/lonely2.png", "CameraMask/orphan.png"):
         assert name in message
+    assert "CameraMask/orphan.png: no image CameraRGB/orphan.png (or the same name in .jpg/.jpeg)" in message
+    for name in ("lonely1.png", "lonely2.png", "orphan.png"):
+        os.remove(tmp_path / ("CameraMask" if name == "orphan.png" else "CameraRGB") / name)
+
+    Image.fromarray(image).save(tmp_path / "CameraRGB" / "shot.jpg")  # its mask must be shot.png
+    Image.fromarray(ids).save(tmp_path / "CameraMask" / "shot.jpg", format="PNG")  # a PNG under a JPEG's name
+    with pytest.raises(ValueError) as error:
+        data.find_pairs(str(tmp_path))
+    assert "CameraRGB/shot.jpg: no mask CameraMask/shot.png" in str(error.value)
+    assert "CameraMask/shot.jpg: no image CameraRGB/shot.jpg (masks are .png files)" in str(error.value)
+    os.rename(tmp_path / "CameraMask" / "shot.jpg", tmp_path / "CameraMask" / "shot.png")
+    Image.fromarray(image).save(tmp_path / "CameraRGB" / "shot.png")  # two images, one mask
+    with pytest.raises(ValueError, match="images that would share one mask .*\n  .*CameraRGB/shot.jpg, .*"
+                                         "CameraRGB/shot.png: all paired with CameraMask/shot.png"):
+        data.find_pairs(str(tmp_path))
 
 
 def test_missing_layout_is_named(tmp_path):

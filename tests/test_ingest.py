@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import ray
+from PIL import Image
 
 from distributed import ingest
 from unet_core import data, scenes
@@ -98,6 +99,20 @@ def test_files_that_are_no_frames_are_named_not_passed_over_in_silence(tmp_path,
                        f"out, such as notes.txt, scene_000001.bmp",
                        f"[unet-ray] 1 file(s) in {tmp_path}/CameraMask are not .png/.jpg/.jpeg frames and are left "
                        f"out, such as scene_000001.bmp"]
+
+
+def test_a_jpeg_image_reads_with_the_png_mask_of_its_stem(tmp_path):
+    scenes.write_scenes(str(tmp_path), 2)
+    image = tmp_path / "CameraRGB" / "scene_000001.png"
+    Image.open(image).convert("RGB").save(image.with_suffix(".jpg"), quality=95)
+    image.unlink()
+    filesystem, root, names = ingest.discover_pairs(str(tmp_path))
+    assert names == ["scene_000000.png", "scene_000001.jpg"]
+    _, masks, reasons = ingest.read_frames(filesystem, root, names, (32, 48), 23)
+    assert reasons == ["", ""]
+    expected = data.resize_mask(data.decode_mask((tmp_path / "CameraMask" / "scene_000001.png").read_bytes(), ""),
+                                (32, 48))
+    np.testing.assert_array_equal(masks[1], expected)
 
 
 def test_a_dangling_symbolic_link_is_a_frame_that_cannot_be_read_not_one_passed_over(tmp_path):

@@ -25,7 +25,7 @@ _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 @dataclass(frozen=True)
 class Pair:
-    """One training frame: the camera image and its mask, matched by file name."""
+    """One training frame: the camera image and its mask, matched by file name (`mask_name`)."""
 
     name: str
     image_path: str
@@ -51,19 +51,36 @@ def frame_names(entries, directory):
     return names, sorted(others)
 
 
+def mask_name(image_name):
+    """The file name of an image's mask: the same for a PNG (CARLA), the stem with .png for a JPEG
+    (x.jpg → x.png, as in Pascal VOC), since masks are PNG."""
+    stem, extension = os.path.splitext(image_name)
+    return image_name if extension.lower() == ".png" else stem + ".png"
+
+
 def pair_names(image_names, mask_names, root="."):
-    """Match image and mask file names; raises one ValueError listing every unpaired file."""
-    images, masks = set(image_names), set(mask_names)
-    missing_masks = sorted(images - masks)
-    missing_images = sorted(masks - images)
+    """The image names, each with its mask (`mask_name`); raises one ValueError listing every
+    unpaired file, or every two images that would share a mask (x.png and x.jpg)."""
+    by_mask = {}
+    for name in sorted(image_names):
+        by_mask.setdefault(mask_name(name), []).append(name)
+    shared = [f"  {', '.join(os.path.join(root, IMAGE_DIR, n) for n in names)}: all paired with {MASK_DIR}/{mask}"
+              for mask, names in sorted(by_mask.items()) if len(names) > 1]
+    if shared:
+        raise ValueError("\n".join([f"{root}: images that would share one mask (rename all but one)", *shared]))
+    masks = set(mask_names)
+    missing_masks = [names[0] for mask, names in sorted(by_mask.items()) if mask not in masks]
+    missing_images = sorted(masks - set(by_mask))
     if missing_masks or missing_images:
         lines = [f"{root}: {len(missing_masks) + len(missing_images)} unpaired file(s)"]
-        lines += [f"  {os.path.join(root, IMAGE_DIR, n)}: no mask {MASK_DIR}/{n}" for n in missing_masks]
-        lines += [f"  {os.path.join(root, MASK_DIR, n)}: no image {IMAGE_DIR}/{n}" for n in missing_images]
+        lines += [f"  {os.path.join(root, IMAGE_DIR, n)}: no mask {MASK_DIR}/{mask_name(n)}" for n in missing_masks]
+        lines += [f"  {os.path.join(root, MASK_DIR, n)}: no image {IMAGE_DIR}/{n}"
+                  + (" (or the same name in .jpg/.jpeg)" if mask_name(n) == n else " (masks are .png files)")
+                  for n in missing_images]
         raise ValueError("\n".join(lines))
-    if not images:
+    if not by_mask:
         raise ValueError(f"{root}: no images found in {IMAGE_DIR}/ (expected {', '.join(IMAGE_EXTENSIONS)})")
-    return sorted(images)
+    return sorted(name for names in by_mask.values() for name in names)
 
 
 def find_pairs(root):
@@ -76,7 +93,7 @@ def find_pairs(root):
         with os.scandir(directory) as entries:
             listing[sub], _ = frame_names(((entry.name, entry.is_dir()) for entry in entries), directory)
     names = pair_names(listing[IMAGE_DIR], listing[MASK_DIR], root)
-    return [Pair(n, os.path.join(root, IMAGE_DIR, n), os.path.join(root, MASK_DIR, n)) for n in names]
+    return [Pair(n, os.path.join(root, IMAGE_DIR, n), os.path.join(root, MASK_DIR, mask_name(n))) for n in names]
 
 
 def _open(data, path):
