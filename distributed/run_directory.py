@@ -44,7 +44,7 @@ def write_scene_set(directory, count, seed):
     return directory
 
 
-def check_run_identity(config, frames=None):
+def check_run_identity(config, frames=None, new_run="another --run-name or --output"):
     """Refuse to resume a run (same `run_name` and storage) that trained on other frames or another
     network, which would silently continue it or fail inside a worker, where Ray Train retries
     the error as a worker failure instead of reporting it. A run stopped before its first
@@ -63,7 +63,7 @@ def check_run_identity(config, frames=None):
         # older unet-ray, whose checkpoints lack the best epoch's weights.
         raise ValueError(f"{config.resolved_storage_path}/{config.run_name}: checkpoints of a run without "
                          f"{IDENTITY_FILE}, written by an older unet-ray, which this one cannot resume; "
-                         f"pass another --run-name or --output to start a new run")
+                         f"pass {new_run} to start a new run")
     with filesystem.open_input_stream(path) as stream:
         recorded = json.loads(stream.read())
     changed = [f"{field} {recorded.get(field)!r} -> {value!r}" for field, value in identity.items()
@@ -71,8 +71,8 @@ def check_run_identity(config, frames=None):
     if changed:
         raise ValueError(
             f"{config.resolved_storage_path}/{config.run_name}: run {config.run_name!r} there trained with other "
-            f"settings ({'; '.join(changed)}); rerun with its settings to resume it, or pass another --run-name "
-            f"or --output to start a new run")
+            f"settings ({'; '.join(changed)}); rerun with its settings to resume it, or pass {new_run} to start a "
+            f"new run")
 
 
 def record_run_identity(config, frames):

@@ -63,6 +63,7 @@ def run(args):
     started = time.time()
     output = os.path.abspath(args.output)
     config = train_config(args, output)
+    run_directory.check_run_identity(config, new_run="another --output")  # train() would name --run-name too
     train(config)
 
     # Another seed: unseen scenes.

@@ -61,3 +61,16 @@ def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(training, "train", interrupted)
     assert quickstart.main(["--output", str(tmp_path), "--smoke"]) == 130
     assert "interrupted: the same command goes on where it stopped" in capsys.readouterr().err
+
+
+def test_a_rerun_with_another_network_is_told_to_pass_another_output(tmp_path, monkeypatch, capsys):
+    from distributed import run_directory, training
+
+    monkeypatch.setattr(training, "train", lambda config: pytest.fail("trained over another run"))
+    full = quickstart.train_config(quickstart.parse_args([]), str(tmp_path))
+    run_directory.record_run_identity(full, "204 training / 52 validation frames, names sha256:0123456789abcdef")
+    os.makedirs(os.path.join(full.resolved_storage_path, full.run_name, "checkpoint_2026-12-05_10-00-00.000000"))
+    assert quickstart.main(["--output", str(tmp_path), "--smoke"]) == 2
+    error = capsys.readouterr().err
+    assert "trained with other settings" in error and "n_filters 32 -> 4" in error
+    assert error.rstrip().endswith("or pass another --output to start a new run")  # it has no --run-name
