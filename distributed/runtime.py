@@ -34,17 +34,25 @@ def connect(num_cpus=None):
     # A copy: ray.init writes the hook's key into the env_vars it is given, and WORKER_ENV goes
     # into os.environ, where every subprocess (a `ray start` of another cluster) would inherit it.
     ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": quiet_placement_group_cleaner})
+             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": set_up_local_worker})
     started_local_ray = True
 
 
-def quiet_placement_group_cleaner():
-    """Run in every worker of a local Ray. Ray Train's placement-group cleaner asks the state API
-    every second whether the controller lives, and without the dashboard (local Ray here) logs a
-    warning each time it cannot: a line a second on the console for the whole run. Its job,
-    removing a dead controller's placement group, ends with a local Ray anyway."""
+def set_up_local_worker():
+    """Run in every worker of a local Ray, for Ray Train's placement-group cleaner, which asks the
+    state API every second whether the run's controller lives.
+
+    The state API finds its cluster by RAY_ADDRESS, else by the Ray instances running on the
+    machine, and of several it takes the latest started: a `ray start` cluster beside this private
+    one. There it finds no such controller, takes the run for over, and removes the placement group
+    it was handed, the one the run's workers hold. RAY_ADDRESS pins it to this cluster.
+
+    Without the dashboard (local Ray here) it cannot get an answer and logs a warning each time: a
+    line a second on the console for the whole run. Its job, removing a dead controller's placement
+    group, ends with a local Ray anyway."""
     import logging
 
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 

@@ -57,6 +57,18 @@ def test_connecting_again_leaks_no_ray_setup_hook_into_subprocesses(ray_session)
     assert set(runtime.WORKER_ENV) == {"TF_USE_LEGACY_KERAS", "TF_CPP_MIN_LOG_LEVEL"}
 
 
+def test_the_local_rays_workers_reach_this_cluster_whatever_else_runs_on_the_machine(ray_session):
+    # Ray Train's placement-group cleaner asks the state API, which without RAY_ADDRESS takes the
+    # latest Ray started on the machine: beside a `ray start` cluster it removed the run's
+    # placement group there. Each worker of the local Ray names its own cluster.
+    @ray.remote
+    def address():
+        return os.environ.get("RAY_ADDRESS")
+
+    assert "RAY_ADDRESS" not in os.environ  # the driver's own environment is left alone
+    assert ray.get(address.remote()) == ray.get_runtime_context().gcs_address
+
+
 def test_workers_asking_for_more_cpus_than_the_machine_has_are_warned_of(ray_session, monkeypatch):
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
     assert runtime.oversubscription(2) is None
