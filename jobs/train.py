@@ -80,13 +80,15 @@ def config_from_args(args):
     overrides = {key: value for key, value in vars(args).items()
                  if value is not None and key not in ("smoke", "preset")}
     config = TrainConfig.from_preset(args.preset)
-    config = dataclasses.replace(config.smoke() if args.smoke else config, **overrides)
-    refuse_flags_without_effect(args, config)
-    return config
+    # First: --smoke's shorter run could refuse such a flag for another reason, hiding this one.
+    refuse_flags_without_effect(args, dataclasses.replace(config, **{
+        key: value for key, value in overrides.items() if key in ("val_data", "lr_schedule", "augment", "data")}))
+    return dataclasses.replace(config.smoke() if args.smoke else config, **overrides)
 
 
 def refuse_flags_without_effect(args, config):
-    """A flag the run would ignore is a mistake in the command: refused, so it is not believed."""
+    """A flag the run would ignore is a mistake in the command: refused, so it is not believed.
+    `config` needs only the settings that decide it (--val-data, --lr-schedule, --augment, --data)."""
     for flag, given, ignored_with in (
         ("--val-fraction", args.val_fraction, config.val_data and "--val-data (every frame of --data trains)"),
         ("--split", args.split, config.val_data and "--val-data (every frame of --data trains)"),

@@ -79,6 +79,9 @@ def test_a_flag_the_run_would_ignore_is_refused():
         (["--preset", "classic", "--warmup-epochs", "5"], "--warmup-epochs has no effect with --lr-schedule "
                                                           "constant"),
         (["--no-augment", "--class-mix", "0.9"], "--class-mix has no effect with --no-augment"),
+        # --smoke's 3 epochs would refuse 3 warm-up epochs on their own, a less apt reason.
+        (["--smoke", "--lr-schedule", "constant", "--warmup-epochs", "3"], "--warmup-epochs has no effect with "
+                                                                           "--lr-schedule constant"),
         (["--scene-count", "50"], "--scene-count has no effect with --data \\(scenes are generated only without it\\)"),
     ):
         with pytest.raises(ValueError, match=f"{message}.*: pass one or the other"):
