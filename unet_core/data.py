@@ -128,7 +128,7 @@ def _png_header(data):
 
 
 def _decode_colour_png(data, path, output_format="RGB"):
-    # libspng decodes these in 2/3 to 3/4 of Pillow's time (BENCHMARKS.md), to the same pixels;
+    # libspng decodes these in about 3/4 of Pillow's time (BENCHMARKS.md), to the same pixels;
     # decoding is most of the CPU work of batch inference besides the model.
     try:
         return pyspng.load(data, output_format)
