@@ -16,6 +16,18 @@ OUTPUT_SIZES = ("source", "model")
 DEFAULT_STORAGE = "ray_results"  # Ray Train's checkpoints, under --output unless --storage-path is given
 
 
+class SettingError(ValueError):
+    """A bad value of one setting. It names the field; a command names the field's flag instead,
+    as its user typed that."""
+
+    def __init__(self, field, problem):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+    def as_flag(self):
+        return f"--{self.field.replace('_', '-')} {self.problem}"
+
+
 @dataclass
 class TrainConfig:
     """Defaults are the `default` preset; `TrainConfig.from_preset("classic")` is the exercise's."""
@@ -89,45 +101,51 @@ class TrainConfig:
         for field in dataclasses.fields(self):  # argparse's float() takes "nan" and "inf"
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{field.name} must be a finite number, got {value}")
+                raise SettingError(field.name, f"must be a finite number, got {value}")
         for name, allowed in (("lr_schedule", LR_SCHEDULES), ("split", SPLITS), ("mixed_precision", PRECISIONS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+                raise SettingError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+            raise SettingError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
         if not 0.0 <= self.ema_momentum < 1.0:
-            raise ValueError(f"ema_momentum must be 0 (no average) or in (0, 1), got {self.ema_momentum}")
+            raise SettingError("ema_momentum", f"must be 0 (no average) or in (0, 1), got {self.ema_momentum}")
         if self.cache_shard_mb < 0:
-            raise ValueError(f"cache_shard_mb must be 0 (always stream) or positive, got {self.cache_shard_mb}")
+            raise SettingError("cache_shard_mb", f"must be 0 (always stream) or positive, got {self.cache_shard_mb}")
         if not 0.0 <= self.class_mix <= 1.0:
-            raise ValueError(f"class_mix must be a probability in [0, 1], got {self.class_mix}")
+            raise SettingError("class_mix", f"must be a probability in [0, 1], got {self.class_mix}")
         if self.clip_norm < 0:
-            raise ValueError(f"clip_norm must be 0 (no cap) or positive, got {self.clip_norm}")
+            raise SettingError("clip_norm", f"must be 0 (no cap) or positive, got {self.clip_norm}")
         if len(self.image_size) != 2:
-            raise ValueError(f"image_size must be a height and a width, got {self.image_size}")
-        check_input_size(*self.image_size, what="image_size")  # here, not in a worker after decoding the data
+            raise SettingError("image_size", f"must be a height and a width, got {self.image_size}")
+        try:  # here, not in a worker after decoding the data
+            check_input_size(*self.image_size, what="image_size")
+        except ValueError as error:
+            raise SettingError("image_size", str(error).removeprefix("image_size ")) from None
         if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+            raise SettingError("learning_rate", f"must be positive, got {self.learning_rate}")
         if self.class_weight_power < 0:
-            raise ValueError(f"class_weight_power must be 0 (plain loss) or positive, got {self.class_weight_power}")
+            raise SettingError("class_weight_power",
+                               f"must be 0 (plain loss) or positive, got {self.class_weight_power}")
         if self.early_stopping_patience < 0:
-            raise ValueError(f"early_stopping_patience must be 0 (never stop) or positive, "
-                             f"got {self.early_stopping_patience}")
+            raise SettingError("early_stopping_patience", f"must be 0 (never stop) or positive, "
+                                                          f"got {self.early_stopping_patience}")
         if self.max_failures < -1:
-            raise ValueError(f"max_failures must be -1 (no limit), 0 or positive, got {self.max_failures}")
+            raise SettingError("max_failures", f"must be -1 (no limit), 0 or positive, got {self.max_failures}")
         for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "n_filters", "n_classes",
                      "checkpoint_every", "keep_checkpoints", "scene_count"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
         if self.n_classes < 2:
-            raise ValueError(f"n_classes must be at least 2 (a background and one class), got {self.n_classes}")
+            raise SettingError("n_classes", f"must be at least 2 (a background and one class), got {self.n_classes}")
         if self.n_classes > 256:
-            raise ValueError(f"n_classes must be at most 256: masks are stored as 8-bit class ids, got {self.n_classes}")
+            raise SettingError("n_classes",
+                               f"must be at most 256: masks are stored as 8-bit class ids, got {self.n_classes}")
         if self.fail_once_at_epoch is not None and not 1 <= self.fail_once_at_epoch <= self.epochs:
-            raise ValueError(f"fail_once_at_epoch must be an epoch from 1 to {self.epochs}, got {self.fail_once_at_epoch}")
+            raise SettingError("fail_once_at_epoch",
+                               f"must be an epoch from 1 to {self.epochs}, got {self.fail_once_at_epoch}")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"warmup_epochs must be at least 0 and less than epochs ({self.epochs}), "
-                             f"got {self.warmup_epochs}; leave it unset for a thirtieth of the epochs")
+            raise SettingError("warmup_epochs", f"must be at least 0 and less than epochs ({self.epochs}), "
+                                            f"got {self.warmup_epochs}; leave it unset for a thirtieth of the epochs")
 
     @property
     def resolved_warmup_epochs(self):
@@ -201,9 +219,9 @@ class InferConfig:
     def __post_init__(self):
         self.formats = tuple(self.formats)
         if not self.formats or not set(self.formats) <= set(FORMATS):
-            raise ValueError(f"formats must be one or more of {', '.join(FORMATS)}; got {self.formats}")
+            raise SettingError("formats", f"must be one or more of {', '.join(FORMATS)}; got {self.formats}")
         if self.output_size not in OUTPUT_SIZES:
-            raise ValueError(f"output_size must be source or model, got {self.output_size!r}")
+            raise SettingError("output_size", f"must be source or model, got {self.output_size!r}")
         for name in ("batch_size", "num_actors", "cpus_per_actor", "rows_per_file"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import sys
 
-from distributed.config import OUTPUT_SIZES, InferConfig
+from distributed.config import OUTPUT_SIZES, InferConfig, SettingError
 
 
 def formats(text):
@@ -52,6 +52,9 @@ def main(argv=None):
         from distributed import inference  # TensorFlow and Ray: seconds to import, so after the flags
 
         summary = inference.infer(config)
+    except SettingError as error:  # a flag's bad value: named as the flag
+        print(f"error: {error.as_flag()}", file=sys.stderr)
+        return 2
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ import dataclasses
 import json
 import sys
 
-from distributed.config import LR_SCHEDULES, PRECISIONS, PRESETS, SPLITS, TrainConfig
+from distributed.config import LR_SCHEDULES, PRECISIONS, PRESETS, SPLITS, SettingError, TrainConfig
 
 
 def parse_args(argv=None):
@@ -107,6 +107,9 @@ def main(argv=None):
         from distributed.training import train
 
         history = train(config)
+    except SettingError as error:  # a flag's bad value: named as the flag
+        print(f"error: {error.as_flag()}", file=sys.stderr)
+        return 2
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

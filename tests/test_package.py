@@ -28,9 +28,14 @@ def test_tf_keras_is_the_legacy_keras_2():
 
 
 @pytest.mark.parametrize("job, argv, message", [
-    ("train", ["--epochs", "0"], "error: epochs must be at least 1, got 0"),
+    # Named as the flag the user typed, not as the TrainConfig or InferConfig field behind it.
+    ("train", ["--epochs", "0"], "error: --epochs must be at least 1, got 0"),
+    ("train", ["--image-size", "100", "128"], "error: --image-size height and width must be positive multiples "
+                                              "of 16 (the encoder pools four times), got 100×128; try 96×128."),
     ("infer", ["--model", "m", "--input", "i", "--output", "o", "--formats", "tiff"],
-     "error: formats must be one or more of parquet, png; got ('tiff',)"),
+     "error: --formats must be one or more of parquet, png; got ('tiff',)"),
+    ("infer", ["--model", "m", "--input", "i", "--output", "o", "--num-actors", "0"],
+     "error: --num-actors must be at least 1, got 0"),
     ("evaluate", ["--model", "m", "--data", "d", "--output", "o", "--batch-size", "0"],
      "--batch-size must be at least 1, got 0"),
     ("quickstart", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
