@@ -46,11 +46,27 @@ def test_augmentation_varies_and_flips():
     assert any(flipped) and any(unchanged) and all(f or u for f, u in zip(flipped, unchanged))
 
 
-def test_photometric_changes_stay_in_range():
-    image, mask = blocky_frame(1)
-    out_image, out_mask = augment(tf.constant(image), tf.constant(mask), key(1), max_zoom=1.0, brightness=0.5,
-                                  contrast=0.5)
-    assert 0.0 <= out_image.numpy().min() and out_image.numpy().max() <= 1.0
+def test_brightness_and_contrast_vary_within_their_ranges_and_leave_the_mask():
+    # A mirror-symmetric image in [0.3, 0.7], unzoomed: flips leave it, and no value reaches a clip.
+    half = np.random.default_rng(0).uniform(0.3, 0.7, (96, 64, 3)).astype(np.float32)
+    image, mask = np.concatenate([half, half[:, ::-1]], axis=1), blocky_frame(1)[1]
+    shifts, factors = [], []
+    for seed in range(40):
+        out_image, out_mask = (out.numpy() for out in augment(tf.constant(image), tf.constant(mask), key(seed),
+                                                               max_zoom=1.0))
+        assert np.array_equal(out_mask, mask) or np.array_equal(out_mask, mask[:, ::-1])
+        # Per channel, brightness b then contrast c about the channel mean: out = c (in - mean) + mean + b.
+        centred, centred_out = image - image.mean((0, 1)), out_image - out_image.mean((0, 1))
+        factor = (centred * centred_out).sum() / (centred**2).sum()
+        np.testing.assert_allclose(centred_out, factor * centred, atol=1e-5)
+        shift = out_image.mean((0, 1)) - image.mean((0, 1))
+        np.testing.assert_allclose(shift, shift[0], atol=1e-5)  # one brightness for every channel
+        shifts.append(shift[0])
+        factors.append(factor)
+    assert -0.1 <= min(shifts) < -0.05 and 0.05 < max(shifts) <= 0.1  # brightness ±0.1
+    assert 0.8 <= min(factors) < 0.9 and 1.1 < max(factors) <= 1.2  # contrast ±20%
+    extreme, _ = augment(tf.constant(image * 2 - 0.5), tf.constant(mask), key(1), brightness=0.5, contrast=0.5)
+    assert 0.0 <= extreme.numpy().min() and extreme.numpy().max() <= 1.0
 
 
 def test_a_seed_picks_one_view_and_another_seed_another():

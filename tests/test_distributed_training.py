@@ -21,8 +21,8 @@ from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
     CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, is_new_best, read_checkpoint, read_shard,
-    remove_untracked_checkpoints, restore, shard_fits_in_memory, should_checkpoint, should_stop_early, train,
-    training_batches,
+    evaluate, remove_untracked_checkpoints, restore, shard_fits_in_memory, should_checkpoint, should_stop_early,
+    train, training_batches,
 )
 from jobs import train as train_job
 from unet_core import data, scenes, unet_model
@@ -435,6 +435,27 @@ def test_a_shard_is_held_in_memory_only_up_to_the_configured_size():
     assert shard_fits_in_memory(2**20 // frame_bytes, config)
     assert not shard_fits_in_memory(2**20 // frame_bytes + 1, config)
     assert not shard_fits_in_memory(1, TrainConfig(cache_shard_mb=0))
+
+
+def test_the_workers_score_every_validation_frame_once_between_them(ray_session):
+    # The reported figures are ratios of all-reduced sums, which stay the same if every worker
+    # scored every frame: only the summed pixel and confusion counts tell.
+    rows = [{"image": np.full((4, 4, 3), i, np.float32), "mask": np.full((4, 4), i % 3, np.uint8)} for i in range(5)]
+    config = TrainConfig(n_classes=3, batch_size=2)  # 3 batches: rank 0 takes the 1st and 3rd
+    model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
+
+    def predict_class_0(images):
+        return tf.one_hot(tf.zeros(images.shape[:3], tf.int32), 3)
+
+    sent = []  # what each worker puts into the all-reduce: [loss, pixels, fingerprint, its square, counts...]
+    for rank in (0, 1):
+        evaluate(model, predict_class_0, lambda local: sent.append(local.numpy()) or local,
+                 ray.data.from_items(rows), rank, 2, config)
+
+    assert [local[1] for local in sent] == [3 * 16, 2 * 16]  # frames 0, 1, 4 and frames 2, 3
+    counts = (sent[0] + sent[1])[4:].reshape(3, 3)
+    np.testing.assert_array_equal(counts[:, 0], [2 * 16, 2 * 16, 16])  # classes 0, 1, 2, 0, 1
+    assert counts[:, 1:].sum() == 0
 
 
 def test_early_stopping_waits_patience_epochs_after_the_best_val_mean_iou():
