@@ -88,7 +88,8 @@ def test_a_flag_the_run_would_ignore_is_refused():
             config_from_args(parse_args(["--data", "d", *flags]))
     # The same flags where they act, or given as what the run does anyway.
     assert config_from_args(parse_args(["--data", "d", "--val-data", "v"])).val_data == "v"
-    assert config_from_args(parse_args(["--preset", "classic", "--lr-schedule", "cosine", "--warmup-epochs", "5"]))
+    given = config_from_args(parse_args(["--preset", "classic", "--lr-schedule", "cosine", "--warmup-epochs", "5"]))
+    assert (given.lr_schedule, given.warmup_epochs) == ("cosine", 5)
     assert config_from_args(parse_args(["--no-augment", "--class-mix", "0"])).class_mix == 0
     assert config_from_args(parse_args(["--scene-count", "50"])).scene_count == 50
 

@@ -187,6 +187,21 @@ def test_masks_resize_with_nearest_neighbour_only():
     assert set(np.unique(data.resize_mask(edge, SIZE))) == {0, 20}
 
 
+@pytest.mark.parametrize("source, size", [((480, 640), SIZE), ((479, 641), SIZE), ((1080, 1920), SIZE),
+                                          ((7, 5), (32, 48)), ((100, 37), (64, 16))])
+def test_nearest_neighbour_takes_the_pixel_under_each_output_pixels_centre(source, size):
+    # Pillow's nearest resize, an implementation of its own, as the yardstick: sampling off the
+    # centres (a pixel's top-left corner, say) would shift every label by up to a pixel.
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, 256, source).astype(np.uint8)
+    rgb = rng.integers(0, 256, (*source, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(data.resize_mask(ids, size), Image.fromarray(ids).resize(size[::-1], Image.NEAREST))
+    expected_image = np.asarray(Image.fromarray(rgb).resize(size[::-1], Image.NEAREST)) / np.float32(255)
+    np.testing.assert_array_equal(data.resize_image(rgb, size), expected_image)
+    if source == (480, 640):  # 5×5 source blocks: the centre one, (5i + 2, 5j + 2)
+        np.testing.assert_array_equal(data.resize_mask(ids, size), ids[2::5, 2::5])
+
+
 @pytest.mark.parametrize("size", [(480, 640), (479, 641), (1080, 1920), (32, 48), (7, 5)])
 def test_resized_mask_counts_equal_counting_the_resized_mask(size):
     rng = np.random.default_rng(4)

@@ -5,7 +5,9 @@ import tensorflow as tf
 from tests.conftest import reference_scores
 from unet_core import data, scenes, unet_model
 from unet_core.metrics import ConfusionMatrix
-from unet_core.training import averaged_weights, compile_unet, score_batch, start_from_class_prior
+from unet_core.training import (
+    averaged_weights, compile_unet, cosine_with_warmup, score_batch, start_from_class_prior,
+)
 
 # Half the default size: a quarter of the compute, and the scenes' shapes are still many pixels wide.
 SIZE = (48, 64)
@@ -96,3 +98,14 @@ def test_start_from_class_prior_makes_the_bias_predict_the_pixel_frequencies():
     np.testing.assert_allclose(probabilities, (counts + 1) / (counts + 1).sum(), rtol=1e-5)
     # The kernel keeps its initialisation: only the starting guess changes.
     assert np.abs(model.layers[-1].kernel.numpy()).sum() > 0
+
+
+def test_the_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero():
+    schedule = cosine_with_warmup(2e-3, total_steps=110, warmup_steps=10)
+    rates = np.array([float(schedule(step)) for step in range(111)])
+    np.testing.assert_allclose(rates[:11], np.linspace(2e-4, 2e-3, 11), rtol=1e-5)  # from a tenth of the peak
+    decay = np.arange(101) / 100
+    np.testing.assert_allclose(rates[10:], 1e-3 * (1 + np.cos(np.pi * decay)), rtol=1e-4, atol=1e-9)
+    assert rates[-1] < 1e-9 and rates[60] == pytest.approx(1e-3, rel=1e-5)  # zero at the end; half way down
+    no_warmup = cosine_with_warmup(2e-3, total_steps=100, warmup_steps=0)
+    assert float(no_warmup(0)) == pytest.approx(2e-3) and float(no_warmup(50)) == pytest.approx(1e-3, rel=1e-5)
