@@ -323,7 +323,8 @@ def test_every_epoch_feeds_each_frame_once_in_a_new_order(ray_session, augment, 
     frames = 42
     rows = [{"name": f"{i:06d}.png", "image": np.full((16, 16, 3), i / 100, np.float32),
              "mask": np.full((16, 16), i % 23, np.uint8)} for i in range(frames)]
-    shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
+    # A DataIterator as a worker's get_dataset_shard gives, without a split coordinator to start.
+    shard = ray.data.from_items(rows).iterator()
     # ClassMix off: it pastes one frame's classes into another, and these one-class frames whole
     # (tests/test_augment.py checks it).
     config = TrainConfig(image_size=(16, 16), batch_size=4, epochs=4, augment=augment, class_mix=0.0)
@@ -354,7 +355,7 @@ def test_each_worker_draws_its_own_augmentation(ray_session):
     config = TrainConfig(image_size=(16, 16), batch_size=1, epochs=6, class_mix=0.0)
 
     def views(rank):
-        shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
+        shard = ray.data.from_items(rows).iterator()
         batches = training_batches(shard, config, first_epoch=0, rank=rank, class_weights=None, in_memory=True)
         return np.stack([images.numpy() for images, _ in batches])
 
@@ -371,7 +372,7 @@ def test_a_resumed_worker_feeds_its_uninterrupted_batches_class_mix_included(ray
     config = TrainConfig(image_size=(16, 16), batch_size=3, epochs=4, class_mix=1.0)
 
     def batches(first_epoch):
-        shard = ray.data.from_items(rows).streaming_split(1, equal=True)[0]
+        shard = ray.data.from_items(rows).iterator()
         return [tuple(part.numpy() for part in batch)
                 for batch in training_batches(shard, config, first_epoch, 0, class_weights=None, in_memory=True)]
 
@@ -422,7 +423,7 @@ def test_a_shard_read_into_memory_is_in_frame_name_order(ray_session):
     names = [f"{i:06d}.png" for i in np.random.default_rng(0).permutation(20)]
     rows = [{"name": name, "image": np.full((2, 2, 3), int(name[:6]), np.float32),
              "mask": np.full((2, 2), int(name[:6]), np.uint8)} for name in names]
-    shard = ray.data.from_items(rows, override_num_blocks=5).streaming_split(1, equal=True)[0]
+    shard = ray.data.from_items(rows, override_num_blocks=5).iterator()
 
     images, masks = read_shard(shard)
 
