@@ -34,19 +34,36 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
     assert any(line.startswith("mean") for line in printed[:-1])  # the table comes first
     images, masks, names = data.load_pairs(tmp_path / "frames", SIZE, 23)
     model = tf.keras.models.load_model(model_path, compile=False)
-    confusion = ConfusionMatrix(23).update(masks, np.argmax(model.predict(images, verbose=0), axis=-1))
+    logits = model.predict(images, verbose=0).astype(np.float64)
+    predicted = np.argmax(logits, axis=-1)
+    confusion = ConfusionMatrix(23).update(masks, predicted)
     expected = confusion.summary()
     assert metrics["pixel_accuracy"] == pytest.approx(expected["pixel_accuracy"])
     assert metrics["mean_iou"] == pytest.approx(expected["mean_iou"])
     assert metrics["mean_iou_truth_classes"] == pytest.approx(expected["mean_iou_truth_classes"])  # RESULTS.md's
     assert metrics["per_class_iou"] == pytest.approx(expected["iou_per_class"])
     assert metrics["frames"] == 7
+    # Softmax cross-entropy per pixel, from first principles: log-sum-exp of the logits less the
+    # true class's logit, averaged over every pixel of every frame (batches of 3 weigh by pixels).
+    top = logits.max(axis=-1, keepdims=True)
+    log_normaliser = top[..., 0] + np.log(np.exp(logits - top).sum(axis=-1))
+    true_logit = np.take_along_axis(logits, masks[..., None].astype(np.int64), axis=-1)[..., 0]
+    assert metrics["loss"] == pytest.approx(np.mean(log_normaliser - true_logit), rel=1e-4)
 
     assert json.loads((output / "metrics.json").read_text()) == metrics
     with open(output / "per_class_iou.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 23
     assert [int(row["true_pixels"]) for row in rows] == confusion.counts.sum(axis=1).tolist()
+    assert [int(row["predicted_pixels"]) for row in rows] == np.bincount(predicted.ravel(), minlength=23).tolist()
+    # IoU by set arithmetic on the pixels; a class neither in the truth nor predicted has none.
+    for class_id, row in enumerate(rows):
+        truth, guess = masks == class_id, predicted == class_id
+        union = (truth | guess).sum()
+        if union:
+            assert row["iou"] and float(row["iou"]) == pytest.approx((truth & guess).sum() / union), row
+        else:
+            assert row["iou"] == "", row
     for name in ("confusion_matrix.png", "previews.png", "worst_frames.png"):
         assert (output / name).stat().st_size > 0
 
@@ -54,7 +71,6 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
     with open(output / "per_frame.csv", newline="") as file:
         per_frame = {row["name"]: row for row in csv.DictReader(file)}
     assert sorted(per_frame) == sorted(names)
-    predicted = np.argmax(model.predict(images, verbose=0), axis=-1)
     accuracy = {}
     for name, mask, prediction in zip(names, masks, predicted):
         frame = ConfusionMatrix(23).update(mask, prediction)

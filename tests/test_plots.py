@@ -2,6 +2,7 @@ import warnings
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
 from PIL import Image
 
 from unet_core.classes import N_CLASSES, PALETTE
@@ -78,17 +79,39 @@ def test_save_curves_with_missing_keys(tmp_path):
         {"epoch": 3, "loss": 0.7, "val_loss": 0.8, "val_mean_iou": 0.3},
     ]
     path = save_curves(history, tmp_path / "nested" / "curves.png")
-    _assert_real_png(path)
+    pixels = _assert_real_png(path)
+    # The loss and accuracy panels are the figure's left and right halves. A metric and its val_
+    # twin share the cycle's first colour; val_mean_iou, with no twin, takes the second.
+    loss_panel, accuracy_panel = np.array_split(pixels, 2, axis=1)
+    first, second = (np.round(np.array(to_rgb(name)) * 255).astype(np.uint8) for name in ("C0", "C1"))
+    loss_rows, loss_columns = np.nonzero((loss_panel == first).all(axis=-1))
+    # A legend's line samples are a few dozen pixels wide; the loss curve runs from epoch 1 to 3,
+    # across most of the panel, and falls: it starts higher up than it ends.
+    assert loss_columns.size and np.ptp(loss_columns) > 0.6 * loss_panel.shape[1], "no loss curve drawn"
+    left_end, right_end = loss_columns <= loss_columns.min() + 5, loss_columns >= loss_columns.max() - 5
+    assert loss_rows[left_end].mean() < loss_rows[right_end].mean(), "the loss curve does not fall"
+    accuracy_columns = np.nonzero((accuracy_panel == first).all(axis=-1))[1]
+    assert accuracy_columns.size and np.ptp(accuracy_columns) > 0.25 * accuracy_panel.shape[1], "no accuracy curve"
+    assert (accuracy_panel == second).all(axis=-1).any(), "val_mean_iou not drawn"
+    assert not (loss_panel == second).all(axis=-1).any(), "val_loss drawn in another colour than loss"
 
 
 def test_save_curves_with_no_metrics_still_writes_a_figure(tmp_path):
     _assert_real_png(save_curves([{"epoch": 1}], tmp_path / "empty.png"))
 
 
+def _class_shares(pixels, class_ids):
+    """Each class's share of the pixels drawn in any of `class_ids`' palette colours."""
+    counts = np.array([(pixels == PALETTE[class_id]).all(axis=-1).sum() for class_id in class_ids])
+    return counts / counts.sum()
+
+
 def test_save_previews_with_true_masks(tmp_path):
     images, masks = _frames(n=3)
+    masks[:, :, 8:12] = 4  # pedestrian, only in the truth
     predicted = masks.copy()
-    predicted[:, :4] = 13  # sky
+    predicted[:, :4] = 13  # sky, only predicted
+    predicted[:, :, 8:12] = 7  # the pedestrian taken for road
     path = tmp_path / "previews.png"
     pixels = _assert_real_png(save_previews(images, masks[..., None], predicted, path, titles=["a", "b", "c"]))
     # Three frames stacked vertically: the figure is taller than for a single frame.
@@ -96,8 +119,17 @@ def test_save_previews_with_true_masks(tmp_path):
     assert pixels.shape[0] > single.shape[0]
     # Every class present is drawn in its palette colour somewhere in the figure.
     colours = {tuple(c) for c in pixels.reshape(-1, 3)}
-    for class_id in (7, 10, 13):
+    for class_id in (4, 7, 10, 13):
         assert tuple(PALETTE[class_id]) in colours
+    # The legend draws one small patch of every class present, so colours found anywhere prove
+    # little: in the true and the predicted column (the figure's middle and right thirds), the
+    # classes must cover the shares of the image their masks give them. Unlabeled (black) is
+    # left out, as text is black too.
+    shown = [4, 7, 10, 13]
+    _, true_column, predicted_column = np.array_split(pixels, 3, axis=1)
+    for column, class_ids in ((true_column, masks), (predicted_column, predicted)):
+        counts = np.array([(class_ids == class_id).sum() for class_id in shown])
+        np.testing.assert_allclose(_class_shares(column, shown), counts / counts.sum(), atol=0.02)
 
 
 def test_save_previews_without_true_masks_has_two_columns(tmp_path):

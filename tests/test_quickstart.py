@@ -1,8 +1,10 @@
 import json
 import os
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from jobs import quickstart
 from unet_core import scenes
@@ -29,6 +31,14 @@ def test_quickstart_runs_the_product_end_to_end(tmp_path, ray_session, capsys):
         assert os.path.exists(tmp_path / path), path
     assert json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["frames"] == 5
     assert len(os.listdir(tmp_path / "new_frames" / "CameraMask")) == 5
+    # Inference and evaluation score frames the model never saw: none of the new frames is any
+    # training scene (generated ones with the same seed would repeat them, name for name).
+    scenes_dir = tmp_path / "train" / "scenes" / "CameraRGB"
+    trained_on = [np.asarray(Image.open(path)) for path in sorted(scenes_dir.iterdir())]
+    assert len(trained_on) == 24  # --smoke's scene count: the scenes were found where the run writes them
+    for path in sorted((tmp_path / "new_frames" / "CameraRGB").iterdir()):
+        new_frame = np.asarray(Image.open(path))
+        assert not any(np.array_equal(new_frame, scene) for scene in trained_on), f"{path.name} is a training scene"
     table = pq.read_table(tmp_path / "inference" / "predictions")
     assert table.num_rows == 5
     assert len(os.listdir(tmp_path / "inference" / "masks")) == 5
