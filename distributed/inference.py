@@ -64,11 +64,12 @@ def infer(config: InferConfig):
         # Everything under the output counts as earlier results, so no input would be predicted.
         raise ValueError(f"{config.output}: the output must be another directory than the input images "
                          f"({config.input}), and not one that holds them")
-    settings = output_settings(config)
+    settings = output_settings(config, input_filesystem, input_root, size, n_classes)
     output.check_settings(settings)
     below = place_below(output.filesystem, output.root, input_filesystem, input_root)  # an output inside the input,
     inputs, ignored = list_images(  # however either is spelt: its masks are never inputs
-        input_filesystem, input_root, skip=None if below is None else f"{input_root}/{below}")
+        input_filesystem, input_root, skip=None if below is None else f"{input_root}/{below}",
+        writes_files="png" in config.formats or config.overlay)
     kinds = "/".join(data.IMAGE_EXTENSIONS)
     if not inputs:
         raise ValueError(f"{config.input}: no {kinds} images below it"
@@ -84,25 +85,31 @@ def infer(config: InferConfig):
     # Ray starts only now: a bad model, input or output is refused before it (and before any work).
     runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
     runtime.refuse_or_warn(actor_shortfall(config) if pending else None)
+    oversubscribed = runtime.oversubscription(config.num_actors * config.cpus_per_actor, what="inference actors",
+                                              fewer="each holds its own copy of the model: fewer would run as fast")
+    if oversubscribed and pending:
+        print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
     output.start_run()
     output.record_settings(settings)  # before any part is committed: every done frame is under these
     names = class_names(n_classes)
     predictions = PartWriter(output, "predictions", config.rows_per_file)
     errors = PartWriter(output, "errors", config.rows_per_file)
     ok = failed = 0
-    if pending:
-        pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes), config)
-        for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
-            succeeded, reasons = write_images(output, batch, config)
-            # After the images: a committed row always has its PNG files.
-            predictions.add(prediction_table(batch, succeeded, identity, names, "parquet" in config.formats))
-            errors.add(pa.table({"path": pa.array(batch["path"][~succeeded], pa.string()),
-                                 "error": pa.array(reasons[~succeeded], pa.string())}))
-            for error in reasons[~succeeded][:max(0, FAILURES_SHOWN - failed)]:
-                print(f"[unet-ray] failed: {error}", file=sys.stderr, flush=True)
-            ok, failed = ok + int(succeeded.sum()), failed + int((~succeeded).sum())
-    predictions.flush()
-    errors.flush()
+    try:
+        if pending:
+            pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes), config)
+            for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
+                succeeded, reasons = write_images(output, batch, config)
+                # After the images: a committed row always has its PNG files.
+                predictions.add(prediction_table(batch, succeeded, identity, names, "parquet" in config.formats))
+                errors.add(pa.table({"path": pa.array(batch["path"][~succeeded], pa.string()),
+                                     "error": pa.array(reasons[~succeeded], pa.string())}))
+                for error in reasons[~succeeded][:max(0, FAILURES_SHOWN - failed)]:
+                    print(f"[unet-ray] failed: {error}", file=sys.stderr, flush=True)
+                ok, failed = ok + int(succeeded.sum()), failed + int((~succeeded).sum())
+    finally:  # Ctrl-C included: every row collected has its files, so a rerun skips it
+        predictions.flush()
+        errors.flush()
     if failed:
         more = f" ({failed - FAILURES_SHOWN} not shown above)" if failed > FAILURES_SHOWN else ""
         print(f"[unet-ray] {failed} image(s) failed{more}: every path and reason is in "
@@ -110,10 +117,16 @@ def infer(config: InferConfig):
     return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
 
 
-def output_settings(config):
-    """The settings that shape the files of each frame. The others (batch size, actors, CPUs, rows
-    per file, failing on errors) change no result, so reruns into one output may change them."""
-    return {"formats": sorted(set(config.formats)), "overlay": config.overlay, "output_size": config.output_size}
+def output_settings(config, input_filesystem, input_root, size, n_classes):
+    """What the frames done in an output were made from and into, which a rerun must keep: the
+    input (done frames are known by their path below it), the model's input size and classes (the
+    masks' size, the table's columns) and the flags that shape the files. The others (batch size,
+    actors, CPUs, rows per file, failing on errors) change no result, so reruns may change them."""
+    if isinstance(input_filesystem, pyarrow.fs.LocalFileSystem):
+        input_root = os.path.realpath(input_root)
+    return {"input": f"{input_filesystem.type_name}://{input_root}", "model_input_size": list(size),
+            "model_classes": n_classes, "formats": sorted(set(config.formats)), "overlay": config.overlay,
+            "output_size": config.output_size}
 
 
 def actor_shortfall(config):
@@ -133,8 +146,9 @@ def model_file(path):
     """The .keras file behind --model: the file itself, or model.keras in a run's output directory."""
     from distributed.training import CHECKPOINT_STATE  # here: distributed.training imports this module
 
-    if os.path.isfile(os.path.join(path, CHECKPOINT_STATE)):
-        raise ValueError(f"{path}: a training checkpoint, whose {MODEL_FILE} holds the raw weights training goes on "
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if os.path.isfile(os.path.join(folder, CHECKPOINT_STATE)):
+        raise ValueError(f"{path}: of a training checkpoint, whose {MODEL_FILE} holds the raw weights training goes on "
                          f"from (not the best epoch's, nor their moving average); pass the run's --output directory "
                          f"or its {MODEL_FILE}, which jobs.train exports")
     candidate = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
@@ -194,11 +208,12 @@ def image_root(filesystem, root):
     return root
 
 
-def list_images(filesystem, root, skip=None):
+def list_images(filesystem, root, skip=None, writes_files=True):
     """(sorted paths of the PNG/JPEG files below `root`, sorted paths of its other files), both
     relative to `root`, hidden ones left out.
 
     `skip` is the output directory: nested in the input, its masks must not become inputs.
+    `writes_files`: each image gets PNG files named after it, so two that would share one are refused.
     """
     root_type = filesystem.get_file_info(root).type
     if root_type != pyarrow.fs.FileType.Directory:
@@ -213,7 +228,7 @@ def list_images(filesystem, root, skip=None):
         (paths if data.is_image_name(info.base_name) else ignored).append(relative)
     paths.sort()
     outputs = {}
-    for path in paths:
+    for path in paths if writes_files else ():
         clash = outputs.setdefault(output_path("masks", mask_name(path)), path)
         if clash != path:
             raise ValueError(f"{root}: {clash} and {path} would both write the mask {mask_name(path)}")
@@ -405,23 +420,21 @@ class Output:
         return done
 
     def check_settings(self, settings):
-        """Refuse a rerun with other output settings: the frames done would be skipped and keep
-        their files, so the output would end up mixed (mask sizes, table columns) or incomplete."""
-        if not self.parts("predictions"):
-            return  # nothing done yet to stay consistent with
+        """Refuse a rerun with other settings: the frames done would be skipped and keep their files,
+        so the output would end up mixed (mask sizes, table columns), or, from another input, frames
+        that share a done frame's path would be skipped unpredicted. Files are written from the
+        start of a run, so a run killed before its first Parquet part binds the output too."""
         path = f"{self.root}/{SETTINGS_FILE}"
         if self.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
-            # Predictions made before unet-ray recorded settings: what made them is unknown, and
-            # refusing would strand every such output, so this run's settings are adopted.
-            return
+            return  # a new output
         with self.filesystem.open_input_stream(path) as stream:
             recorded = json.loads(stream.read())
-        changed = [f"--{name.replace('_', '-')} {flag_value(recorded.get(name))} -> {flag_value(value)}"
-                   for name, value in settings.items() if recorded.get(name) != value]
+        # A setting an older unet-ray did not record is unknown: refusing would strand the output.
+        changed = [describe_change(name, recorded[name], value)
+                   for name, value in settings.items() if name in recorded and recorded[name] != value]
         if changed:
-            raise ValueError(f"{self.root}: its predictions were made with other output settings "
-                             f"({'; '.join(changed)}); rerun with those to complete them, or pass another "
-                             f"--output for these")
+            raise ValueError(f"{self.root}: its predictions were made with other settings ({'; '.join(changed)}); "
+                             f"rerun with those to complete them, or pass another --output for these")
 
     def record_settings(self, settings):
         self.write(SETTINGS_FILE, json.dumps(settings, indent=2).encode())
@@ -454,11 +467,22 @@ class Output:
             raise
 
 
+def describe_change(name, recorded, value):
+    """A changed setting as the command line gives it: `--formats png -> parquet,png`."""
+    if name == "input":
+        return f"--input {recorded} -> {value}"
+    if name.startswith("model_"):
+        return f"--model of {flag_value(recorded)} -> {flag_value(value)} {name.removeprefix('model_').replace('_', ' ')}"
+    return f"--{name.replace('_', '-')} {flag_value(recorded)} -> {flag_value(value)}"
+
+
 def flag_value(value):
     """A recorded setting as the command line gives it."""
     if isinstance(value, bool):
         return "given" if value else "not given"
-    return ",".join(value) if isinstance(value, list) else value
+    if isinstance(value, list):
+        return "×".join(map(str, value)) if all(isinstance(part, int) for part in value) else ",".join(value)
+    return value
 
 
 class PartWriter:

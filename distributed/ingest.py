@@ -37,6 +37,14 @@ def open_output(uri):
     filesystem, root = open_root(uri)
     if filesystem.get_file_info(root).type == pyarrow.fs.FileType.File:
         raise ValueError(f"{uri}: a file; the output must be a directory (new or existing)")
+    parent = root
+    while "/" in parent.strip("/"):  # the nearest existing folder above a new output: never a file
+        parent = parent.rstrip("/").rsplit("/", 1)[0]
+        kind = filesystem.get_file_info(parent).type
+        if kind == pyarrow.fs.FileType.File:
+            raise ValueError(f"{uri}: {parent} is a file, so no output directory can be made below it")
+        if kind == pyarrow.fs.FileType.Directory:
+            break
     return filesystem, root
 
 

@@ -2,7 +2,7 @@
 
 Writes predictions/*.parquet, masks/, errors/*.parquet (and overlays/) under --output; a rerun
 skips the images already predicted there and retries the failed ones, and must keep their
---formats, --overlay and --output-size. The last line printed is a JSON summary
+--input, --formats, --overlay, --output-size and a model of the same input size and classes. The last line printed is a JSON summary
 {"ok": N, "failed": N, "skipped": N}.
 """
 

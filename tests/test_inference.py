@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -81,7 +82,8 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
     assert infer(config) == {"ok": 20, "failed": 4, "skipped": 0}
     assert part_rows(output / "predictions") == [6, 6, 6, 2]  # whole parts of 6 rows, not whole batches of 4
     settings = json.loads((output / "output_settings.json").read_text())
-    assert settings == {"formats": ["parquet", "png"], "overlay": True, "output_size": "source"}
+    assert settings == {"input": f"local://{os.path.realpath(images)}", "model_input_size": [*SIZE],
+                        "model_classes": 23, "formats": ["parquet", "png"], "overlay": True, "output_size": "source"}
 
     # A killed run: its last Parquet part never committed, a temporary file left in staging.
     last_part = sorted((output / "predictions").glob("*.parquet"))[-1]
@@ -181,14 +183,31 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 0, "failed": 2, "skipped": 4}
     assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
     settings = json.loads((output / "output_settings.json").read_text())
-    assert settings == {"formats": ["png"], "overlay": False, "output_size": "model"}
+    assert settings == {"input": f"local://{os.path.realpath(images)}", "model_input_size": [*SIZE], "model_classes": 23,
+                        "formats": ["png"], "overlay": False, "output_size": "model"}
 
     # Frames done would keep masks without table bytes or overlays: refused, before Ray starts.
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
     assert infer_job.main(argv + ["--formats", "parquet,png", "--overlay"]) == 2
-    assert (f"error: {output}: its predictions were made with other output settings (--formats png -> parquet,png; "
+    assert (f"error: {output}: its predictions were made with other settings (--formats png -> parquet,png; "
             f"--overlay not given -> given); rerun with those to complete them, or pass another --output for these"
             in capsys.readouterr().err)
+    # Another input's frames of the same names would be skipped as done; another model's masks
+    # would come in another size and its table with other columns.
+    other = tmp_path / "other"
+    scenes.write_scenes(other, 2)
+    assert infer_job.main([str(other) if arg == str(root) else arg for arg in argv]) == 2
+    assert (f"with other settings (--input local://{os.path.realpath(images)} -> "
+            f"local://{os.path.realpath(other / 'CameraRGB')})" in capsys.readouterr().err)
+    wider = tmp_path / "wider.keras"
+    unet_model((64, 96, 3), n_filters=4, n_classes=30).save(wider)
+    assert infer_job.main([str(wider) if arg == str(model_dir) else arg for arg in argv]) == 2
+    assert ("with other settings (--model of 32×48 -> 64×96 input size; --model of 23 -> 30 classes)"
+            in capsys.readouterr().err)
+    # A run killed before its first Parquet part has written files under its settings all the same.
+    shutil.rmtree(output / "predictions")
+    assert infer_job.main(argv + ["--overlay"]) == 2
+    assert "with other settings (--overlay not given -> given)" in capsys.readouterr().err
 
 
 def test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it(tmp_path):
@@ -253,6 +272,8 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
         (tmp_path / "empty", tmp_path / "out", "empty: no .png/.jpg/.jpeg images below it \\(only 1 other "
                                               "file\\(s\\), such as frame.bmp\\)"),
         (tmp_path / "run" / "frames", tmp_path / "text.keras", "text.keras: a file; the output must be a directory"),
+        (tmp_path / "run" / "frames", tmp_path / "text.keras" / "out", f"{tmp_path / 'text.keras'} is a file, so no "
+                                                                       f"output directory can be made below it"),
     ):
         with pytest.raises(ValueError, match=message):
             infer(InferConfig(model=str(model_dir / "model.keras"), input=str(input_dir), output=str(output_dir)))
@@ -264,8 +285,9 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
         inference.model_file(str(tmp_path))
     (tmp_path / "model.keras").write_bytes(b"")
     (tmp_path / "state.json").write_text("{}")  # what every checkpoint of distributed.training holds
-    with pytest.raises(ValueError, match="a training checkpoint, whose model.keras holds the raw weights"):
-        inference.model_file(str(tmp_path))
+    for checkpoint in (tmp_path, tmp_path / "model.keras"):
+        with pytest.raises(ValueError, match="of a training checkpoint, whose model.keras holds the raw weights"):
+            inference.model_file(str(checkpoint))
 
 
 def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them(ray_session, monkeypatch):
@@ -288,6 +310,37 @@ def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them
     warning = inference.actor_shortfall(config(num_actors=cpus + 1))
     assert f"holds {cpus} of the {cpus + 1} inference actors" in warning and "predicts with those that start" in warning
     assert "drop --use-gpu" not in warning
+
+
+def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_path, ray_session, model_dir,
+                                                                          monkeypatch):
+    images = tmp_path / "frames" / "CameraRGB"
+    scenes.write_scenes(tmp_path / "frames", 8, seed=2)
+    config = InferConfig(model=str(model_dir / "model.keras"), input=str(images), output=str(tmp_path / "out"),
+                         batch_size=2)  # and 1000 rows per part: none would be committed before the end
+    written, write_images = [], inference.write_images
+
+    def ctrl_c_at_the_second_batch(output, batch, config):
+        if written:
+            raise KeyboardInterrupt
+        written.extend(batch["path"])
+        return write_images(output, batch, config)
+
+    monkeypatch.setattr(inference, "write_images", ctrl_c_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        infer(config)
+    assert sorted(read_table(tmp_path / "out" / "predictions")["path"].to_pylist()) == sorted(written)
+    monkeypatch.undo()
+    assert infer(config) == {"ok": 8 - len(written), "failed": 0, "skipped": len(written)}
+
+
+def test_two_images_that_would_write_one_mask_file_are_refused_only_when_files_are_written(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "frame.jpg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "frame.jpg.png")
+    with pytest.raises(ValueError, match="frame.jpg and frame.jpg.png would both write the mask frame.jpg.png"):
+        inference.list_images(*inference.open_root(str(tmp_path)), writes_files=True)  # --formats png or --overlay
+    paths, _ = inference.list_images(*inference.open_root(str(tmp_path)), writes_files=False)  # Parquet only
+    assert paths == ["frame.jpg", "frame.jpg.png"]
 
 
 def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):
