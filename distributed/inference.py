@@ -67,7 +67,7 @@ def infer(config: InferConfig):
     settings = output_settings(config, input_filesystem, input_root, size, n_classes)
     output.check_settings(settings)
     below = place_below(output.filesystem, output.root, input_filesystem, input_root)  # an output inside the input,
-    inputs, ignored = list_images(  # however either is spelt: its masks are never inputs
+    inputs, ignored, left_out = list_images(  # however either is spelt: its masks are never inputs
         input_filesystem, input_root, skip=None if below is None else f"{input_root}/{below}",
         writes_files="png" in config.formats or config.overlay)
     kinds = "/".join(data.IMAGE_EXTENSIONS)
@@ -81,6 +81,10 @@ def infer(config: InferConfig):
     if ignored:
         print(f"[unet-ray] {len(ignored)} file(s) there are not {kinds} images and are left alone, such as "
               f"{', '.join(ignored[:3])}", file=sys.stderr, flush=True)
+    if left_out:
+        print(f"[unet-ray] {len(left_out)} folder(s) there hold masks, not camera frames (a {data.MASK_DIR} beside "
+              f"{data.IMAGE_DIR}, or an earlier jobs.infer output), and are left alone: {', '.join(left_out[:3])}"
+              + (", ..." if len(left_out) > 3 else ""), file=sys.stderr, flush=True)
 
     # Ray starts only now: a bad model, input or output is refused before it (and before any work).
     runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
@@ -209,8 +213,8 @@ def image_root(filesystem, root):
 
 
 def list_images(filesystem, root, skip=None, writes_files=True):
-    """(sorted paths of the PNG/JPEG files below `root`, sorted paths of its other files), both
-    relative to `root`, hidden ones left out.
+    """(sorted paths of the PNG/JPEG files below `root`, sorted paths of its other files, the
+    folders left out as `not_inputs`), all relative to `root`, hidden ones left out.
 
     `skip` is the output directory: nested in the input, its masks must not become inputs.
     `writes_files`: each image gets PNG files named after it, so two that would share one are refused.
@@ -219,11 +223,15 @@ def list_images(filesystem, root, skip=None, writes_files=True):
     if root_type != pyarrow.fs.FileType.Directory:
         what = "a file" if root_type == pyarrow.fs.FileType.File else "not found"
         raise ValueError(f"{root}: {what}; --input must be a directory of images")
+    found = list_tree(filesystem, root)
+    folders = not_inputs(found, root) - {skip}
+    skipped = folders | {skip}
     paths, ignored = [], []
-    for info in list_tree(filesystem, root):
+    for info in found:
         relative = info.path[len(root) + 1:]
-        if (info.type == pyarrow.fs.FileType.Directory or any(part.startswith(".") for part in relative.split("/"))
-                or (skip and info.path.startswith(skip + "/"))):
+        parts = relative.split("/")
+        if (info.type == pyarrow.fs.FileType.Directory or any(part.startswith(".") for part in parts)
+                or any(f"{root}/{'/'.join(parts[:depth])}" in skipped for depth in range(1, len(parts)))):
             continue
         (paths if data.is_image_name(info.base_name) else ignored).append(relative)
     paths.sort()
@@ -232,7 +240,18 @@ def list_images(filesystem, root, skip=None, writes_files=True):
         clash = outputs.setdefault(output_path("masks", mask_name(path)), path)
         if clash != path:
             raise ValueError(f"{root}: {clash} and {path} would both write the mask {mask_name(path)}")
-    return paths, sorted(ignored)
+    return paths, sorted(ignored), sorted(folder[len(root) + 1:] for folder in folders)
+
+
+def not_inputs(found, root):
+    """Folders below `root` whose PNGs are no camera frames: the CameraMask folder of a CARLA-layout
+    root at any depth (a tree of drives), and the outputs of earlier runs of jobs.infer."""
+    folders = {info.path for info in found if info.type == pyarrow.fs.FileType.Directory}
+    masks = {folder for folder in folders if folder.endswith(f"/{data.MASK_DIR}")
+             and folder.removesuffix(data.MASK_DIR) + data.IMAGE_DIR in folders}
+    outputs = {info.path.removesuffix(f"/{SETTINGS_FILE}") for info in found
+               if info.path.endswith(f"/{SETTINGS_FILE}") and info.path != f"{root}/{SETTINGS_FILE}"}
+    return masks | outputs
 
 
 def mask_name(relative):

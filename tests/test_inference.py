@@ -339,8 +339,28 @@ def test_two_images_that_would_write_one_mask_file_are_refused_only_when_files_a
     Image.new("RGB", (8, 8)).save(tmp_path / "frame.jpg.png")
     with pytest.raises(ValueError, match="frame.jpg and frame.jpg.png would both write the mask frame.jpg.png"):
         inference.list_images(*inference.open_root(str(tmp_path)), writes_files=True)  # --formats png or --overlay
-    paths, _ = inference.list_images(*inference.open_root(str(tmp_path)), writes_files=False)  # Parquet only
+    paths, _, _ = inference.list_images(*inference.open_root(str(tmp_path)), writes_files=False)  # Parquet only
     assert paths == ["frame.jpg", "frame.jpg.png"]
+
+
+def test_masks_below_the_input_are_never_taken_for_camera_frames(tmp_path):
+    # A tree of drives in the CARLA layout, and the output of an earlier run placed inside it.
+    for drive in ("town1", "town2/day"):
+        scenes.write_scenes(tmp_path / drive, 2)
+    (tmp_path / "loose.png").write_bytes((tmp_path / "town1" / "CameraRGB" / "scene_000000.png").read_bytes())
+    earlier = tmp_path / "town1" / "predicted"
+    (earlier / "masks").mkdir(parents=True)
+    (earlier / "masks" / "scene_000000.png").write_bytes(b"a mask")
+    (earlier / "output_settings.json").write_text("{}")
+    (tmp_path / "lone" / "CameraMask").mkdir(parents=True)  # no CameraRGB beside it: just a folder name
+    (tmp_path / "lone" / "CameraMask" / "photo.png").write_bytes(b"an image")
+
+    paths, _, left_out = inference.list_images(*inference.open_root(str(tmp_path)))
+
+    assert paths == ["lone/CameraMask/photo.png", "loose.png", "town1/CameraRGB/scene_000000.png",
+                     "town1/CameraRGB/scene_000001.png", "town2/day/CameraRGB/scene_000000.png",
+                     "town2/day/CameraRGB/scene_000001.png"]
+    assert left_out == ["town1/CameraMask", "town1/predicted", "town2/day/CameraMask"]
 
 
 def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):
