@@ -54,6 +54,11 @@ def list_tree(filesystem, directory, recursive=True):
     A symbolic link whose target is missing is listed as a file, so that reading it fails and names
     it, like any other unreadable frame: pyarrow's own listing leaves such links out without a word.
     """
+    if recursive and isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        loop = symbolic_link_loop(directory)
+        if loop:
+            raise ValueError(f"{loop}: a symbolic link to {os.path.realpath(loop)}, a folder on its own path, so "
+                             f"every file below would be listed again and again; remove the link")
     try:
         found = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, recursive=recursive))
         for info in found:
@@ -62,6 +67,20 @@ def list_tree(filesystem, directory, recursive=True):
         raise ValueError(f"{directory}: holds a file name that is not valid UTF-8 ({error}); rename it") from None
     dangling = broken_links(filesystem, directory, found)
     return found + [pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.File) for path in dangling]
+
+
+def symbolic_link_loop(directory):
+    """The first folder below local `directory` that is a link back to a folder on its own path, or None."""
+    def walk(folder, above):
+        for entry in os.scandir(folder):
+            if entry.is_dir():  # following links, as pyarrow's listing does
+                real = os.path.realpath(entry.path)
+                loop = entry.path if real in above else walk(entry.path, above | {real})
+                if loop:
+                    return loop
+        return None
+
+    return walk(directory, {os.path.realpath(directory)})
 
 
 def broken_links(filesystem, directory, found):

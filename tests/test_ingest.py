@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pyarrow.fs
 import pytest
 import ray
 from PIL import Image
@@ -124,6 +125,21 @@ def test_a_dangling_symbolic_link_is_a_frame_that_cannot_be_read_not_one_passed_
     _, _, reasons = ingest.read_frames(filesystem, root, names, (32, 48), 23)
     assert f"'{tmp_path}/CameraRGB/gone.png'" in reasons[0] and "No such file" in reasons[0]
     assert reasons[1:] == ["", ""]
+
+
+def test_a_symbolic_link_back_up_its_own_path_is_named_and_other_linked_folders_are_followed(tmp_path):
+    (tmp_path / "frames" / "day").mkdir(parents=True)
+    (tmp_path / "frames" / "day" / "a.png").write_bytes(b"frame")
+    (tmp_path / "frames" / "also_day").symlink_to(tmp_path / "frames" / "day")  # no loop: followed
+    found = ingest.list_tree(*ingest.open_root(str(tmp_path / "frames")))
+    assert sorted(info.path[len(str(tmp_path)) + 1:] for info in found if info.type == pyarrow.fs.FileType.File) == [
+        "frames/also_day/a.png", "frames/day/a.png"]
+    # pyarrow would follow it 40 links deep, listing each file once per turn (2^40 times with two
+    # such links): refused before listing.
+    (tmp_path / "frames" / "day" / "up").symlink_to(tmp_path / "frames")
+    with pytest.raises(ValueError, match=f"/up: a symbolic link to {tmp_path}/frames, a folder on its own path, so "
+                                         f"every file below would be listed again and again; remove the link"):
+        ingest.list_tree(*ingest.open_root(str(tmp_path / "frames")))
 
 
 def test_a_file_name_that_is_not_utf8_or_a_missing_folder_is_named(tmp_path):
