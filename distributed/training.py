@@ -61,11 +61,7 @@ def train(config: TrainConfig):
     frames = run_directory.frames_identity(train_frames, val_frames)
     run_directory.check_run_identity(config, frames)
     run_directory.record_run_identity(config, frames)
-    counts = weights = None
-    if config.class_weight_power > 0 or config.prior_bias:
-        counts = ingest.class_pixel_counts(train_frames, config.n_classes)
-    if config.class_weight_power > 0:
-        weights = augment.class_weights(counts, config.class_weight_power).tolist()
+    weights, counts = class_balance(train_frames, config)
     sources = data_uri if config.val_data is None else f"{data_uri} and {config.val_data}"
     per_worker, sitting_out = divmod(train_frames.count(), config.num_workers)
     # Ray Data's equal split: every worker gets the same number of training frames.
@@ -86,7 +82,7 @@ def train(config: TrainConfig):
             "config": config.to_dict(),
             "rows_per_worker": per_worker,
             "class_weights": weights,
-            "class_pixel_counts": counts.tolist() if config.prior_bias else None,
+            "class_pixel_counts": counts,
         },
         scaling_config=ScalingConfig(
             num_workers=config.num_workers,
@@ -116,6 +112,16 @@ def train(config: TrainConfig):
     exported = run_directory.write(config, history, best_weights, val_frames)
     remove_untracked_checkpoints(result)  # after the export: housekeeping never costs the run its model
     return exported
+
+
+def class_balance(train_frames, config):
+    """(per-class loss weights, or None for a plain loss; pixels per class for the logits' prior
+    bias, or None without it), both from the training masks, as lists for the workers."""
+    if config.class_weight_power == 0 and not config.prior_bias:
+        return None, None
+    counts = ingest.class_pixel_counts(train_frames, config.n_classes)
+    weights = augment.class_weights(counts, config.class_weight_power).tolist() if config.class_weight_power else None
+    return weights, counts.tolist() if config.prior_bias else None
 
 
 def fit(trainer):

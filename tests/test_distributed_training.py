@@ -20,8 +20,8 @@ from distributed import runtime
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
-    CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, is_new_best, read_checkpoint, read_shard,
-    evaluate, remove_untracked_checkpoints, restore, shard_fits_in_memory, should_checkpoint, should_stop_early,
+    CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, class_balance, evaluate, is_new_best, read_checkpoint,
+    read_shard, remove_untracked_checkpoints, restore, shard_fits_in_memory, should_checkpoint, should_stop_early,
     train, training_batches,
 )
 from jobs import train as train_job
@@ -457,6 +457,19 @@ def test_the_workers_score_every_validation_frame_once_between_them(ray_session)
     counts = (sent[0] + sent[1])[4:].reshape(3, 3)
     np.testing.assert_array_equal(counts[:, 0], [2 * 16, 2 * 16, 16])  # classes 0, 1, 2, 0, 1
     assert counts[:, 1:].sum() == 0
+
+
+def test_the_workers_get_the_class_balance_of_the_training_masks_the_recipe_asks_for(ray_session):
+    masks = np.array([0] * 60 + [1] * 30 + [2] * 10, np.uint8).reshape(4, 5, 5)  # 60, 30 and 10 pixels
+    frames = ray.data.from_items([{"image": np.zeros((5, 5, 3), np.float32), "mask": mask} for mask in masks])
+    weights, counts = class_balance(frames, TrainConfig(n_classes=4))  # the default: both
+    assert counts == [60, 30, 10, 0]
+    # (median frequency / frequency) ** 0.5 over the classes present, scaled to a pixel mean of 1.
+    raw = np.sqrt(np.array([30 / 60, 1.0, 30 / 10]))
+    np.testing.assert_allclose(weights, [*(raw / (raw @ [0.6, 0.3, 0.1])), 0.0], rtol=1e-6)
+    assert class_balance(frames, TrainConfig(n_classes=4, prior_bias=False))[1] is None
+    assert class_balance(frames, TrainConfig(n_classes=4, class_weight_power=0.0)) == (None, [60, 30, 10, 0])
+    assert class_balance(frames, TrainConfig.from_preset("classic")) == (None, None)
 
 
 def test_early_stopping_waits_patience_epochs_after_the_best_val_mean_iou():
