@@ -30,6 +30,7 @@ def evaluate(model, data_uri, output, batch_size=32):
     if run_directory.is_run_output(output):
         raise ValueError(f"{output}: a training run's directory; the report's metrics.json and previews.png would "
                          f"replace the run's own: pass another --output, such as {os.path.join(output, 'evaluation')}")
+    ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
     model_path = inference.model_file(model)
     keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
     with open(model_path, "rb") as file:
@@ -40,7 +41,6 @@ def evaluate(model, data_uri, output, batch_size=32):
     forward = predict_logits_fn(keras_model)
     confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0
     previews = {"images": [], "masks": [], "predicted": [], "names": []}
-    os.makedirs(output, exist_ok=True)
     worst = WorstFrames(run_directory.PREVIEW_FRAMES)
     unreadable = []
     per_frame_path = os.path.join(output, "per_frame.csv")

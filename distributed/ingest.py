@@ -48,6 +48,14 @@ def open_output(uri):
     return filesystem, root
 
 
+def make_directory(path, flag):
+    """`os.makedirs(path, exist_ok=True)`, a failure named as a bad value of `flag` (a read-only place, say)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot be made a directory ({error.strerror or error})") from None
+
+
 def list_tree(filesystem, directory, recursive=True):
     """FileInfo of everything below `directory`; a file name that is not UTF-8 is a clear error.
 

@@ -45,7 +45,9 @@ def train(config: TrainConfig):
             ingest.check_output_outside(config.output, uri, flag, "the run's files")
     if config.data is not None and config.val_data is not None:
         ingest.check_validation_apart(config.data, config.val_data)
-    os.makedirs(config.output, exist_ok=True)
+    ingest.make_directory(config.output, "--output")
+    if "://" not in config.resolved_storage_path:  # a bucket is Ray Train's to reach
+        ingest.make_directory(config.resolved_storage_path, "--storage-path")
     run_directory.check_run_identity(config)
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     runtime.refuse_or_warn(runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu))
@@ -124,8 +126,13 @@ def class_balance(train_frames, config):
     return weights, counts.tolist() if config.prior_bias else None
 
 
+class TrainingFailed(RuntimeError):
+    """A worker died or raised, and Ray Train ran out of restarts (`--max-failures`)."""
+
+
 def fit(trainer):
-    """`trainer.fit()`, where Ctrl-C ends in KeyboardInterrupt and leaves Ctrl-C working afterwards.
+    """`trainer.fit()`, where Ctrl-C ends in KeyboardInterrupt and leaves Ctrl-C working afterwards,
+    and a failed run in TrainingFailed, which says how to go on.
 
     Ray Train installs a SIGINT handler for the run: the first Ctrl-C aborts the run and ends the
     driver's wait in SystemExit(1). It leaves the handler installed after the run, where aborting
@@ -137,6 +144,11 @@ def fit(trainer):
         return trainer.fit()
     except SystemExit as aborted:
         raise KeyboardInterrupt("training interrupted") from aborted
+    except ray.train.TrainingFailedError as failed:
+        raise TrainingFailed(
+            f"{failed}\ntraining failed: the same command resumes from the run's last checkpoint (one every "
+            f"--checkpoint-every epochs); --max-failures N has Ray Train restart the workers from it by itself"
+        ) from failed
     finally:
         if threading.current_thread() is threading.main_thread():  # where Ray installs it, too
             signal.signal(signal.SIGINT, handler)

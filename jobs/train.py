@@ -1,4 +1,8 @@
-"""python -m jobs.train: train the U-Net on Ray (local, or the cluster in RAY_ADDRESS)."""
+"""python -m jobs.train: train the U-Net on Ray (local, or the cluster in RAY_ADDRESS).
+
+The last line printed is the metrics of the epoch model.keras holds (the best val mIoU) as one
+JSON object, with the number of epochs trained.
+"""
 
 import argparse
 import dataclasses
@@ -104,9 +108,9 @@ def main(argv=None):
     try:
         config = config_from_args(parse_args(argv))
         # Imported once the flags are good: TensorFlow and Ray take seconds to import.
-        from distributed.training import train
+        from distributed import training
 
-        history = train(config)
+        history = training.train(config)
     except SettingError as error:  # a flag's bad value: named as the flag
         print(f"error: {error.as_flag()}", file=sys.stderr)
         return 2
@@ -117,7 +121,12 @@ def main(argv=None):
         print("interrupted: the same command resumes from the run's last checkpoint (one every "
               "--checkpoint-every epochs)", file=sys.stderr)
         return 130  # the shell's code for a job ended by Ctrl-C
-    print(json.dumps({key: value for key, value in history[-1].items() if not isinstance(value, dict)}))
+    except training.TrainingFailed as error:  # last: only reached once `training` is imported
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    best = max(history, key=lambda row: row["val_mean_iou"])  # the epoch model.keras holds (of a tie, the first)
+    print(json.dumps({**{key: value for key, value in best.items() if not isinstance(value, dict)},
+                      "epochs_trained": len(history)}))
     return 0
 
 

@@ -16,7 +16,7 @@ import pytest
 import ray
 import tensorflow as tf
 
-from distributed import runtime
+from distributed import runtime, training
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
@@ -185,6 +185,28 @@ def test_ctrl_c_aborts_the_run_frees_its_workers_and_says_how_to_resume(tmp_path
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
 
 
+def test_the_last_line_printed_is_the_exported_epoch_not_the_last(monkeypatch, capsys):
+    history = [{"epoch": epoch, "val_mean_iou": score, "val_iou_per_class": {"road": score}}
+               for epoch, score in ((1, 0.1), (2, 0.3), (3, 0.2), (4, 0.3))]
+    monkeypatch.setattr(training, "train", lambda config: history)
+    assert train_job.main(["--smoke"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == {"epoch": 2, "val_mean_iou": 0.3, "epochs_trained": 4}  # a tie is no new best
+
+
+def test_a_failed_run_exits_1_with_ray_trains_error_and_how_to_go_on(monkeypatch, capsys):
+    class WorkerDies:  # what TensorflowTrainer.fit raises once --max-failures restarts are used up
+        def fit(self):
+            raise ray.train.WorkerGroupError("[Rank 0 Error Snippet]: The actor died unexpectedly", {})
+
+    monkeypatch.setattr(training, "train", lambda config: training.fit(WorkerDies()))
+    assert train_job.main(["--smoke"]) == 1
+    error = capsys.readouterr().err
+    assert "error: Training failed due to worker errors:\n[Rank 0 Error Snippet]: The actor died unexpectedly" in error
+    assert ("training failed: the same command resumes from the run's last checkpoint (one every --checkpoint-every "
+            "epochs); --max-failures N has Ray Train restart the workers from it by itself") in error
+
+
 def test_untracked_checkpoints_are_removed_and_one_that_cannot_be_is_named(tmp_path, capsys):
     local = pyarrow.fs.LocalFileSystem()
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_stray", "checkpoint_stuck"):
@@ -267,6 +289,10 @@ def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, mo
     with pytest.raises(ValueError, match="run: a file; the output must be a directory"):
         train(smoke_config(tmp_path))
     assert os.listdir(tmp_path) == ["run"] and (tmp_path / "run").read_text() == "an earlier run's notes"
+    # Checkpoints that could never be written: refused before Ray starts and the data is decoded.
+    storage = tmp_path / "run" / "checkpoints"
+    with pytest.raises(ValueError, match=f"--storage-path {storage}: cannot be made a directory \\(Not a directory"):
+        train(dataclasses.replace(smoke_config(tmp_path), output=str(tmp_path / "elsewhere"), storage_path=str(storage)))
 
 
 def test_validating_on_the_training_data_is_refused_before_anything_starts(tmp_path, monkeypatch):

@@ -128,6 +128,8 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, mo
     (tmp_path / "report").write_text("notes")
     with pytest.raises(ValueError, match="report: a file; the output must be a directory"):
         evaluation.evaluate(str(tmp_path / "model.keras"), str(tmp_path / "frames"), str(tmp_path / "report"))
+    with pytest.raises(ValueError, match="--output /proc/report: cannot be made a directory \\(No such file"):
+        evaluation.evaluate(str(tmp_path / "model.keras"), str(tmp_path / "frames"), "/proc/report")
 
 
 def test_class_ids_beyond_the_model_name_the_number_of_classes_they_need(tmp_path, capsys):
