@@ -46,11 +46,11 @@ def train(config: TrainConfig):
     if config.data is not None and config.val_data is not None:
         ingest.check_validation_apart(config.data, config.val_data)
     ingest.make_directory(config.output, "--output")
-    if "://" not in config.resolved_storage_path:  # a bucket is Ray Train's to reach
-        ingest.make_directory(config.resolved_storage_path, "--storage-path")
     run_directory.check_run_identity(config)
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     runtime.refuse_or_warn(runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu))
+    if "://" not in config.resolved_storage_path:  # before the data is decoded; a bucket is Ray Train's to reach
+        ingest.make_directory(config.resolved_storage_path, "--storage-path")
     oversubscribed = runtime.oversubscription(config.num_workers * config.cpus_per_worker)
     if oversubscribed:
         print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ import pytest
 import ray
 import tensorflow as tf
 
-from distributed import runtime, training
+from distributed import ingest, runtime, training
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
@@ -289,10 +289,15 @@ def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, mo
     with pytest.raises(ValueError, match="run: a file; the output must be a directory"):
         train(smoke_config(tmp_path))
     assert os.listdir(tmp_path) == ["run"] and (tmp_path / "run").read_text() == "an earlier run's notes"
-    # Checkpoints that could never be written: refused before Ray starts and the data is decoded.
-    storage = tmp_path / "run" / "checkpoints"
+
+
+def test_checkpoints_that_could_never_be_written_are_refused_before_the_data_is_decoded(tmp_path, ray_session,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(ingest, "load_frames", lambda *args, **kwargs: pytest.fail("the data was decoded"))
+    (tmp_path / "notes").write_text("a file where a folder would go")
+    storage = tmp_path / "notes" / "checkpoints"
     with pytest.raises(ValueError, match=f"--storage-path {storage}: cannot be made a directory \\(Not a directory"):
-        train(dataclasses.replace(smoke_config(tmp_path), output=str(tmp_path / "elsewhere"), storage_path=str(storage)))
+        train(smoke_config(tmp_path, storage_path=str(storage)))
 
 
 def test_validating_on_the_training_data_is_refused_before_anything_starts(tmp_path, monkeypatch):
