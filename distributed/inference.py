@@ -166,7 +166,21 @@ def load_model(path):
     try:
         return tf.keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # whatever the loader trips on (h5py's OSError, a bad zip, ...), the file is bad
+        version = saved_by_keras(path)
+        if version and not version.startswith("2."):
+            raise ValueError(f"{path}: saved by Keras {version}, whose files tf.keras (Keras 2, which unet-ray "
+                             f"trains with) cannot read; save the model from tf.keras, as jobs.train exports it "
+                             f"({type(error).__name__}: {error})") from error
         raise ValueError(f"{path}: tf.keras cannot load this model: {type(error).__name__}: {error}") from error
+
+
+def saved_by_keras(path):
+    """The Keras version a .keras zip's metadata.json names, or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return str(json.loads(archive.read("metadata.json")).get("keras_version"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def model_identity(model_bytes, path):

@@ -5,7 +5,10 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
+import zipfile
 
 import numpy as np
 import pyarrow as pa
@@ -254,8 +257,15 @@ def test_output_paths_cannot_leave_the_output(relative):
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys, model_dir):
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
     (tmp_path / "text.keras").write_text("not a model")
+    # Saved by Keras 3, TensorFlow's own Keras since 2.16 (`import keras`), in a process of its own.
+    keras3 = "import keras; keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", f"import sys; {keras3}", str(tmp_path / "keras3.keras")], check=True)
+    with zipfile.ZipFile(tmp_path / "keras3.keras") as archive:
+        version = json.loads(archive.read("metadata.json"))["keras_version"]
     for model, message in (("missing.keras", "not a .keras model file"),
-                           ("text.keras", "tf.keras cannot load this model")):
+                           ("text.keras", "tf.keras cannot load this model"),
+                           ("keras3.keras", f"saved by Keras {version}, whose files tf.keras (Keras 2, which unet-ray "
+                                            f"trains with) cannot read")):
         argv = ["--model", str(tmp_path / model), "--input", str(tmp_path), "--output", str(tmp_path / "out")]
         assert infer_job.main(argv) == 2
         assert f"error: {tmp_path / model}: {message}" in capsys.readouterr().err
