@@ -1,6 +1,5 @@
 """What a training run leaves in `--output`: the best model, metrics, curves, previews, TensorBoard."""
 
-import csv
 import hashlib
 import json
 import os
@@ -9,10 +8,10 @@ import numpy as np
 import pyarrow.fs
 import tensorflow as tf
 
-from distributed import inference, ingest
+from distributed import inference, ingest, progress
 from distributed.config import DEFAULT_STORAGE
 from unet_core import plots, scenes, unet_model
-from unet_core.classes import CLASS_NAMES, class_names
+from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
 
 PREVIEW_FRAMES = 6
@@ -139,7 +138,7 @@ def write(config, history, best_weights, val_frames):
     model_path = os.path.join(config.output, "model.keras")
     export_model(config, best_weights, model_path)
 
-    write_metrics(config.output, history)
+    progress.write_metrics(config.output, history)
     plots.save_curves(history, os.path.join(config.output, "curves.png"))
     write_tensorboard(os.path.join(config.output, "tensorboard"), history)
     model = inference.load_model(model_path)
@@ -161,21 +160,6 @@ def export_model(config, weights, path):
     model.set_weights(weights)
     model.save(path + ".tmp.keras", save_format="keras_v3")
     os.replace(path + ".tmp.keras", path)
-
-
-def write_metrics(output, history):
-    with open(os.path.join(output, "metrics.json"), "w") as file:
-        json.dump(history, file, indent=2)
-    flat_keys = [key for key in history[-1] if not isinstance(history[-1][key], dict)]
-    # Class-id order, as metrics.json lists them (a 23-class model's names are CARLA's, others' are ids).
-    class_names = sorted({name for row in history for name in row.get("val_iou_per_class", {})},
-                         key=lambda name: CLASS_NAMES.index(name) if name in CLASS_NAMES else int(name))
-    with open(os.path.join(output, "metrics.csv"), "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(flat_keys + [f"val_iou_{name}" for name in class_names])
-        for row in history:
-            per_class = row.get("val_iou_per_class", {})
-            writer.writerow([row.get(key) for key in flat_keys] + [per_class.get(name, "") for name in class_names])
 
 
 def write_tensorboard(directory, history):

@@ -24,7 +24,7 @@ import tensorflow as tf
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from distributed import ingest, runtime, run_directory
+from distributed import ingest, progress, runtime, run_directory
 from distributed.config import TrainConfig
 from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
@@ -100,6 +100,7 @@ def train(config: TrainConfig):
             # The most recent ones: each carries the best weights so far.
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            callbacks=[progress.EpochsToDisk(config.output)],
         ),
     )
     result = fit(trainer)

@@ -263,6 +263,10 @@ def test_a_diverged_run_stops_on_every_worker_and_exports_nothing(tmp_path, ray_
         train(config)
     assert "epoch 2/3" not in capfd.readouterr().out  # both workers stopped after the same epoch
     assert checkpoint_dirs(config) == {} and not os.path.exists(os.path.join(config.output, "model.keras"))
+    # Written as the epoch ended, by Ray Train's controller: the run's only record of what went wrong.
+    with open(os.path.join(config.output, "metrics.json")) as file:
+        (epoch,) = json.load(file)
+    assert epoch["epoch"] == 1 and np.isnan(epoch["val_loss"])
 
 
 def test_truncated_png_fails_before_training(tmp_path, ray_session):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from distributed import evaluation, run_directory
+from distributed import evaluation, progress
 from distributed.config import DEFAULT_STORAGE
 from jobs import evaluate as evaluate_job
 from unet_core import data, scenes, unet_model
@@ -147,7 +147,7 @@ def test_an_output_inside_the_data_or_a_run_directory_is_refused_before_the_mode
     monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
     scenes.write_scenes(tmp_path / "frames", 1)
     (tmp_path / "run").mkdir()
-    run_directory.write_metrics(str(tmp_path / "run"), [{"epoch": 1, "loss": 1.0, "val_mean_iou": 0.1}])
+    progress.write_metrics(str(tmp_path / "run"), [{"epoch": 1, "loss": 1.0, "val_mean_iou": 0.1}])
     (tmp_path / "training" / DEFAULT_STORAGE).mkdir(parents=True)  # a run still training: checkpoints only
     refused = "a training run's directory; the report's metrics.json and previews.png would replace the run's own"
     for output, message in (

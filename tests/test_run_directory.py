@@ -1,6 +1,5 @@
 """The run directory: generated scenes, and which reruns may resume a run."""
 
-import csv
 import dataclasses
 import os
 
@@ -96,18 +95,6 @@ def test_a_rerun_resumes_only_on_the_same_frames_of_its_data(tmp_path, monkeypat
     recorded.write_text(recorded.read_text().replace('"frames"', '"not_frames"').replace('"weight_average"', '"x"'))
     run_directory.check_run_identity(dataclasses.replace(config, ema_momentum=0.0),
                                      identity(["a.png", "b.png", "c.png"], ["d.png"]))
-
-
-def test_metrics_csv_has_a_row_per_epoch_and_the_classes_in_class_id_order(tmp_path):
-    history = [{"epoch": 1, "val_mean_iou": 0.2, "val_iou_per_class": {"road": 0.5, "sky": 0.6}},
-               {"epoch": 2, "val_mean_iou": 0.3, "val_iou_per_class": {"building": 0.1, "road": 0.7, "sky": 0.8}}]
-    run_directory.write_metrics(str(tmp_path), history)
-    with open(tmp_path / "metrics.csv", newline="") as file:
-        rows = list(csv.reader(file))
-    assert rows[0] == ["epoch", "val_mean_iou", "val_iou_building", "val_iou_road", "val_iou_sky"]  # ids 1, 7, 13
-    assert rows[1:] == [["1", "0.2", "", "0.5", "0.6"], ["2", "0.3", "0.1", "0.7", "0.8"]]
-    run_directory.write_metrics(str(tmp_path), [{"epoch": 1, "val_iou_per_class": {"2": 0.1, "10": 0.2}}])
-    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "epoch,val_iou_2,val_iou_10"  # not "10" < "2"
 
 
 def test_tensorboard_holds_each_epoch_once_after_a_rerun_exports_again(tmp_path):

@@ -1,0 +1,35 @@
+"""A run's metrics on disk as each epoch ends: what Ray Train's controller writes into --output."""
+
+import csv
+import json
+
+from distributed import progress
+
+
+def test_metrics_csv_has_a_row_per_epoch_and_the_classes_in_class_id_order(tmp_path):
+    history = [{"epoch": 1, "val_mean_iou": 0.2, "val_iou_per_class": {"road": 0.5, "sky": 0.6}},
+               {"epoch": 2, "val_mean_iou": 0.3, "val_iou_per_class": {"building": 0.1, "road": 0.7, "sky": 0.8}}]
+    progress.write_metrics(str(tmp_path), history)
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        rows = list(csv.reader(file))
+    assert rows[0] == ["epoch", "val_mean_iou", "val_iou_building", "val_iou_road", "val_iou_sky"]  # ids 1, 7, 13
+    assert rows[1:] == [["1", "0.2", "", "0.5", "0.6"], ["2", "0.3", "0.1", "0.7", "0.8"]]
+    progress.write_metrics(str(tmp_path), [{"epoch": 1, "val_iou_per_class": {"2": 0.1, "10": 0.2}}])
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "epoch,val_iou_2,val_iou_10"  # not "10" < "2"
+
+
+def test_each_epoch_reported_lands_on_disk_and_a_resumed_epoch_replaces_its_earlier_row(tmp_path):
+    # What the run before left: three epochs, the last two after its last checkpoint.
+    progress.write_metrics(str(tmp_path), [{"epoch": epoch, "val_mean_iou": 0.1 * epoch} for epoch in (1, 2, 3)])
+    callback = progress.EpochsToDisk(str(tmp_path))
+
+    def report(epoch, score):  # as Ray Train hands over what workers 0 and 1 reported
+        callback.after_report(None, [{"epoch": epoch, "val_mean_iou": score}] * 2, checkpoint=None)
+        return [(row["epoch"], row["val_mean_iou"]) for row in json.loads((tmp_path / "metrics.json").read_text())]
+
+    assert report(2, 0.25) == [(1, 0.1), (2, 0.25)]  # resumed after epoch 1: epochs 2 and 3 are retrained
+    assert report(3, 0.35) == [(1, 0.1), (2, 0.25), (3, 0.35)]
+    assert report(3, 0.36) == [(1, 0.1), (2, 0.25), (3, 0.36)]  # a worker restarted from the same checkpoint
+    with open(tmp_path / "metrics.csv", newline="") as file:
+        assert list(csv.reader(file))[1:] == [["1", "0.1"], ["2", "0.25"], ["3", "0.36"]]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.csv", "metrics.json"]  # no .tmp left
