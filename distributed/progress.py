@@ -30,6 +30,7 @@ class EpochsToDisk(ray.train.UserCallback):
 
 
 def read_history(output):
+    """The epochs in a run directory's metrics.json; none if it has none (an evaluation report's is one dict)."""
     try:
         with open(os.path.join(output, "metrics.json")) as file:
             history = json.load(file)

@@ -114,13 +114,7 @@ def is_run_output(directory):
     """Whether `directory` is a training run's --output: it holds the run's history (metrics.json,
     a list of epochs; an evaluation report's is one dict) or, while the run trains, its default
     checkpoint storage."""
-    if os.path.isdir(os.path.join(directory, DEFAULT_STORAGE)):
-        return True
-    try:
-        with open(os.path.join(directory, "metrics.json")) as file:
-            return isinstance(json.load(file), list)
-    except (OSError, ValueError):
-        return False
+    return os.path.isdir(os.path.join(directory, DEFAULT_STORAGE)) or bool(progress.read_history(directory))
 
 
 def write_skipped(output, skipped):
