@@ -2,8 +2,8 @@
 
 Writes predictions/*.parquet, masks/, errors/*.parquet (and overlays/) under --output; a rerun
 skips the images already predicted there and retries the failed ones, and must keep their
---input, --formats, --overlay, --output-size and a model of the same input size and classes. The last line printed is a JSON summary
-{"ok": N, "failed": N, "skipped": N}.
+--input, --formats, --overlay, --output-size and a model of the same input size and classes.
+The last line printed is a JSON summary {"ok": N, "failed": N, "skipped": N}.
 """
 
 import argparse
