@@ -28,6 +28,11 @@ class SettingError(ValueError):
         return f"--{self.field.replace('_', '-')} {self.problem}"
 
 
+class TrainingFailed(RuntimeError):
+    """A worker died or raised, and Ray Train ran out of restarts (`--max-failures`). Here, beside
+    SettingError, so that a command catches it without importing TensorFlow or Ray."""
+
+
 @dataclass
 class TrainConfig:
     """Defaults are the `default` preset; `TrainConfig.from_preset("classic")` is the exercise's."""

@@ -25,7 +25,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.tensorflow import TensorflowTrainer
 
 from distributed import ingest, progress, runtime, run_directory
-from distributed.config import TrainConfig
+from distributed.config import TrainConfig, TrainingFailed
 from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import (
@@ -125,10 +125,6 @@ def class_balance(train_frames, config):
     counts = ingest.class_pixel_counts(train_frames, config.n_classes)
     weights = augment.class_weights(counts, config.class_weight_power).tolist() if config.class_weight_power else None
     return weights, counts.tolist() if config.prior_bias else None
-
-
-class TrainingFailed(RuntimeError):
-    """A worker died or raised, and Ray Train ran out of restarts (`--max-failures`)."""
 
 
 def fit(trainer):

@@ -1,0 +1,25 @@
+"""The commands (`python -m jobs.<name>`): each parses its flags, builds one config and calls one function."""
+
+import sys
+
+from distributed.config import SettingError, TrainingFailed
+
+
+def run_command(work, on_interrupt):
+    """`work()`'s exit status; or, if it failed, why on stderr and the status that says how:
+    2 for a bad flag or input, 1 for a training run that failed, 130 for Ctrl-C (with
+    `on_interrupt`: how to go on)."""
+    try:
+        return work()
+    except SettingError as error:  # a flag's bad value: named as the flag the user typed
+        print(f"error: {error.as_flag()}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: {on_interrupt}", file=sys.stderr)
+        return 130  # the shell's code for a job ended by Ctrl-C

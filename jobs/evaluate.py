@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from jobs import run_command
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
@@ -28,14 +30,13 @@ def main(argv=None):
     args = parse_args(argv)
     from distributed import evaluation  # TensorFlow and Ray: seconds to import, so after the flags
 
-    try:
+    def work():
         metrics = evaluation.evaluate(args.model, args.data, args.output, args.batch_size)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(evaluation.iou_table(metrics))
-    print(json.dumps(metrics), flush=True)
-    return 0
+        print(evaluation.iou_table(metrics))
+        print(json.dumps(metrics), flush=True)
+        return 0
+
+    return run_command(work, "the same command scores the frames again")
 
 
 if __name__ == "__main__":

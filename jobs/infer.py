@@ -11,7 +11,8 @@ import dataclasses
 import json
 import sys
 
-from distributed.config import OUTPUT_SIZES, InferConfig, SettingError
+from distributed.config import OUTPUT_SIZES, InferConfig
+from jobs import run_command
 
 
 def formats(text):
@@ -47,22 +48,15 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    try:
+    def work():
         config = InferConfig(**vars(parse_args(argv)))
         from distributed import inference  # TensorFlow and Ray: seconds to import, so after the flags
 
         summary = inference.infer(config)
-    except SettingError as error:  # a flag's bad value: named as the flag
-        print(f"error: {error.as_flag()}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the same command goes on, skipping the images already written", file=sys.stderr)
-        return 130  # the shell's code for a job ended by Ctrl-C
-    print(json.dumps(summary), flush=True)
-    return 1 if config.fail_on_error and summary["failed"] else 0
+        print(json.dumps(summary), flush=True)
+        return 1 if config.fail_on_error and summary["failed"] else 0
+
+    return run_command(work, "the same command goes on, skipping the images already written")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 import time
 
 from distributed.config import InferConfig, TrainConfig
+from jobs import run_command
 
 
 def parse_args(argv=None):
@@ -32,15 +33,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the same command goes on where it stopped (training resumes from its last "
-              "checkpoint; inference skips the images already written)", file=sys.stderr)
-        return 130  # the shell's code for a job ended by Ctrl-C
+    return run_command(lambda: run(args), "the same command goes on where it stopped (training resumes from its "
+                                          "last checkpoint; inference skips the images already written)")
 
 
 def train_config(args, output):

@@ -9,7 +9,8 @@ import dataclasses
 import json
 import sys
 
-from distributed.config import LR_SCHEDULES, PRECISIONS, PRESETS, SPLITS, SettingError, TrainConfig
+from distributed.config import LR_SCHEDULES, PRECISIONS, PRESETS, SPLITS, TrainConfig
+from jobs import run_command
 
 
 def parse_args(argv=None):
@@ -105,29 +106,19 @@ def refuse_flags_without_effect(args, config):
 
 
 def main(argv=None):
-    try:
+    def work():
         config = config_from_args(parse_args(argv))
         # Imported once the flags are good: TensorFlow and Ray take seconds to import.
         from distributed import training
 
         history = training.train(config)
-    except SettingError as error:  # a flag's bad value: named as the flag
-        print(f"error: {error.as_flag()}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the same command resumes from the run's last checkpoint (one every "
-              "--checkpoint-every epochs)", file=sys.stderr)
-        return 130  # the shell's code for a job ended by Ctrl-C
-    except training.TrainingFailed as error:  # last: only reached once `training` is imported
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    best = max(history, key=lambda row: row["val_mean_iou"])  # the epoch model.keras holds (of a tie, the first)
-    print(json.dumps({**{key: value for key, value in best.items() if not isinstance(value, dict)},
-                      "epochs_trained": len(history)}))
-    return 0
+        best = max(history, key=lambda row: row["val_mean_iou"])  # the epoch model.keras holds (of a tie, the first)
+        print(json.dumps({**{key: value for key, value in best.items() if not isinstance(value, dict)},
+                          "epochs_trained": len(history)}))
+        return 0
+
+    return run_command(work, "the same command resumes from the run's last checkpoint (one every "
+                             "--checkpoint-every epochs)")
 
 
 if __name__ == "__main__":

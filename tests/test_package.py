@@ -39,13 +39,29 @@ def test_importing_unet_core_selects_tf_keras_and_never_imports_ray():
     ("evaluate", ["--model", "m", "--data", "d", "--output", "o", "--batch-size", "0"],
      "--batch-size must be at least 1, got 0"),
     ("quickstart", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    # argparse's own refusals (and --help below) end in SystemExit, which must pass through unchanged.
+    ("train", ["--epochs", "x"], "error: argument --epochs: invalid int value: 'x'"),
+    ("infer", ["--num-actors", "x"], "error: argument --num-actors: invalid int value: 'x'"),
 ])
 def test_a_job_refuses_a_bad_flag_before_importing_tensorflow_or_ray(job, argv, message):
     # Both take seconds to import and log a screenful; a typo should cost neither.
+    finished = run_job(job, argv)
+    assert finished.returncode == 2
+    assert finished.stderr.strip().endswith(message)
+    assert finished.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("job", ["train", "infer", "evaluate", "quickstart", "make_scenes"])
+def test_every_job_prints_its_help_and_exits_0(job):
+    finished = run_job(job, ["--help"])
+    assert finished.returncode == 0, finished.stderr
+    assert finished.stdout.startswith(f"usage: python -m jobs.{job}") and "--output" in finished.stdout
+    assert finished.stdout.strip().splitlines()[-1] == "[]"  # neither TensorFlow nor Ray imported
+
+
+def run_job(job, argv):
+    """`jobs.<job>.main(argv)` in a process of its own; stdout's last line lists TensorFlow and Ray if imported."""
     code = (f"import sys\nfrom jobs import {job}\ntry:\n    code = {job}.main({argv!r})\n"
             f"except SystemExit as exit:\n    code = exit.code\n"
             f"print(sorted({{'tensorflow', 'ray'}} & set(sys.modules)))\nsys.exit(code)")
-    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert finished.returncode == 2
-    assert finished.stderr.strip().endswith(message)
-    assert finished.stdout.strip() == "[]"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
