@@ -1,5 +1,6 @@
 """A run's metrics on disk as each epoch ends, not only once training finishes: during a long run
-and after a crash, metrics.json and metrics.csv hold every epoch reported so far.
+and after a crash, metrics.json, metrics.csv and TensorBoard's event file hold every epoch reported
+so far.
 
 `EpochsToDisk` runs in Ray Train's controller, which Ray places on the driver's node (its
 label_selector, in `DataParallelTrainer`), so it writes the --output the driver reads. It imports
@@ -9,10 +10,16 @@ no TensorFlow: the controller stays small.
 import csv
 import json
 import os
+import time
 
 import ray.train
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter  # neither imports TensorFlow
 
 from unet_core.classes import CLASS_NAMES
+
+TENSORBOARD = "tensorboard"
+EVENT_FILE = "events.out.tfevents.unet-ray"  # TensorBoard reads every file with "tfevents" in its name
 
 
 class EpochsToDisk(ray.train.UserCallback):
@@ -25,8 +32,11 @@ class EpochsToDisk(ray.train.UserCallback):
         if self.history is None:  # a resumed run's earlier epochs: as the last run wrote them
             self.history = read_history(self.output)
         # A resumed or restarted run reports again the epochs after its checkpoint: they replace those rows.
-        self.history = [earlier for earlier in self.history if earlier["epoch"] < row["epoch"]] + [row]
+        kept = [earlier for earlier in self.history if earlier["epoch"] < row["epoch"]]
+        restarted = len(kept) < len(self.history)
+        self.history = kept + [row]
         write_metrics(self.output, self.history)
+        append_to_tensorboard(os.path.join(self.output, TENSORBOARD), row, restarted)
 
 
 def read_history(output):
@@ -55,3 +65,27 @@ def write_metrics(output, history):
             writer.writerow([row.get(key) for key in flat_keys] + [per_class.get(name, "") for name in class_names])
     for name in ("metrics.json", "metrics.csv"):
         os.replace(os.path.join(output, f"{name}.tmp"), os.path.join(output, name))
+
+
+def append_to_tensorboard(directory, row, restarted):
+    """One epoch's scores appended to the run's event file, which TensorBoard follows as it grows.
+
+    A session-start event opens the file and comes before each restarted epoch: TensorBoard then
+    drops what the earlier attempt logged from that epoch on, so it draws every epoch once.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, EVENT_FILE)
+    events = []
+    if not os.path.exists(path):
+        events.append(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    if restarted or not os.path.exists(path):
+        events.append(event_pb2.Event(wall_time=time.time(), step=row["epoch"],
+                                      session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    scores = {key: value for key, value in row.items() if isinstance(value, (int, float)) and key != "epoch"}
+    scores.update({f"val_iou/{name}": value for name, value in row.get("val_iou_per_class", {}).items()})
+    scores = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scores.items()]
+    events.append(event_pb2.Event(wall_time=time.time(), step=row["epoch"], summary=summary_pb2.Summary(value=scores)))
+    with open(path, "ab") as file:
+        writer = RecordWriter(file)
+        for event in events:
+            writer.write(event.SerializeToString())

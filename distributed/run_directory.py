@@ -1,4 +1,4 @@
-"""What a training run leaves in `--output`: the best model, metrics, curves, previews, TensorBoard."""
+"""What a training run leaves in `--output`: the best model, metrics, curves, previews."""
 
 import hashlib
 import json
@@ -134,7 +134,6 @@ def write(config, history, best_weights, val_frames):
 
     progress.write_metrics(config.output, history)
     plots.save_curves(history, os.path.join(config.output, "curves.png"))
-    write_tensorboard(os.path.join(config.output, "tensorboard"), history)
     model = inference.load_model(model_path)
     frames = val_frames.take_batch(PREVIEW_FRAMES, batch_format="numpy")
     predicted = np.argmax(predict_logits_fn(model)(tf.constant(frames["image"])).numpy(), axis=-1)
@@ -154,19 +153,3 @@ def export_model(config, weights, path):
     model.set_weights(weights)
     model.save(path + ".tmp.keras", save_format="keras_v3")
     os.replace(path + ".tmp.keras", path)
-
-
-def write_tensorboard(directory, history):
-    """The whole history as one event file. Earlier exports' files go: each held the same epochs
-    again, which TensorBoard drew over each other as one zig-zag run."""
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith("events.out.tfevents."):
-                os.remove(os.path.join(directory, name))
-    writer = tf.summary.create_file_writer(directory)
-    with writer.as_default():
-        for row in history:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "epoch":
-                    tf.summary.scalar(key, value, step=row["epoch"])
-    writer.close()

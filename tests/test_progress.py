@@ -32,4 +32,33 @@ def test_each_epoch_reported_lands_on_disk_and_a_resumed_epoch_replaces_its_earl
     assert report(3, 0.36) == [(1, 0.1), (2, 0.25), (3, 0.36)]  # a worker restarted from the same checkpoint
     with open(tmp_path / "metrics.csv", newline="") as file:
         assert list(csv.reader(file))[1:] == [["1", "0.1"], ["2", "0.25"], ["3", "0.36"]]
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.csv", "metrics.json"]  # no .tmp left
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.csv", "metrics.json", "tensorboard"]
+
+
+def tensorboard_shows(directory, tag):
+    """The (step, value) points TensorBoard draws for `tag`, read by TensorBoard's own loader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(directory))
+    accumulator.Reload()
+    return [(event.step, round(event.value, 6)) for event in accumulator.Scalars(tag)]
+
+
+def test_tensorboard_follows_the_run_and_draws_a_restarted_epoch_once(tmp_path):
+    def report(callback, epoch, score):
+        row = {"epoch": epoch, "val_mean_iou": score, "val_loss": 1 / epoch, "mixed_precision": "bf16",
+               "val_iou_per_class": {"road": score}}
+        callback.after_report(None, [row, row], checkpoint=None)
+        return tensorboard_shows(tmp_path / progress.TENSORBOARD, "val_mean_iou")
+
+    callback = progress.EpochsToDisk(str(tmp_path))
+    assert report(callback, 1, 0.1) == [(1, 0.1)]  # on disk as soon as the epoch is reported
+    assert report(callback, 2, 0.2) == [(1, 0.1), (2, 0.2)]
+    assert report(callback, 3, 0.3) == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert report(callback, 2, 0.25) == [(1, 0.1), (2, 0.25)]  # workers restarted from epoch 1's checkpoint
+    resumed = progress.EpochsToDisk(str(tmp_path))  # the same command rerun: a new controller
+    assert report(resumed, 2, 0.22) == [(1, 0.1), (2, 0.22)]
+    assert report(resumed, 3, 0.33) == [(1, 0.1), (2, 0.22), (3, 0.33)]
+    assert tensorboard_shows(tmp_path / progress.TENSORBOARD, "val_loss")[-1] == (3, round(1 / 3, 6))
+    assert tensorboard_shows(tmp_path / progress.TENSORBOARD, "val_iou/road") == [(1, 0.1), (2, 0.22), (3, 0.33)]
+    assert [path.name for path in (tmp_path / progress.TENSORBOARD).iterdir()] == [progress.EVENT_FILE]

@@ -95,15 +95,3 @@ def test_a_rerun_resumes_only_on_the_same_frames_of_its_data(tmp_path, monkeypat
     recorded.write_text(recorded.read_text().replace('"frames"', '"not_frames"').replace('"weight_average"', '"x"'))
     run_directory.check_run_identity(dataclasses.replace(config, ema_momentum=0.0),
                                      identity(["a.png", "b.png", "c.png"], ["d.png"]))
-
-
-def test_tensorboard_holds_each_epoch_once_after_a_rerun_exports_again(tmp_path):
-    import tensorflow as tf
-
-    history = [{"epoch": epoch, "val_mean_iou": 0.1 * epoch, "val_iou_per_class": {}} for epoch in (1, 2, 3)]
-    run_directory.write_tensorboard(str(tmp_path), history[:2])
-    run_directory.write_tensorboard(str(tmp_path), history)  # a resumed run exports its whole history again
-    (event_file,) = os.listdir(tmp_path)
-    steps = [event.step for event in tf.compat.v1.train.summary_iterator(str(tmp_path / event_file))
-             for value in event.summary.value if value.tag == "val_mean_iou"]
-    assert steps == [1, 2, 3]
