@@ -302,7 +302,7 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def training_batches(train_shard, config, first_epoch, rank, class_weights, in_memory=False):
+def training_batches(train_shard, config, first_epoch, rank, class_weights, in_memory):
     """This worker's shard for every remaining epoch, as one tf.data pipeline.
 
     Each epoch is one pass over the shard, reshuffled with its own seed and augmented within
@@ -507,14 +507,13 @@ def weights_fingerprint(model):
                      for index, weights in enumerate(model.get_weights())))
 
 
-def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint=True):
+def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint):
     """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint.
 
     Every worker reports every epoch, checkpoint or not: Ray Train counts the reports.
     """
-    reported = {key: value for key, value in metrics.items() if not isinstance(value, dict)}
     if not with_checkpoint:
-        ray.train.report(reported)
+        ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as directory:
         # "keras_v3", not the default: tf-keras decides the format from a thread-local flag that
@@ -524,7 +523,7 @@ def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint
             json.dump({"history": history}, file)
         np.savez(os.path.join(directory, CHECKPOINT_BEST), *best_weights)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-        ray.train.report(reported, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 class FailOnce(tf.keras.callbacks.Callback):

@@ -267,6 +267,10 @@ def test_a_diverged_run_stops_on_every_worker_and_exports_nothing(tmp_path, ray_
     with open(os.path.join(config.output, "metrics.json")) as file:
         (epoch,) = json.load(file)
     assert epoch["epoch"] == 1 and np.isnan(epoch["val_loss"])
+    assert epoch["val_iou_per_class"] and all(f"val_iou_{name}" in open(os.path.join(config.output, "metrics.csv"))
+                                              .readline() for name in epoch["val_iou_per_class"])
+    (event_file,) = os.listdir(os.path.join(config.output, "tensorboard"))
+    assert "val_iou/" in open(os.path.join(config.output, "tensorboard", event_file), "rb").read().decode("latin-1")
 
 
 def test_truncated_png_fails_before_training(tmp_path, ray_session):
