@@ -251,9 +251,9 @@ def list_images(filesystem, root, skip=None, writes_files=True):
     paths.sort()
     outputs = {}
     for path in paths if writes_files else ():
-        clash = outputs.setdefault(output_path("masks", mask_name(path)), path)
+        clash = outputs.setdefault(output_path("masks", output_png_name(path)), path)
         if clash != path:
-            raise ValueError(f"{root}: {clash} and {path} would both write the mask {mask_name(path)}")
+            raise ValueError(f"{root}: {clash} and {path} would both write the mask {output_png_name(path)}")
     return paths, sorted(ignored), sorted(folder[len(root) + 1:] for folder in folders)
 
 
@@ -268,8 +268,9 @@ def not_inputs(found, root):
     return masks | outputs
 
 
-def mask_name(relative):
-    """The output PNG of an input: same name as CameraMask uses, `.png` appended for JPEGs."""
+def output_png_name(relative):
+    """The name of an input's mask and overlay: a PNG's own, a JPEG's with `.png` appended (x.jpg →
+    x.jpg.png, where CameraMask/ would hold x.png), so that x.jpg beside x.png keep apart."""
     return relative if relative.lower().endswith(".png") else relative + ".png"
 
 
@@ -405,7 +406,7 @@ def write_images(output, batch, config):
         relative = batch["path"][index]
         try:
             for folder, column in columns:
-                output.write(output_path(folder, mask_name(relative)), batch[column][index])
+                output.write(output_path(folder, output_png_name(relative)), batch[column][index])
         except OSError as error:
             reasons[index] = f"{relative}: its output cannot be written ({error})"
     return reasons == "", reasons

@@ -171,7 +171,7 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert paths == ["frame.jpg", "scene_000000.png", "scene_000001.png", "scene_000002.png"]
     expected = expected_masks(model_dir / "model.keras", images, paths, size=SIZE)
     for path in paths:
-        mask = (output / "masks" / inference.mask_name(path)).read_bytes()
+        mask = (output / "masks" / inference.output_png_name(path)).read_bytes()
         np.testing.assert_array_equal(data.decode_mask(mask, path), expected[path])
     assert not (output / "overlays").exists()
     assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
