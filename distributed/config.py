@@ -61,7 +61,7 @@ class TrainConfig:
     split: str = "tail"
     # The recipe (see PRESETS): optimiser schedule, augmentation, class balancing, early stopping.
     learning_rate: float = 2e-3
-    lr_schedule: str = "cosine"  # constant | cosine (with a linear warm-up)
+    lr_schedule: str = "cosine"  # LR_SCHEDULES; the cosine decay starts with a linear warm-up
     # None: a thirtieth of the epochs (8 of 250), the share every measured recipe used, so that
     # `--epochs N` alone keeps the schedule's shape; short runs still warm up for one epoch.
     warmup_epochs: int | None = None
@@ -86,7 +86,7 @@ class TrainConfig:
     max_failures: int = 0
     seed: int = 0
     # auto: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else off
-    mixed_precision: str = "auto"  # auto | off | bf16 | fp16
+    mixed_precision: str = "auto"  # PRECISIONS; auto: bf16 where the hardware computes it natively
     # XLA-compile the training step of a lone worker (XLA on CPU cannot compile MWMS's all-reduce),
     # on CPU in float32 only (XLA would compute bfloat16 in float32)
     jit_compile: bool = True

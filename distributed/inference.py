@@ -30,7 +30,7 @@ import ray
 import tensorflow as tf
 from PIL import Image
 
-from distributed import runtime
+from distributed import checkpoint, runtime
 from distributed.config import InferConfig
 from distributed.ingest import FAILURES_SHOWN, list_tree, open_output, open_root, place_below, read_file, within
 from unet_core import data, plots
@@ -148,10 +148,8 @@ def actor_shortfall(config):
 
 def model_file(path):
     """The .keras file behind --model: the file itself, or model.keras in a run's output directory."""
-    from distributed.training import CHECKPOINT_STATE  # here: distributed.training imports this module
-
     folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.isfile(os.path.join(folder, CHECKPOINT_STATE)):
+    if os.path.isfile(os.path.join(folder, checkpoint.STATE)):
         raise ValueError(f"{path}: of a training checkpoint, whose {MODEL_FILE} holds the raw weights training goes on "
                          f"from (not the best epoch's, nor their moving average); pass the run's --output directory "
                          f"or its {MODEL_FILE}, which jobs.train exports")

@@ -128,7 +128,7 @@ def write_skipped(output, skipped):
 
 def write(config, history, best_weights, val_frames):
     """Fill the run directory from a finished run's history and the weights its best epoch was
-    scored with; returns the per-epoch metrics."""
+    scored with."""
     model_path = os.path.join(config.output, "model.keras")
     export_model(config, best_weights, model_path)
 
@@ -141,7 +141,6 @@ def write(config, history, best_weights, val_frames):
                         titles=[str(name) for name in frames["name"]], class_names=class_names(config.n_classes))
     print(f"[unet-ray] run directory {os.path.abspath(config.output)}: model.keras (best val mIoU "
           f"{max(h['val_mean_iou'] for h in history):.4f}), metrics.json, curves.png, previews.png", flush=True)
-    return history
 
 
 def export_model(config, weights, path):

@@ -38,6 +38,13 @@ def connect(num_cpus=None):
     started_local_ray = True
 
 
+def disconnect():
+    """Leave Ray; a local Ray this process started stops with it."""
+    global started_local_ray
+    ray.shutdown()
+    started_local_ray = False
+
+
 def set_up_local_worker():
     """Run in every worker of a local Ray, for Ray Train's placement-group cleaner, which asks the
     state API every second whether the run's controller lives.

@@ -3,28 +3,26 @@
 Read top to bottom: `train` (driver) prepares data and launches `train_loop_per_worker` on every
 worker; each worker runs one `fit` over every epoch, and after each epoch the workers score the
 whole validation set once between them, keep the weights of the best epoch so far in memory,
-report, and save a checkpoint together when one is due; the driver then exports the best weights
-the last checkpoint carries.
+report, and save a checkpoint together when one is due (checkpoint.py); the driver then exports
+the best weights the last checkpoint carries.
 """
 
-import json
 import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 
 import numpy as np
-import pyarrow.fs
 import ray
 import ray.train
 import tensorflow as tf
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from distributed import ingest, progress, runtime, run_directory
+from distributed import checkpoint, ingest, progress, runtime, run_directory
+from distributed.failure_injection import FailOnce
 from distributed.config import TrainConfig, TrainingFailed
 from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
@@ -32,28 +30,10 @@ from unet_core.training import (
     averaged_weights, compile_unet, cosine_with_warmup, predict_logits_fn, score_batch, start_from_class_prior,
 )
 
-CHECKPOINT_MODEL = "model.keras"
-CHECKPOINT_STATE = "state.json"
-CHECKPOINT_BEST = "best_weights.npz"  # the weights the best val mIoU so far was scored with
-
 
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
-    ingest.open_output(config.output)
-    for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
-        if uri is not None:  # before anything is written: a folder in CameraRGB/ would break the data
-            ingest.check_output_outside(config.output, uri, flag, "the run's files")
-    if config.data is not None and config.val_data is not None:
-        ingest.check_validation_apart(config.data, config.val_data)
-    ingest.make_directory(config.output, "--output")
-    run_directory.check_run_identity(config)
-    runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
-    runtime.refuse_or_warn(runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu))
-    if "://" not in config.resolved_storage_path:  # before the data is decoded; a bucket is Ray Train's to reach
-        ingest.make_directory(config.resolved_storage_path, "--storage-path")
-    oversubscribed = runtime.oversubscription(config.num_workers * config.cpus_per_worker)
-    if oversubscribed:
-        print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
+    check_before_start(config)
     data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
         data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.skip_bad,
@@ -64,22 +44,10 @@ def train(config: TrainConfig):
     run_directory.check_run_identity(config, frames)
     run_directory.record_run_identity(config, frames)
     weights, counts = class_balance(train_frames, config)
-    sources = data_uri if config.val_data is None else f"{data_uri} and {config.val_data}"
-    per_worker, sitting_out = divmod(train_frames.count(), config.num_workers)
-    # Ray Data's equal split: every worker gets the same number of training frames.
-    uneven = f"; {sitting_out} training frame(s) sit out each epoch ({per_worker} per worker)" if sitting_out else ""
-    print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
-          f"from {sources}; {len(skipped)} skipped{uneven}", flush=True)
-    for reason in list(skipped.values())[:ingest.FAILURES_SHOWN]:
-        print(f"[unet-ray] skipped: {reason}", file=sys.stderr, flush=True)
-    if skipped:
-        more = len(skipped) - ingest.FAILURES_SHOWN
-        print(f"[unet-ray] every skipped frame and why{f' ({more} not shown above)' if more > 0 else ''}: "
-              f"{os.path.join(config.output, 'skipped.json')}", file=sys.stderr, flush=True)
+    per_worker = print_frames(config, data_uri, train_frames, val_frames, skipped)
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        # Ray's equal split hands every worker the same number of training rows.
         train_loop_config={
             "config": config.to_dict(),
             "rows_per_worker": per_worker,
@@ -111,10 +79,48 @@ def train(config: TrainConfig):
             f"{diverged['val_loss']}), so no model was exported from it; train into another --output with a "
             f"lower --learning-rate (now {config.learning_rate}) or a cap on the gradient (--clip-norm 1)")
     with result.checkpoint.as_directory() as directory:  # the last epoch always checkpoints
-        history, best_weights = read_checkpoint(directory)
-    exported = run_directory.write(config, history, best_weights, val_frames)
-    remove_untracked_checkpoints(result)  # after the export: housekeeping never costs the run its model
-    return exported
+        history, best_weights = checkpoint.read(directory)
+    run_directory.write(config, history, best_weights, val_frames)
+    checkpoint.remove_untracked(result)  # after the export: housekeeping never costs the run its model
+    return history
+
+
+def check_before_start(config):
+    """Refuses a run that cannot go on (bad paths, another run's output, too few workers) before
+    any data is decoded; makes the output directory and connects to Ray, or starts it."""
+    ingest.open_output(config.output)
+    for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
+        if uri is not None:  # before anything is written: a folder in CameraRGB/ would break the data
+            ingest.check_output_outside(config.output, uri, flag, "the run's files")
+    if config.data is not None and config.val_data is not None:
+        ingest.check_validation_apart(config.data, config.val_data)
+    ingest.make_directory(config.output, "--output")
+    run_directory.check_run_identity(config)
+    runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
+    runtime.refuse_or_warn(runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu))
+    if "://" not in config.resolved_storage_path:  # before the data is decoded; a bucket is Ray Train's to reach
+        ingest.make_directory(config.resolved_storage_path, "--storage-path")
+    oversubscribed = runtime.oversubscription(config.num_workers * config.cpus_per_worker)
+    if oversubscribed:
+        print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
+
+
+def print_frames(config, data_uri, train_frames, val_frames, skipped):
+    """The frames the run trains and validates on, and the skipped ones; returns the training
+    frames each worker gets."""
+    sources = data_uri if config.val_data is None else f"{data_uri} and {config.val_data}"
+    per_worker, sitting_out = divmod(train_frames.count(), config.num_workers)
+    # Ray Data's equal split: every worker gets the same number of training frames.
+    uneven = f"; {sitting_out} training frame(s) sit out each epoch ({per_worker} per worker)" if sitting_out else ""
+    print(f"[unet-ray] {train_frames.count()} training / {val_frames.count()} validation frames "
+          f"from {sources}; {len(skipped)} skipped{uneven}", flush=True)
+    for reason in list(skipped.values())[:ingest.FAILURES_SHOWN]:
+        print(f"[unet-ray] skipped: {reason}", file=sys.stderr, flush=True)
+    if skipped:
+        more = len(skipped) - ingest.FAILURES_SHOWN
+        print(f"[unet-ray] every skipped frame and why{f' ({more} not shown above)' if more > 0 else ''}: "
+              f"{os.path.join(config.output, 'skipped.json')}", file=sys.stderr, flush=True)
+    return per_worker
 
 
 def class_balance(train_frames, config):
@@ -151,28 +157,6 @@ def fit(trainer):
             signal.signal(signal.SIGINT, handler)
 
 
-def remove_untracked_checkpoints(result):
-    """Delete the run's checkpoint directories that Ray Train does not track.
-
-    An aborted run loses the reports its workers made after the controller last polled them (every
-    2 s): those checkpoints are on storage, yet Ray Train never resumes from them and, not counting
-    them in `keep_checkpoints`, never deletes them.
-    """
-    tracked = {checkpoint.path.rstrip("/") for checkpoint, _ in result.best_checkpoints}
-    tracked.add(result.checkpoint.path.rstrip("/"))
-    listing = result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path))
-    for info in listing:
-        if (info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
-                and info.path.rstrip("/") not in tracked):
-            try:
-                result.filesystem.delete_dir(info.path)
-                print(f"[unet-ray] removed {info.path}: a checkpoint an interrupted attempt left untracked",
-                      flush=True)
-            except OSError as error:
-                print(f"[unet-ray] warning: could not remove {info.path}, a checkpoint an interrupted attempt "
-                      f"left untracked: {error}", file=sys.stderr, flush=True)
-
-
 def train_loop_per_worker(loop_config):
     config = TrainConfig(**loop_config["config"])
     steps_per_epoch = math.ceil(loop_config["rows_per_worker"] / config.batch_size)
@@ -201,7 +185,7 @@ def train_loop_per_worker(loop_config):
         )
         if loop_config["class_pixel_counts"] is not None:
             start_from_class_prior(model, loop_config["class_pixel_counts"])
-        first_epoch, history, best_weights = restore(model, ray.train.get_checkpoint(), steps_per_epoch)
+        first_epoch, history, best_weights = checkpoint.restore(model, ray.train.get_checkpoint(), steps_per_epoch)
     if first_epoch and rank == 0:
         worker_log(f"[unet-ray] resumed from the checkpoint of epoch {first_epoch}")
     if first_epoch >= config.epochs:
@@ -254,7 +238,7 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
         self.config, self.history, self.best_weights, self.constants = config, history, best_weights, constants
         self.forward = None
         self.sum_across_workers = summing_across_workers(strategy)
-        self.started = time.time()
+        self.started = None  # when the epoch began
         self.diverged = None  # the metrics of the epoch whose weights went to NaN or inf, if one did
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -293,10 +277,9 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
                        f"{metrics['val_pixel_accuracy']:.4f} val_mean_iou {metrics['val_mean_iou']:.4f} "
                        f"({metrics['epoch_seconds']:.0f} s)")
         # A diverged epoch is not checkpointed: the last checkpoint keeps weights that were still finite.
-        checkpoint_now = (should_checkpoint(epoch, config) or stop) and not diverged
-        save_and_report(self.model, metrics, self.history, self.best_weights, self.rank, checkpoint_now)
+        checkpoint_now = (checkpoint.is_due(epoch, config) or stop) and not diverged
+        checkpoint.save_and_report(self.model, metrics, self.history, self.best_weights, self.rank, checkpoint_now)
         if stop:
-            # Metrics are all-reduced, so every worker stops after the same epoch.
             if self.rank == 0 and not diverged:
                 worker_log(f"[unet-ray] early stop: no better val_mean_iou for {config.early_stopping_patience} epochs")
             self.model.stop_training = True
@@ -403,15 +386,6 @@ def is_new_best(history, scores):
     return scores["val_mean_iou"] > max((row["val_mean_iou"] for row in history), default=-1.0)
 
 
-def should_checkpoint(epoch, config):
-    """Every `checkpoint_every`-th epoch (what a restart resumes from) and the last.
-
-    Saving model and Adam's state costs about a second, a lot beside the few seconds of an epoch
-    on a small dataset. Every worker decides the same way, as saving under MWMS needs.
-    """
-    return (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
-
-
 def should_stop_early(history, patience):
     if not patience or len(history) <= patience:
         return False
@@ -420,44 +394,13 @@ def should_stop_early(history, patience):
 
 
 def set_precision_policy(mixed_precision, use_gpu):
-    """Returns what `auto` resolved to on this worker's hardware (off or bf16)."""
+    """Sets Keras's global policy; returns the precision this worker trains in, `auto` resolved on
+    its hardware (to off or bf16)."""
     if mixed_precision == "auto":
         mixed_precision = "bf16" if runtime.native_bfloat16(use_gpu) else "off"
     name = {"off": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[mixed_precision]
     tf.keras.mixed_precision.set_global_policy(name)
     return mixed_precision
-
-
-def restore(model, checkpoint, steps_per_epoch):
-    """Load weights and Adam's state from a checkpoint; returns (first epoch to run, history,
-    best weights so far).
-
-    Adam's step count, which drives the learning-rate schedule, is set to the epochs done times
-    this run's steps per epoch: a rerun on another number of workers or batch size has another
-    number of steps per epoch, and the restored count would put the schedule epochs off (past
-    its end, at a learning rate of 0, when the steps per epoch shrink). On the same shape the
-    count is unchanged. On another, Adam's bias correction reads the new count too: until the
-    count reaches a few thousand, its steps shrink or grow by up to the square root of the ratio
-    of the old to the new steps per epoch, a smaller error than the schedule's.
-    """
-    if checkpoint is None:
-        return 0, [], None
-    with checkpoint.as_directory() as directory:
-        # Adam's slots must exist before loading, or their saved values are silently dropped.
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(os.path.join(directory, CHECKPOINT_MODEL))
-        history, best_weights = read_checkpoint(directory)
-    model.optimizer.iterations.assign(len(history) * steps_per_epoch)
-    return len(history), history, best_weights
-
-
-def read_checkpoint(directory):
-    """(history, the weights the best val mIoU so far was scored with) of a checkpoint's directory."""
-    with open(os.path.join(directory, CHECKPOINT_STATE)) as file:
-        history = json.load(file)["history"]
-    with np.load(os.path.join(directory, CHECKPOINT_BEST)) as arrays:
-        best_weights = [arrays[f"arr_{index}"] for index in range(len(arrays.files))]
-    return history, best_weights
 
 
 def evaluate(model, forward, sum_across_workers, val_frames, rank, world_size, config):
@@ -505,48 +448,3 @@ def weights_fingerprint(model):
     """One number that changes with any weight: a position-weighted sum of all of them."""
     return float(sum((index + 1) * np.abs(weights).astype(np.float64).sum()
                      for index, weights in enumerate(model.get_weights())))
-
-
-def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint):
-    """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint.
-
-    Every worker reports every epoch, checkpoint or not: Ray Train counts the reports.
-    """
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        # "keras_v3", not the default: tf-keras decides the format from a thread-local flag that
-        # reads False in Ray Train's worker thread after the first save, writing HDF5 instead.
-        model.save(os.path.join(directory, CHECKPOINT_MODEL), save_format="keras_v3")
-        with open(os.path.join(directory, CHECKPOINT_STATE), "w") as file:
-            json.dump({"history": history}, file)
-        np.savez(os.path.join(directory, CHECKPOINT_BEST), *best_weights)
-        checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-class FailOnce(tf.keras.callbacks.Callback):
-    """Makes the last worker crash mid-epoch, once per run, to prove that training recovers from
-    checkpoints (on a lone worker too: it is the last)."""
-
-    def __init__(self, config, rank, world_size):
-        super().__init__()
-        self.rank = rank
-        self.fails_here = rank == world_size - 1
-        self.fail_epoch = config.fail_once_at_epoch
-        # In the run's storage, which every node reaches (a cloud URI on a cluster). Looked up
-        # once: a restarted worker builds a new callback.
-        self.filesystem, run_root = ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}")
-        self.marker = f"{run_root}/injected_failure"
-        self.failed_before = self.filesystem.get_file_info(self.marker).type != pyarrow.fs.FileType.NotFound
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.fails_here and self.epoch == self.fail_epoch and not self.failed_before:
-            with self.filesystem.open_output_stream(self.marker):
-                pass
-            raise RuntimeError(f"injected failure on rank {self.rank} in epoch {self.epoch}")

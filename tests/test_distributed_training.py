@@ -8,26 +8,22 @@ import signal
 import threading
 import time
 import zipfile
-from types import SimpleNamespace
 
 import numpy as np
-import pyarrow.fs
 import pytest
 import ray
 import tensorflow as tf
 
-from distributed import ingest, runtime, training
+from distributed import checkpoint, ingest, runtime, training
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
-    CHECKPOINT_BEST, CHECKPOINT_MODEL, CHECKPOINT_STATE, class_balance, evaluate, is_new_best, read_checkpoint,
-    read_shard, remove_untracked_checkpoints, restore, shard_fits_in_memory, should_checkpoint, should_stop_early,
-    train, training_batches,
+    class_balance, evaluate, is_new_best, read_shard, shard_fits_in_memory, should_stop_early, train, training_batches,
 )
 from jobs import train as train_job
-from unet_core import data, scenes, unet_model
+from unet_core import data, scenes
 from tests.conftest import reference_scores
-from unet_core.training import averaged_weights, compile_unet
+from unet_core.training import averaged_weights
 
 
 def smoke_config(tmp_path, **overrides):
@@ -104,7 +100,7 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     # Only the last epoch checkpointed (checkpoint_every 10), yet the export holds the weights the
     # best epoch was scored with, whichever it was, and the checkpoint carries them for a resume.
     assert list(checkpoint_dirs(config)) == [2]
-    _, best = read_checkpoint(checkpoint_dirs(config)[2])
+    _, best = checkpoint.read(checkpoint_dirs(config)[2])
     assert len(best) == len(model.get_weights())
     assert all(np.array_equal(b, e) for b, e in zip(best, model.get_weights()))
     trained = checkpoint_model(checkpoint_dirs(config)[2])  # in the precision training scored in
@@ -205,33 +201,6 @@ def test_a_failed_run_exits_1_with_ray_trains_error_and_how_to_go_on(monkeypatch
     assert "error: Training failed due to worker errors:\n[Rank 0 Error Snippet]: The actor died unexpectedly" in error
     assert ("training failed: the same command resumes from the run's last checkpoint (one every --checkpoint-every "
             "epochs); --max-failures N has Ray Train restart the workers from it by itself") in error
-
-
-def test_untracked_checkpoints_are_removed_and_one_that_cannot_be_is_named(tmp_path, capsys):
-    local = pyarrow.fs.LocalFileSystem()
-    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_stray", "checkpoint_stuck"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
-
-    def delete_dir(path):  # as a bucket without delete permission would answer
-        if path.endswith("stuck"):
-            raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
-        local.delete_dir(path)
-
-    def checkpoint(name):
-        return ray.train.Checkpoint(str(tmp_path / name))
-
-    result = SimpleNamespace(path=str(tmp_path), filesystem=SimpleNamespace(get_file_info=local.get_file_info,
-                                                                            delete_dir=delete_dir),
-                             checkpoint=checkpoint("checkpoint_b"),
-                             best_checkpoints=[(checkpoint("checkpoint_a"), {}), (checkpoint("checkpoint_b"), {})])
-    remove_untracked_checkpoints(result)
-    assert sorted(os.listdir(tmp_path)) == [
-        "checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "checkpoint_stuck"]
-    printed = capsys.readouterr()
-    assert f"removed {tmp_path / 'checkpoint_stray'}: a checkpoint an interrupted attempt left" in printed.out
-    assert f"warning: could not remove {tmp_path / 'checkpoint_stuck'}" in printed.err
-    assert "Permission denied" in printed.err
 
 
 def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ray_session, capfd):
@@ -343,11 +312,6 @@ def test_unpaired_files_fail_before_training(tmp_path, ray_session):
         train(smoke_config(tmp_path, data=str(frames), epochs=1))
 
 
-def test_checkpoints_every_nth_epoch_and_the_last():
-    config = TrainConfig(epochs=10, checkpoint_every=4)
-    assert [epoch + 1 for epoch in range(10) if should_checkpoint(epoch, config)] == [4, 8, 10]
-
-
 def test_a_new_best_beats_every_earlier_epoch():
     history = [{"val_mean_iou": value} for value in (0.1, 0.3, 0.2)]
     assert is_new_best([], {"val_mean_iou": 0.0})  # the first epoch always is
@@ -422,39 +386,6 @@ def test_a_resumed_worker_feeds_its_uninterrupted_batches_class_mix_included(ray
         np.testing.assert_array_equal(masks, masks_again)
     # ClassMix did paste: some frame holds pixels of two frames.
     assert any(len(np.unique(image)) > 1 for images, _ in uninterrupted for image in images)
-
-
-def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tmp_path):
-    def compiled():
-        return compile_unet(unet_model((32, 48, 3), n_filters=4), learning_rate=1e-2, ema_momentum=0.9)
-
-    images = np.random.default_rng(0).random((4, 32, 48, 3), np.float32)
-    masks = np.random.default_rng(1).integers(0, 23, (4, 32, 48))
-    model = compiled()
-    for _ in range(3):
-        model.train_on_batch(images, masks)
-    with averaged_weights(model):
-        averaged = model.get_weights()
-    model.save(str(tmp_path / CHECKPOINT_MODEL), save_format="keras_v3")
-    (tmp_path / CHECKPOINT_STATE).write_text(json.dumps({"history": [{"epoch": 1}]}))
-    best = [np.full_like(w, index) for index, w in enumerate(averaged)]
-    np.savez(tmp_path / CHECKPOINT_BEST, *best)
-
-    resumed = compiled()
-    first_epoch, history, best_weights = restore(resumed, ray.train.Checkpoint.from_directory(str(tmp_path)), 3)
-    assert (first_epoch, history) == (1, [{"epoch": 1}])
-    assert len(best_weights) == len(best) and all(np.array_equal(a, b) for a, b in zip(best, best_weights))
-    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), resumed.get_weights()))
-    with averaged_weights(resumed):
-        assert all(np.array_equal(a, b) for a, b in zip(averaged, resumed.get_weights()))
-    assert resumed.optimizer.iterations.numpy() == 3  # the epoch's 3 steps, as saved
-
-    # On another cluster shape or batch size, an epoch has another number of steps: the step
-    # count (the learning-rate schedule's clock) restarts at the epoch the run stopped after.
-    reshaped = compiled()
-    restore(reshaped, ray.train.Checkpoint.from_directory(str(tmp_path)), 5)
-    assert reshaped.optimizer.iterations.numpy() == 5
-    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), reshaped.get_weights()))
 
 
 def test_a_shard_read_into_memory_is_in_frame_name_order(ray_session):

@@ -1,0 +1,101 @@
+"""Checkpoints: what every worker saves together, what a restarted or resumed worker restores,
+and the driver's cleanup of those Ray Train lost track of.
+
+A checkpoint holds the model with Adam's state (the weights' moving average included), the
+history so far, and the weights the best val mIoU so far was scored with.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+import pyarrow.fs
+import ray.train
+
+MODEL = "model.keras"
+STATE = "state.json"
+BEST = "best_weights.npz"
+
+
+def is_due(epoch, config):
+    """Every `checkpoint_every`-th epoch (what a restart resumes from) and the last.
+
+    Saving model and Adam's state costs about a second, a lot beside the few seconds of an epoch
+    on a small dataset. Every worker decides the same way, as saving under MWMS needs.
+    """
+    return (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
+
+
+def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint):
+    """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint.
+
+    Every worker reports every epoch, checkpoint or not: Ray Train counts the reports.
+    """
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        # "keras_v3", not the default: tf-keras decides the format from a thread-local flag that
+        # reads False in Ray Train's worker thread after the first save, writing HDF5 instead.
+        model.save(os.path.join(directory, MODEL), save_format="keras_v3")
+        with open(os.path.join(directory, STATE), "w") as file:
+            json.dump({"history": history}, file)
+        np.savez(os.path.join(directory, BEST), *best_weights)
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def restore(model, checkpoint, steps_per_epoch):
+    """Load weights and Adam's state from a checkpoint; returns (first epoch to run, history,
+    best weights so far).
+
+    Adam's step count, which drives the learning-rate schedule, is set to the epochs done times
+    this run's steps per epoch: a rerun on another number of workers or batch size has another
+    number of steps per epoch, and the restored count would put the schedule epochs off (past
+    its end, at a learning rate of 0, when the steps per epoch shrink). On the same shape the
+    count is unchanged. On another, Adam's bias correction reads the new count too: until the
+    count reaches a few thousand, its steps shrink or grow by up to the square root of the ratio
+    of the old to the new steps per epoch, a smaller error than the schedule's.
+    """
+    if checkpoint is None:
+        return 0, [], None
+    with checkpoint.as_directory() as directory:
+        # Adam's slots must exist before loading, or their saved values are silently dropped.
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(os.path.join(directory, MODEL))
+        history, best_weights = read(directory)
+    model.optimizer.iterations.assign(len(history) * steps_per_epoch)
+    return len(history), history, best_weights
+
+
+def read(directory):
+    """(history, the weights the best val mIoU so far was scored with) of a checkpoint's directory."""
+    with open(os.path.join(directory, STATE)) as file:
+        history = json.load(file)["history"]
+    with np.load(os.path.join(directory, BEST)) as arrays:
+        best_weights = [arrays[f"arr_{index}"] for index in range(len(arrays.files))]
+    return history, best_weights
+
+
+def remove_untracked(result):
+    """Delete the run's checkpoint directories that Ray Train does not track.
+
+    An aborted run loses the reports its workers made after the controller last polled them (every
+    2 s): those checkpoints are on storage, yet Ray Train never resumes from them and, not counting
+    them in `keep_checkpoints`, never deletes them.
+    """
+    tracked = {checkpoint.path.rstrip("/") for checkpoint, _ in result.best_checkpoints}
+    tracked.add(result.checkpoint.path.rstrip("/"))
+    listing = result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path))
+    for info in listing:
+        if (info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+                and info.path.rstrip("/") not in tracked):
+            try:
+                result.filesystem.delete_dir(info.path)
+                print(f"[unet-ray] removed {info.path}: a checkpoint an interrupted attempt left untracked",
+                      flush=True)
+            except OSError as error:
+                print(f"[unet-ray] warning: could not remove {info.path}, a checkpoint an interrupted attempt "
+                      f"left untracked: {error}", file=sys.stderr, flush=True)

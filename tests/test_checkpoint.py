@@ -1,0 +1,79 @@
+"""Checkpoints: when they are due, what a resumed worker restores, and the untracked ones cleaned up."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.fs
+import ray
+
+from distributed import checkpoint
+from distributed.config import TrainConfig
+from unet_core import unet_model
+from unet_core.training import averaged_weights, compile_unet
+
+
+def test_checkpoints_every_nth_epoch_and_the_last():
+    config = TrainConfig(epochs=10, checkpoint_every=4)
+    assert [epoch + 1 for epoch in range(10) if checkpoint.is_due(epoch, config)] == [4, 8, 10]
+
+
+def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tmp_path):
+    def compiled():
+        return compile_unet(unet_model((32, 48, 3), n_filters=4), learning_rate=1e-2, ema_momentum=0.9)
+
+    images = np.random.default_rng(0).random((4, 32, 48, 3), np.float32)
+    masks = np.random.default_rng(1).integers(0, 23, (4, 32, 48))
+    model = compiled()
+    for _ in range(3):
+        model.train_on_batch(images, masks)
+    with averaged_weights(model):
+        averaged = model.get_weights()
+    model.save(str(tmp_path / checkpoint.MODEL), save_format="keras_v3")
+    (tmp_path / checkpoint.STATE).write_text(json.dumps({"history": [{"epoch": 1}]}))
+    best = [np.full_like(w, index) for index, w in enumerate(averaged)]
+    np.savez(tmp_path / checkpoint.BEST, *best)
+
+    resumed = compiled()
+    first_epoch, history, best_weights = checkpoint.restore(resumed, ray.train.Checkpoint.from_directory(str(tmp_path)), 3)
+    assert (first_epoch, history) == (1, [{"epoch": 1}])
+    assert len(best_weights) == len(best) and all(np.array_equal(a, b) for a, b in zip(best, best_weights))
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), resumed.get_weights()))
+    with averaged_weights(resumed):
+        assert all(np.array_equal(a, b) for a, b in zip(averaged, resumed.get_weights()))
+    assert resumed.optimizer.iterations.numpy() == 3  # the epoch's 3 steps, as saved
+
+    # On another cluster shape or batch size, an epoch has another number of steps: the step
+    # count (the learning-rate schedule's clock) restarts at the epoch the run stopped after.
+    reshaped = compiled()
+    checkpoint.restore(reshaped, ray.train.Checkpoint.from_directory(str(tmp_path)), 5)
+    assert reshaped.optimizer.iterations.numpy() == 5
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), reshaped.get_weights()))
+
+
+def test_untracked_checkpoints_are_removed_and_one_that_cannot_be_is_named(tmp_path, capsys):
+    local = pyarrow.fs.LocalFileSystem()
+    for name in ("checkpoint_a", "checkpoint_b", "checkpoint_stray", "checkpoint_stuck"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+
+    def delete_dir(path):  # as a bucket without delete permission would answer
+        if path.endswith("stuck"):
+            raise PermissionError(f"[Errno 13] Permission denied: '{path}'")
+        local.delete_dir(path)
+
+    def tracked(name):
+        return ray.train.Checkpoint(str(tmp_path / name))
+
+    result = SimpleNamespace(path=str(tmp_path), filesystem=SimpleNamespace(get_file_info=local.get_file_info,
+                                                                            delete_dir=delete_dir),
+                             checkpoint=tracked("checkpoint_b"),
+                             best_checkpoints=[(tracked("checkpoint_a"), {}), (tracked("checkpoint_b"), {})])
+    checkpoint.remove_untracked(result)
+    assert sorted(os.listdir(tmp_path)) == [
+        "checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "checkpoint_stuck"]
+    printed = capsys.readouterr()
+    assert f"removed {tmp_path / 'checkpoint_stray'}: a checkpoint an interrupted attempt left" in printed.out
+    assert f"warning: could not remove {tmp_path / 'checkpoint_stuck'}" in printed.err
+    assert "Permission denied" in printed.err
