@@ -4,6 +4,11 @@ import os
 import statistics
 from dataclasses import dataclass
 
+# The figures, in the order a run measures them.
+TRAINING_FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph",
+                    "shard_memory_vs_stream")
+INFERENCE_FIGURES = ("infer_vs_predict", "infer_memory_5000_vs_500")
+
 
 @dataclass(frozen=True)
 class Profile:

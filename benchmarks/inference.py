@@ -1,7 +1,5 @@
-"""The inference figures: end-to-end batch inference vs bare model.predict, and its peak memory.
-
-`python -m benchmarks.inference [--quick|--tiny] ...` runs only these two figures (it forwards to
-`benchmarks.run --only infer_vs_predict,infer_memory_5000_vs_500`).
+"""The inference figures: end-to-end batch inference vs bare model.predict, and its peak memory
+(`python -m benchmarks.run --only infer_vs_predict,infer_memory_5000_vs_500` runs only these).
 
 The model is an untrained U-Net of the profile's size (weights do not change the cost), saved as
 a .keras file as training would leave it. Inputs are generated 640x480 scenes from the cache.
@@ -23,8 +21,6 @@ from benchmarks.common import median, ratio, rotated, rounded
 from distributed import inference, runtime
 from distributed.config import FORMATS, InferConfig
 from unet_core import data, unet_model
-
-FIGURES = ("infer_vs_predict", "infer_memory_5000_vs_500")
 
 
 def save_model(profile, work):
@@ -138,7 +134,7 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_ac
                                      num_actors=num_actors, cpus_per_actor=cpus_per_actor)
                 runs[name].append(time_infer(config, count))
             log(f"[bench]   {json.dumps(rounded(runs[name][-1], 3))}")
-    # The old benchmarks.inference figure: a rerun into the same output finds everything done.
+    # What a rerun into the same output costs: it finds every frame done.
     started = time.perf_counter()
     rerun = inference.infer(config)
     rerun_seconds = time.perf_counter() - started
@@ -237,13 +233,3 @@ def infer_memory(profile, cache, work, log):
             "repeats": profile.memory_repeats,
         },
     }
-
-
-def main(argv=None):
-    from benchmarks import run
-
-    return run.main(["--only", ",".join(FIGURES), *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -30,11 +30,8 @@ import tempfile
 import traceback
 
 from benchmarks import frames
-from benchmarks.common import PROFILES, machine, rounded
+from benchmarks.common import INFERENCE_FIGURES, PROFILES, TRAINING_FIGURES, machine, rounded
 
-TRAINING_FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph",
-                    "shard_memory_vs_stream")
-INFERENCE_FIGURES = ("infer_vs_predict", "infer_memory_5000_vs_500")
 FIGURES = TRAINING_FIGURES + INFERENCE_FIGURES
 
 
@@ -140,8 +137,6 @@ def main(argv=None):
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON lines only
             # Frames first: rendering runs in spawned processes, before TensorFlow starts its threads.
             frames.ensure_frames(args.cache, max(frames_needed(profile, figures)), log)
-            import ray
-
             from distributed import runtime
 
             # This process's Keras and predict baselines get all cores, as the 1-worker runs do.
@@ -161,7 +156,7 @@ def main(argv=None):
                 stage(["infer_vs_predict"], lambda: [inference.infer_vs_predict(
                     profile, args.cache, work, cores, log, args.infer_num_actors, args.infer_cpus_per_actor)])
             if "infer_memory_5000_vs_500" in figures:
-                ray.shutdown()  # the job starts its own Ray; this one's idle processes only take memory
+                runtime.disconnect()  # the job starts its own Ray; this one's idle processes only take memory
                 stage(["infer_memory_5000_vs_500"], lambda: [inference.infer_memory(profile, args.cache, work, log)])
     finally:
         if not args.work_dir:

@@ -28,13 +28,10 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import flops
-from benchmarks.common import median, ratio, rotated
+from benchmarks.common import TRAINING_FIGURES, median, ratio, rotated
 from distributed.config import TrainConfig
 from unet_core import data, unet_model
 from unet_core.training import compile_unet
-
-FIGURES = ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph",
-           "shard_memory_vs_stream")
 
 
 class EpochTimer(tf.keras.callbacks.Callback):
@@ -186,7 +183,7 @@ def measure(profile, frames_dir, work, cores, figures, log):
     builders = {"train_vs_keras": context.train_vs_keras, "mwms_2x1_vs_1x2": context.mwms,
                 "train_flops_vs_peak": context.flops_vs_peak, "bf16_vs_fp32": context.bf16,
                 "xla_vs_graph": context.xla, "shard_memory_vs_stream": context.shard_memory}
-    return [builders[figure]() for figure in FIGURES if figure in figures]
+    return [builders[figure]() for figure in TRAINING_FIGURES if figure in figures]
 
 
 def summary(run):
