@@ -116,13 +116,19 @@ def list_image_names(filesystem, directory):
     return names
 
 
-def discover_pairs(uri):
-    """(filesystem, root, sorted paired names); one ValueError names every unpaired file."""
+def check_layout(uri):
+    """(filesystem, root, [its CameraRGB, its CameraMask]); a ValueError unless both are directories."""
     filesystem, root = open_root(uri)
     folders = [f"{root}/{data.IMAGE_DIR}", f"{root}/{data.MASK_DIR}"]
     for folder, info in zip(folders, filesystem.get_file_info(folders)):
         if info.type != pyarrow.fs.FileType.Directory:
             raise ValueError(f"{uri}: not a CARLA-layout directory ({folder}: directory not found)")
+    return filesystem, root, folders
+
+
+def discover_pairs(uri):
+    """(filesystem, root, sorted paired names); one ValueError names every unpaired file."""
+    filesystem, root, folders = check_layout(uri)
     images, masks = (list_image_names(filesystem, folder) for folder in folders)
     return filesystem, root, data.pair_names(images, masks, uri)
 

@@ -90,7 +90,9 @@ def check_before_start(config):
     any data is decoded; makes the output directory and connects to Ray, or starts it."""
     ingest.open_output(config.output)
     for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
-        if uri is not None:  # before anything is written: a folder in CameraRGB/ would break the data
+        if uri is not None:
+            ingest.check_layout(uri)  # a mistyped path: named at once, not once Ray has started
+            # Before anything is written: a folder in CameraRGB/ would break the data.
             ingest.check_output_outside(config.output, uri, flag, "the run's files")
     if config.data is not None and config.val_data is not None:
         ingest.check_validation_apart(config.data, config.val_data)

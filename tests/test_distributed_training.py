@@ -304,6 +304,21 @@ def test_validating_on_the_training_data_is_refused_before_anything_starts(tmp_p
     assert sorted(os.listdir(tmp_path / "held_out")) == ["CameraMask", "CameraRGB"]
 
 
+def test_a_mistyped_data_path_is_refused_before_ray_starts_or_anything_is_written(tmp_path, monkeypatch):
+    def no_ray(**_):
+        raise AssertionError("Ray was started for a run whose data is not there")
+
+    monkeypatch.setattr(runtime, "connect", no_ray)
+    scenes.write_scenes(str(tmp_path / "frames"), 2)
+    for data_dir, val_data, missing in (
+        (tmp_path / "framez", None, tmp_path / "framez" / "CameraRGB"),
+        (tmp_path / "frames", tmp_path / "frames" / "CameraRGB", tmp_path / "frames" / "CameraRGB" / "CameraRGB"),
+    ):
+        with pytest.raises(ValueError, match=f"not a CARLA-layout directory \\({missing}: directory not found\\)"):
+            train(smoke_config(tmp_path, data=str(data_dir), val_data=val_data and str(val_data)))
+    assert sorted(os.listdir(tmp_path)) == ["frames"]  # no run directory, no ray_results in it
+
+
 def test_unpaired_files_fail_before_training(tmp_path, ray_session):
     frames = tmp_path / "frames"
     scenes.write_scenes(str(frames), 4, seed=1)
