@@ -30,8 +30,10 @@ def evaluate(model, data_uri, output, batch_size=32):
     if run_directory.is_run_output(output):
         raise ValueError(f"{output}: a training run's directory; the report's metrics.json and previews.png would "
                          f"replace the run's own: pass another --output, such as {os.path.join(output, 'evaluation')}")
-    ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
+    # A mistyped --model or --data is named before the output is made: no empty report left behind.
     model_path = inference.model_file(model)
+    ingest.check_layout(data_uri)
+    ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
     keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
     with open(model_path, "rb") as file:
         identity = inference.model_identity(file.read(), model_path)

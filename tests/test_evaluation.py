@@ -128,8 +128,21 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, mo
     (tmp_path / "report").write_text("notes")
     with pytest.raises(ValueError, match="report: a file; the output must be a directory"):
         evaluation.evaluate(str(tmp_path / "model.keras"), str(tmp_path / "frames"), str(tmp_path / "report"))
+    (tmp_path / "model.keras").write_bytes(b"not loaded")
+    scenes.write_scenes(tmp_path / "frames", 1)
     with pytest.raises(ValueError, match="--output /proc/report: cannot be made a directory \\(No such file"):
         evaluation.evaluate(str(tmp_path / "model.keras"), str(tmp_path / "frames"), "/proc/report")
+
+
+def test_a_mistyped_model_or_data_leaves_no_empty_report_behind(tmp_path):
+    (tmp_path / "run").mkdir()  # a run directory without its model.keras
+    scenes.write_scenes(tmp_path / "frames", 1)
+    unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
+    for model, data, error in ((tmp_path / "run", tmp_path / "frames", "nor a directory holding model.keras"),
+                               (tmp_path / "model.keras", tmp_path / "frames" / "CameraRGB", "not a CARLA-layout")):
+        with pytest.raises(ValueError, match=error):
+            evaluation.evaluate(str(model), str(data), str(tmp_path / "report"))
+        assert not (tmp_path / "report").exists()
 
 
 def test_class_ids_beyond_the_model_name_the_number_of_classes_they_need(tmp_path, capsys):
