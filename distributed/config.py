@@ -230,7 +230,7 @@ class InferConfig:
     def __post_init__(self):
         self.formats = tuple(self.formats)
         if not self.formats or not set(self.formats) <= set(FORMATS):
-            raise SettingError("formats", f"must be one or more of {', '.join(FORMATS)}; got {self.formats}")
+            raise SettingError("formats", f"must be one or more of {', '.join(FORMATS)}; got {','.join(self.formats) or 'none'}")
         if self.output_size not in OUTPUT_SIZES:
             raise SettingError("output_size", f"must be source or model, got {self.output_size!r}")
         for name in ("batch_size", "num_actors", "cpus_per_actor", "rows_per_file"):

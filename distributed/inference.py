@@ -58,8 +58,12 @@ def infer(config: InferConfig):
     identity = model_identity(model_bytes, model_path)
 
     output = Output(*open_output(config.output))
-    input_filesystem, input_root = open_root(config.input)
-    input_root = image_root(input_filesystem, input_root)
+    input_filesystem, given_root = open_root(config.input)
+    input_root = image_root(input_filesystem, given_root)
+    if input_root != given_root:
+        print(f"[unet-ray] {config.input}: a CARLA-layout directory, so the frames of its {data.IMAGE_DIR}/ are "
+              f"the inputs (their paths relative to it) and its {data.MASK_DIR}/ is left alone",
+              file=sys.stderr, flush=True)
     if within(input_filesystem, input_root, output.filesystem, output.root):
         # Everything under the output counts as earlier results, so no input would be predicted.
         raise ValueError(f"{config.output}: the output must be another directory than the input images "

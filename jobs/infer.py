@@ -31,7 +31,8 @@ def parse_args(argv=None):
                         help="images per model call (default: %(default)s)")
     parser.add_argument("--num-actors", type=int, default=defaults["num_actors"],
                         help="model replicas, one per Ray actor (default: %(default)s)")
-    parser.add_argument("--cpus-per-actor", type=int, default=defaults["cpus_per_actor"], help="(default: %(default)s)")
+    parser.add_argument("--cpus-per-actor", type=int, default=defaults["cpus_per_actor"],
+                        help="CPUs each actor asks Ray for, and the TensorFlow threads it runs (default: %(default)s)")
     parser.add_argument("--formats", type=formats, default=defaults["formats"],
                         help=f"parquet (mask bytes in the table), png (masks/ files), or both: parquet,png "
                              f"(default: {','.join(defaults['formats'])})")

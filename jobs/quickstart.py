@@ -18,10 +18,11 @@ from jobs import run_command
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m jobs.quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="runs/quickstart")
+    parser.add_argument("--output", default="runs/quickstart",
+                        help="directory for the scenes, the run, the masks and the report (default: %(default)s)")
     parser.add_argument("--epochs", type=int, help="default: 4, or 3 with --smoke")
     parser.add_argument("--scene-count", type=int, help="frames to train and validate on; default: 256, or 24 with --smoke")
-    parser.add_argument("--new-frames", type=int, default=32, help="unseen frames to infer and evaluate")
+    parser.add_argument("--new-frames", type=int, default=32, help="unseen frames to infer and evaluate (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model and data: about a minute instead of several (flags given still apply)")
     args = parser.parse_args(argv)

@@ -94,11 +94,15 @@ def config_from_args(args):
 def refuse_flags_without_effect(args, config):
     """A flag the run would ignore is a mistake in the command: refused, so it is not believed.
     `config` needs only the settings that decide it (--val-data, --lr-schedule, --augment, --data)."""
+    def from_preset(setting, field):  # named as the user gave it: the flag, or the preset that set it
+        return setting if getattr(args, field) is not None else f"--preset {args.preset} ({setting})"
+
     for flag, given, ignored_with in (
         ("--val-fraction", args.val_fraction, config.val_data and "--val-data (every frame of --data trains)"),
         ("--split", args.split, config.val_data and "--val-data (every frame of --data trains)"),
-        ("--warmup-epochs", args.warmup_epochs, config.lr_schedule == "constant" and "--lr-schedule constant"),
-        ("--class-mix", args.class_mix, not config.augment and "--no-augment"),
+        ("--warmup-epochs", args.warmup_epochs,
+         config.lr_schedule == "constant" and from_preset("--lr-schedule constant", "lr_schedule")),
+        ("--class-mix", args.class_mix, not config.augment and from_preset("--no-augment", "augment")),
         ("--scene-count", args.scene_count, config.data and "--data (scenes are generated only without it)"),
     ):
         if given and ignored_with:

@@ -83,8 +83,10 @@ def test_a_flag_the_run_would_ignore_is_refused():
         (["--val-data", "v", "--split", "hash"], "--split has no effect with --val-data"),
         (["--lr-schedule", "constant", "--warmup-epochs", "5"], "--warmup-epochs has no effect with --lr-schedule "
                                                                  "constant"),
-        (["--preset", "classic", "--warmup-epochs", "5"], "--warmup-epochs has no effect with --lr-schedule "
-                                                          "constant"),
+        (["--preset", "classic", "--warmup-epochs", "5"], "--warmup-epochs has no effect with --preset classic "
+                                                          "\\(--lr-schedule constant\\)"),
+        (["--preset", "classic", "--class-mix", "0.5"], "--class-mix has no effect with --preset classic "
+                                                        "\\(--no-augment\\)"),
         (["--no-augment", "--class-mix", "0.9"], "--class-mix has no effect with --no-augment"),
         # --smoke's 3 epochs would refuse 3 warm-up epochs on their own, a less apt reason.
         (["--smoke", "--lr-schedule", "constant", "--warmup-epochs", "3"], "--warmup-epochs has no effect with "

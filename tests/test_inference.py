@@ -164,6 +164,8 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert "File name too long" in printed.err
     assert f"2 image(s) failed: every path and reason is in {output}/errors/*.parquet" in printed.err
     assert "1 file(s) there are not .png/.jpg/.jpeg images and are left alone, such as notes.txt" in printed.err
+    assert (f"{root}: a CARLA-layout directory, so the frames of its CameraRGB/ are the inputs (their paths "
+            f"relative to it) and its CameraMask/ is left alone") in printed.err
     predictions = read_table(output / "predictions")
     assert "mask_png" not in predictions.column_names  # png only: masks are files, not table bytes
     assert set(predictions["width"].to_pylist()) == {SIZE[1]} and set(predictions["height"].to_pylist()) == {SIZE[0]}

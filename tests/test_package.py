@@ -33,7 +33,7 @@ def test_importing_unet_core_selects_tf_keras_and_never_imports_ray():
     ("train", ["--image-size", "100", "128"], "error: --image-size height and width must be positive multiples "
                                               "of 16 (the encoder pools four times), got 100×128; try 96×128."),
     ("infer", ["--model", "m", "--input", "i", "--output", "o", "--formats", "tiff"],
-     "error: --formats must be one or more of parquet, png; got ('tiff',)"),
+     "error: --formats must be one or more of parquet, png; got tiff"),
     ("infer", ["--model", "m", "--input", "i", "--output", "o", "--num-actors", "0"],
      "error: --num-actors must be at least 1, got 0"),
     ("evaluate", ["--model", "m", "--data", "d", "--output", "o", "--batch-size", "0"],
