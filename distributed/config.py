@@ -230,9 +230,32 @@ class InferConfig:
     def __post_init__(self):
         self.formats = tuple(self.formats)
         if not self.formats or not set(self.formats) <= set(FORMATS):
-            raise SettingError("formats", f"must be one or more of {', '.join(FORMATS)}; got {','.join(self.formats) or 'none'}")
+            raise SettingError("formats", f"must be one or more of {', '.join(FORMATS)}; "
+                                          f"got {','.join(self.formats) or 'none'}")
         if self.output_size not in OUTPUT_SIZES:
             raise SettingError("output_size", f"must be source or model, got {self.output_size!r}")
         for name in ("batch_size", "num_actors", "cpus_per_actor", "rows_per_file"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass
+class EvaluateConfig:
+    """The settings of an evaluation report (`jobs.evaluate`, `distributed.evaluation.evaluate`)."""
+
+    model: str  # a .keras file, or a training run's output directory holding model.keras
+    data: str  # CARLA-layout directory or URI
+    output: str  # directory for the report
+    batch_size: int = 32
+    # None: every frame of `data`. A split: only the frames it holds out for validation, as
+    # jobs.train with the same --split and --val-fraction does.
+    split: str | None = None
+    val_fraction: float = 0.2
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise SettingError("batch_size", f"must be at least 1, got {self.batch_size}")
+        if self.split is not None and self.split not in SPLITS:
+            raise SettingError("split", f"must be one of {', '.join(SPLITS)}; got {self.split!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise SettingError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")

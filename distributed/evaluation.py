@@ -13,19 +13,22 @@ import numpy as np
 import tensorflow as tf
 
 from distributed import inference, ingest, run_directory
+from distributed.config import EvaluateConfig
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import predict_logits_fn, score_batch
 
 
-def evaluate(model, data_uri, output, batch_size=32):
-    """Score `model` (a .keras file or run directory) on `data_uri`; writes the report into `output`.
+def evaluate(config: EvaluateConfig):
+    """Score `config.model` (a .keras file or run directory) on `config.data` (every frame, or the
+    validation side of `config.split`); writes the report into `config.output`.
 
     Returns the metrics written to metrics.json. Frames that cannot be read fail the evaluation
     with one ValueError naming every one of them, because leaving them out would change the
-    scores; the report in `output` is then left as it was.
+    scores; the report in `config.output` is then left as it was.
     """
+    model, data_uri, output, batch_size = config.model, config.data, config.output, config.batch_size
     ingest.check_output_outside(output, data_uri, "--data", "the report's PNGs")
     if run_directory.is_run_output(output):
         raise ValueError(f"{output}: a training run's directory; the report's metrics.json and previews.png would "
@@ -39,6 +42,8 @@ def evaluate(model, data_uri, output, batch_size=32):
         identity = inference.model_identity(file.read(), model_path)
     size, n_classes = inference.model_geometry(keras_model, model_path)
     filesystem, root, names = ingest.discover_pairs(data_uri)
+    if config.split is not None:
+        names = held_out(names, config)
 
     forward = predict_logits_fn(keras_model)
     confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0
@@ -86,6 +91,7 @@ def evaluate(model, data_uri, output, batch_size=32):
         "model": identity,
         "data": data_uri,
         "frames": len(names),
+        "split": None if config.split is None else {"split": config.split, "val_fraction": config.val_fraction},
         "loss": loss_sum / max(pixels, 1),
         "pixel_accuracy": summary["pixel_accuracy"],
         "mean_iou": summary["mean_iou"],
@@ -102,6 +108,18 @@ def evaluate(model, data_uri, output, batch_size=32):
         plots.save_previews(images, masks, predicted, os.path.join(output, "worst_frames.png"), titles,
                             class_names(n_classes))
     return metrics
+
+
+def held_out(names, config):
+    """The names `config.split` holds out for validation, as jobs.train holds them out."""
+    kept = [name for name, is_val in zip(names, data.validation_flags(names, config.val_fraction, config.split))
+            if is_val]
+    if not kept:
+        raise ValueError(f"{config.data}: --split {config.split} --val-fraction {config.val_fraction} holds out none "
+                         f"of its {len(names)} frame(s)")
+    print(f"[unet-ray] scoring the {len(kept)} of {len(names)} frames that --split {config.split} --val-fraction "
+          f"{config.val_fraction} holds out for validation", flush=True)
+    return kept
 
 
 class WorstFrames:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from distributed.config import SPLITS, EvaluateConfig
 from jobs import run_command
 
 
@@ -20,18 +21,24 @@ def parse_args(argv=None):
     parser.add_argument("--data", required=True, help="CARLA-layout directory or URI (CameraRGB/, CameraMask/)")
     parser.add_argument("--output", required=True, help="directory for the report")
     parser.add_argument("--batch-size", type=int, default=32, help="frames per model call (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
-    return args
+    parser.add_argument("--split", choices=SPLITS,
+                        help="score only the frames this split holds out for validation, as jobs.train does with "
+                             "the same --split and --val-fraction (default: every frame)")
+    parser.add_argument("--val-fraction", type=float, help="with --split (default: 0.2, as jobs.train)")
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from distributed import evaluation  # TensorFlow and Ray: seconds to import, so after the flags
 
     def work():
-        metrics = evaluation.evaluate(args.model, args.data, args.output, args.batch_size)
+        if args.val_fraction is not None and args.split is None:
+            raise ValueError("--val-fraction has no effect without --split: pass both, or neither")
+        given = {key: value for key, value in vars(args).items() if value is not None}
+        config = EvaluateConfig(**given)
+        from distributed import evaluation  # TensorFlow and Ray: seconds to import, so after the flags
+
+        metrics = evaluation.evaluate(config)
         print(evaluation.iou_table(metrics))
         print(json.dumps(metrics), flush=True)
         return 0

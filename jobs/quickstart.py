@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from distributed.config import InferConfig, TrainConfig
+from distributed.config import EvaluateConfig, InferConfig, TrainConfig
 from jobs import run_command
 
 
@@ -66,7 +66,8 @@ def run(args):
     model = os.path.join(config.output, "model.keras")
     summary = infer(InferConfig(model=model, input=os.path.join(new_frames, "CameraRGB"),
                                 output=os.path.join(output, "inference"), overlay=True))
-    metrics = evaluation.evaluate(model, new_frames, os.path.join(output, "evaluation"))
+    report = EvaluateConfig(model=model, data=new_frames, output=os.path.join(output, "evaluation"))
+    metrics = evaluation.evaluate(report)
     print(evaluation.iou_table(metrics))
     print(f"""
 quickstart finished in {time.time() - started:.0f} s

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from distributed import evaluation, progress
-from distributed.config import DEFAULT_STORAGE
+from distributed.config import DEFAULT_STORAGE, EvaluateConfig
 from jobs import evaluate as evaluate_job
 from unet_core import data, scenes, unet_model
 from unet_core.metrics import ConfusionMatrix
@@ -119,7 +119,7 @@ def test_a_failure_midway_leaves_the_last_report_as_it_was(tmp_path, monkeypatch
 
     monkeypatch.setattr(evaluation.ingest, "read_frames", fails)
     with pytest.raises(RuntimeError, match="out of memory"):
-        evaluation.evaluate(str(tmp_path), str(tmp_path / "frames"), str(report))
+        evaluation.evaluate(EvaluateConfig(str(tmp_path), str(tmp_path / "frames"), str(report)))
     assert os.listdir(report) == ["per_frame.csv"] and (report / "per_frame.csv").read_text() == "the last report\n"
 
 
@@ -127,21 +127,22 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, mo
     monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
     (tmp_path / "report").write_text("notes")
     with pytest.raises(ValueError, match="report: a file; the output must be a directory"):
-        evaluation.evaluate(str(tmp_path / "model.keras"), str(tmp_path / "frames"), str(tmp_path / "report"))
+        evaluation.evaluate(EvaluateConfig(str(tmp_path / "model.keras"), str(tmp_path / "frames"),
+                                           str(tmp_path / "report")))
     (tmp_path / "model.keras").write_bytes(b"not loaded")
     scenes.write_scenes(tmp_path / "frames", 1)
     with pytest.raises(ValueError, match="--output /proc/report: cannot be made a directory \\(No such file"):
-        evaluation.evaluate(str(tmp_path / "model.keras"), str(tmp_path / "frames"), "/proc/report")
+        evaluation.evaluate(EvaluateConfig(str(tmp_path / "model.keras"), str(tmp_path / "frames"), "/proc/report"))
 
 
 def test_a_mistyped_model_or_data_leaves_no_empty_report_behind(tmp_path):
     (tmp_path / "run").mkdir()  # a run directory without its model.keras
     scenes.write_scenes(tmp_path / "frames", 1)
     unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
-    for model, data, error in ((tmp_path / "run", tmp_path / "frames", "nor a directory holding model.keras"),
-                               (tmp_path / "model.keras", tmp_path / "frames" / "CameraRGB", "not a CARLA-layout")):
+    for model, frames, error in ((tmp_path / "run", tmp_path / "frames", "nor a directory holding model.keras"),
+                                 (tmp_path / "model.keras", tmp_path / "frames" / "CameraRGB", "not a CARLA-layout")):
         with pytest.raises(ValueError, match=error):
-            evaluation.evaluate(str(model), str(data), str(tmp_path / "report"))
+            evaluation.evaluate(EvaluateConfig(str(model), str(frames), str(tmp_path / "report")))
         assert not (tmp_path / "report").exists()
 
 
@@ -170,7 +171,36 @@ def test_an_output_inside_the_data_or_a_run_directory_is_refused_before_the_mode
         (tmp_path / "training", f"training: {refused}"),
     ):
         with pytest.raises(ValueError, match=message):
-            evaluation.evaluate(str(tmp_path / "run"), str(tmp_path / "frames"), str(output))
+            evaluation.evaluate(EvaluateConfig(str(tmp_path / "run"), str(tmp_path / "frames"), str(output)))
     assert sorted(os.listdir(tmp_path / "run")) == ["metrics.csv", "metrics.json"]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())[0]["epoch"] == 1
     assert sorted(os.listdir(tmp_path / "frames")) == ["CameraMask", "CameraRGB"]
+
+
+def test_a_split_scores_only_the_frames_training_holds_out(tmp_path, capsys):
+    tf.keras.utils.set_random_seed(0)
+    unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
+    scenes.write_scenes(tmp_path / "frames", 10)
+    names = sorted(os.listdir(tmp_path / "frames" / "CameraRGB"))
+    held_out = [name for name, is_val in zip(names, data.validation_flags(names, 0.3, "tail")) if is_val]
+    assert held_out == names[-3:]  # the tail: the last 30% by name
+    for folder in ("CameraRGB", "CameraMask"):  # the same frames alone in a directory of their own
+        (tmp_path / "tail" / folder).mkdir(parents=True)
+        for name in held_out:
+            os.link(tmp_path / "frames" / folder / name, tmp_path / "tail" / folder / name)
+
+    assert evaluate_job.main(["--model", str(tmp_path / "model.keras"), "--data", str(tmp_path / "frames"),
+                              "--output", str(tmp_path / "split"), "--split", "tail", "--val-fraction", "0.3"]) == 0
+    assert "scoring the 3 of 10 frames that --split tail --val-fraction 0.3 holds out" in capsys.readouterr().out
+    split = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    alone = evaluation.evaluate(EvaluateConfig(str(tmp_path / "model.keras"), str(tmp_path / "tail"),
+                                               str(tmp_path / "alone")))
+    assert (split["frames"], split["split"]) == (3, {"split": "tail", "val_fraction": 0.3})
+    for key in ("loss", "pixel_accuracy", "mean_iou", "per_class_iou", "worst_frames"):
+        assert split[key] == alone[key], key
+    with open(tmp_path / "split" / "per_frame.csv") as file:
+        assert [row["name"] for row in csv.DictReader(file)] == held_out
+
+    assert evaluate_job.main(["--model", str(tmp_path / "model.keras"), "--data", str(tmp_path / "frames"),
+                              "--output", str(tmp_path / "x"), "--val-fraction", "0.3"]) == 2
+    assert "--val-fraction has no effect without --split" in capsys.readouterr().err
