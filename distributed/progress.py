@@ -81,7 +81,8 @@ def append_to_tensorboard(directory, row, restarted):
     if restarted or not os.path.exists(path):
         events.append(event_pb2.Event(wall_time=time.time(), step=row["epoch"],
                                       session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-    scores = {key: value for key, value in row.items() if isinstance(value, (int, float)) and key != "epoch"}
+    scores = {key: value for key, value in row.items()  # not flags such as jit_compile: a flat line says nothing
+              if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"}
     scores.update({f"val_iou/{name}": value for name, value in row.get("val_iou_per_class", {}).items()})
     scores = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scores.items()]
     events.append(event_pb2.Event(wall_time=time.time(), step=row["epoch"], summary=summary_pb2.Summary(value=scores)))

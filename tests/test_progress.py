@@ -3,6 +3,8 @@
 import csv
 import json
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from distributed import progress
 
 
@@ -37,8 +39,6 @@ def test_each_epoch_reported_lands_on_disk_and_a_resumed_epoch_replaces_its_earl
 
 def tensorboard_shows(directory, tag):
     """The (step, value) points TensorBoard draws for `tag`, read by TensorBoard's own loader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     accumulator = EventAccumulator(str(directory))
     accumulator.Reload()
     return [(event.step, round(event.value, 6)) for event in accumulator.Scalars(tag)]
@@ -46,7 +46,7 @@ def tensorboard_shows(directory, tag):
 
 def test_tensorboard_follows_the_run_and_draws_a_restarted_epoch_once(tmp_path):
     def report(callback, epoch, score):
-        row = {"epoch": epoch, "val_mean_iou": score, "val_loss": 1 / epoch, "mixed_precision": "bf16",
+        row = {"epoch": epoch, "val_mean_iou": score, "val_loss": 1 / epoch, "mixed_precision": "bf16", "jit_compile": True,
                "val_iou_per_class": {"road": score}}
         callback.after_report(None, [row, row], checkpoint=None)
         return tensorboard_shows(tmp_path / progress.TENSORBOARD, "val_mean_iou")
@@ -62,3 +62,6 @@ def test_tensorboard_follows_the_run_and_draws_a_restarted_epoch_once(tmp_path):
     assert tensorboard_shows(tmp_path / progress.TENSORBOARD, "val_loss")[-1] == (3, round(1 / 3, 6))
     assert tensorboard_shows(tmp_path / progress.TENSORBOARD, "val_iou/road") == [(1, 0.1), (2, 0.22), (3, 0.33)]
     assert [path.name for path in (tmp_path / progress.TENSORBOARD).iterdir()] == [progress.EVENT_FILE]
+    accumulator = EventAccumulator(str(tmp_path / progress.TENSORBOARD))
+    accumulator.Reload()
+    assert sorted(accumulator.Tags()["scalars"]) == ["val_iou/road", "val_loss", "val_mean_iou"]
