@@ -508,7 +508,8 @@ def describe_change(name, recorded, value):
     if name == "input":
         return f"--input {recorded} -> {value}"
     if name.startswith("model_"):
-        return f"--model of {flag_value(recorded)} -> {flag_value(value)} {name.removeprefix('model_').replace('_', ' ')}"
+        what = name.removeprefix("model_").replace("_", " ")
+        return f"--model of {flag_value(recorded)} -> {flag_value(value)} {what}"
     return f"--{name.replace('_', '-')} {flag_value(recorded)} -> {flag_value(value)}"
 
 

@@ -198,8 +198,8 @@ def train_loop_per_worker(loop_config):
         return
     if should_stop_early(history, config.early_stopping_patience):
         if rank == 0:
-            worker_log(f"[unet-ray] run {config.run_name!r} stopped early after epoch {first_epoch}; exporting its best "
-                       f"model again (pass a larger --early-stopping-patience to train on)")
+            worker_log(f"[unet-ray] run {config.run_name!r} stopped early after epoch {first_epoch}; exporting its "
+                       f"best model again (pass a larger --early-stopping-patience to train on)")
         return
     seed_dropout(config, rank)
 

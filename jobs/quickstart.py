@@ -21,8 +21,10 @@ def parse_args(argv=None):
     parser.add_argument("--output", default="runs/quickstart",
                         help="directory for the scenes, the run, the masks and the report (default: %(default)s)")
     parser.add_argument("--epochs", type=int, help="default: 4, or 3 with --smoke")
-    parser.add_argument("--scene-count", type=int, help="frames to train and validate on; default: 256, or 24 with --smoke")
-    parser.add_argument("--new-frames", type=int, default=32, help="unseen frames to infer and evaluate (default: %(default)s)")
+    parser.add_argument("--scene-count", type=int,
+                        help="frames to train and validate on; default: 256, or 24 with --smoke")
+    parser.add_argument("--new-frames", type=int, default=32,
+                        help="unseen frames to infer and evaluate (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model and data: about a minute instead of several (flags given still apply)")
     args = parser.parse_args(argv)
@@ -69,6 +71,7 @@ def run(args):
     report = EvaluateConfig(model=model, data=new_frames, output=os.path.join(output, "evaluation"))
     metrics = evaluation.evaluate(report)
     print(evaluation.iou_table(metrics))
+    scores = f"pixel accuracy {metrics['pixel_accuracy']:.3f}, mIoU {metrics['mean_iou']:.3f}"
     print(f"""
 quickstart finished in {time.time() - started:.0f} s
   training curves   {config.output}/curves.png
@@ -76,7 +79,7 @@ quickstart finished in {time.time() - started:.0f} s
   model             {model}
   predictions       {output}/inference/predictions/*.parquet  ({summary['ok'] + summary['skipped']} frames)
   masks, overlays   {output}/inference/masks/, {output}/inference/overlays/
-  evaluation        {output}/evaluation/  (pixel accuracy {metrics['pixel_accuracy']:.3f}, mIoU {metrics['mean_iou']:.3f})""")
+  evaluation        {output}/evaluation/  ({scores})""")
     print(json.dumps({"pixel_accuracy": metrics["pixel_accuracy"], "mean_iou": metrics["mean_iou"], **summary}))
     return 0
 

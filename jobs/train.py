@@ -69,7 +69,8 @@ def build_parser():
         ("--prior-bias", dict(action=argparse.BooleanOptionalAction,
                               help="start the logits' bias at the log class frequencies")),
         ("--augment", dict(action=argparse.BooleanOptionalAction)),
-        ("--class-mix", dict(type=float, help="chance a frame gets another's classes pasted in (with --augment); 0: off")),
+        ("--class-mix", dict(type=float,
+                             help="chance a frame gets another's classes pasted in (with --augment); 0: off")),
         ("--class-weight-power", dict(type=float, help="0: plain loss")),
         ("--early-stopping-patience", dict(type=int, help="0: never")),
     ):

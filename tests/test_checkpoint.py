@@ -36,7 +36,8 @@ def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tm
     np.savez(tmp_path / checkpoint.BEST, *best)
 
     resumed = compiled()
-    first_epoch, history, best_weights = checkpoint.restore(resumed, ray.train.Checkpoint.from_directory(str(tmp_path)), 3)
+    saved = ray.train.Checkpoint.from_directory(str(tmp_path))
+    first_epoch, history, best_weights = checkpoint.restore(resumed, saved, 3)
     assert (first_epoch, history) == (1, [{"epoch": 1}])
     assert len(best_weights) == len(best) and all(np.array_equal(a, b) for a, b in zip(best, best_weights))
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), resumed.get_weights()))
@@ -47,7 +48,7 @@ def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tm
     # On another cluster shape or batch size, an epoch has another number of steps: the step
     # count (the learning-rate schedule's clock) restarts at the epoch the run stopped after.
     reshaped = compiled()
-    checkpoint.restore(reshaped, ray.train.Checkpoint.from_directory(str(tmp_path)), 5)
+    checkpoint.restore(reshaped, saved, 5)
     assert reshaped.optimizer.iterations.numpy() == 5
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), reshaped.get_weights()))
 

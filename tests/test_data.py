@@ -141,7 +141,8 @@ def gray_png(ids, bit_depth):
     for row in ids:
         padded = np.concatenate([row, np.zeros(-len(row) % per_byte, row.dtype)]).reshape(-1, per_byte)
         shifts = bit_depth * np.arange(per_byte - 1, -1, -1)
-        rows.append(np.bitwise_or.reduce(padded.astype(np.uint8) << shifts.astype(np.uint8), axis=1).astype(np.uint8).tobytes())
+        packed = np.bitwise_or.reduce(padded.astype(np.uint8) << shifts.astype(np.uint8), axis=1)
+        rows.append(packed.astype(np.uint8).tobytes())
     return raw_png(ids.shape[1], ids.shape[0], bit_depth, 0, rows)
 
 

@@ -188,8 +188,8 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 0, "failed": 2, "skipped": 4}
     assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
     settings = json.loads((output / "output_settings.json").read_text())
-    assert settings == {"input": f"local://{os.path.realpath(images)}", "model_input_size": [*SIZE], "model_classes": 23,
-                        "formats": ["png"], "overlay": False, "output_size": "model"}
+    assert settings == {"input": f"local://{os.path.realpath(images)}", "model_input_size": [*SIZE],
+                        "model_classes": 23, "formats": ["png"], "overlay": False, "output_size": "model"}
 
     # Frames done would keep masks without table bytes or overlays: refused, before Ray starts.
     monkeypatch.setattr(inference.runtime, "connect", no_ray)

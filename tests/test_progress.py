@@ -46,8 +46,8 @@ def tensorboard_shows(directory, tag):
 
 def test_tensorboard_follows_the_run_and_draws_a_restarted_epoch_once(tmp_path):
     def report(callback, epoch, score):
-        row = {"epoch": epoch, "val_mean_iou": score, "val_loss": 1 / epoch, "mixed_precision": "bf16", "jit_compile": True,
-               "val_iou_per_class": {"road": score}}
+        row = {"epoch": epoch, "val_mean_iou": score, "val_loss": 1 / epoch, "mixed_precision": "bf16",
+               "jit_compile": True, "val_iou_per_class": {"road": score}}
         callback.after_report(None, [row, row], checkpoint=None)
         return tensorboard_shows(tmp_path / progress.TENSORBOARD, "val_mean_iou")
 
