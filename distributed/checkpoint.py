@@ -12,11 +12,22 @@ import tempfile
 
 import numpy as np
 import pyarrow.fs
+import ray
 import ray.train
 
 MODEL = "model.keras"
 STATE = "state.json"
 BEST = "best_weights.npz"
+
+
+def check_reachable(storage_path):
+    """Run in every worker before training. A local storage path exists on the driver's node (the
+    driver made it), and on another node only through a shared mount: said now, not at the first
+    checkpoint, `--checkpoint-every` epochs in, and again after each restart."""
+    if "://" not in storage_path and not os.path.isdir(storage_path):
+        node = ray.util.get_node_ip_address()
+        raise RuntimeError(f"--storage-path {storage_path}: not on this worker's node ({node}); on a cluster, "
+                           f"checkpoints need storage every node reaches: an s3:// or gs:// URI, or a shared mount")
 
 
 def is_due(epoch, config):

@@ -49,6 +49,7 @@ def infer(config: InferConfig):
 
     Returns {"ok": predicted now, "failed": unreadable now, "skipped": done by earlier runs}.
     """
+    runtime.refuse_relative_output(config.output, "--output")
     model_path = model_file(config.model)
     # Loaded here too, so a broken model fails before any actor starts (and before its members
     # are read for its identity), and for its shapes.
@@ -92,7 +93,9 @@ def infer(config: InferConfig):
 
     # Ray starts only now: a bad model, input or output is refused before it (and before any work).
     runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
-    runtime.refuse_or_warn(actor_shortfall(config) if pending else None)
+    shortfall = actor_shortfall(config) if pending else None
+    runtime.refuse_or_warn(shortfall)
+    runtime.warn_of_local_paths({"--input": config.input}, nodes_to_come=shortfall is not None)
     oversubscribed = runtime.oversubscription(config.num_actors * config.cpus_per_actor, what="inference actors",
                                               fewer="each holds its own copy of the model: fewer would run as fast")
     if oversubscribed and pending:
@@ -303,7 +306,7 @@ def predict_pipeline(paths, filesystem, root, size, model_ref, config):
         batch_size=config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-        fn_constructor_kwargs=dict(model_ref=model_ref, cpus=config.cpus_per_actor,
+        fn_constructor_kwargs=dict(model_ref=model_ref, cpus=config.cpus_per_actor, use_gpu=config.use_gpu,
                                    output_size=config.output_size, overlay=config.overlay),
         num_cpus=config.cpus_per_actor,
         num_gpus=1 if config.use_gpu else 0,
@@ -332,8 +335,9 @@ def read_images(batch, filesystem, root, size, keep_bytes):
 class Predictor:
     """One per actor: loads the model once, then turns preprocessed batches into encoded masks."""
 
-    def __init__(self, model_ref, cpus, output_size, overlay):
+    def __init__(self, model_ref, cpus, use_gpu, output_size, overlay):
         runtime.configure_tensorflow_threads(cpus)  # before TF starts its thread pools
+        runtime.select_devices(use_gpu)
         with tempfile.TemporaryDirectory() as directory:
             path = os.path.join(directory, MODEL_FILE)
             with open(path, "wb") as file:

@@ -27,9 +27,12 @@ IDENTITY_FILE = "unet_run.json"
 LATER_FIELDS = ("frames", "weight_average")
 
 
+SCENES = "scenes"  # the folder of a run's generated scenes
+
+
 def generate_scenes(config):
     """The default data: synthetic CARLA-layout scenes inside the run directory."""
-    return write_scene_set(os.path.join(config.output, "scenes"), config.scene_count, config.seed)
+    return write_scene_set(os.path.join(config.output, SCENES), config.scene_count, config.seed)
 
 
 def write_scene_set(directory, count, seed):

@@ -127,12 +127,56 @@ def refuse_or_warn(shortfall):
         print(f"[unet-ray] warning: {shortfall}", file=sys.stderr, flush=True)
 
 
+def warn_of_local_paths(paths, nodes_to_come):
+    """On a cluster of several nodes (or one that must add nodes for this job: `nodes_to_come`),
+    Ray runs a job's tasks and workers on any of them, where a path local to this node is missing
+    unless every node mounts it at the same place. `paths`: {flag: path or URI or None}."""
+    if started_local_ray or (sum(node["Alive"] for node in ray.nodes()) < 2 and not nodes_to_come):
+        return
+    local = [f"{flag} {path}" for flag, path in paths.items() if path is not None and "://" not in path]
+    if local:
+        print(f"[unet-ray] warning: {'; '.join(local)}: local to this node, and the cluster's other nodes read and "
+              f"write there too; unless each mounts it at the same place, pass an s3:// or gs:// URI",
+              file=sys.stderr, flush=True)
+
+
+def job_working_copy():
+    """The copy of `ray job submit --working-dir` this process runs in, or None: Ray deletes it."""
+    cwd = os.getcwd()
+    marker = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+    return cwd if marker in cwd + os.sep else None
+
+
+def refuse_relative_output(path, flag):
+    """A relative output of a submitted job would land in its working-dir copy, and be lost with it."""
+    copy = job_working_copy()
+    if copy and "://" not in path and not os.path.isabs(path):
+        raise ValueError(f"{flag} {path}: a relative path, so inside this job's copy of --working-dir ({copy}), "
+                         f"which Ray deletes; pass an absolute path (on the head node) or a bucket URI")
+
+
 def configure_tensorflow_threads(num_threads):
     """Size TF's pools to the CPUs Ray gave this process, so workers don't oversubscribe cores."""
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(num_threads)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, num_threads)))
+
+
+def select_devices(use_gpu):
+    """Run in every worker and actor, before TensorFlow starts. With --use-gpu, TensorFlow must see
+    the GPU Ray gave the process: without CUDA it would compute on the CPU in float32 while the GPU
+    sat reserved. Without --use-gpu it sees none: Ray 2.60 leaves a node's GPUs visible to a
+    process that asked for none, and TensorFlow would take most of a GPU's memory in each."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if use_gpu and not gpus:
+        raise RuntimeError(f"--use-gpu: Ray gave this process a GPU, but TensorFlow sees none (built with CUDA: "
+                           f"{tf.test.is_built_with_cuda()}); install the gpu extra (pip install 'unet-ray[gpu]', "
+                           f"which brings tensorflow[and-cuda]) on every GPU node")
+    if not use_gpu and gpus:
+        tf.config.set_visible_devices([], "GPU")
 
 
 def native_bfloat16(use_gpu):

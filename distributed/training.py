@@ -88,6 +88,9 @@ def train(config: TrainConfig):
 def check_before_start(config):
     """Refuses a run that cannot go on (bad paths, another run's output, too few workers) before
     any data is decoded; makes the output directory and connects to Ray, or starts it."""
+    runtime.refuse_relative_output(config.output, "--output")
+    if config.storage_path is not None:
+        runtime.refuse_relative_output(config.storage_path, "--storage-path")
     ingest.open_output(config.output)
     for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
         if uri is not None:
@@ -99,7 +102,12 @@ def check_before_start(config):
     ingest.make_directory(config.output, "--output")
     run_directory.check_run_identity(config)
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
-    runtime.refuse_or_warn(runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu))
+    shortfall = runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu)
+    runtime.refuse_or_warn(shortfall)
+    scenes = os.path.join(config.output, run_directory.SCENES)
+    data = {"--data": config.data} if config.data else {"--output's scenes": scenes}
+    runtime.warn_of_local_paths({**data, "--val-data": config.val_data, "--storage-path": config.resolved_storage_path},
+                                nodes_to_come=shortfall is not None)
     if "://" not in config.resolved_storage_path:  # before the data is decoded; a bucket is Ray Train's to reach
         ingest.make_directory(config.resolved_storage_path, "--storage-path")
     oversubscribed = runtime.oversubscription(config.num_workers * config.cpus_per_worker)
@@ -163,6 +171,8 @@ def train_loop_per_worker(loop_config):
     config = TrainConfig(**loop_config["config"])
     steps_per_epoch = math.ceil(loop_config["rows_per_worker"] / config.batch_size)
     runtime.configure_tensorflow_threads(config.cpus_per_worker)
+    runtime.select_devices(config.use_gpu)
+    checkpoint.check_reachable(config.resolved_storage_path)
     runtime.quiet_per_epoch_logs()
     precision = set_precision_policy(config.mixed_precision, config.use_gpu)
     context = ray.train.get_context()

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.fs
+import pytest
 import ray
 
 from distributed import checkpoint
@@ -78,3 +79,11 @@ def test_untracked_checkpoints_are_removed_and_one_that_cannot_be_is_named(tmp_p
     assert f"removed {tmp_path / 'checkpoint_stray'}: a checkpoint an interrupted attempt left" in printed.out
     assert f"warning: could not remove {tmp_path / 'checkpoint_stuck'}" in printed.err
     assert "Permission denied" in printed.err
+
+
+def test_a_worker_that_cannot_reach_the_checkpoint_storage_says_so_before_training(tmp_path):
+    checkpoint.check_reachable(str(tmp_path))
+    checkpoint.check_reachable("s3://bucket/runs")  # Ray Train's to reach
+    with pytest.raises(RuntimeError, match=f"--storage-path {tmp_path / 'elsewhere'}: not on this worker's node "
+                                           f"\\(.*\\); on a cluster, checkpoints need storage every node reaches"):
+        checkpoint.check_reachable(str(tmp_path / "elsewhere"))

@@ -76,3 +76,65 @@ def test_workers_asking_for_more_cpus_than_the_machine_has_are_warned_of(ray_ses
                                            "cores, and fewer workers (or --cpus-per-worker 1) would train faster")
     monkeypatch.setattr(runtime, "started_local_ray", False)  # a cluster's nodes are not this machine
     assert runtime.oversubscription(3) is None
+
+
+def test_workers_see_the_gpu_they_were_given_and_no_other(monkeypatch):
+    import tensorflow as tf
+
+    hidden = []
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: hidden.append((devices, kind)))
+    # A GPU node whose TensorFlow was installed without CUDA lists no GPU.
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [])
+    with pytest.raises(RuntimeError, match="--use-gpu: Ray gave this process a GPU, but TensorFlow sees none "
+                                           "\\(built with CUDA: .*\\); install the gpu extra"):
+        runtime.select_devices(use_gpu=True)
+    runtime.select_devices(use_gpu=False)
+    assert hidden == []  # nothing to hide
+    # A CPU worker on a GPU node: Ray leaves the node's GPUs visible to it.
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [f"/physical_device:{kind}:0"])
+    runtime.select_devices(use_gpu=True)
+    assert hidden == []
+    runtime.select_devices(use_gpu=False)
+    assert hidden == [([], "GPU")]
+
+
+def test_local_paths_on_a_cluster_of_several_nodes_are_warned_of(ray_session, monkeypatch, capsys):
+    paths = {"--data": "/data/carla", "--val-data": None, "--storage-path": "s3://bucket/runs"}
+    runtime.warn_of_local_paths(paths, nodes_to_come=True)
+    assert capsys.readouterr().err == ""  # the local Ray this machine started: its only node
+    monkeypatch.setattr(runtime, "started_local_ray", False)  # as if joined through RAY_ADDRESS
+    runtime.warn_of_local_paths(paths, nodes_to_come=False)
+    assert capsys.readouterr().err == ""  # a cluster of one node that needs no more
+    runtime.warn_of_local_paths(paths, nodes_to_come=True)  # an autoscaler will add the GPU nodes
+    assert capsys.readouterr().err == (
+        "[unet-ray] warning: --data /data/carla: local to this node, and the cluster's other nodes read and write "
+        "there too; unless each mounts it at the same place, pass an s3:// or gs:// URI\n")
+    monkeypatch.setattr(runtime.ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    runtime.warn_of_local_paths({"--input": "frames"}, nodes_to_come=False)
+    assert "--input frames: local to this node" in capsys.readouterr().err
+    runtime.warn_of_local_paths({"--input": "gs://bucket/frames"}, nodes_to_come=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_submitted_job_refuses_a_relative_output_that_ray_would_delete_with_its_working_dir(tmp_path, monkeypatch):
+    from distributed import evaluation, inference, training
+    from distributed.config import EvaluateConfig, InferConfig, TrainConfig
+
+    monkeypatch.setattr(runtime, "connect", lambda **_: pytest.fail("Ray was started"))
+    copy = tmp_path / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)  # where `ray job submit --working-dir .` runs the job's command
+    message = f"--output runs/x: a relative path, so inside this job's copy of --working-dir \\({copy}\\)"
+    with pytest.raises(ValueError, match=message):
+        training.train(TrainConfig(output="runs/x"))
+    with pytest.raises(ValueError, match="--storage-path ckpt: a relative path"):
+        training.train(TrainConfig(output=str(tmp_path / "run"), storage_path="ckpt"))
+    with pytest.raises(ValueError, match=message):
+        inference.infer(InferConfig(model="m.keras", input="frames", output="runs/x"))
+    with pytest.raises(ValueError, match=message):
+        evaluation.evaluate(EvaluateConfig(model="m.keras", data="frames", output="runs/x"))
+    assert os.listdir(copy) == []
+    # An absolute output passes (and the run fails later, on its missing data).
+    with pytest.raises(ValueError, match="not a CARLA-layout directory"):
+        training.train(TrainConfig(output=str(tmp_path / "run"), data="frames"))
+
