@@ -36,7 +36,7 @@ class EpochsToDisk(ray.train.UserCallback):
         restarted = len(kept) < len(self.history)
         self.history = kept + [row]
         write_metrics(self.output, self.history)
-        append_to_tensorboard(os.path.join(self.output, TENSORBOARD), row, restarted)
+        append_to_tensorboard(os.path.join(self.output, TENSORBOARD), self.history, restarted)
 
 
 def read_history(output):
@@ -67,26 +67,38 @@ def write_metrics(output, history):
         os.replace(os.path.join(output, f"{name}.tmp"), os.path.join(output, name))
 
 
-def append_to_tensorboard(directory, row, restarted):
-    """One epoch's scores appended to the run's event file, which TensorBoard follows as it grows.
+def append_to_tensorboard(directory, history, restarted):
+    """The last epoch of `history` appended to the run's event file, which TensorBoard follows as
+    it grows; a new file (the run's first epoch, or a run directory an older unet-ray wrote, whose
+    event files go) gets every epoch of `history`.
 
     A session-start event opens the file and comes before each restarted epoch: TensorBoard then
     drops what the earlier attempt logged from that epoch on, so it draws every epoch once.
     """
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, EVENT_FILE)
-    events = []
-    if not os.path.exists(path):
-        events.append(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-    if restarted or not os.path.exists(path):
-        events.append(event_pb2.Event(wall_time=time.time(), step=row["epoch"],
-                                      session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
-    scores = {key: value for key, value in row.items()  # not flags such as jit_compile: a flat line says nothing
-              if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"}
-    scores.update({f"val_iou/{name}": value for name, value in row.get("val_iou_per_class", {}).items()})
-    scores = [summary_pb2.Summary.Value(tag=tag, simple_value=value) for tag, value in scores.items()]
-    events.append(event_pb2.Event(wall_time=time.time(), step=row["epoch"], summary=summary_pb2.Summary(value=scores)))
+    if os.path.exists(path):
+        rows, events = history[-1:], [session_start(history[-1]["epoch"])] if restarted else []
+    else:
+        for name in os.listdir(directory):
+            if "tfevents" in name:
+                os.remove(os.path.join(directory, name))
+        rows = history
+        events = [event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"),
+                  session_start(history[0]["epoch"])]
+    for row in rows:
+        scores = {key: value for key, value in row.items()  # not flags such as jit_compile: a flat line says nothing
+                  if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"}
+        scores.update({f"val_iou/{name}": value for name, value in row.get("val_iou_per_class", {}).items()})
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=value)
+                                             for tag, value in scores.items()])
+        events.append(event_pb2.Event(wall_time=time.time(), step=row["epoch"], summary=summary))
     with open(path, "ab") as file:
         writer = RecordWriter(file)
         for event in events:
             writer.write(event.SerializeToString())
+
+
+def session_start(step):
+    return event_pb2.Event(wall_time=time.time(), step=step,
+                           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))

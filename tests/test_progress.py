@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -65,3 +66,19 @@ def test_tensorboard_follows_the_run_and_draws_a_restarted_epoch_once(tmp_path):
     accumulator = EventAccumulator(str(tmp_path / progress.TENSORBOARD))
     accumulator.Reload()
     assert sorted(accumulator.Tags()["scalars"]) == ["val_iou/road", "val_loss", "val_mean_iou"]
+
+
+def test_a_run_directory_an_older_version_wrote_gets_one_event_file_of_its_whole_history(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    old = progress.EpochsToDisk(str(tmp_path / "elsewhere"))  # an event file of epochs 1-3, as exported before
+    for epoch in (1, 2, 3):
+        old.after_report(None, [{"epoch": epoch, "val_mean_iou": 0.5}], checkpoint=None)
+    (tmp_path / "tensorboard").mkdir()
+    os.replace(tmp_path / "elsewhere" / "tensorboard" / progress.EVENT_FILE,
+               tmp_path / "tensorboard" / "events.out.tfevents.1796000000.head.123.v2")
+    progress.write_metrics(str(tmp_path), [{"epoch": epoch, "val_mean_iou": 0.1 * epoch} for epoch in (1, 2, 3)])
+
+    resumed = progress.EpochsToDisk(str(tmp_path))
+    resumed.after_report(None, [{"epoch": 3, "val_mean_iou": 0.35}], checkpoint=None)  # resumed after epoch 2
+    assert [path.name for path in (tmp_path / "tensorboard").iterdir()] == [progress.EVENT_FILE]
+    assert tensorboard_shows(tmp_path / "tensorboard", "val_mean_iou") == [(1, 0.1), (2, 0.2), (3, 0.35)]
