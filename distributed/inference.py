@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,10 @@ MODEL_FILE = "model.keras"
 STAGING = ".staging"
 # The output settings the predictions were made with, which a rerun into the output must keep.
 SETTINGS_FILE = "output_settings.json"
+# Files the driver writes at once. An object store answers each request in tens of milliseconds:
+# one at a time, a million frames' masks and overlays would take a day to upload.
+WRITERS = 16
+OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow's names of the filesystems whose uploads are atomic
 
 
 def infer(config: InferConfig):
@@ -400,7 +405,8 @@ def encode_png(pixels):
 # --- the output --------------------------------------------------------------------------------
 
 def write_images(output, batch, config):
-    """Write the PNG files of each frame predicted; returns (succeeded, reason) per row.
+    """Write the PNG files of each frame predicted, `WRITERS` at a time; returns (succeeded, reason)
+    per row, once every file of the batch is written.
 
     A frame whose files cannot be written (a name too long for the filesystem, say) fails with
     the reason, into errors/ like an unreadable one, instead of ending the job.
@@ -408,13 +414,20 @@ def write_images(output, batch, config):
     reasons = batch["error"].astype(object)
     columns = ([("masks", "mask_png")] if "png" in config.formats else []) + (
         [("overlays", "overlay_png")] if config.overlay else [])
-    for index in np.flatnonzero(reasons == ""):
+
+    def write_frame(index):
         relative = batch["path"][index]
         try:
             for folder, column in columns:
                 output.write(output_path(folder, output_png_name(relative)), batch[column][index])
         except OSError as error:
-            reasons[index] = f"{relative}: its output cannot be written ({error})"
+            return f"{relative}: its output cannot be written ({error})"
+        return ""
+
+    written = np.flatnonzero(reasons == "")
+    if columns:
+        with ThreadPoolExecutor(max_workers=WRITERS) as pool:
+            reasons[written] = list(pool.map(write_frame, written))
     return reasons == "", reasons
 
 
@@ -491,8 +504,13 @@ class Output:
                       if info.base_name.endswith(".parquet") and not info.base_name.startswith("."))
 
     def write(self, relative, content):
-        """Write under a temporary name, then rename: no reader ever sees a partial file."""
+        """Write under a temporary name, then rename: no reader ever sees a partial file. An object
+        store's upload shows the whole file or none by itself, and its rename is a copy."""
         path = f"{self.root}/{relative}"
+        if self.filesystem.type_name in OBJECT_STORES:
+            with self.filesystem.open_output_stream(path) as stream:
+                stream.write(content)
+            return
         temporary = f"{self.staging}/{uuid.uuid4().hex}.tmp"
         with self.filesystem.open_output_stream(temporary) as stream:
             stream.write(content)
