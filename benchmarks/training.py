@@ -73,7 +73,7 @@ def keras_run(profile, train, precision):
     try:
         tf.keras.utils.set_random_seed(profile.seed)
         model = compile_unet(unet_model((*profile.image_size, 3), profile.n_filters, profile.n_classes),
-                             profile.learning_rate, profile.n_classes)
+                             profile.learning_rate)
         dataset = (tf.data.Dataset.from_tensor_slices((images, masks))
                    .shuffle(len(images), seed=profile.seed, reshuffle_each_iteration=True)
                    .batch(profile.batch_size)

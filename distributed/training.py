@@ -192,7 +192,7 @@ def train_loop_per_worker(loop_config):
         )
     with strategy.scope():
         model = compile_unet(
-            unet_model((*config.image_size, 3), config.n_filters, config.n_classes), learning_rate, config.n_classes,
+            unet_model((*config.image_size, 3), config.n_filters, config.n_classes), learning_rate,
             jit_compile=jit_compile, clip_norm=config.clip_norm, ema_momentum=config.ema_momentum,
         )
         if loop_config["class_pixel_counts"] is not None:

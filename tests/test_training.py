@@ -89,6 +89,15 @@ def test_averaged_weights_leaves_a_model_without_an_average_alone(scene_arrays):
         assert all(np.array_equal(a, b) for a, b in zip(raw, model.get_weights()))
 
 
+def test_the_compiled_mean_iou_counts_every_class_the_model_predicts():
+    model = compile_unet(unet_model((*SIZE, 3), n_filters=4, n_classes=30), learning_rate=1e-2)
+    masks = np.full((2, *SIZE), 29)  # the model's last class, beyond CARLA's 23
+    logs = model.train_on_batch(np.zeros((2, *SIZE, 3), np.float32), masks, return_dict=True)
+    assert 0.0 <= logs["mean_iou"] <= 1.0
+    (mean_iou,) = [metric for metric in model.metrics if metric.name == "mean_iou"]
+    assert mean_iou.counts.shape == (30, 30)
+
+
 def test_start_from_class_prior_makes_the_bias_predict_the_pixel_frequencies():
     model = unet_model((*SIZE, 3), n_filters=4, n_classes=4)
     counts = np.array([600, 300, 100, 0])

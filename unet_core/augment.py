@@ -39,7 +39,7 @@ def augment(image, mask, seed, max_zoom=1.25, brightness=0.1, contrast=0.2):
     return tf.ensure_shape(image, (height, width, 3)), tf.ensure_shape(mask[..., 0], (height, width))
 
 
-def class_mix(images, masks, seed, probability=0.5, n_classes=23):
+def class_mix(images, masks, seed, probability, n_classes):
     """ClassMix (Olsson et al., 2021) within a batch: with `probability`, a frame gets the pixels
     of a random half of the classes in the batch's previous frame, pasted with their labels.
 

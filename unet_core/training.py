@@ -52,7 +52,7 @@ class AdamWithAverageWarmup(tf.keras.optimizers.Adam):
             self._distribution_strategy.extended.update(average, update_average, args=(variable,), group=False)
 
 
-def compile_unet(model, learning_rate=1e-3, n_classes=23, jit_compile=False, clip_norm=None, ema_momentum=0.0):
+def compile_unet(model, learning_rate=1e-3, jit_compile=False, clip_norm=None, ema_momentum=0.0):
     """Adam + per-pixel cross-entropy; reports pixel accuracy and mean IoU.
 
     `learning_rate` is a number or a schedule; Keras scales the loss by per-pixel sample
@@ -71,7 +71,7 @@ def compile_unet(model, learning_rate=1e-3, n_classes=23, jit_compile=False, cli
         loss=pixel_loss(),
         metrics=[
             tf.keras.metrics.SparseCategoricalAccuracy(name="pixel_accuracy"),
-            KerasMeanIoU(n_classes),
+            KerasMeanIoU(model.output_shape[-1]),  # one per class the model predicts
         ],
         jit_compile=jit_compile,
     )
