@@ -74,7 +74,7 @@ def run(args):
     scores = f"pixel accuracy {metrics['pixel_accuracy']:.3f}, mIoU {metrics['mean_iou']:.3f}"
     print(f"""
 quickstart finished in {time.time() - started:.0f} s
-  training curves   {config.output}/curves.png
+  training curves   {config.output}/curves.png, {config.output}/tensorboard/ (written as each epoch ended)
   previews          {config.output}/previews.png  (input | true | predicted)
   model             {model}
   predictions       {output}/inference/predictions/*.parquet  ({summary['ok'] + summary['skipped']} frames)
