@@ -281,3 +281,17 @@ def test_train_then_infer_with_ray_job_submit(ray_head, tmp_path):
     import pyarrow.parquet as pq
 
     assert sum(pq.read_metadata(part).num_rows for part in parts) == len(frames)
+
+
+def test_a_relative_output_is_refused_in_the_jobs_copy_of_the_working_dir(ray_head, tmp_path):
+    # The job runs in Ray's temporary copy of the checkout: a relative --output would land there and
+    # be deleted with it. jobs.evaluate refuses it before loading anything.
+    command = [RAY, "job", "submit", "--address", ray_head.address, "--working-dir", str(REPO),
+               "--runtime-env-json", RUNTIME_ENV, "--", "python", "-m", "jobs.evaluate", "--model", "m.keras",
+               "--data", str(tmp_path), "--output", "runs/report"]
+    submitted = subprocess.run(command, env=ray_head.env, cwd=REPO, capture_output=True, text=True,
+                               timeout=JOB_TIMEOUT)
+    output = ANSI.sub("", submitted.stdout + submitted.stderr)
+    assert submitted.returncode != 0, output[-3000:]
+    assert re.search(r"error: --output runs/report: a relative path, so inside this job's copy of --working-dir "
+                     r"\(\S*/runtime_resources/working_dir_files/\S+\), which Ray deletes", output), output[-3000:]
