@@ -3,7 +3,7 @@
 Read top to bottom: `infer` (driver) lists the inputs, leaves out those a previous run into the
 same output already predicted, and streams the rest through two Ray Data stages — `read_images`
 tasks decode and preprocess, a pool of `Predictor` actors runs the model and encodes the masks —
-back to the driver, which commits them under the output one atomic file at a time.
+back to the driver, which commits them under the output, each file whole or not at all.
 
 The predictions table is the ledger of what is done. A Parquet part is committed only after the
 PNG files of its rows, so a killed run loses at most its uncommitted rows, which the next run
