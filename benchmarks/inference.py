@@ -18,7 +18,7 @@ from PIL import Image
 
 from benchmarks import frames, memory
 from benchmarks.common import median, ratio, rotated, rounded
-from distributed import inference, runtime
+from distributed import inference, inference_output, runtime
 from distributed.config import FORMATS, InferConfig
 from unet_core import data, unet_model
 
@@ -86,19 +86,19 @@ def time_infer(config, count):
     `infer` writes every batch it receives with `write_images`; wrapping that module function
     records (time, rows) per batch without changing what runs.
     """
-    arrivals, original = [], inference.write_images
+    arrivals, original = [], inference_output.write_images
 
     def recording(output, batch, *rest):
         arrivals.append((time.perf_counter(), len(batch["path"])))
         return original(output, batch, *rest)
 
-    inference.write_images = recording
+    inference_output.write_images = recording
     try:
         started = time.perf_counter()
         summary = inference.infer(config)
         seconds = time.perf_counter() - started
     finally:
-        inference.write_images = original
+        inference_output.write_images = original
     if summary["ok"] != count:
         raise RuntimeError(f"infer predicted {summary} of {count} frames")
     steady = None

@@ -17,10 +17,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from distributed import inference, runtime
+from distributed import inference, inference_output, runtime
 from distributed.config import InferConfig
 from distributed.inference import infer
-from distributed.ingest import open_output
 from jobs import infer as infer_job
 from unet_core import data, scenes, unet_model
 from unet_core.classes import PALETTE, class_names
@@ -173,7 +172,7 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert paths == ["frame.jpg", "scene_000000.png", "scene_000001.png", "scene_000002.png"]
     expected = expected_masks(model_dir / "model.keras", images, paths, size=SIZE)
     for path in paths:
-        mask = (output / "masks" / inference.output_png_name(path)).read_bytes()
+        mask = (output / "masks" / inference_output.output_png_name(path)).read_bytes()
         np.testing.assert_array_equal(data.decode_mask(mask, path), expected[path])
     assert not (output / "overlays").exists()
     assert sorted(read_table(output / "errors")["path"].to_pylist()) == [long_name, "broken.jpg"]
@@ -237,23 +236,6 @@ def test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it(tmp_
     assert identity["other_weights"] != identity["first"]
     legacy_digest = hashlib.sha256(saved["legacy_h5"].read_bytes()).hexdigest()
     assert identity["legacy_h5"] == f"model.keras@sha256:{legacy_digest}"  # not a zip: the whole file
-
-
-def test_predictions_of_another_model_are_kept_with_a_warning_on_stderr(tmp_path, capsys):
-    (tmp_path / "predictions").mkdir()
-    models = ["model.keras@sha256:old", "model.keras@sha256:new"]
-    pq.write_table(pa.table({"path": ["a.png", "b.png"], "model": models}), tmp_path / "predictions" / "part-0.parquet")
-
-    assert inference.Output(*open_output(str(tmp_path))).done_paths("model.keras@sha256:new") == {"a.png", "b.png"}
-    printed = capsys.readouterr()
-    assert "[unet-ray] warning: 1 prediction(s) in" in printed.err and "came from another model" in printed.err
-    assert printed.out == ""
-
-
-@pytest.mark.parametrize("relative", ["../escape.png", "/etc/escape.png", "a/../../escape.png", "a//b.png", ""])
-def test_output_paths_cannot_leave_the_output(relative):
-    with pytest.raises(ValueError, match="inside --output"):
-        inference.output_path("masks", relative)
 
 
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys, model_dir):
@@ -330,7 +312,7 @@ def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_p
     scenes.write_scenes(tmp_path / "frames", 8, seed=2)
     config = InferConfig(model=str(model_dir / "model.keras"), input=str(images), output=str(tmp_path / "out"),
                          batch_size=2)  # and 1000 rows per part: none would be committed before the end
-    written, write_images = [], inference.write_images
+    written, write_images = [], inference_output.write_images
 
     def ctrl_c_at_the_second_batch(output, batch, config):
         if written:
@@ -338,7 +320,7 @@ def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_p
         written.extend(batch["path"])
         return write_images(output, batch, config)
 
-    monkeypatch.setattr(inference, "write_images", ctrl_c_at_the_second_batch)
+    monkeypatch.setattr(inference_output, "write_images", ctrl_c_at_the_second_batch)
     with pytest.raises(KeyboardInterrupt):
         infer(config)
     assert sorted(read_table(tmp_path / "out" / "predictions")["path"].to_pylist()) == sorted(written)
@@ -382,54 +364,3 @@ def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(inference, "infer", interrupted)
     assert infer_job.main(["--model", "m.keras", "--input", str(tmp_path), "--output", str(tmp_path / "out")]) == 130
     assert "interrupted: the same command goes on, skipping the images already written" in capsys.readouterr().err
-
-
-def test_a_batch_is_written_many_files_at_a_time_and_each_frame_that_cannot_be_is_named(tmp_path, monkeypatch):
-    import threading
-
-    import fsspec.implementations.local
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    class SlowStore(fsspec.implementations.local.LocalFileSystem):
-        """The local disk answering each file opened for writing after 50 ms, as an object store might."""
-        lock, open_now, most_open, moves = threading.Lock(), 0, 0, 0
-
-        def _open(self, path, mode="rb", **kwargs):
-            if "w" in mode:
-                with SlowStore.lock:
-                    SlowStore.open_now += 1
-                    SlowStore.most_open = max(SlowStore.most_open, SlowStore.open_now)
-                time.sleep(0.05)
-                with SlowStore.lock:
-                    SlowStore.open_now -= 1
-            return super()._open(path, mode, **kwargs)
-
-        def mv(self, *args, **kwargs):
-            SlowStore.moves += 1
-            return super().mv(*args, **kwargs)
-
-    output = inference.Output(PyFileSystem(FSSpecHandler(SlowStore())), str(tmp_path))
-    output.start_run()
-    names = [f"drive/frame_{index:02d}.png" for index in range(20)] + ["a" * 300 + ".png"]  # a name too long
-    batch = {"path": np.array(names, object), "error": np.array([""] * 21, object),
-             "mask_png": np.array([name.encode() for name in names], object),
-             "overlay_png": np.array([b"overlay of " + name.encode() for name in names], object)}
-    config = InferConfig(model="m.keras", input="in", output=str(tmp_path), overlay=True)
-
-    succeeded, reasons = inference.write_images(output, batch, config)
-
-    assert succeeded.tolist() == [True] * 20 + [False]
-    assert reasons[-1].startswith(f"{names[-1]}: its output cannot be written (")
-    for name in names[:-1]:
-        assert (tmp_path / "masks" / name).read_bytes() == name.encode()
-        assert (tmp_path / "overlays" / name).read_bytes() == b"overlay of " + name.encode()
-    assert SlowStore.most_open > 1  # one file at a time, 40 files would take 2 s of waiting alone
-    # Written aside, then renamed into place (no reader sees half a file): 40, and the mask whose
-    # name is too long, which fails there.
-    assert SlowStore.moves == 41
-
-    # On an object store an upload shows all of the file or none, and a rename is a copy: no staging.
-    monkeypatch.setattr(inference, "OBJECT_STORES", (output.filesystem.type_name,))
-    batch["mask_png"][0] = b"predicted again"
-    assert inference.write_images(output, batch, config)[0].tolist() == [True] * 20 + [False]
-    assert SlowStore.moves == 41 and (tmp_path / "masks" / names[0]).read_bytes() == b"predicted again"

@@ -1,0 +1,78 @@
+"""Where batch inference writes: files whole or not at all, many at a time, and the ledger of what is done."""
+
+import threading
+import time
+
+import fsspec.implementations.local
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from distributed import inference_output
+from distributed.config import InferConfig
+from distributed.ingest import open_output
+
+
+def test_predictions_of_another_model_are_kept_with_a_warning_on_stderr(tmp_path, capsys):
+    (tmp_path / "predictions").mkdir()
+    models = ["model.keras@sha256:old", "model.keras@sha256:new"]
+    pq.write_table(pa.table({"path": ["a.png", "b.png"], "model": models}), tmp_path / "predictions" / "part-0.parquet")
+
+    assert inference_output.Output(*open_output(str(tmp_path))).done_paths("model.keras@sha256:new") == {"a.png", "b.png"}
+    printed = capsys.readouterr()
+    assert "[unet-ray] warning: 1 prediction(s) in" in printed.err and "came from another model" in printed.err
+    assert printed.out == ""
+
+
+@pytest.mark.parametrize("relative", ["../escape.png", "/etc/escape.png", "a/../../escape.png", "a//b.png", ""])
+def test_output_paths_cannot_leave_the_output(relative):
+    with pytest.raises(ValueError, match="inside --output"):
+        inference_output.output_path("masks", relative)
+
+
+def test_a_batch_is_written_many_files_at_a_time_and_each_frame_that_cannot_be_is_named(tmp_path, monkeypatch):
+    class SlowStore(fsspec.implementations.local.LocalFileSystem):
+        """The local disk answering each file opened for writing after 50 ms, as an object store might."""
+        lock, open_now, most_open, moves = threading.Lock(), 0, 0, 0
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "w" in mode:
+                with SlowStore.lock:
+                    SlowStore.open_now += 1
+                    SlowStore.most_open = max(SlowStore.most_open, SlowStore.open_now)
+                time.sleep(0.05)
+                with SlowStore.lock:
+                    SlowStore.open_now -= 1
+            return super()._open(path, mode, **kwargs)
+
+        def mv(self, *args, **kwargs):
+            SlowStore.moves += 1
+            return super().mv(*args, **kwargs)
+
+    output = inference_output.Output(PyFileSystem(FSSpecHandler(SlowStore())), str(tmp_path))
+    output.start_run()
+    names = [f"drive/frame_{index:02d}.png" for index in range(20)] + ["a" * 300 + ".png"]  # a name too long
+    batch = {"path": np.array(names, object), "error": np.array([""] * 21, object),
+             "mask_png": np.array([name.encode() for name in names], object),
+             "overlay_png": np.array([b"overlay of " + name.encode() for name in names], object)}
+    config = InferConfig(model="m.keras", input="in", output=str(tmp_path), overlay=True)
+
+    succeeded, reasons = inference_output.write_images(output, batch, config)
+
+    assert succeeded.tolist() == [True] * 20 + [False]
+    assert reasons[-1].startswith(f"{names[-1]}: its output cannot be written (")
+    for name in names[:-1]:
+        assert (tmp_path / "masks" / name).read_bytes() == name.encode()
+        assert (tmp_path / "overlays" / name).read_bytes() == b"overlay of " + name.encode()
+    assert SlowStore.most_open > 1  # one file at a time, 40 files would take 2 s of waiting alone
+    # Written aside, then renamed into place (no reader sees half a file): 40, and the mask whose
+    # name is too long, which fails there.
+    assert SlowStore.moves == 41
+
+    # On an object store an upload shows all of the file or none, and a rename is a copy: no staging.
+    monkeypatch.setattr(inference_output, "OBJECT_STORES", (output.filesystem.type_name,))
+    batch["mask_png"][0] = b"predicted again"
+    assert inference_output.write_images(output, batch, config)[0].tolist() == [True] * 20 + [False]
+    assert SlowStore.moves == 41 and (tmp_path / "masks" / names[0]).read_bytes() == b"predicted again"
