@@ -12,7 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from distributed import inference, ingest, run_directory, runtime
+from distributed import inference, ingest, run_directory
 from distributed.config import EvaluateConfig
 from unet_core import data, plots
 from unet_core.classes import class_names
@@ -29,7 +29,6 @@ def evaluate(config: EvaluateConfig):
     scores; the report in `config.output` is then left as it was.
     """
     model, data_uri, output, batch_size = config.model, config.data, config.output, config.batch_size
-    runtime.refuse_relative_output(output, "--output")
     ingest.check_output_outside(output, data_uri, "--data", "the report's PNGs")
     if run_directory.is_run_output(output):
         raise ValueError(f"{output}: a training run's directory; the report's metrics.json and previews.png would "

@@ -41,7 +41,7 @@ def infer(config: InferConfig):
 
     Returns {"ok": predicted now, "failed": unreadable now, "skipped": done by earlier runs}.
     """
-    runtime.refuse_relative_output(config.output, "--output")
+    output = inference_output.Output(*open_output(config.output))
     model_path = model_file(config.model)
     # Loaded here too, so a broken model fails before any actor starts (and before its members
     # are read for its identity), and for its shapes.
@@ -50,7 +50,6 @@ def infer(config: InferConfig):
         model_bytes = file.read()
     identity = model_identity(model_bytes, model_path)
 
-    output = inference_output.Output(*open_output(config.output))
     input_filesystem, given_root = open_root(config.input)
     input_root = image_root(input_filesystem, given_root)
     if input_root != given_root:

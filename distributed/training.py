@@ -88,7 +88,6 @@ def train(config: TrainConfig):
 def check_before_start(config):
     """Refuses a run that cannot go on (bad paths, another run's output, too few workers) before
     any data is decoded; makes the output directory and connects to Ray, or starts it."""
-    runtime.refuse_relative_output(config.output, "--output")
     if config.storage_path is not None:
         runtime.refuse_relative_output(config.storage_path, "--storage-path")
     ingest.open_output(config.output)
