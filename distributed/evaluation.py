@@ -33,17 +33,16 @@ def evaluate(config: EvaluateConfig):
     if run_directory.is_run_output(output):
         raise ValueError(f"{output}: a training run's directory; the report's metrics.json and previews.png would "
                          f"replace the run's own: pass another --output, such as {os.path.join(output, 'evaluation')}")
-    # A mistyped --model or --data is named before the output is made: no empty report left behind.
+    # A mistyped --model or --data (or unpaired frames) named before the output is made: no empty report left.
     model_path = inference.model_file(model)
-    ingest.check_layout(data_uri)
+    filesystem, root, names = ingest.discover_pairs(data_uri)
+    if config.split is not None:
+        names = held_out(names, config)
     ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
     keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
     with open(model_path, "rb") as file:
         identity = inference.model_identity(file.read(), model_path)
     size, n_classes = inference.model_geometry(keras_model, model_path)
-    filesystem, root, names = ingest.discover_pairs(data_uri)
-    if config.split is not None:
-        names = held_out(names, config)
 
     forward = predict_logits_fn(keras_model)
     confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0
