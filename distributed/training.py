@@ -7,6 +7,7 @@ report, and save a checkpoint together when one is due (checkpoint.py); the driv
 the best weights the last checkpoint carries.
 """
 
+import dataclasses
 import math
 import os
 import signal
@@ -49,7 +50,9 @@ def train(config: TrainConfig):
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": config.to_dict(),
+            # The storage path as this process resolves it: a worker runs in another directory,
+            # where a relative --output would point somewhere else.
+            "config": dataclasses.replace(config, storage_path=config.resolved_storage_path).to_dict(),
             "rows_per_worker": per_worker,
             "class_weights": weights,
             "class_pixel_counts": counts,

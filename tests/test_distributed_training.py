@@ -203,10 +203,14 @@ def test_a_failed_run_exits_1_with_ray_trains_error_and_how_to_go_on(monkeypatch
             "epochs); --max-failures N has Ray Train restart the workers from it by itself") in error
 
 
-def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ray_session, capfd):
+def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ray_session, capfd, monkeypatch):
     # A learning rate this small leaves every prediction as it was: epoch 2 only ties epoch 1.
-    config = smoke_config(tmp_path, epochs=5, learning_rate=1e-12, early_stopping_patience=1)
+    # A relative --output, as the README's commands give it: the workers run in other directories.
+    monkeypatch.chdir(tmp_path)
+    config = dataclasses.replace(smoke_config(tmp_path, epochs=5, learning_rate=1e-12, early_stopping_patience=1),
+                                 output="run")
     history = train(config)
+    assert (tmp_path / "run" / "model.keras").is_file()
     assert [row["epoch"] for row in history] == [1, 2]
     assert list(checkpoint_dirs(config)) == [2]  # the stopping epoch saved one, though not due
     captured = capfd.readouterr()
