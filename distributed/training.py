@@ -400,11 +400,15 @@ def is_new_best(history, scores):
     return scores["val_mean_iou"] > max((row["val_mean_iou"] for row in history), default=-1.0)
 
 
+def best_epoch_index(history):
+    """The epoch `model.keras` holds: the best val mIoU, the first of a tie (as `is_new_best` keeps it)."""
+    return max(range(len(history)), key=lambda index: history[index]["val_mean_iou"])
+
+
 def should_stop_early(history, patience):
     if not patience or len(history) <= patience:
         return False
-    best_epoch = max(range(len(history)), key=lambda index: history[index]["val_mean_iou"])
-    return len(history) - 1 - best_epoch >= patience
+    return len(history) - 1 - best_epoch_index(history) >= patience
 
 
 def set_precision_policy(mixed_precision, use_gpu):

@@ -117,7 +117,7 @@ def main(argv=None):
         from distributed import training
 
         history = training.train(config)
-        best = max(history, key=lambda row: row["val_mean_iou"])  # the epoch model.keras holds (of a tie, the first)
+        best = history[training.best_epoch_index(history)]
         print(json.dumps({**{key: value for key, value in best.items() if not isinstance(value, dict)},
                           "epochs_trained": len(history)}))
         return 0

@@ -18,7 +18,8 @@ from distributed import checkpoint, ingest, runtime, training
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
-    class_balance, evaluate, is_new_best, read_shard, shard_fits_in_memory, should_stop_early, train, training_batches,
+    best_epoch_index, class_balance, evaluate, is_new_best, read_shard, shard_fits_in_memory, should_stop_early, train,
+    training_batches,
 )
 from jobs import train as train_job
 from unet_core import data, scenes
@@ -336,6 +337,7 @@ def test_a_new_best_beats_every_earlier_epoch():
     assert is_new_best([], {"val_mean_iou": 0.0})  # the first epoch always is
     assert is_new_best(history, {"val_mean_iou": 0.31})
     assert not is_new_best(history, {"val_mean_iou": 0.3})  # a tie is not
+    assert best_epoch_index(history + [{"val_mean_iou": 0.3}]) == 1  # so the first of a tie is the one kept
 
 
 @pytest.mark.parametrize("augment, in_memory", [(False, False), (True, False), (False, True), (True, True)])
