@@ -52,8 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--only", type=figure_names, default=FIGURES, help="comma-separated figure names")
     parser.add_argument("--cache", default=frames.DEFAULT_CACHE,
                         help="generated frames, kept across runs (default: %(default)s)")
-    parser.add_argument("--work-dir", help="run directories and outputs (kept); default: a temporary "
-                                           "directory, removed at the end")
+    parser.add_argument("--work-dir", help="scratch space, kept (training run directories are deleted as each "
+                                           "run ends); default: a temporary directory, removed at the end")
     parser.add_argument("--out", help="also append the JSON lines to this file")
     overrides = parser.add_argument_group("override the profile")
     overrides.add_argument("--repeats", type=int, help="rounds of the training alternatives")

@@ -1,4 +1,5 @@
-"""The commands (`python -m jobs.<name>`): each parses its flags, builds one config and calls one function."""
+"""The commands (`python -m jobs.<name>`): each parses its flags, builds its config and calls into distributed/ (quickstart chains train, infer
+and evaluate)."""
 
 import sys
 
