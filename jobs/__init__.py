@@ -1,5 +1,5 @@
-"""The commands (`python -m jobs.<name>`): each parses its flags, builds its config and calls into distributed/ (quickstart chains train, infer
-and evaluate)."""
+"""The commands (`python -m jobs.<name>`): each parses its flags, builds its config and calls into
+distributed/ (quickstart chains train, infer and evaluate)."""
 
 import sys
 
