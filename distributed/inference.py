@@ -203,11 +203,23 @@ def model_digest(model_bytes):
 
 
 def model_geometry(model, path):
-    """((height, width) the model takes, number of classes it predicts)."""
-    height, width = model.input_shape[1:3]
-    n_classes = model.output_shape[-1]
+    """((height, width) the model takes, number of classes it predicts), once it is known to map a
+    batch of RGB images to a score per class for every pixel, as jobs.train's U-Net does: any
+    other model that loads would fail in an actor mid-run, or write masks that mean nothing."""
+    inputs, outputs = model.input_shape, model.output_shape
+    if not (isinstance(inputs, tuple) and len(inputs) == 4 and inputs[-1] == 3):
+        raise ValueError(f"{path}: takes input of shape {inputs}, not RGB images (None, height, width, 3); "
+                         f"pass a segmentation model such as jobs.train exports")
+    height, width = inputs[1:3]
     if not height or not width:
-        raise ValueError(f"{path}: input shape {model.input_shape} has no fixed height and width to resize images to")
+        raise ValueError(f"{path}: input shape {inputs} has no fixed height and width to resize images to")
+    if not (isinstance(outputs, tuple) and len(outputs) == 4 and outputs[1:3] == (height, width)):
+        raise ValueError(f"{path}: gives output of shape {outputs}, not a score per class for every pixel "
+                         f"(None, {height}, {width}, classes); pass a segmentation model such as jobs.train exports")
+    n_classes = outputs[-1]
+    if not n_classes or n_classes < 2:
+        raise ValueError(f"{path}: gives {n_classes} score(s) per pixel, so a mask's argmax would always be 0; "
+                         f"a segmentation model scores 2 or more classes")
     if n_classes > 256:
         raise ValueError(f"{path}: {n_classes} classes do not fit the 8-bit class ids of a mask PNG")
     return (height, width), n_classes

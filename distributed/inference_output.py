@@ -116,7 +116,8 @@ class Output:
         start of a run, so a run killed before its first Parquet part binds the output too."""
         path = f"{self.root}/{SETTINGS_FILE}"
         if self.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
-            return  # a new output
+            self.check_is_new()
+            return
         with self.filesystem.open_input_stream(path) as stream:
             recorded = json.loads(stream.read())
         # A setting an older unet-ray did not record is unknown: refusing would strand the output.
@@ -125,6 +126,16 @@ class Output:
         if changed:
             raise ValueError(f"{self.root}: its predictions were made with other settings ({'; '.join(changed)}); "
                              f"rerun with those to complete them, or pass another --output for these")
+
+    def check_is_new(self):
+        """An output without settings must be new, empty, or one an older unet-ray wrote (it has
+        predictions/): a run would empty another tool's errors/ and overwrite its masks/."""
+        selector = pyarrow.fs.FileSelector(self.root, allow_not_found=True)
+        entries = sorted(info.base_name for info in self.filesystem.get_file_info(selector)
+                         if not info.base_name.startswith("."))
+        if entries and "predictions" not in entries:
+            raise ValueError(f"{self.root}: a directory jobs.infer did not write (it holds {', '.join(entries[:3])}"
+                             f"{', ...' if len(entries) > 3 else ''}); pass a new or empty --output")
 
     def record_settings(self, settings):
         self.write(SETTINGS_FILE, json.dumps(settings, indent=2).encode())

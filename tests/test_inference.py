@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -282,6 +283,28 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
     for checkpoint in (tmp_path, tmp_path / "model.keras"):
         with pytest.raises(ValueError, match="of a training checkpoint, whose model.keras holds the raw weights"):
             inference.model_file(str(checkpoint))
+
+
+def test_a_model_that_does_not_score_every_pixel_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    # Each loads, and each failed in an actor mid-run (a shape error), or wrote all-zero masks (one class).
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    scenes.write_scenes(tmp_path / "frames", 1)
+    rgb = tf.keras.Input((*SIZE, 3))
+    models = {
+        "classifier": (rgb, tf.keras.layers.Dense(5)(tf.keras.layers.GlobalAveragePooling2D()(rgb)),
+                       "gives output of shape \\(None, 5\\), not a score per class for every pixel"),
+        "coarse": (rgb, tf.keras.layers.Conv2D(5, 1, strides=2)(rgb),
+                   "gives output of shape \\(None, 16, 24, 5\\), not a score per class for every pixel"),
+        "one_class": (rgb, tf.keras.layers.Conv2D(1, 1)(rgb), "gives 1 score\\(s\\) per pixel"),
+        "gray": (gray := tf.keras.Input((*SIZE, 1)), tf.keras.layers.Conv2D(5, 1)(gray),
+                 "takes input of shape \\(None, 32, 48, 1\\), not RGB images"),
+    }
+    for name, (inputs, outputs, message) in models.items():
+        tf.keras.Model(inputs, outputs).save(tmp_path / f"{name}.keras")
+        argv = ["--model", str(tmp_path / f"{name}.keras"), "--input", str(tmp_path / "frames"),
+                "--output", str(tmp_path / f"out_{name}")]
+        assert infer_job.main(argv) == 2, name
+        assert re.search(f"error: {re.escape(str(tmp_path / name))}.keras: {message}", capsys.readouterr().err), name
 
 
 def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them(ray_session, monkeypatch):

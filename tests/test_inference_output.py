@@ -76,3 +76,21 @@ def test_a_batch_is_written_many_files_at_a_time_and_each_frame_that_cannot_be_i
     batch["mask_png"][0] = b"predicted again"
     assert inference_output.write_images(output, batch, config)[0].tolist() == [True] * 20 + [False]
     assert SlowStore.moves == 41 and (tmp_path / "masks" / names[0]).read_bytes() == b"predicted again"
+
+
+def test_a_directory_another_tool_wrote_is_refused_and_left_alone(tmp_path):
+    output = tmp_path / "project"
+    (output / "errors").mkdir(parents=True)
+    (output / "errors" / "incident.txt").write_text("notes")  # a run empties errors/ at its start
+    (output / ".cache").mkdir()
+    settings = {"input": "in"}
+    with pytest.raises(ValueError, match="project: a directory jobs.infer did not write \\(it holds errors\\); "
+                                         "pass a new or empty --output"):
+        inference_output.Output(*open_output(str(output))).check_settings(settings)
+    assert (output / "errors" / "incident.txt").read_text() == "notes"
+    # A new output, an empty one (hidden entries aside), or an older unet-ray's, which recorded no settings.
+    (tmp_path / "empty" / ".cache").mkdir(parents=True)
+    (tmp_path / "older" / "predictions").mkdir(parents=True)
+    (tmp_path / "older" / "masks").mkdir()
+    for directory in ("new", "empty", "older"):
+        inference_output.Output(*open_output(str(tmp_path / directory))).check_settings(settings)
