@@ -38,11 +38,17 @@ def evaluate(config: EvaluateConfig):
     filesystem, root, names = ingest.discover_pairs(data_uri)
     if config.split is not None:
         names = held_out(names, config)
+    new_output = not os.path.exists(output)
     ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
-    keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
+    try:
+        keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
+        size, n_classes = inference.model_geometry(keras_model, model_path)
+    except ValueError:
+        if new_output:
+            os.rmdir(output)  # a refused model leaves no empty report behind
+        raise
     with open(model_path, "rb") as file:
         identity = inference.model_identity(file.read(), model_path)
-    size, n_classes = inference.model_geometry(keras_model, model_path)
 
     forward = predict_logits_fn(keras_model)
     confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0

@@ -135,12 +135,17 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, mo
         evaluation.evaluate(EvaluateConfig(str(tmp_path / "model.keras"), str(tmp_path / "frames"), "/proc/report"))
 
 
-def test_a_mistyped_model_or_data_leaves_no_empty_report_behind(tmp_path):
+def test_a_mistyped_model_or_data_or_a_model_that_cannot_serve_leaves_no_empty_report_behind(tmp_path):
     (tmp_path / "run").mkdir()  # a run directory without its model.keras
     scenes.write_scenes(tmp_path / "frames", 1)
     unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
+    (tmp_path / "text.keras").write_text("not a model")
+    rgb = tf.keras.Input((*SIZE, 3))
+    tf.keras.Model(rgb, tf.keras.layers.GlobalAveragePooling2D()(rgb)).save(tmp_path / "pooling.keras")
     for model, frames, error in ((tmp_path / "run", tmp_path / "frames", "nor a directory holding model.keras"),
-                                 (tmp_path / "model.keras", tmp_path / "frames" / "CameraRGB", "not a CARLA-layout")):
+                                 (tmp_path / "model.keras", tmp_path / "frames" / "CameraRGB", "not a CARLA-layout"),
+                                 (tmp_path / "text.keras", tmp_path / "frames", "tf.keras cannot load this model"),
+                                 (tmp_path / "pooling.keras", tmp_path / "frames", "not a score per class for every")):
         with pytest.raises(ValueError, match=error):
             evaluation.evaluate(EvaluateConfig(str(model), str(frames), str(tmp_path / "report")))
         assert not (tmp_path / "report").exists()
