@@ -40,9 +40,9 @@ def train(config: TrainConfig):
         data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.skip_bad,
         min_train_frames=config.num_workers, val_uri=config.val_data,
     )
-    run_directory.write_skipped(config.output, skipped)
     frames = run_directory.frames_identity(train_frames, val_frames)
     run_directory.check_run_identity(config, frames)
+    run_directory.write_skipped(config.output, skipped)  # once the run may go on: a refused rerun changes no record
     run_directory.record_run_identity(config, frames)
     weights, counts = class_balance(train_frames, config)
     per_worker = print_frames(config, data_uri, train_frames, val_frames, skipped)

@@ -132,7 +132,8 @@ def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_ba
     frames = tmp_path / "frames"
     scenes.write_scenes(str(frames), 24, seed=3)
     truncated = frames / "CameraRGB" / "scene_000005.png"
-    truncated.write_bytes(truncated.read_bytes()[:300])
+    whole = truncated.read_bytes()
+    truncated.write_bytes(whole[:300])
     config = dataclasses.replace(
         smoke_config(tmp_path, data=str(frames), epochs=3, max_failures=1, fail_once_at_epoch=2, skip_bad=True,
                      checkpoint_every=1),
@@ -155,6 +156,13 @@ def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_ba
     printed = capfd.readouterr().err  # named on the console too, not only counted
     assert f"[unet-ray] skipped: {truncated}: not a readable PNG/JPEG image" in printed
     assert f"every skipped frame and why: {config.output}/skipped.json" in printed
+    # Mended, the frame would change what the run trains on: the rerun is refused, and the record of
+    # what the exported model never saw stays as it was.
+    truncated.write_bytes(whole)
+    with pytest.raises(ValueError, match="trained with other settings"):
+        train(config)
+    with open(os.path.join(config.output, "skipped.json")) as file:
+        assert json.load(file) == skipped
 
 
 def test_ctrl_c_aborts_the_run_frees_its_workers_and_says_how_to_resume(tmp_path, ray_session, capsys):
