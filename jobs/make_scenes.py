@@ -4,6 +4,7 @@ import argparse
 import os
 import time
 
+from jobs import run_command
 from unet_core.scenes import write_scenes
 
 
@@ -27,12 +28,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    started = time.perf_counter()
-    names = write_scenes(args.output, args.count, seed=args.seed, start=args.start)
-    seconds = time.perf_counter() - started
-    print(f"wrote {len(names)} scenes (seed {args.seed}, start {args.start}) to {args.output} "
-          f"in {seconds:.1f} s ({len(names) / max(seconds, 1e-9):.1f} frames/s)")
-    return 0
+
+    def work():
+        started = time.perf_counter()
+        names = write_scenes(args.output, args.count, seed=args.seed, start=args.start)
+        seconds = time.perf_counter() - started
+        print(f"wrote {len(names)} scenes (seed {args.seed}, start {args.start}) to {args.output} "
+              f"in {seconds:.1f} s ({len(names) / max(seconds, 1e-9):.1f} frames/s)")
+        return 0
+
+    return run_command(work, "every frame written is whole and paired; the same command writes them all again")
 
 
 if __name__ == "__main__":

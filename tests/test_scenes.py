@@ -133,3 +133,35 @@ def test_cli_rejects_no_scenes_a_negative_seed_and_an_output_that_is_a_file(tmp_
     with pytest.raises(SystemExit):
         make_scenes.main(["--output", str(tmp_path / "frames"), "--count", "1"])
     assert f"--output {tmp_path / 'frames'}: a file; it must be a directory" in capsys.readouterr().err
+
+
+def test_cli_names_an_output_that_cannot_hold_the_layout_and_exits_2(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "CameraRGB").write_text("")  # a file where the folder goes
+    for output, reason in ((tmp_path / "afile" / "sub", "Not a directory"), (tmp_path / "frames", "File exists")):
+        assert make_scenes.main(["--output", str(output), "--count", "1"]) == 2
+        assert f"error: {output}: cannot hold CameraRGB/ ({reason})" in capsys.readouterr().err
+
+
+def test_ctrl_c_between_an_image_and_its_mask_leaves_every_frame_paired(tmp_path, monkeypatch, capsys):
+    save, calls = scenes._save_atomically, []
+
+    def interrupted_at_the_second_mask(pixels, path):
+        calls.append(path.name)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        save(pixels, path)
+
+    monkeypatch.setattr(scenes, "_save_atomically", interrupted_at_the_second_mask)
+    assert make_scenes.main(["--output", str(tmp_path), "--count", "3"]) == 130
+    assert "interrupted: every frame written is whole and paired" in capsys.readouterr().err
+    listed = {sub: sorted(path.name for path in (tmp_path / sub).iterdir()) for sub in ("CameraRGB", "CameraMask")}
+    assert listed == {"CameraRGB": ["scene_000000.png"], "CameraMask": ["scene_000000.png"]}
+    # Written again over a whole set, an interrupted mask keeps the pair: its old mask stays.
+    monkeypatch.setattr(scenes, "_save_atomically", save)
+    scenes.write_scenes(tmp_path, 3)
+    monkeypatch.setattr(scenes, "_save_atomically", interrupted_at_the_second_mask)
+    calls.clear()
+    assert make_scenes.main(["--output", str(tmp_path), "--count", "3"]) == 130
+    assert all(len(list((tmp_path / sub).iterdir())) == 3 for sub in ("CameraRGB", "CameraMask"))

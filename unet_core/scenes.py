@@ -370,14 +370,22 @@ def write_scenes(output_dir, count, seed=0, start=0) -> list[str]:
     Returns the file names, e.g. "scene_000000.png".
     """
     image_dir, mask_dir = Path(output_dir) / "CameraRGB", Path(output_dir) / "CameraMask"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    mask_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (image_dir, mask_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # a file on the way, a read-only place: a bad output, not a crash
+            raise ValueError(f"{output_dir}: cannot hold {folder.name}/ ({error.strerror or error})") from None
     names = []
     for index in range(start, start + count):
         rgb, class_ids = render_scene(np.random.default_rng([seed, index]))
         opaque, blank = np.full(class_ids.shape, 255, np.uint8), np.zeros_like(class_ids)
         name = f"scene_{index:06d}.png"
         _save_atomically(np.dstack([rgb, opaque]), image_dir / name)
-        _save_atomically(np.dstack([class_ids, blank, blank, opaque]), mask_dir / name)
+        try:
+            _save_atomically(np.dstack([class_ids, blank, blank, opaque]), mask_dir / name)
+        except BaseException:  # Ctrl-C among them: never an image without its mask, which training refuses
+            if not (mask_dir / name).exists():
+                (image_dir / name).unlink(missing_ok=True)
+            raise
         names.append(name)
     return names
