@@ -1,5 +1,6 @@
 """The settings of a run: `TrainConfig` (one dataclass from the command line to every Ray worker),
-`InferConfig` and `EvaluateConfig`. TensorFlow and Ray are not imported here, so a bad flag fails in milliseconds."""
+`InferConfig` and `EvaluateConfig`. TensorFlow and Ray are not imported here, so a bad flag fails in
+milliseconds."""
 
 import dataclasses
 import math
@@ -90,8 +91,8 @@ class TrainConfig:
     # XLA-compile the training step of a lone worker (XLA on CPU cannot compile MWMS's all-reduce),
     # on CPU in float32 only (XLA would compute bfloat16 in float32)
     jit_compile: bool = True
-    # A worker whose training shard is at most this big (MiB, as float32 images and uint8 masks) reads it once and
-    # feeds every epoch from memory; larger shards stream from Ray Data every epoch. 0: always stream.
+    # A worker whose training shard is at most this big (MiB, as float32 images and uint8 masks) reads
+    # it once and feeds every epoch from memory; larger shards stream from Ray Data every epoch. 0: always stream.
     cache_shard_mb: int = 1024
     skip_bad: bool = False
     scene_count: int = 256  # frames generated when no --data is given

@@ -20,7 +20,8 @@ def test_predictions_of_another_model_are_kept_with_a_warning_on_stderr(tmp_path
     models = ["model.keras@sha256:old", "model.keras@sha256:new"]
     pq.write_table(pa.table({"path": ["a.png", "b.png"], "model": models}), tmp_path / "predictions" / "part-0.parquet")
 
-    assert inference_output.Output(*open_output(str(tmp_path))).done_paths("model.keras@sha256:new") == {"a.png", "b.png"}
+    output = inference_output.Output(*open_output(str(tmp_path)))
+    assert output.done_paths("model.keras@sha256:new") == {"a.png", "b.png"}
     printed = capsys.readouterr()
     assert "[unet-ray] warning: 1 prediction(s) in" in printed.err and "came from another model" in printed.err
     assert printed.out == ""
