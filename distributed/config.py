@@ -135,10 +135,11 @@ class TrainConfig:
         if self.early_stopping_patience < 0:
             raise SettingError("early_stopping_patience", f"must be 0 (never stop) or positive, "
                                                           f"got {self.early_stopping_patience}")
-        if not self.run_name or self.run_name.strip() != self.run_name or "/" in self.run_name:
+        if (not self.run_name or self.run_name.strip() != self.run_name or "/" in self.run_name
+                or self.run_name in (".", "..")):
             # Ray Train would invent a new name each time (resuming nothing) or nest the run's folder.
-            raise SettingError("run_name", f"must be a folder name, not empty and without '/' or surrounding "
-                                           f"spaces; got {self.run_name!r}")
+            raise SettingError("run_name", f"must be a folder name, not empty, . or .., and without '/' or "
+                                           f"surrounding spaces; got {self.run_name!r}")
         if not 0 <= self.seed < 2**32:  # the range tf.keras.utils.set_random_seed takes, in every worker
             raise SettingError("seed", f"must be from 0 to 2**32 - 1, got {self.seed}")
         if self.max_failures < -1:

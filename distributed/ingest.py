@@ -155,12 +155,12 @@ def place_below(filesystem, path, root_filesystem, root):
     return path[len(prefix):] if path.startswith(prefix) else None
 
 
-def check_output_outside(output, uri, flag, files):
+def check_output_outside(output, uri, flag, files, output_flag="--output"):
     """A ValueError when the directory `output` is `uri`'s or lies below it: `files` would land among
     the frames (and a folder inside CameraRGB/ or CameraMask/ makes the data unreadable)."""
     if within(*open_output(output), *open_root(uri)):
-        raise ValueError(f"{output}: inside {flag} ({uri}); {files} would land among its frames: pass an "
-                         f"--output outside it")
+        raise ValueError(f"{output}: inside {flag} ({uri}); {files} would land among its frames: pass "
+                         f"{output_flag} outside it")
 
 
 def check_validation_apart(uri, val_uri):

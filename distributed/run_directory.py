@@ -120,6 +120,16 @@ def is_run_output(directory):
     return os.path.isdir(os.path.join(directory, DEFAULT_STORAGE)) or bool(progress.read_history(directory))
 
 
+def is_evaluation_report(directory):
+    """Whether `directory` holds a jobs.evaluate report: a metrics.json that is one dict of scores
+    (a training run's lists its epochs)."""
+    try:
+        with open(os.path.join(directory, "metrics.json")) as file:
+            return isinstance(json.load(file), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def write_skipped(output, skipped):
     path = os.path.join(output, "skipped.json")
     if skipped:

@@ -90,19 +90,12 @@ def train(config: TrainConfig):
 
 def check_before_start(config):
     """Refuses a run that cannot go on (bad paths, another run's output, too few workers) before
-    any data is decoded; makes the output directory and connects to Ray, or starts it."""
-    if config.storage_path is not None:
-        runtime.refuse_relative_output(config.storage_path, "--storage-path")
-    ingest.open_output(config.output)
-    for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
-        if uri is not None:
-            ingest.check_layout(uri)  # a mistyped path: named at once, not once Ray has started
-            # Before anything is written: a folder in CameraRGB/ would break the data.
-            ingest.check_output_outside(config.output, uri, flag, "the run's files")
-    if config.data is not None and config.val_data is not None:
-        ingest.check_validation_apart(config.data, config.val_data)
-    ingest.make_directory(config.output, "--output")
-    run_directory.check_run_identity(config)
+    any data is decoded; makes the output and checkpoint directories and connects to Ray, or starts it."""
+    try:
+        check_paths(config)
+    except OSError as error:  # a name too long for the filesystem, say: a bad flag, not a crash
+        raise ValueError(f"a path given to --output, --data, --val-data or --storage-path cannot be used: "
+                         f"{error}") from None
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     shortfall = runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu)
     runtime.refuse_or_warn(shortfall)
@@ -110,11 +103,37 @@ def check_before_start(config):
     data = {"--data": config.data} if config.data else {"--output's scenes": scenes}
     runtime.warn_of_local_paths({**data, "--val-data": config.val_data, "--storage-path": config.resolved_storage_path},
                                 nodes_to_come=shortfall is not None)
-    if "://" not in config.resolved_storage_path:  # before the data is decoded; a bucket is Ray Train's to reach
-        ingest.make_directory(config.resolved_storage_path, "--storage-path")
     oversubscribed = runtime.oversubscription(config.num_workers * config.cpus_per_worker)
     if oversubscribed:
         print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
+
+
+def check_paths(config):
+    """Before anything is written: each path can be used, and none lands among another's files."""
+    if config.storage_path is not None:
+        runtime.refuse_relative_output(config.storage_path, "--storage-path")
+    ingest.open_output(config.output)
+    for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
+        if uri is not None:
+            ingest.check_layout(uri)  # a mistyped path: named at once, not once Ray has started
+            # A folder in CameraRGB/ would break the data.
+            ingest.check_output_outside(config.output, uri, flag, "the run's files")
+            if config.storage_path is not None:
+                ingest.check_output_outside(config.storage_path, uri, flag, "its checkpoints", "--storage-path")
+    if config.data is not None and config.val_data is not None:
+        ingest.check_validation_apart(config.data, config.val_data)
+    scenes = os.path.join(config.output, run_directory.SCENES)
+    if config.data is None and config.val_data is not None and ingest.within(*ingest.open_root(config.val_data),
+                                                                             *ingest.open_root(scenes)):
+        raise ValueError(f"{config.val_data}: --val-data lies in {scenes}, where the run writes the scenes it trains "
+                         f"on (and removes every other frame): pass another --val-data or --output")
+    if run_directory.is_evaluation_report(config.output):
+        raise ValueError(f"{config.output}: a jobs.evaluate report, whose metrics.json and previews.png the run's "
+                         f"would replace: pass another --output")
+    ingest.make_directory(config.output, "--output")
+    run_directory.check_run_identity(config)
+    if "://" not in config.resolved_storage_path:  # a bucket is Ray Train's to reach
+        ingest.make_directory(config.resolved_storage_path, "--storage-path")
 
 
 def print_frames(config, data_uri, train_frames, val_frames, skipped):

@@ -66,9 +66,9 @@ def test_bad_values_are_refused_with_the_field_named():
         for value in (float("nan"), float("inf")):  # argparse's float() takes both
             with pytest.raises(ValueError, match=f"{field} must be a finite number, got {value}"):
                 TrainConfig(**{field: value})
-    for name in ("", " unet", "runs/unet"):
-        with pytest.raises(ValueError, match=f"run_name must be a folder name, not empty and without '/' or "
-                                             f"surrounding spaces; got {name!r}"):
+    for name in ("", " unet", "runs/unet", ".", ".."):  # "..": the checkpoints would land beside the run's folder
+        with pytest.raises(ValueError, match=f"run_name must be a folder name, not empty, \\. or \\.\\., and without "
+                                             f"'/' or surrounding spaces; got {re.escape(repr(name))}"):
             TrainConfig(run_name=name)
     for seed in (-5, 2**32):  # a worker's tf.keras.utils.set_random_seed would fail, after Ray and the data
         with pytest.raises(ValueError, match=f"seed must be from 0 to 2\\*\\*32 - 1, got {seed}"):

@@ -14,7 +14,7 @@ import pytest
 import ray
 import tensorflow as tf
 
-from distributed import checkpoint, ingest, runtime, training
+from distributed import checkpoint, runtime, training
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
@@ -270,31 +270,36 @@ def test_truncated_png_fails_before_training(tmp_path, ray_session):
     assert not os.path.exists(os.path.join(config.resolved_storage_path, config.run_name))
 
 
-def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, monkeypatch):
-    def no_ray(**_):
-        raise AssertionError("Ray was started for a run that cannot write its output")
+@pytest.fixture
+def no_ray(monkeypatch):
+    """For a run that must be refused before Ray starts."""
+    def refuse(**_):
+        raise AssertionError("Ray was started for a run that had to be refused before")
 
-    monkeypatch.setattr(runtime, "connect", no_ray)
+    monkeypatch.setattr(runtime, "connect", refuse)
+
+
+def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, no_ray):
     (tmp_path / "run").write_text("an earlier run's notes")
     with pytest.raises(ValueError, match="run: a file; the output must be a directory"):
         train(smoke_config(tmp_path))
     assert os.listdir(tmp_path) == ["run"] and (tmp_path / "run").read_text() == "an earlier run's notes"
 
 
-def test_checkpoints_that_could_never_be_written_are_refused_before_the_data_is_decoded(tmp_path, ray_session,
-                                                                                      monkeypatch):
-    monkeypatch.setattr(ingest, "load_frames", lambda *args, **kwargs: pytest.fail("the data was decoded"))
+def test_checkpoints_that_could_never_be_written_are_refused_before_ray_starts(tmp_path, no_ray):
     (tmp_path / "notes").write_text("a file where a folder would go")
     storage = tmp_path / "notes" / "checkpoints"
     with pytest.raises(ValueError, match=f"--storage-path {storage}: cannot be made a directory \\(Not a directory"):
         train(smoke_config(tmp_path, storage_path=str(storage)))
 
 
-def test_validating_on_the_training_data_is_refused_before_anything_starts(tmp_path, monkeypatch):
-    def no_ray(**_):
-        raise AssertionError("Ray was started for a run that would score the frames it trains on")
+def test_a_path_the_filesystem_cannot_take_is_a_bad_flag_not_a_crash(tmp_path, no_ray):
+    with pytest.raises(ValueError, match="a path given to --output, --data, --val-data or --storage-path cannot be "
+                                         "used: .*File name too long"):
+        train(dataclasses.replace(smoke_config(tmp_path), output=str(tmp_path / ("a" * 300))))
 
-    monkeypatch.setattr(runtime, "connect", no_ray)
+
+def test_validating_on_the_training_data_is_refused_before_anything_starts(tmp_path, no_ray):
     scenes.write_scenes(str(tmp_path / "frames"), 2)
     (tmp_path / "link").symlink_to(tmp_path / "frames")
     for val_data in (tmp_path / "frames", f"{tmp_path / 'frames'}/", tmp_path / "link"):
@@ -313,15 +318,35 @@ def test_validating_on_the_training_data_is_refused_before_anything_starts(tmp_p
         with pytest.raises(ValueError, match=f"{output}: inside {flag} .*the run's files would land among its frames"):
             train(dataclasses.replace(smoke_config(tmp_path, data=str(data_dir), val_data=val_data and str(val_data)),
                                       output=str(output)))
+    # Nor may the checkpoints land there, which Ray Train writes as folders.
+    storage = tmp_path / "frames" / "CameraRGB" / "checkpoints"
+    with pytest.raises(ValueError, match=f"{storage}: inside --data .*its checkpoints would land among its frames: "
+                                         f"pass --storage-path outside it"):
+        train(smoke_config(tmp_path, data=str(tmp_path / "frames"), storage_path=str(storage)))
     assert sorted(os.listdir(tmp_path / "frames" / "CameraRGB")) == ["scene_000000.png", "scene_000001.png"]
     assert sorted(os.listdir(tmp_path / "held_out")) == ["CameraMask", "CameraRGB"]
 
 
-def test_a_mistyped_data_path_is_refused_before_ray_starts_or_anything_is_written(tmp_path, monkeypatch):
-    def no_ray(**_):
-        raise AssertionError("Ray was started for a run whose data is not there")
+def test_validation_frames_where_the_run_generates_its_scenes_are_refused_and_kept(tmp_path, no_ray):
+    # Without --data the run writes its scenes into --output/scenes, removing every other frame there.
+    val_data = tmp_path / "run" / "scenes"
+    scenes.write_scenes(str(val_data), 2, seed=7, start=40)
+    with pytest.raises(ValueError, match=f"{val_data}: --val-data lies in {val_data}, where the run writes the "
+                                         f"scenes it trains on"):
+        train(smoke_config(tmp_path, val_data=str(val_data)))
+    assert sorted(os.listdir(val_data / "CameraRGB")) == ["scene_000040.png", "scene_000041.png"]
 
-    monkeypatch.setattr(runtime, "connect", no_ray)
+
+def test_an_evaluation_report_is_refused_as_the_output_and_kept(tmp_path, no_ray):
+    report = tmp_path / "run"
+    report.mkdir()
+    (report / "metrics.json").write_text(json.dumps({"pixel_accuracy": 0.9}))
+    with pytest.raises(ValueError, match="run: a jobs.evaluate report, whose metrics.json and previews.png"):
+        train(smoke_config(tmp_path))
+    assert os.listdir(report) == ["metrics.json"]
+
+
+def test_a_mistyped_data_path_is_refused_before_ray_starts_or_anything_is_written(tmp_path, no_ray):
     scenes.write_scenes(str(tmp_path / "frames"), 2)
     for data_dir, val_data, missing in (
         (tmp_path / "framez", None, tmp_path / "framez" / "CameraRGB"),

@@ -171,7 +171,7 @@ def test_an_output_inside_the_data_or_a_run_directory_is_refused_before_the_mode
     refused = "a training run's directory; the report's metrics.json and previews.png would replace the run's own"
     for output, message in (
         (tmp_path / "frames", "frames: inside --data"),
-        (tmp_path / "frames" / "CameraRGB", "CameraRGB: inside --data .*: pass an --output outside it"),
+        (tmp_path / "frames" / "CameraRGB", "CameraRGB: inside --data .*: pass --output outside it"),
         (tmp_path / "run", f"run: {refused}: pass another --output, such as .*run/evaluation"),
         (tmp_path / "training", f"training: {refused}"),
     ):
