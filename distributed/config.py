@@ -29,6 +29,14 @@ class SettingError(ValueError):
         return f"--{self.field.replace('_', '-')} {self.problem}"
 
 
+def refuse_uri(field, path):
+    """For a path read or written with local file calls: a URI there would name a local folder
+    such as ./s3:/bucket/..., never the bucket."""
+    if path is not None and "://" in path:
+        raise SettingError(field, f"{path}: must be a local path, not a URI (URIs are for --data, --val-data, "
+                                  f"--storage-path, and jobs.infer's --input and --output)")
+
+
 class TrainingFailed(RuntimeError):
     """A worker died or raised, and Ray Train ran out of restarts (`--max-failures`). Here, beside
     SettingError, so that a command catches it without importing TensorFlow or Ray."""
@@ -104,6 +112,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.image_size = tuple(self.image_size)
+        refuse_uri("output", self.output)  # model.keras, metrics.json, the plots: written as local files
         for field in dataclasses.fields(self):  # argparse's float() takes "nan" and "inf"
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -170,7 +179,8 @@ class TrainConfig:
     def resolved_storage_path(self):
         if self.storage_path is None:
             return os.path.abspath(os.path.join(self.output, DEFAULT_STORAGE))
-        return self.storage_path if "://" in self.storage_path else os.path.abspath(self.storage_path)
+        # A bucket's trailing "/" would make "<uri>//<run name>", an empty key S3 refuses.
+        return self.storage_path.rstrip("/") if "://" in self.storage_path else os.path.abspath(self.storage_path)
 
     @classmethod
     def from_preset(cls, name):
@@ -231,6 +241,7 @@ class InferConfig:
 
     def __post_init__(self):
         self.formats = tuple(self.formats)
+        refuse_uri("model", self.model)  # TensorFlow loads it from a local file
         if not self.formats or not set(self.formats) <= set(FORMATS):
             raise SettingError("formats", f"must be one or more of {', '.join(FORMATS)}; "
                                           f"got {','.join(self.formats) or 'none'}")
@@ -255,6 +266,8 @@ class EvaluateConfig:
     val_fraction: float = 0.2
 
     def __post_init__(self):
+        for field in ("model", "output"):  # the model loads from, and the report goes to, local files
+            refuse_uri(field, getattr(self, field))
         if self.batch_size < 1:
             raise SettingError("batch_size", f"must be at least 1, got {self.batch_size}")
         if self.split is not None and self.split not in SPLITS:

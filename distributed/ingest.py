@@ -48,6 +48,11 @@ def open_output(uri):
             raise ValueError(f"{uri}: {parent} is a file, so no output directory can be made below it")
         if kind == pyarrow.fs.FileType.Directory:
             break
+    else:  # nothing above exists: in an object store, the bucket
+        if not isinstance(filesystem, pyarrow.fs.LocalFileSystem) and (
+                filesystem.get_file_info(parent).type == pyarrow.fs.FileType.NotFound):
+            raise ValueError(f"{uri}: bucket {parent.strip('/')} not found (or not visible with these credentials); "
+                             f"create it, or pass another")
     return filesystem, root
 
 

@@ -112,6 +112,11 @@ def check_paths(config):
     """Before anything is written: each path can be used, and none lands among another's files."""
     if config.storage_path is not None:
         runtime.refuse_relative_output(config.storage_path, "--storage-path")
+        if "://" in config.storage_path:  # a missing bucket, a file there: now, not after the data is decoded
+            try:
+                ingest.open_output(config.resolved_storage_path)
+            except ValueError as error:
+                raise ValueError(f"--storage-path {error}") from None
     ingest.open_output(config.output)
     for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
         if uri is not None:

@@ -58,3 +58,25 @@ def ray_session():
 
     runtime.connect(num_cpus=3)
     yield
+
+
+@pytest.fixture
+def s3_bucket(monkeypatch):
+    """A bucket `unet` on a local S3 (moto's server, in a thread): the s3:// paths a cluster user
+    gives, read and written through pyarrow as on AWS. Returns pyarrow's S3 filesystem."""
+    import logging
+
+    import boto3
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in (("AWS_ENDPOINT_URL", f"http://{host}:{port}"), ("AWS_ACCESS_KEY_ID", "testing"),
+                        ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(name, value)
+    boto3.client("s3").create_bucket(Bucket="unet")
+    yield pyarrow.fs.FileSystem.from_uri("s3://unet")[0]
+    server.stop()

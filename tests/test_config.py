@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from distributed.config import TrainConfig
+from distributed.config import EvaluateConfig, InferConfig, TrainConfig
 from jobs.train import build_parser, config_from_args, parse_args
 
 
@@ -75,6 +75,19 @@ def test_bad_values_are_refused_with_the_field_named():
             TrainConfig(seed=seed)
     assert TrainConfig(max_failures=-1).max_failures == -1  # Ray's "retry without limit"
     assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
+
+
+def test_a_uri_is_refused_where_only_local_files_are_written_or_read():
+    # Written or read with local file calls, a URI made a folder ./s3:/bucket/... in the working directory.
+    for make, field in ((lambda uri: TrainConfig(output=uri), "output"),
+                        (lambda uri: InferConfig(model=uri, input="s3://b/in", output="s3://b/out"), "model"),
+                        (lambda uri: EvaluateConfig(model=uri, data="s3://b/frames", output="report"), "model"),
+                        (lambda uri: EvaluateConfig(model="run", data="s3://b/frames", output=uri), "output")):
+        for uri in ("s3://b/run", "file:///tmp/run"):
+            with pytest.raises(ValueError, match=f"{field} {re.escape(uri)}: must be a local path, not a URI"):
+                make(uri)
+    # A bucket's trailing "/" made "s3://b/checkpoints//unet", an empty key S3 refuses.
+    assert TrainConfig(storage_path="s3://b/checkpoints/").resolved_storage_path == "s3://b/checkpoints"
 
 
 def test_a_flag_the_run_would_ignore_is_refused():

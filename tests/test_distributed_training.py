@@ -10,6 +10,7 @@ import time
 import zipfile
 
 import numpy as np
+import pyarrow.fs
 import pytest
 import ray
 import tensorflow as tf
@@ -291,6 +292,24 @@ def test_checkpoints_that_could_never_be_written_are_refused_before_ray_starts(t
     storage = tmp_path / "notes" / "checkpoints"
     with pytest.raises(ValueError, match=f"--storage-path {storage}: cannot be made a directory \\(Not a directory"):
         train(smoke_config(tmp_path, storage_path=str(storage)))
+
+
+def test_checkpoints_in_a_bucket_they_could_never_reach_or_would_break_are_refused_before_ray_starts(
+        tmp_path, no_ray, s3_bucket):
+    scenes.write_scenes(str(tmp_path / "frames"), 2)
+    pyarrow.fs.copy_files(str(tmp_path / "frames"), "unet/frames", destination_filesystem=s3_bucket)
+    for storage, message in (
+        ("s3://nosuch/checkpoints", "--storage-path s3://nosuch/checkpoints: bucket nosuch not found"),
+        ("s3://unet/frames/CameraRGB/scene_000000.png", "--storage-path s3://unet/frames/CameraRGB/scene_000000.png: "
+                                                        "a file"),
+        # Ray Train's checkpoint folders in CameraRGB/ would make the data unreadable for every later run.
+        ("s3://unet/frames/CameraRGB/checkpoints/",
+         "s3://unet/frames/CameraRGB/checkpoints/: inside --data \\(s3://unet/frames\\); its checkpoints would land"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train(smoke_config(tmp_path, data="s3://unet/frames", storage_path=storage))
+    assert sorted(info.path for info in s3_bucket.get_file_info(pyarrow.fs.FileSelector("unet/frames/CameraRGB"))) == [
+        "unet/frames/CameraRGB/scene_000000.png", "unet/frames/CameraRGB/scene_000001.png"]
 
 
 def test_a_path_the_filesystem_cannot_take_is_a_bad_flag_not_a_crash(tmp_path, no_ray):

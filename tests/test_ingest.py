@@ -152,3 +152,15 @@ def test_a_file_name_that_is_not_utf8_or_a_missing_folder_is_named(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path}/missing: not a CARLA-layout directory \\({tmp_path}/missing/"
                                          "CameraRGB: directory not found\\)"):
         ingest.discover_pairs(str(tmp_path / "missing"))
+
+
+def test_an_output_in_a_missing_bucket_or_below_an_object_is_refused(s3_bucket):
+    with s3_bucket.open_output_stream("unet/notes.txt") as stream:
+        stream.write(b"a file, not a folder")
+    assert ingest.open_output("s3://unet/runs/new")[1] == "unet/runs/new"
+    assert ingest.open_output("s3://unet")[1] == "unet"
+    for uri, message in (("s3://nosuch/out", "s3://nosuch/out: bucket nosuch not found"),
+                         ("s3://unet/notes.txt", "s3://unet/notes.txt: a file; the output must be a directory"),
+                         ("s3://unet/notes.txt/out", "unet/notes.txt is a file, so no output directory can be made")):
+        with pytest.raises(ValueError, match=message):
+            ingest.open_output(uri)
