@@ -69,12 +69,25 @@ def check_run_identity(config, frames=None, new_run="another --run-name or --out
     with filesystem.open_input_stream(path) as stream:
         recorded = json.loads(stream.read())
     changed = [f"{field} {recorded.get(field)!r} -> {value!r}" for field, value in identity.items()
-               if recorded.get(field) != value and (field not in LATER_FIELDS or field in recorded)]
+               if not same_setting(field, recorded.get(field), value)
+               and (field not in LATER_FIELDS or field in recorded)]
     if changed:
         raise ValueError(
             f"{config.resolved_storage_path}/{config.run_name}: run {config.run_name!r} there trained with other "
             f"settings ({'; '.join(changed)}); rerun with its settings to resume it, or pass {new_run} to start a "
             f"new run")
+
+
+def same_setting(field, recorded, value):
+    """Whether a rerun's setting is the recorded one; the data's location however it is spelt
+    (`file:///d` and `/d`, `s3://b/d/` and `s3://b/d`), so a resume is not refused for a spelling."""
+    def place(uri):
+        uri = uri.removeprefix("file://")
+        return uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
+
+    if field in ("data", "val_data") and recorded is not None and value is not None and "://" in recorded + value:
+        return place(recorded) == place(value)
+    return recorded == value
 
 
 def record_run_identity(config, frames):

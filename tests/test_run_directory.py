@@ -33,9 +33,10 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
     # Stopped before its first checkpoint: nothing to resume, so a corrected rerun starts afresh.
     run_directory.check_run_identity(TrainConfig(data="other_frames", output="run", image_size=(64, 96)))
     (recorded.parent / "checkpoint_2026-12-04_10-00-00.000000").mkdir()
-    # More epochs, another cluster shape or learning rate, the same data by absolute path: a resume.
-    run_directory.check_run_identity(TrainConfig(data=str(tmp_path / "frames"), output="run", epochs=5,
-                                                 num_workers=2, learning_rate=1e-3))
+    # More epochs, another cluster shape or learning rate, the same data by absolute path or URI: a resume.
+    for data in (str(tmp_path / "frames"), f"file://{tmp_path / 'frames'}/"):
+        run_directory.check_run_identity(TrainConfig(data=data, output="run", epochs=5, num_workers=2,
+                                                     learning_rate=1e-3))
     with pytest.raises(ValueError, match=r"run 'unet' there trained with other settings \(data .*other_frames"):
         run_directory.check_run_identity(TrainConfig(data="other_frames", output="run"))
     with pytest.raises(ValueError, match=r"image_size \[96, 128\] -> \[64, 96\]; n_filters 32 -> 8\)"):
