@@ -99,6 +99,8 @@ def check_before_start(config):
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     shortfall = runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu)
     runtime.refuse_or_warn(shortfall)
+    if "://" not in config.resolved_storage_path:  # once the run can start; a bucket is Ray Train's to reach
+        ingest.make_directory(config.resolved_storage_path, "--storage-path")
     scenes = os.path.join(config.output, run_directory.SCENES)
     data = {"--data": config.data} if config.data else {"--output's scenes": scenes}
     runtime.warn_of_local_paths({**data, "--val-data": config.val_data, "--storage-path": config.resolved_storage_path},
@@ -112,11 +114,10 @@ def check_paths(config):
     """Before anything is written: each path can be used, and none lands among another's files."""
     if config.storage_path is not None:
         runtime.refuse_relative_output(config.storage_path, "--storage-path")
-        if "://" in config.storage_path:  # a missing bucket, a file there: now, not after the data is decoded
-            try:
-                ingest.open_output(config.resolved_storage_path)
-            except ValueError as error:
-                raise ValueError(f"--storage-path {error}") from None
+        try:  # a file there or above it, a missing bucket: now, not once the data is decoded
+            ingest.open_output(config.resolved_storage_path)
+        except ValueError as error:
+            raise ValueError(f"--storage-path {error}") from None
     ingest.open_output(config.output)
     for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
         if uri is not None:
@@ -137,8 +138,6 @@ def check_paths(config):
                          f"would replace: pass another --output")
     ingest.make_directory(config.output, "--output")
     run_directory.check_run_identity(config)
-    if "://" not in config.resolved_storage_path:  # a bucket is Ray Train's to reach
-        ingest.make_directory(config.resolved_storage_path, "--storage-path")
 
 
 def print_frames(config, data_uri, train_frames, val_frames, skipped):

@@ -290,7 +290,8 @@ def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, no
 def test_checkpoints_that_could_never_be_written_are_refused_before_ray_starts(tmp_path, no_ray):
     (tmp_path / "notes").write_text("a file where a folder would go")
     storage = tmp_path / "notes" / "checkpoints"
-    with pytest.raises(ValueError, match=f"--storage-path {storage}: cannot be made a directory \\(Not a directory"):
+    with pytest.raises(ValueError, match=f"--storage-path {storage}: {tmp_path / 'notes'} is a file, so no output "
+                                         f"directory can be made below it"):
         train(smoke_config(tmp_path, storage_path=str(storage)))
 
 
