@@ -34,7 +34,12 @@ from unet_core.training import (
 
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
-    check_before_start(config)
+    with check_before_start(config):  # the run's hold on --output, until it ends
+        return run_training(config)
+
+
+def run_training(config):
+    """`train` once `check_before_start` holds --output for this run."""
     data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
         data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.skip_bad,
@@ -89,13 +94,25 @@ def train(config: TrainConfig):
 
 
 def check_before_start(config):
-    """Refuses a run that cannot go on (bad paths, another run's output, too few workers) before
-    any data is decoded; makes the output and checkpoint directories and connects to Ray, or starts it."""
+    """Refuses a run that cannot go on (bad paths, another run's output or one training into it,
+    too few workers) before any data is decoded; makes the output and checkpoint directories and
+    connects to Ray, or starts it. Returns the run's hold on --output (`run_directory.hold`)."""
     try:
         check_paths(config)
     except OSError as error:  # a name too long for the filesystem, say: a bad flag, not a crash
         raise ValueError(f"a path given to --output, --data, --val-data or --storage-path cannot be used: "
                          f"{error}") from None
+    held = run_directory.hold(config.output)
+    try:
+        connect_ray(config)
+    except BaseException:
+        held.close()
+        raise
+    return held
+
+
+def connect_ray(config):
+    """Ray for this run, started or joined: enough workers for it, the checkpoint folder made, warnings given."""
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     shortfall = runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu)
     runtime.refuse_or_warn(shortfall)

@@ -15,7 +15,7 @@ import pytest
 import ray
 import tensorflow as tf
 
-from distributed import checkpoint, runtime, training
+from distributed import checkpoint, run_directory, runtime, training
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
@@ -285,6 +285,20 @@ def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, no
     with pytest.raises(ValueError, match="run: a file; the output must be a directory"):
         train(smoke_config(tmp_path))
     assert os.listdir(tmp_path) == ["run"] and (tmp_path / "run").read_text() == "an earlier run's notes"
+
+
+def test_a_second_run_into_an_output_a_run_is_training_into_is_refused(tmp_path, no_ray):
+    # A job submitted twice would train beside the first into the same checkpoints and metrics.
+    output = tmp_path / "run"
+    output.mkdir()
+    first = run_directory.hold(str(output))  # as a run in another process holds it, until it ends
+    with pytest.raises(ValueError, match=f"run: a run is training into it \\(jobs.train, pid {os.getpid()} on "):
+        train(smoke_config(tmp_path))
+    first.close()
+    # A run that fails once it holds the output (here: at starting Ray) lets go of it.
+    with pytest.raises(AssertionError, match="Ray was started"):
+        train(smoke_config(tmp_path))
+    run_directory.hold(str(output)).close()
 
 
 def test_checkpoints_that_could_never_be_written_are_refused_before_ray_starts(tmp_path, no_ray):
