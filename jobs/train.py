@@ -9,7 +9,7 @@ import dataclasses
 import json
 import sys
 
-from distributed.config import LR_SCHEDULES, PRECISIONS, PRESETS, SPLITS, TrainConfig
+from distributed.config import LR_SCHEDULES, PRECISIONS, PRESETS, SPLITS, SettingError, TrainConfig
 from jobs import run_command
 
 
@@ -89,7 +89,14 @@ def config_from_args(args):
     # First: --smoke's shorter run could refuse such a flag for another reason, hiding this one.
     refuse_flags_without_effect(args, dataclasses.replace(config, **{
         key: value for key, value in overrides.items() if key in ("val_data", "lr_schedule", "augment", "data")}))
-    return dataclasses.replace(config.smoke() if args.smoke else config, **overrides)
+    try:
+        return dataclasses.replace(config.smoke() if args.smoke else config, **overrides)
+    except SettingError as error:
+        if args.smoke and args.epochs is None and error.field in ("warmup_epochs", "fail_once_at_epoch"):
+            # The epochs it names came from --smoke, not from a flag the user gave.
+            raise SettingError(error.field, f"{error.problem} (--smoke trains {config.smoke().epochs} epochs; "
+                                            f"give --epochs for more)") from None
+        raise
 
 
 def refuse_flags_without_effect(args, config):

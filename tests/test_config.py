@@ -122,6 +122,11 @@ def test_smoke_shrinks_the_run_but_every_given_flag_wins():
     given = config_from_args(parse_args(["--smoke", "--batch-size", "2", "--image-size", "64", "96",
                                          "--epochs", "5"]))
     assert (given.image_size, given.n_filters, given.batch_size, given.epochs) == ((64, 96), 4, 2, 5)
+    # A flag --smoke's epochs refuse says so: the user gave no --epochs.
+    with pytest.raises(ValueError, match="warmup_epochs must be at least 0 and less than epochs \\(3\\).* \\(--smoke "
+                                         "trains 3 epochs; give --epochs for more\\)"):
+        config_from_args(parse_args(["--smoke", "--warmup-epochs", "3"]))
+    assert config_from_args(parse_args(["--smoke", "--warmup-epochs", "3", "--epochs", "4"])).warmup_epochs == 3
 
 
 def test_warm_up_is_a_thirtieth_of_the_epochs_unless_given():
