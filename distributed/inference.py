@@ -28,7 +28,7 @@ from PIL import Image
 
 from distributed import checkpoint, inference_output, runtime
 from distributed.config import InferConfig
-from distributed.ingest import FAILURES_SHOWN, list_tree, open_output, open_root, place_below, read_file, within
+from distributed.ingest import FAILURES_SHOWN, hold, list_tree, open_output, open_root, place_below, read_file, within
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
@@ -82,42 +82,44 @@ def infer(config: InferConfig):
               f"{data.IMAGE_DIR}, or an earlier jobs.infer output), and are left alone: {', '.join(left_out[:3])}"
               + (", ..." if len(left_out) > 3 else ""), file=sys.stderr, flush=True)
 
-    # Ray starts only now: a bad model, input or output is refused before it (and before any work).
-    runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
-    shortfall = actor_shortfall(config) if pending else None
-    runtime.refuse_or_warn(shortfall)
-    runtime.warn_of_local_paths({"--input": config.input}, nodes_to_come=shortfall is not None)
-    oversubscribed = runtime.oversubscription(config.num_actors * config.cpus_per_actor, what="inference actors",
-                                              fewer="each holds its own copy of the model: fewer would run as fast")
-    if oversubscribed and pending:
-        print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
-    output.start_run()
-    output.record_settings(settings)  # before any part is committed: every done frame is under these
-    names = class_names(n_classes)
-    predictions = inference_output.PartWriter(output, "predictions", config.rows_per_file)
-    errors = inference_output.PartWriter(output, "errors", config.rows_per_file)
-    ok = failed = 0
-    try:
-        if pending:
-            pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes), config)
-            for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
-                succeeded, reasons = inference_output.write_images(output, batch, config)
-                # After the images: a committed row always has its PNG files.
-                predictions.add(inference_output.prediction_table(batch, succeeded, identity, names,
-                                                                  "parquet" in config.formats))
-                errors.add(pa.table({"path": pa.array(batch["path"][~succeeded], pa.string()),
-                                     "error": pa.array(reasons[~succeeded], pa.string())}))
-                for error in reasons[~succeeded][:max(0, FAILURES_SHOWN - failed)]:
-                    print(f"[unet-ray] failed: {error}", file=sys.stderr, flush=True)
-                ok, failed = ok + int(succeeded.sum()), failed + int((~succeeded).sum())
-    finally:  # Ctrl-C included: every row collected has its files, so a rerun skips it
-        predictions.flush()
-        errors.flush()
-    if failed:
-        more = f" ({failed - FAILURES_SHOWN} not shown above)" if failed > FAILURES_SHOWN else ""
-        print(f"[unet-ray] {failed} image(s) failed{more}: every path and reason is in "
-              f"{config.output}/errors/*.parquet; a rerun retries them", file=sys.stderr, flush=True)
-    return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
+    # One run at a time into an output: a second would empty the first's staging and write its parts beside them.
+    with hold(f"{output.filesystem.type_name}://{output.root}", "jobs.infer", "--output"):
+        # Ray starts only now: a bad model, input or output is refused before it (and before any work).
+        runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
+        shortfall = actor_shortfall(config) if pending else None
+        runtime.refuse_or_warn(shortfall)
+        runtime.warn_of_local_paths({"--input": config.input}, nodes_to_come=shortfall is not None)
+        oversubscribed = runtime.oversubscription(config.num_actors * config.cpus_per_actor, what="inference actors",
+                                                  fewer="each holds its own copy of the model: fewer would run as fast")
+        if oversubscribed and pending:
+            print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
+        output.start_run()
+        output.record_settings(settings)  # before any part is committed: every done frame is under these
+        names = class_names(n_classes)
+        predictions = inference_output.PartWriter(output, "predictions", config.rows_per_file)
+        errors = inference_output.PartWriter(output, "errors", config.rows_per_file)
+        ok = failed = 0
+        try:
+            if pending:
+                pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes), config)
+                for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
+                    succeeded, reasons = inference_output.write_images(output, batch, config)
+                    # After the images: a committed row always has its PNG files.
+                    predictions.add(inference_output.prediction_table(batch, succeeded, identity, names,
+                                                                      "parquet" in config.formats))
+                    errors.add(pa.table({"path": pa.array(batch["path"][~succeeded], pa.string()),
+                                         "error": pa.array(reasons[~succeeded], pa.string())}))
+                    for error in reasons[~succeeded][:max(0, FAILURES_SHOWN - failed)]:
+                        print(f"[unet-ray] failed: {error}", file=sys.stderr, flush=True)
+                    ok, failed = ok + int(succeeded.sum()), failed + int((~succeeded).sum())
+        finally:  # Ctrl-C included: every row collected has its files, so a rerun skips it
+            predictions.flush()
+            errors.flush()
+        if failed:
+            more = f" ({failed - FAILURES_SHOWN} not shown above)" if failed > FAILURES_SHOWN else ""
+            print(f"[unet-ray] {failed} image(s) failed{more}: every path and reason is in "
+                  f"{config.output}/errors/*.parquet; a rerun retries them", file=sys.stderr, flush=True)
+        return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
 
 
 def output_settings(config, input_filesystem, input_root, size, n_classes):

@@ -6,8 +6,11 @@ reshuffle rows instead of decoding PNGs again, and a bad file stops the run befo
 starts rather than in the middle of an epoch.
 """
 
+import fcntl
+import hashlib
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pyarrow.fs
@@ -54,6 +57,29 @@ def open_output(uri):
             raise ValueError(f"{uri}: bucket {parent.strip('/')} not found (or not visible with these credentials); "
                              f"create it, or pass another")
     return filesystem, root
+
+
+HOLDS = os.path.join(tempfile.gettempdir(), "unet-ray-holds")
+
+
+def hold(place, job, flag):
+    """This process's hold on the output `place` (one spelling of it: a local path made absolute, or
+    scheme://root) until the returned file is closed or the process dies. Another job writing there
+    from this machine (a job submitted twice: a cluster runs every job's driver on its head) is
+    refused, instead of writing beside the first into the same files."""
+    os.makedirs(HOLDS, exist_ok=True)
+    file = open(os.path.join(HOLDS, hashlib.sha256(place.encode()).hexdigest()[:32] + ".lock"), "a+")
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = file.read().strip() or "another job"
+        file.close()
+        raise ValueError(f"{place}: {holder} is writing into it; wait for it to end, or pass another {flag}") from None
+    file.truncate(0)
+    file.write(f"{job} (pid {os.getpid()})")
+    file.flush()
+    return file
 
 
 def make_directory(path, flag):

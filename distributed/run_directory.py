@@ -1,10 +1,8 @@
 """What a training run leaves in `--output`: the best model, metrics, curves, previews."""
 
-import fcntl
 import hashlib
 import json
 import os
-import socket
 
 import numpy as np
 import pyarrow.fs
@@ -30,26 +28,6 @@ LATER_FIELDS = ("frames", "weight_average")
 
 
 SCENES = "scenes"  # the folder of a run's generated scenes
-RUNNING_FILE = ".running"
-
-
-def hold(output):
-    """This process's hold on the run directory `output` until the returned file is closed (or the
-    process dies): a second jobs.train into it, such as a job submitted twice, is refused instead
-    of training beside the first into the same checkpoints and metrics."""
-    file = open(os.path.join(output, RUNNING_FILE), "a+")
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        file.seek(0)
-        holder = file.read().strip() or "another process"
-        file.close()
-        raise ValueError(f"{output}: a run is training into it ({holder}); wait for it to end, or pass another "
-                         f"--output") from None
-    file.truncate(0)
-    file.write(f"jobs.train, pid {os.getpid()} on {socket.gethostname()}\n")
-    file.flush()
-    return file
 
 
 def generate_scenes(config):

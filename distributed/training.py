@@ -96,13 +96,13 @@ def run_training(config):
 def check_before_start(config):
     """Refuses a run that cannot go on (bad paths, another run's output or one training into it,
     too few workers) before any data is decoded; makes the output and checkpoint directories and
-    connects to Ray, or starts it. Returns the run's hold on --output (`run_directory.hold`)."""
+    connects to Ray, or starts it. Returns the run's hold on --output (`ingest.hold`)."""
     try:
         check_paths(config)
     except OSError as error:  # a name too long for the filesystem, say: a bad flag, not a crash
         raise ValueError(f"a path given to --output, --data, --val-data or --storage-path cannot be used: "
                          f"{error}") from None
-    held = run_directory.hold(config.output)
+    held = ingest.hold(os.path.realpath(config.output), "jobs.train", "--output")
     try:
         connect_ray(config)
     except BaseException:

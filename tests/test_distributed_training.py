@@ -15,7 +15,7 @@ import pytest
 import ray
 import tensorflow as tf
 
-from distributed import checkpoint, run_directory, runtime, training
+from distributed import checkpoint, ingest, runtime, training
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
@@ -291,14 +291,15 @@ def test_a_second_run_into_an_output_a_run_is_training_into_is_refused(tmp_path,
     # A job submitted twice would train beside the first into the same checkpoints and metrics.
     output = tmp_path / "run"
     output.mkdir()
-    first = run_directory.hold(str(output))  # as a run in another process holds it, until it ends
-    with pytest.raises(ValueError, match=f"run: a run is training into it \\(jobs.train, pid {os.getpid()} on "):
+    first = ingest.hold(str(output), "jobs.train", "--output")  # as a run in another process holds it
+    with pytest.raises(ValueError, match=f"run: jobs.train \\(pid {os.getpid()}\\) is writing into it; wait for it "
+                                         f"to end, or pass another --output"):
         train(smoke_config(tmp_path))
     first.close()
     # A run that fails once it holds the output (here: at starting Ray) lets go of it.
     with pytest.raises(AssertionError, match="Ray was started"):
         train(smoke_config(tmp_path))
-    run_directory.hold(str(output)).close()
+    ingest.hold(str(output), "jobs.train", "--output").close()
 
 
 def test_checkpoints_that_could_never_be_written_are_refused_before_ray_starts(tmp_path, no_ray):

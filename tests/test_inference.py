@@ -18,7 +18,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from distributed import inference, inference_output, runtime
+from distributed import inference, inference_output, ingest, runtime
 from distributed.config import InferConfig
 from distributed.inference import infer
 from jobs import infer as infer_job
@@ -305,6 +305,21 @@ def test_a_model_that_does_not_score_every_pixel_is_refused_before_ray_starts(tm
                 "--output", str(tmp_path / f"out_{name}")]
         assert infer_job.main(argv) == 2, name
         assert re.search(f"error: {re.escape(str(tmp_path / name))}.keras: {message}", capsys.readouterr().err), name
+
+
+def test_a_second_run_into_an_output_a_run_is_writing_into_is_refused_before_ray_starts(tmp_path, monkeypatch,
+                                                                                       capsys, model_dir):
+    # It would empty the first run's staging folder and commit its parts beside the first's.
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    scenes.write_scenes(tmp_path / "frames", 1)
+    first = ingest.hold(f"local://{tmp_path / 'out'}", "jobs.infer", "--output")
+    argv = ["--model", str(model_dir), "--input", str(tmp_path / "frames"), "--output", str(tmp_path / "out")]
+    assert infer_job.main(argv) == 2
+    assert (f"error: local://{tmp_path / 'out'}: jobs.infer (pid {os.getpid()}) is writing into it; wait for it to "
+            f"end, or pass another --output") in capsys.readouterr().err
+    first.close()
+    with pytest.raises(AssertionError, match="Ray was started"):  # held no longer: on to Ray
+        infer_job.main(argv)
 
 
 def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them(ray_session, monkeypatch):
