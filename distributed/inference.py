@@ -28,7 +28,9 @@ from PIL import Image
 
 from distributed import checkpoint, inference_output, runtime
 from distributed.config import InferConfig
-from distributed.ingest import FAILURES_SHOWN, hold, list_tree, open_output, open_root, place_below, read_file, within
+from distributed.ingest import (
+    FAILURES_SHOWN, hold, list_tree, open_output, open_root, place_below, read_file, spelled, within,
+)
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
@@ -83,7 +85,7 @@ def infer(config: InferConfig):
               + (", ..." if len(left_out) > 3 else ""), file=sys.stderr, flush=True)
 
     # One run at a time into an output: a second would empty the first's staging and write its parts beside them.
-    with hold(f"{output.filesystem.type_name}://{output.root}", "jobs.infer", "--output"):
+    with hold(spelled(output.filesystem, output.root), "jobs.infer", "--output"):
         # Ray starts only now: a bad model, input or output is refused before it (and before any work).
         runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
         shortfall = actor_shortfall(config) if pending else None
@@ -247,7 +249,7 @@ def list_images(filesystem, root, skip=None, writes_files=True):
     root_type = filesystem.get_file_info(root).type
     if root_type != pyarrow.fs.FileType.Directory:
         what = "a file" if root_type == pyarrow.fs.FileType.File else "not found"
-        raise ValueError(f"{root}: {what}; --input must be a directory of images")
+        raise ValueError(f"{spelled(filesystem, root)}: {what}; --input must be a directory of images")
     found = list_tree(filesystem, root)
     folders = not_inputs(found, root) - {skip}
     skipped = folders | {skip}

@@ -59,6 +59,11 @@ def open_output(uri):
     return filesystem, root
 
 
+def spelled(filesystem, path):
+    """A path of `open_root` as a user would give it: local as it is, in an object store with its scheme."""
+    return path if isinstance(filesystem, pyarrow.fs.LocalFileSystem) else f"{filesystem.type_name}://{path}"
+
+
 HOLDS = os.path.join(tempfile.gettempdir(), "unet-ray-holds")
 
 

@@ -312,14 +312,20 @@ def test_a_second_run_into_an_output_a_run_is_writing_into_is_refused_before_ray
     # It would empty the first run's staging folder and commit its parts beside the first's.
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
     scenes.write_scenes(tmp_path / "frames", 1)
-    first = ingest.hold(f"local://{tmp_path / 'out'}", "jobs.infer", "--output")
+    first = ingest.hold(str(tmp_path / "out"), "jobs.infer", "--output")
     argv = ["--model", str(model_dir), "--input", str(tmp_path / "frames"), "--output", str(tmp_path / "out")]
     assert infer_job.main(argv) == 2
-    assert (f"error: local://{tmp_path / 'out'}: jobs.infer (pid {os.getpid()}) is writing into it; wait for it to "
+    assert (f"error: {tmp_path / 'out'}: jobs.infer (pid {os.getpid()}) is writing into it; wait for it to "
             f"end, or pass another --output") in capsys.readouterr().err
     first.close()
     with pytest.raises(AssertionError, match="Ray was started"):  # held no longer: on to Ray
         infer_job.main(argv)
+
+
+def test_an_input_missing_from_a_bucket_is_named_with_its_scheme(tmp_path, monkeypatch, model_dir, s3_bucket):
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    with pytest.raises(ValueError, match="^s3://unet/frames: not found; --input must be a directory of images"):
+        infer(InferConfig(model=str(model_dir), input="s3://unet/frames", output=str(tmp_path / "out")))
 
 
 def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them(ray_session, monkeypatch):

@@ -158,6 +158,8 @@ def test_an_output_in_a_missing_bucket_or_below_an_object_is_refused(s3_bucket):
     with s3_bucket.open_output_stream("unet/notes.txt") as stream:
         stream.write(b"a file, not a folder")
     assert ingest.open_output("s3://unet/runs/new")[1] == "unet/runs/new"
+    assert ingest.spelled(*ingest.open_root("s3://unet/runs/new/")) == "s3://unet/runs/new"
+    assert ingest.spelled(*ingest.open_root("/data/frames/")) == "/data/frames"
     assert ingest.open_output("s3://unet")[1] == "unet"
     for uri, message in (("s3://nosuch/out", "s3://nosuch/out: bucket nosuch not found"),
                          ("s3://unet/notes.txt", "s3://unet/notes.txt: a file; the output must be a directory"),
