@@ -64,7 +64,8 @@ def spelled(filesystem, path):
     return path if isinstance(filesystem, pyarrow.fs.LocalFileSystem) else f"{filesystem.type_name}://{path}"
 
 
-HOLDS = os.path.join(tempfile.gettempdir(), "unet-ray-holds")
+# One folder per user: another user's would not be writable (a cluster runs every job as one user).
+HOLDS = os.path.join(tempfile.gettempdir(), f"unet-ray-holds-{os.getuid()}")
 
 
 def hold(place, job, flag):
