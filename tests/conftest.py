@@ -65,6 +65,7 @@ def s3_bucket(monkeypatch):
     """A bucket `unet` on a local S3 (moto's server, in a thread): the s3:// paths a cluster user
     gives, read and written through pyarrow as on AWS. Returns pyarrow's S3 filesystem."""
     import logging
+    import urllib.request
 
     import boto3
     import pyarrow.fs
@@ -74,6 +75,8 @@ def s3_bucket(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # moto keeps its buckets in this process, across servers: every test starts from none.
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST"))
     for name, value in (("AWS_ENDPOINT_URL", f"http://{host}:{port}"), ("AWS_ACCESS_KEY_ID", "testing"),
                         ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_DEFAULT_REGION", "us-east-1")):
         monkeypatch.setenv(name, value)
