@@ -85,7 +85,7 @@ def infer(config: InferConfig):
               + (", ..." if len(left_out) > 3 else ""), file=sys.stderr, flush=True)
 
     # One run at a time into an output: a second would empty the first's staging and write its parts beside them.
-    with hold(spelled(output.filesystem, output.root), "jobs.infer", "--output"):
+    with hold(output.filesystem, output.root, "jobs.infer", "--output"):
         # Ray starts only now: a bad model, input or output is refused before it (and before any work).
         runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
         shortfall = actor_shortfall(config) if pending else None

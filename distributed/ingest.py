@@ -68,11 +68,13 @@ def spelled(filesystem, path):
 HOLDS = os.path.join(tempfile.gettempdir(), f"unet-ray-holds-{os.getuid()}")
 
 
-def hold(place, job, flag):
-    """This process's hold on the output `place` (one spelling of it: a local path made absolute, or
-    scheme://root) until the returned file is closed or the process dies. Another job writing there
-    from this machine (a job submitted twice: a cluster runs every job's driver on its head) is
-    refused, instead of writing beside the first into the same files."""
+def hold(filesystem, root, job, flag):
+    """This process's hold on the output `root` (as `open_output` gives it) until the returned file
+    is closed or the process dies. Another job writing there from this machine (a job submitted
+    twice: a cluster runs every job's driver on its head) is refused, instead of writing beside the
+    first into the same files. A local output is known by its real path, however it is spelt."""
+    local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+    place = spelled(filesystem, os.path.realpath(root) if local else root)
     os.makedirs(HOLDS, exist_ok=True)
     file = open(os.path.join(HOLDS, hashlib.sha256(place.encode()).hexdigest()[:32] + ".lock"), "a+")
     try:

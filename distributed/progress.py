@@ -39,13 +39,19 @@ class EpochsToDisk(ray.train.UserCallback):
         append_to_tensorboard(os.path.join(self.output, TENSORBOARD), self.history, restarted)
 
 
-def read_history(output):
-    """The epochs in a run directory's metrics.json; none if it has none (an evaluation report's is one dict)."""
+def read_metrics(output):
+    """`output`'s metrics.json: a training run's list of epochs, an evaluation report's dict, or
+    None where there is none (or it cannot be read)."""
     try:
         with open(os.path.join(output, "metrics.json")) as file:
-            history = json.load(file)
+            return json.load(file)
     except (OSError, ValueError):
-        return []
+        return None
+
+
+def read_history(output):
+    """The epochs in a run directory's metrics.json; none if it has none (an evaluation report's is one dict)."""
+    history = read_metrics(output)
     return history if isinstance(history, list) else []
 
 

@@ -136,11 +136,7 @@ def is_run_output(directory):
 def is_evaluation_report(directory):
     """Whether `directory` holds a jobs.evaluate report: a metrics.json that is one dict of scores
     (a training run's lists its epochs)."""
-    try:
-        with open(os.path.join(directory, "metrics.json")) as file:
-            return isinstance(json.load(file), dict)
-    except (OSError, ValueError):
-        return False
+    return isinstance(progress.read_metrics(directory), dict)
 
 
 def write_skipped(output, skipped):

@@ -102,7 +102,7 @@ def check_before_start(config):
     except OSError as error:  # a name too long for the filesystem, say: a bad flag, not a crash
         raise ValueError(f"a path given to --output, --data, --val-data or --storage-path cannot be used: "
                          f"{error}") from None
-    held = ingest.hold(os.path.realpath(config.output), "jobs.train", "--output")
+    held = ingest.hold(*ingest.open_output(config.output), "jobs.train", "--output")
     try:
         connect_ray(config)
     except BaseException:
