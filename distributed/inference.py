@@ -98,6 +98,7 @@ def infer(config: InferConfig):
         output.start_run()
         output.record_settings(settings)  # before any part is committed: every done frame is under these
         names = class_names(n_classes)
+        source = spelled(input_filesystem, input_root)  # failures name a frame as the user would find it
         predictions = inference_output.PartWriter(output, "predictions", config.rows_per_file)
         errors = inference_output.PartWriter(output, "errors", config.rows_per_file)
         ok = failed = 0
@@ -105,7 +106,7 @@ def infer(config: InferConfig):
             if pending:
                 pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes), config)
                 for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
-                    succeeded, reasons = inference_output.write_images(output, batch, config)
+                    succeeded, reasons = inference_output.write_images(output, batch, config, source)
                     # After the images: a committed row always has its PNG files.
                     predictions.add(inference_output.prediction_table(batch, succeeded, identity, names,
                                                                       "parquet" in config.formats))
@@ -316,12 +317,13 @@ def read_images(batch, filesystem, root, size, keep_bytes):
     errors, contents = [], []
     for index, relative in enumerate(paths):
         path, content = f"{root}/{relative}", b""
+        named = spelled(filesystem, path)  # a frame in a bucket with its scheme, as the user gave --input
         try:
             content = read_file(filesystem, path)
-            images[index], source_sizes[index] = data.preprocess_image(content, path, size)
+            images[index], source_sizes[index] = data.preprocess_image(content, named, size)
             errors.append("")
         except Exception as error:  # noqa: BLE001  one bad file must never stop the others
-            errors.append(str(error) if isinstance(error, ValueError) else f"{path}: {type(error).__name__}: {error}")
+            errors.append(str(error) if isinstance(error, ValueError) else f"{named}: {type(error).__name__}: {error}")
         contents.append(content if keep_bytes else b"")
     return {"path": paths, "image": images, "source_size": source_sizes, "error": np.array(errors, object),
             "image_bytes": np.array(contents, object)}

@@ -41,9 +41,10 @@ def output_path(folder, relative):
     return f"{folder}/{relative}"
 
 
-def write_images(output, batch, config):
+def write_images(output, batch, config, source):
     """Write the PNG files of each frame predicted, `WRITERS` at a time; returns (succeeded, reason)
-    per row, once every file of the batch is written.
+    per row, once every file of the batch is written. `source`: the input folder the batch's
+    paths are relative to, as the user spells it, which a reason names the frame by.
 
     A frame whose files cannot be written (a name too long for the filesystem, say) fails with
     the reason, into errors/ like an unreadable one, instead of ending the job.
@@ -58,7 +59,7 @@ def write_images(output, batch, config):
             for folder, column in columns:
                 output.write(output_path(folder, output_png_name(relative)), batch[column][index])
         except OSError as error:
-            return f"{relative}: its output cannot be written ({error})"
+            return f"{source}/{relative}: its output cannot be written ({error})"
         return ""
 
     written = np.flatnonzero(reasons == "")

@@ -160,7 +160,7 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert json.loads(printed.out.strip().splitlines()[-1]) == {"ok": 4, "failed": 2, "skipped": 0}
     # Every failure named on the console too, and the file that is no image said to be left alone.
     assert f"failed: {images / 'broken.jpg'}: not a readable PNG/JPEG image" in printed.err
-    assert f"failed: {long_name}: its output cannot be written ([Errno 36] Failed renaming" in printed.err
+    assert f"failed: {images / long_name}: its output cannot be written ([Errno 36] Failed renaming" in printed.err
     assert "File name too long" in printed.err
     assert f"2 image(s) failed: every path and reason is in {output}/errors/*.parquet" in printed.err
     assert "1 file(s) there are not .png/.jpg/.jpeg images and are left alone, such as notes.txt" in printed.err
@@ -328,6 +328,19 @@ def test_an_input_missing_from_a_bucket_is_named_with_its_scheme(tmp_path, monke
         infer(InferConfig(model=str(model_dir), input="s3://unet/frames", output=str(tmp_path / "out")))
 
 
+def test_a_frame_that_fails_is_named_as_the_user_gave_its_folder(s3_bucket):
+    png = inference.encode_png(np.zeros((4, 4, 3), np.uint8))
+    for name, content in (("good.png", png), ("broken.png", b"not a PNG")):
+        with s3_bucket.open_output_stream(f"unet/frames/{name}") as stream:
+            stream.write(content)
+    batch = {"path": np.array(["good.png", "broken.png"], object)}
+
+    read = inference.read_images(batch, s3_bucket, "unet/frames", (4, 4), keep_bytes=False)
+
+    assert read["error"][0] == ""
+    assert read["error"][1].startswith("s3://unet/frames/broken.png: not a readable PNG/JPEG image")
+
+
 def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them(ray_session, monkeypatch):
     import ray
 
@@ -358,11 +371,11 @@ def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_p
                          batch_size=2)  # and 1000 rows per part: none would be committed before the end
     written, write_images = [], inference_output.write_images
 
-    def ctrl_c_at_the_second_batch(output, batch, config):
+    def ctrl_c_at_the_second_batch(output, batch, *rest):
         if written:
             raise KeyboardInterrupt
         written.extend(batch["path"])
-        return write_images(output, batch, config)
+        return write_images(output, batch, *rest)
 
     monkeypatch.setattr(inference_output, "write_images", ctrl_c_at_the_second_batch)
     with pytest.raises(KeyboardInterrupt):

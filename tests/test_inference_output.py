@@ -60,10 +60,10 @@ def test_a_batch_is_written_many_files_at_a_time_and_each_frame_that_cannot_be_i
              "overlay_png": np.array([b"overlay of " + name.encode() for name in names], object)}
     config = InferConfig(model="m.keras", input="in", output=str(tmp_path), overlay=True)
 
-    succeeded, reasons = inference_output.write_images(output, batch, config)
+    succeeded, reasons = inference_output.write_images(output, batch, config, "in")
 
     assert succeeded.tolist() == [True] * 20 + [False]
-    assert reasons[-1].startswith(f"{names[-1]}: its output cannot be written (")
+    assert reasons[-1].startswith(f"in/{names[-1]}: its output cannot be written (")  # named as read
     for name in names[:-1]:
         assert (tmp_path / "masks" / name).read_bytes() == name.encode()
         assert (tmp_path / "overlays" / name).read_bytes() == b"overlay of " + name.encode()
@@ -75,7 +75,7 @@ def test_a_batch_is_written_many_files_at_a_time_and_each_frame_that_cannot_be_i
     # On an object store an upload shows all of the file or none, and a rename is a copy: no staging.
     monkeypatch.setattr(inference_output, "OBJECT_STORES", (output.filesystem.type_name,))
     batch["mask_png"][0] = b"predicted again"
-    assert inference_output.write_images(output, batch, config)[0].tolist() == [True] * 20 + [False]
+    assert inference_output.write_images(output, batch, config, "in")[0].tolist() == [True] * 20 + [False]
     assert SlowStore.moves == 41 and (tmp_path / "masks" / names[0]).read_bytes() == b"predicted again"
 
 
