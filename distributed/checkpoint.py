@@ -2,7 +2,7 @@
 and the driver's cleanup of those Ray Train lost track of.
 
 A checkpoint holds the model with Adam's state (the weights' moving average included), the
-history so far, and the weights the best val mIoU so far was scored with.
+history so far, fp16's loss scale, and the weights the best val mIoU so far was scored with.
 """
 
 import json
@@ -52,7 +52,7 @@ def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint
         # reads False in Ray Train's worker thread after the first save, writing HDF5 instead.
         model.save(os.path.join(directory, MODEL), save_format="keras_v3")
         with open(os.path.join(directory, STATE), "w") as file:
-            json.dump({"history": history}, file)
+            json.dump({"history": history, **loss_scale(model)}, file)
         np.savez(os.path.join(directory, BEST), *best_weights)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -76,18 +76,29 @@ def restore(model, checkpoint, steps_per_epoch):
         # Adam's slots must exist before loading, or their saved values are silently dropped.
         model.optimizer.build(model.trainable_variables)
         model.load_weights(os.path.join(directory, MODEL))
-        history, best_weights = read(directory)
+        state, best_weights = read(directory)
+    history = state["history"]
     model.optimizer.iterations.assign(len(history) * steps_per_epoch)
+    if "loss_scale" in state and loss_scale(model):  # tf-keras has no public setter for it
+        model.optimizer._loss_scale.current_loss_scale.assign(state["loss_scale"])
     return len(history), history, best_weights
 
 
+def loss_scale(model):
+    """{"loss_scale": fp16's dynamic loss scale}, or {} without one. tf-keras's model file leaves it
+    out, so a resumed run would start it at 2**15 again and skip each step whose gradients overflow
+    until the scale is back down: about one step per halving, its learning rate spent."""
+    return {"loss_scale": float(model.optimizer.loss_scale)} if getattr(model.optimizer, "dynamic", False) else {}
+
+
 def read(directory):
-    """(history, the weights the best val mIoU so far was scored with) of a checkpoint's directory."""
+    """(state: {"history", and "loss_scale" under fp16}, the weights the best val mIoU so far was
+    scored with) of a checkpoint's directory."""
     with open(os.path.join(directory, STATE)) as file:
-        history = json.load(file)["history"]
+        state = json.load(file)
     with np.load(os.path.join(directory, BEST)) as arrays:
         best_weights = [arrays[f"arr_{index}"] for index in range(len(arrays.files))]
-    return history, best_weights
+    return state, best_weights
 
 
 def remove_untracked(result):

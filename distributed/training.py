@@ -87,7 +87,8 @@ def run_training(config):
             f"{diverged['val_loss']}), so no model was exported from it; train into another --output with a "
             f"lower --learning-rate (now {config.learning_rate}) or a cap on the gradient (--clip-norm 1)")
     with result.checkpoint.as_directory() as directory:  # the last epoch always checkpoints
-        history, best_weights = checkpoint.read(directory)
+        state, best_weights = checkpoint.read(directory)
+    history = state["history"]
     run_directory.write(config, history, best_weights, val_frames)
     checkpoint.remove_untracked(result)  # after the export: housekeeping never costs the run its model
     return history
