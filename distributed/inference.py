@@ -45,6 +45,7 @@ def infer(config: InferConfig):
     """
     output = inference_output.Output(*open_output(config.output))
     model_path = model_file(config.model)
+    runtime.leave_gpus_to_actors()
     # Loaded here too, so a broken model fails before any actor starts (and before its members
     # are read for its identity), and for its shapes.
     size, n_classes = model_geometry(load_model(model_path), model_path)

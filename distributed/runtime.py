@@ -179,6 +179,16 @@ def select_devices(use_gpu):
         tf.config.set_visible_devices([], "GPU")
 
 
+def leave_gpus_to_actors():
+    """For a driver that loads a model only to check it and read its shapes: TensorFlow would
+    take most of a GPU's memory at its first use, and hold it for the whole job, so the inference
+    actors Ray puts on the driver's GPU (a GPU workstation's, a GPU head's) would have little left."""
+    try:
+        select_devices(False)
+    except RuntimeError:  # TensorFlow already runs in this process (a notebook): it holds its devices already
+        pass
+
+
 def native_bfloat16(use_gpu):
     """Whether this worker computes bfloat16 in hardware, so mixed precision pays instead of costs:
     on GPUs, compute capability 8.0 or newer (Ampere on); on CPUs, AVX512-BF16 or AMX."""

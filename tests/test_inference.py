@@ -307,6 +307,27 @@ def test_a_model_that_does_not_score_every_pixel_is_refused_before_ray_starts(tm
         assert re.search(f"error: {re.escape(str(tmp_path / name))}.keras: {message}", capsys.readouterr().err), name
 
 
+def test_the_driver_hides_the_gpus_before_it_loads_the_model(tmp_path, monkeypatch, model_dir):
+    # It only reads the model's shapes; TensorFlow would keep most of a GPU's memory from the actors.
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    scenes.write_scenes(tmp_path / "frames", 1)
+    steps, load_model = [], inference.load_model
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [f"/physical_device:{kind}:0"])
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: steps.append(("hide", devices, kind)))
+    monkeypatch.setattr(inference, "load_model", lambda path: steps.append("load") or load_model(path))
+    config = InferConfig(model=str(model_dir), input=str(tmp_path / "frames"), output=str(tmp_path / "out"))
+    with pytest.raises(AssertionError, match="Ray was started"):
+        infer(config)
+    assert steps == [("hide", [], "GPU"), "load"]
+
+    def initialized(devices, kind):  # a process where TensorFlow already runs: its devices are fixed
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "set_visible_devices", initialized)
+    with pytest.raises(AssertionError, match="Ray was started"):  # on to the work all the same
+        infer(config)
+
+
 def test_a_second_run_into_an_output_a_run_is_writing_into_is_refused_before_ray_starts(tmp_path, monkeypatch,
                                                                                        capsys, model_dir):
     # It would empty the first run's staging folder and commit its parts beside the first's.
