@@ -6,14 +6,17 @@ history so far, fp16's loss scale, and the weights the best val mIoU so far was 
 """
 
 import json
+import logging
 import os
 import sys
 import tempfile
+import zipfile
 
 import numpy as np
 import pyarrow.fs
 import ray
 import ray.train
+from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
 
 MODEL = "model.keras"
 STATE = "state.json"
@@ -89,6 +92,37 @@ def loss_scale(model):
     out, so a resumed run would start it at 2**15 again and skip each step whose gradients overflow
     until the scale is back down: about one step per halving, its learning rate spent."""
     return {"loss_scale": float(model.optimizer.loss_scale)} if getattr(model.optimizer, "dynamic", False) else {}
+
+
+def resumed_history(storage_path, run_name):
+    """The history of the checkpoint a run of this name resumes from (Ray Train's latest), or []
+    for a new run. Read on the driver before the workers start, so that a checkpoint that cannot
+    be restored is named at once: in the workers it would fail each attempt, and Ray Train would
+    retry that as a worker failure, --max-failures times (forever at -1)."""
+    run = f"{storage_path}/{run_name}"
+    quiet = logging.getLogger("ray.train")  # Ray's note on the snapshot found, which names no flag of ours
+    level, _ = quiet.level, quiet.setLevel(logging.WARNING)
+    try:
+        latest = ray.train.Result.from_path(run).checkpoint
+    except RuntimeError:  # no snapshot of checkpoints (or no folder): nothing to resume
+        return []
+    except CheckpointManagerInitializationError as error:
+        raise ValueError(f"{run}: Ray Train's record of the run's checkpoints does not match them ({error}); delete "
+                         f"{run} to train the run afresh, or pass another --run-name or --output") from None
+    finally:
+        quiet.setLevel(level)
+    if latest is None:
+        return []
+    try:
+        with latest.as_directory() as directory:
+            with zipfile.ZipFile(os.path.join(directory, MODEL)):  # a truncated file has no zip directory
+                pass
+            state, _ = read(directory)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{latest.path}: the checkpoint run {run_name!r} would resume from cannot be read "
+                         f"({type(error).__name__}: {error}); delete {run} to train the run afresh, or pass another "
+                         f"--run-name or --output") from None
+    return state["history"]
 
 
 def read(directory):

@@ -18,25 +18,29 @@ from tensorboard.summary.writer.record_writer import RecordWriter  # neither imp
 
 from unet_core.classes import CLASS_NAMES
 
-TENSORBOARD = "tensorboard"
-EVENT_FILE = "events.out.tfevents.unet-ray"  # TensorBoard reads every file with "tfevents" in its name
+TENSORBOARD = "tensorboard"  # TensorBoard reads every file with "tfevents" in its name there
 
 
 class EpochsToDisk(ray.train.UserCallback):
-    def __init__(self, output):
+    """`resumed`: the history of the checkpoint the run resumes from, whatever --output held before
+    (another run's epochs, or none: a run resumed into a new --output)."""
+
+    def __init__(self, output, resumed):
         self.output = os.path.abspath(output)
-        self.history = None
+        self.history, self.event_file = list(resumed), None
 
     def after_report(self, run_context, metrics, checkpoint):
         row = metrics[0]  # rank 0's: the scores are all-reduced, so every worker reports the same
-        if self.history is None:  # a resumed run's earlier epochs: as the last run wrote them
-            self.history = read_history(self.output)
-        # A resumed or restarted run reports again the epochs after its checkpoint: they replace those rows.
+        # A restarted run reports again the epochs after its checkpoint: they replace those rows.
         kept = [earlier for earlier in self.history if earlier["epoch"] < row["epoch"]]
         restarted = len(kept) < len(self.history)
         self.history = kept + [row]
         write_metrics(self.output, self.history)
-        append_to_tensorboard(os.path.join(self.output, TENSORBOARD), self.history, restarted)
+        if self.event_file is None:
+            self.event_file = new_event_file(os.path.join(self.output, TENSORBOARD))
+            append_to_tensorboard(self.event_file, self.history, start=True)
+        else:
+            append_to_tensorboard(self.event_file, self.history[-1:], start=restarted)
 
 
 def read_metrics(output):
@@ -73,25 +77,25 @@ def write_metrics(output, history):
         os.replace(os.path.join(output, f"{name}.tmp"), os.path.join(output, name))
 
 
-def append_to_tensorboard(directory, history, restarted):
-    """The last epoch of `history` appended to the run's event file, which TensorBoard follows as
-    it grows; a new file (the run's first epoch, or a run directory an older unet-ray wrote, whose
-    event files go) gets every epoch of `history`.
-
-    A session-start event opens the file and comes before each restarted epoch: TensorBoard then
-    drops what the earlier attempt logged from that epoch on, so it draws every epoch once.
-    """
+def new_event_file(directory):
+    """A new event file for this run's epochs in place of the folder's earlier ones. Its name sorts
+    after theirs, so a TensorBoard that is following them reads on into it."""
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, EVENT_FILE)
-    if os.path.exists(path):
-        rows, events = history[-1:], [session_start(history[-1]["epoch"])] if restarted else []
-    else:
-        for name in os.listdir(directory):
-            if "tfevents" in name:
-                os.remove(os.path.join(directory, name))
-        rows = history
-        events = [event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"),
-                  session_start(history[0]["epoch"])]
+    for name in os.listdir(directory):
+        if "tfevents" in name:
+            os.remove(os.path.join(directory, name))
+    path = os.path.join(directory, f"events.out.tfevents.{time.time_ns()}.unet-ray")
+    header = event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+    with open(path, "ab") as file:
+        RecordWriter(file).write(header.SerializeToString())
+    return path
+
+
+def append_to_tensorboard(path, rows, start):
+    """`rows` appended to the event file at `path`, which TensorBoard follows as it grows. With
+    `start`, a session-start event comes first: TensorBoard then drops what it drew from that epoch
+    on (an earlier run's, an earlier attempt's), so it draws every epoch once."""
+    events = [session_start(rows[0]["epoch"])] if start else []
     for row in rows:
         scores = {key: value for key, value in row.items()  # not flags such as jit_compile: a flat line says nothing
                   if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"}

@@ -49,6 +49,7 @@ def run_training(config):
     run_directory.check_run_identity(config, frames)
     run_directory.write_skipped(config.output, skipped)  # once the run may go on: a refused rerun changes no record
     run_directory.record_run_identity(config, frames)
+    resumed = checkpoint.resumed_history(config.resolved_storage_path, config.run_name)
     weights, counts = class_balance(train_frames, config)
     per_worker = print_frames(config, data_uri, train_frames, val_frames, skipped)
 
@@ -76,7 +77,7 @@ def run_training(config):
             # The most recent ones: each carries the best weights so far.
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.max_failures),
-            callbacks=[progress.EpochsToDisk(config.output)],
+            callbacks=[progress.EpochsToDisk(config.output, resumed)],
         ),
     )
     result = fit(trainer)

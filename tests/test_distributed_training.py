@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import threading
@@ -14,6 +15,7 @@ import pyarrow.fs
 import pytest
 import ray
 import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distributed import checkpoint, ingest, runtime, training
 from distributed.config import TrainConfig
@@ -115,15 +117,30 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     # Train never registered it, so neither resumes from it nor deletes it. The run does.
     untracked = os.path.join(config.resolved_storage_path, config.run_name, "checkpoint_2000-01-01_00-00-00.000000")
     shutil.copytree(checkpoint_dirs(config)[2], untracked)
-    # Same run name and storage path, more epochs: continues after epoch 2 instead of restarting.
-    resumed = train(smoke_config(tmp_path, epochs=3))
+    # Same run name and storage path, more epochs: continues after epoch 2 instead of restarting,
+    # here into another --output, whose progress files start from the checkpoint's epochs.
+    moved = dataclasses.replace(smoke_config(tmp_path, epochs=3), output=str(tmp_path / "moved"),
+                                storage_path=config.resolved_storage_path)
+    resumed = train(moved)
     assert [row["epoch"] for row in resumed] == [1, 2, 3]
     assert resumed[:2] == saved
     assert resumed[2]["resumed_from_epoch"] == 2
     assert list(checkpoint_dirs(config)) == [3] and not os.path.exists(untracked)
+    with open(os.path.join(moved.output, "metrics.json")) as file:
+        assert json.load(file) == resumed
+    accumulator = EventAccumulator(os.path.join(moved.output, "tensorboard"))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("val_mean_iou")] == [1, 2, 3]
     # Other frames under the same name and storage: refused, not continued on the wrong data.
     with pytest.raises(ValueError, match="'24 generated scenes, seed 0' -> '24 generated scenes, seed 1'"):
-        train(smoke_config(tmp_path, epochs=4, seed=1))
+        train(dataclasses.replace(moved, seed=1, epochs=4))
+    # A checkpoint that cannot be read is named before the workers start: in them, it would fail
+    # every attempt, each retried as a worker failure.
+    latest = os.path.join(checkpoint_dirs(config)[3], "model.keras")
+    os.truncate(latest, 20_000)
+    with pytest.raises(ValueError, match=f"^{re.escape(os.path.dirname(latest))}: the checkpoint run 'unet' would "
+                                         f"resume from cannot be read \\(BadZipFile"):
+        train(dataclasses.replace(moved, epochs=4, max_failures=-1))
 
 
 def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_bad_frames(tmp_path, ray_session,
