@@ -101,7 +101,8 @@ def resumed_history(storage_path, run_name):
     retry that as a worker failure, --max-failures times (forever at -1)."""
     run = f"{storage_path}/{run_name}"
     quiet = logging.getLogger("ray.train")  # Ray's note on the snapshot found, which names no flag of ours
-    level, _ = quiet.level, quiet.setLevel(logging.WARNING)
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         latest = ray.train.Result.from_path(run).checkpoint
     except RuntimeError:  # no snapshot of checkpoints (or no folder): nothing to resume
@@ -113,16 +114,19 @@ def resumed_history(storage_path, run_name):
         quiet.setLevel(level)
     if latest is None:
         return []
+    filesystem, path = latest.filesystem, latest.path  # read in place: a bucket's model is not downloaded here
     try:
-        with latest.as_directory() as directory:
-            with zipfile.ZipFile(os.path.join(directory, MODEL)):  # a truncated file has no zip directory
-                pass
-            state, _ = read(directory)
+        with filesystem.open_input_file(f"{path}/{MODEL}") as file, zipfile.ZipFile(file):
+            pass  # a truncated file has no zip directory at its end
+        with filesystem.open_input_stream(f"{path}/{STATE}") as stream:
+            history = json.loads(stream.read())["history"]
+        if filesystem.get_file_info(f"{path}/{BEST}").type != pyarrow.fs.FileType.File:
+            raise FileNotFoundError(f"{BEST} is missing")
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise ValueError(f"{latest.path}: the checkpoint run {run_name!r} would resume from cannot be read "
                          f"({type(error).__name__}: {error}); delete {run} to train the run afresh, or pass another "
                          f"--run-name or --output") from None
-    return state["history"]
+    return history
 
 
 def read(directory):

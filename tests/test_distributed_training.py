@@ -141,6 +141,9 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     with pytest.raises(ValueError, match=f"^{re.escape(os.path.dirname(latest))}: the checkpoint run 'unet' would "
                                          f"resume from cannot be read \\(BadZipFile"):
         train(dataclasses.replace(moved, epochs=4, max_failures=-1))
+    shutil.rmtree(os.path.dirname(latest))  # and a checkpoint Ray Train's record lists, gone
+    with pytest.raises(ValueError, match="unet: Ray Train's record of the run's checkpoints does not match them"):
+        train(dataclasses.replace(moved, epochs=4, max_failures=-1))
 
 
 def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_bad_frames(tmp_path, ray_session,
