@@ -47,9 +47,9 @@ def run_training(config):
     )
     frames = run_directory.frames_identity(train_frames, val_frames)
     run_directory.check_run_identity(config, frames)
+    resumed = checkpoint.resumed_history(config.resolved_storage_path, config.run_name)
     run_directory.write_skipped(config.output, skipped)  # once the run may go on: a refused rerun changes no record
     run_directory.record_run_identity(config, frames)
-    resumed = checkpoint.resumed_history(config.resolved_storage_path, config.run_name)
     weights, counts = class_balance(train_frames, config)
     per_worker = print_frames(config, data_uri, train_frames, val_frames, skipped)
 
