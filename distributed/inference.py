@@ -14,6 +14,7 @@ run starts the errors table afresh: every input is in predictions or errors, nev
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -87,15 +88,8 @@ def infer(config: InferConfig):
 
     # One run at a time into an output: a second would empty the first's staging and write its parts beside them.
     with hold(output.filesystem, output.root, "jobs.infer", "--output"):
-        # Ray starts only now: a bad model, input or output is refused before it (and before any work).
-        runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
-        shortfall = actor_shortfall(config) if pending else None
-        runtime.refuse_or_warn(shortfall)
-        runtime.warn_of_local_paths({"--input": config.input}, nodes_to_come=shortfall is not None)
-        oversubscribed = runtime.oversubscription(config.num_actors * config.cpus_per_actor, what="inference actors",
-                                                  fewer="each holds its own copy of the model: fewer would run as fast")
-        if oversubscribed and pending:
-            print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
+        if pending:  # Ray starts only now, and only for work: a bad model, input or output is refused before it
+            connect_ray(config)
         output.start_run()
         output.record_settings(settings)  # before any part is committed: every done frame is under these
         names = class_names(n_classes)
@@ -124,6 +118,18 @@ def infer(config: InferConfig):
             print(f"[unet-ray] {failed} image(s) failed{more}: every path and reason is in "
                   f"{config.output}/errors/*.parquet; a rerun retries them", file=sys.stderr, flush=True)
         return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
+
+
+def connect_ray(config):
+    """Start or join Ray for the actors `config` asks for; refuse a cluster that can never hold one."""
+    runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
+    shortfall = actor_shortfall(config)
+    runtime.refuse_or_warn(shortfall)
+    runtime.warn_of_local_paths({"--input": config.input}, nodes_to_come=shortfall is not None)
+    oversubscribed = runtime.oversubscription(config.num_actors * config.cpus_per_actor, what="inference actors",
+                                              fewer="each holds its own copy of the model: fewer would run as fast")
+    if oversubscribed:
+        print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
 
 
 def output_settings(config, input_filesystem, input_root, size, n_classes):
@@ -293,7 +299,11 @@ def predict_pipeline(paths, filesystem, root, size, model_ref, config):
     When both stages ask for the same resources (CPU inference, one CPU per actor) Ray Data fuses
     the reading into the actors; with GPUs it stays in CPU tasks that keep the GPUs fed.
     """
-    return ray.data.from_items([{"path": path} for path in paths]).map_batches(
+    # Ray Data splits the paths into 200 blocks whatever their number, and each block's frames come
+    # back to this process as one batch: at a million frames, batches of 5,000 masks held at once,
+    # and as many finished frames per actor lost to a crash. At most a Parquet part's rows a block.
+    blocks = min(len(paths), max(200, math.ceil(len(paths) / config.rows_per_file)))
+    return ray.data.from_items([{"path": path} for path in paths], override_num_blocks=blocks).map_batches(
         read_images,
         batch_size=config.batch_size,
         fn_kwargs=dict(filesystem=filesystem, root=root, size=size,

@@ -404,6 +404,29 @@ def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_p
     assert sorted(read_table(tmp_path / "out" / "predictions")["path"].to_pylist()) == sorted(written)
     monkeypatch.undo()
     assert infer(config) == {"ok": 8 - len(written), "failed": 0, "skipped": len(written)}
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)  # all done: no Ray to start, seconds saved
+    assert infer(config) == {"ok": 0, "failed": 0, "skipped": 8}
+
+
+def test_the_driver_gets_at_most_a_parquet_parts_rows_at_a_time(tmp_path, ray_session, model_dir, monkeypatch):
+    # Ray Data would cut any number of inputs into 200 blocks, each back as one batch: 5,000 frames'
+    # masks at once from a million, and as many finished frames per actor lost to a crash.
+    images = tmp_path / "frames"
+    frame = inference.encode_png(np.zeros((*SIZE, 3), np.uint8))
+    images.mkdir()
+    for index in range(400):
+        (images / f"frame_{index:03d}.png").write_bytes(frame)
+    batches, write_images = [], inference_output.write_images
+
+    def recording(output, batch, *rest):
+        batches.append(len(batch["path"]))
+        return write_images(output, batch, *rest)
+
+    monkeypatch.setattr(inference_output, "write_images", recording)
+    config = InferConfig(model=str(model_dir / "model.keras"), input=str(images), output=str(tmp_path / "out"),
+                         batch_size=1, rows_per_file=1, formats=("parquet",))
+    assert infer(config) == {"ok": 400, "failed": 0, "skipped": 0}
+    assert sum(batches) == 400 and max(batches) == 1, batches
 
 
 def test_two_images_that_would_write_one_mask_file_are_refused_only_when_files_are_written(tmp_path):
