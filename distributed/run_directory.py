@@ -61,11 +61,11 @@ def check_run_identity(config, frames=None, new_run="another --run-name or --out
     if not any(item.base_name.startswith("checkpoint_") for item in found):
         return
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
-        # Every run records its identity before its first checkpoint, so these came from an
-        # older unet-ray, whose checkpoints lack the best epoch's weights.
+        # Every run records its identity before its first checkpoint, so these came from an older
+        # unet-ray (its checkpoints lack the best epoch's weights), or the record was deleted.
         raise ValueError(f"{config.resolved_storage_path}/{config.run_name}: checkpoints of a run without "
-                         f"{IDENTITY_FILE}, written by an older unet-ray, which this one cannot resume; "
-                         f"pass {new_run} to start a new run")
+                         f"{IDENTITY_FILE} (an older unet-ray wrote them, or the file was deleted), which this one "
+                         f"cannot tell the settings of and will not resume; pass {new_run} to start a new run")
     with filesystem.open_input_stream(path) as stream:
         recorded = json.loads(stream.read())
     changed = [f"{field} {recorded.get(field)!r} -> {value!r}" for field, value in identity.items()

@@ -65,8 +65,8 @@ def test_a_validation_directory_makes_the_split_settings_free_to_change(tmp_path
 def test_checkpoints_of_an_older_unet_ray_are_refused_on_the_driver(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run" / "ray_results" / "unet" / "checkpoint_2026-12-01_10-00-00.000000").mkdir(parents=True)
-    with pytest.raises(ValueError, match=f"checkpoints of a run without {run_directory.IDENTITY_FILE}, written by "
-                                         "an older unet-ray"):
+    with pytest.raises(ValueError, match=f"checkpoints of a run without {run_directory.IDENTITY_FILE} \\(an older "
+                                         "unet-ray wrote them, or the file was deleted\\)"):
         run_directory.check_run_identity(TrainConfig(data="frames", output="run"))
     run_directory.check_run_identity(TrainConfig(data="frames", output="run", run_name="fresh"))
 
