@@ -27,9 +27,9 @@ def test_quickstart_runs_the_product_end_to_end(tmp_path, ray_session, capsys):
     summary = json.loads(next(line for line in reversed(printed) if line.startswith('{"pixel_accuracy"')))
     assert summary["ok"] == 5 and summary["failed"] == 0
     assert 0.0 <= summary["mean_iou"] <= 1.0
-    for path in ("train/model.keras", "train/curves.png", "train/previews.png", "evaluation/metrics.json",
-                 "train/tensorboard/events.out.tfevents.unet-ray"):
+    for path in ("train/model.keras", "train/curves.png", "train/previews.png", "evaluation/metrics.json"):
         assert os.path.exists(tmp_path / path), path
+    assert ["tfevents" in name for name in os.listdir(tmp_path / "train" / "tensorboard")] == [True]
     assert f"{tmp_path}/train/tensorboard/ (written as each epoch ended)" in console
     assert json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["frames"] == 5
     assert len(os.listdir(tmp_path / "new_frames" / "CameraMask")) == 5
