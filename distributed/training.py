@@ -34,12 +34,14 @@ from unet_core.training import (
 
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
-    with check_before_start(config):  # the run's hold on --output, until it ends
-        return run_training(config)
+    held, resumed = check_before_start(config)
+    with held:  # the run's hold on --output, until it ends
+        return run_training(config, resumed)
 
 
-def run_training(config):
-    """`train` once `check_before_start` holds --output for this run."""
+def run_training(config, resumed):
+    """`train` once `check_before_start` holds --output for this run; `resumed` is the history of
+    the checkpoint it resumes from."""
     data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
         data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.skip_bad,
@@ -47,7 +49,6 @@ def run_training(config):
     )
     frames = run_directory.frames_identity(train_frames, val_frames)
     run_directory.check_run_identity(config, frames)
-    resumed = checkpoint.resumed_history(config.resolved_storage_path, config.run_name)
     run_directory.write_skipped(config.output, skipped)  # once the run may go on: a refused rerun changes no record
     run_directory.record_run_identity(config, frames)
     weights, counts = class_balance(train_frames, config)
@@ -97,8 +98,9 @@ def run_training(config):
 
 def check_before_start(config):
     """Refuses a run that cannot go on (bad paths, another run's output or one training into it,
-    too few workers) before any data is decoded; makes the output and checkpoint directories and
-    connects to Ray, or starts it. Returns the run's hold on --output (`ingest.hold`)."""
+    too few workers, a checkpoint to resume from that cannot be read) before any data is decoded;
+    makes the output and checkpoint directories and connects to Ray, or starts it. Returns the run's
+    hold on --output (`ingest.hold`) and the history of the checkpoint it resumes from ([] if none)."""
     try:
         check_paths(config)
     except OSError as error:  # a name too long for the filesystem, say: a bad flag, not a crash
@@ -106,11 +108,13 @@ def check_before_start(config):
                          f"{error}") from None
     held = ingest.hold(*ingest.open_output(config.output), "jobs.train", "--output")
     try:
+        # Held first: a checkpoint another run is writing is that run's, and the hold says so.
+        resumed = checkpoint.resumed_history(config.resolved_storage_path, config.run_name)
         connect_ray(config)
     except BaseException:
         held.close()
         raise
-    return held
+    return held, resumed
 
 
 def connect_ray(config):

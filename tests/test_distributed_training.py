@@ -75,7 +75,7 @@ def assert_validation_counted_once(config, row):
         assert_scores_as_reported(config, model, row)
 
 
-def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
+def test_two_workers_train_validate_and_resume(tmp_path, ray_session, monkeypatch):
     config = smoke_config(tmp_path, epochs=2)
     ctrl_c = signal.getsignal(signal.SIGINT)
     history = train(config)
@@ -134,8 +134,9 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session):
     # Other frames under the same name and storage: refused, not continued on the wrong data.
     with pytest.raises(ValueError, match="'24 generated scenes, seed 0' -> '24 generated scenes, seed 1'"):
         train(dataclasses.replace(moved, seed=1, epochs=4))
-    # A checkpoint that cannot be read is named before the workers start: in them, it would fail
-    # every attempt, each retried as a worker failure.
+    # A checkpoint that cannot be read is named before Ray starts or a frame is decoded: in the
+    # workers, it would fail every attempt, each retried as a worker failure.
+    monkeypatch.setattr(runtime, "connect", no_ray_connect)
     latest = os.path.join(checkpoint_dirs(config)[3], "model.keras")
     os.truncate(latest, 20_000)
     with pytest.raises(ValueError, match=f"^{re.escape(os.path.dirname(latest))}: the checkpoint run 'unet' would "
@@ -291,13 +292,14 @@ def test_truncated_png_fails_before_training(tmp_path, ray_session):
     assert not os.path.exists(os.path.join(config.resolved_storage_path, config.run_name))
 
 
+def no_ray_connect(**_):
+    raise AssertionError("Ray was started for a run that had to be refused before")
+
+
 @pytest.fixture
 def no_ray(monkeypatch):
     """For a run that must be refused before Ray starts."""
-    def refuse(**_):
-        raise AssertionError("Ray was started for a run that had to be refused before")
-
-    monkeypatch.setattr(runtime, "connect", refuse)
+    monkeypatch.setattr(runtime, "connect", no_ray_connect)
 
 
 def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, no_ray):
