@@ -1,9 +1,19 @@
 """The commands (`python -m jobs.<name>`): each parses its flags, builds its config and calls into
 distributed/ (quickstart chains train, infer and evaluate)."""
 
+import argparse
+import os
 import sys
 
 from distributed.config import SettingError, TrainingFailed
+
+
+def argument_parser(job, **kwargs):
+    """The parser of `python -m jobs.<job>`, named as the user ran it (`unet-train` through the console
+    script). No abbreviations: `--epoch 3` would run as `--epochs 3`, and a typo must not start a long run."""
+    command = os.path.basename(sys.argv[0])
+    program = command if command.startswith("unet-") else f"python -m jobs.{job}"
+    return argparse.ArgumentParser(prog=program, allow_abbrev=False, **kwargs)
 
 
 def run_command(work, on_interrupt):

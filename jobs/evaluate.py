@@ -11,12 +11,12 @@ import json
 import sys
 
 from distributed.config import SPLITS, EvaluateConfig
-from jobs import run_command
+from jobs import argument_parser, run_command
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("evaluate", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .keras file, or a training run's --output directory")
     parser.add_argument("--data", required=True, help="CARLA-layout directory or URI (CameraRGB/, CameraMask/)")
     parser.add_argument("--output", required=True, help="directory for the report")

@@ -13,7 +13,7 @@ import json
 import sys
 
 from distributed.config import OUTPUT_SIZES, InferConfig
-from jobs import run_command
+from jobs import argument_parser, run_command
 
 
 def formats(text):
@@ -21,8 +21,8 @@ def formats(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jobs.infer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("infer", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .keras file, or a training run's --output directory")
     parser.add_argument("--input", required=True, help="directory or URI of PNG/JPEG images (searched recursively)")
     parser.add_argument("--output", required=True, help="directory or URI for the results")

@@ -1,15 +1,14 @@
 """Write synthetic driving scenes in CARLA's layout: python -m jobs.make_scenes --output DIR --count N."""
 
-import argparse
 import os
 import time
 
-from jobs import run_command
+from jobs import argument_parser, run_command
 from unet_core.scenes import write_scenes
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jobs.make_scenes", description=__doc__)
+    parser = argument_parser("make_scenes", description=__doc__)
     parser.add_argument("--output", required=True, help="directory that receives CameraRGB/ and CameraMask/")
     parser.add_argument("--count", type=int, default=1000, help="number of frames to write (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,

@@ -12,12 +12,12 @@ import sys
 import time
 
 from distributed.config import EvaluateConfig, InferConfig, TrainConfig
-from jobs import run_command
+from jobs import argument_parser, run_command
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jobs.quickstart", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser("quickstart", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="runs/quickstart",
                         help="directory for the scenes, the run, the masks and the report (default: %(default)s)")
     parser.add_argument("--epochs", type=int, help="default: 4, or 3 with --smoke")

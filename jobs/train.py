@@ -10,7 +10,7 @@ import json
 import sys
 
 from distributed.config import LR_SCHEDULES, PRECISIONS, PRESETS, SPLITS, SettingError, TrainConfig
-from jobs import run_command
+from jobs import argument_parser, run_command
 
 
 def parse_args(argv=None):
@@ -19,7 +19,7 @@ def parse_args(argv=None):
 
 def build_parser():
     presets = {name: TrainConfig.from_preset(name) for name in PRESETS}
-    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__)
+    parser = argument_parser("train", description=__doc__)
     parser.set_defaults(**{field: None for field in presets["default"].to_dict()})
 
     def with_default(flag, help_text):

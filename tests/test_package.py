@@ -59,6 +59,26 @@ def test_every_job_prints_its_help_and_exits_0(job):
     assert finished.stdout.strip().splitlines()[-1] == "[]"  # neither TensorFlow nor Ray imported
 
 
+@pytest.mark.parametrize("job, argv", [
+    ("train", ["--epoch", "3"]),
+    ("infer", ["--model", "m", "--input", "i", "--output", "o", "--batch", "4"]),
+    ("evaluate", ["--model", "m", "--data", "d", "--output", "o", "--batch", "4"]),
+    ("quickstart", ["--out", "x"]),
+    ("make_scenes", ["--output", "o", "--count", "1", "--see", "2"]),
+])
+def test_a_job_takes_no_abbreviated_flag(job, argv):
+    # argparse would take `--epoch 3` for `--epochs 3`: a typo must not start a run.
+    finished = run_job(job, argv)
+    assert finished.returncode == 2 and f"unrecognized arguments: {' '.join(argv[-2:])}" in finished.stderr
+
+
+def test_a_console_script_names_itself_in_its_usage():
+    script = os.path.join(os.path.dirname(sys.executable), "unet-train")
+    finished = subprocess.run([script, "--epochz", "1"], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2
+    assert finished.stderr.startswith("usage: unet-train ") and "unet-train: error: unrecognized" in finished.stderr
+
+
 def run_job(job, argv):
     """`jobs.<job>.main(argv)` in a process of its own; stdout's last line lists TensorFlow and Ray if imported."""
     code = (f"import sys\nfrom jobs import {job}\ntry:\n    code = {job}.main({argv!r})\n"
