@@ -45,10 +45,11 @@ def figure_names(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="about 10 minutes on 2 cores")
-    parser.add_argument("--tiny", action="store_true", help="tiny model and data: for the smoke test only")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="about 10 minutes on 2 cores")
+    size.add_argument("--tiny", action="store_true", help="tiny model and data: for the smoke test only")
     parser.add_argument("--only", type=figure_names, default=FIGURES, help="comma-separated figure names")
     parser.add_argument("--cache", default=frames.DEFAULT_CACHE,
                         help="generated frames, kept across runs (default: %(default)s)")
@@ -70,7 +71,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 2:
         parser.error("--epochs must be at least 2: the first epoch is never counted")
-    for name in ("repeats", "train_frames", "infer_frames", "infer_repeats", "infer_num_actors"):
+    for name in ("repeats", "train_frames", "infer_frames", "infer_repeats", "infer_num_actors",
+                 "infer_cpus_per_actor"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.memory_frames and not 0 < args.memory_frames[0] < args.memory_frames[1]:

@@ -27,6 +27,19 @@ def test_flop_counter_gives_15_1_gflop_per_default_training_image():
     assert flops.training_flops_per_image(model) == 3 * flops.forward_flops_per_image(model)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--tiny"], "argument --tiny: not allowed with argument --quick"),
+    (["--infer-cpus-per-actor", "0"], "--infer-cpus-per-actor must be at least 1"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+])
+def test_the_harness_refuses_a_size_it_cannot_honour(argv, message, capsys):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit) as refused:
+        run.parse_args(argv)
+    assert refused.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     completed = subprocess.run(
