@@ -126,7 +126,7 @@ def connect_ray(config):
     shortfall = actor_shortfall(config)
     runtime.refuse_or_warn(shortfall)
     runtime.warn_of_local_paths({"--input": config.input}, nodes_to_come=shortfall is not None)
-    oversubscribed = runtime.oversubscription(config.num_actors * config.cpus_per_actor, what="inference actors",
+    oversubscribed = runtime.oversubscription(config.num_actors, config.cpus_per_actor, what="inference actors",
                                               fewer="each holds its own copy of the model: fewer would run as fast")
     if oversubscribed:
         print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)

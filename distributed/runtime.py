@@ -108,11 +108,12 @@ def cluster_shortfall(num_workers, cpus_per_worker, use_gpu, what="training work
             f"{waits}. On a cluster that does not autoscale, {remedy}.")
 
 
-def oversubscription(cpus, what="workers", fewer="fewer workers (or --cpus-per-worker 1) would train faster"):
+def oversubscription(processes, cpus_each, what="workers", fewer=None):
     """A warning when the local Ray this job started gives its workers more CPUs than the machine
     has: `connect` lets it, so Ray Data's tasks can run beside them, but workers then share cores
     and an epoch takes longer than fewer workers would (11 s instead of 4 s: 3 workers on 2 cores)."""
-    cores = os.cpu_count() or 1
+    cores, cpus = os.cpu_count() or 1, processes * cpus_each
+    fewer = fewer or f"fewer workers{' (or --cpus-per-worker 1)' if cpus_each > 1 else ''} would train faster"
     if started_local_ray and cpus > cores:
         return f"the {what} ask for {cpus} CPUs on a machine with {cores}: they will share its cores, and {fewer}"
     return None

@@ -128,7 +128,7 @@ def connect_ray(config):
     data = {"--data": config.data} if config.data else {"--output's scenes": scenes}
     runtime.warn_of_local_paths({**data, "--val-data": config.val_data, "--storage-path": config.resolved_storage_path},
                                 nodes_to_come=shortfall is not None)
-    oversubscribed = runtime.oversubscription(config.num_workers * config.cpus_per_worker)
+    oversubscribed = runtime.oversubscription(config.num_workers, config.cpus_per_worker)
     if oversubscribed:
         print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
 

@@ -71,11 +71,13 @@ def test_the_local_rays_workers_reach_this_cluster_whatever_else_runs_on_the_mac
 
 def test_workers_asking_for_more_cpus_than_the_machine_has_are_warned_of(ray_session, monkeypatch):
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
-    assert runtime.oversubscription(2) is None
-    assert runtime.oversubscription(3) == ("the workers ask for 3 CPUs on a machine with 2: they will share its "
-                                           "cores, and fewer workers (or --cpus-per-worker 1) would train faster")
+    assert runtime.oversubscription(2, 1) is None
+    assert runtime.oversubscription(2, 2) == ("the workers ask for 4 CPUs on a machine with 2: they will share its "
+                                              "cores, and fewer workers (or --cpus-per-worker 1) would train faster")
+    # Not a setting they already have.
+    assert runtime.oversubscription(3, 1).endswith("share its cores, and fewer workers would train faster")
     monkeypatch.setattr(runtime, "started_local_ray", False)  # a cluster's nodes are not this machine
-    assert runtime.oversubscription(3) is None
+    assert runtime.oversubscription(3, 1) is None
 
 
 def test_workers_see_the_gpu_they_were_given_and_no_other(monkeypatch):
