@@ -37,6 +37,21 @@ def refuse_uri(field, path):
                                   f"--storage-path, and jobs.infer's --input and --output)")
 
 
+def job_working_copy():
+    """The copy of `ray job submit --working-dir` this process runs in, or None: Ray deletes it."""
+    cwd = os.getcwd()
+    marker = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
+    return cwd if marker in cwd + os.sep else None
+
+
+def refuse_relative_output(path, flag):
+    """A relative output of a submitted job would land in its working-dir copy, and be lost with it."""
+    copy = job_working_copy()
+    if copy and "://" not in path and not os.path.isabs(path):
+        raise ValueError(f"{flag} {path}: a relative path, so inside this job's copy of --working-dir ({copy}), "
+                         f"which Ray deletes; pass an absolute path (on the head node) or a bucket URI")
+
+
 class TrainingFailed(RuntimeError):
     """A worker died or raised, and Ray Train ran out of restarts (`--max-failures`). Here, beside
     SettingError, so that a command catches it without importing TensorFlow or Ray."""

@@ -17,7 +17,7 @@ import pyarrow.fs
 import ray
 from ray.data.expressions import col
 
-from distributed import runtime
+from distributed.config import refuse_relative_output
 from unet_core import data
 
 ROWS_PER_TASK = 32
@@ -39,7 +39,7 @@ FAILURES_SHOWN = 20
 def open_output(uri):
     """`open_root` of an output directory or URI, new or existing; a file there is refused, and so
     is a relative path in a submitted job's working-dir copy."""
-    runtime.refuse_relative_output(uri, "--output")
+    refuse_relative_output(uri, "--output")
     filesystem, root = open_root(uri)
     if filesystem.get_file_info(root).type == pyarrow.fs.FileType.File:
         raise ValueError(f"{uri}: a file; the output must be a directory (new or existing)")

@@ -24,7 +24,7 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from distributed import checkpoint, ingest, progress, runtime, run_directory
 from distributed.failure_injection import FailOnce
-from distributed.config import TrainConfig, TrainingFailed
+from distributed.config import TrainConfig, TrainingFailed, refuse_relative_output
 from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import (
@@ -136,7 +136,7 @@ def connect_ray(config):
 def check_paths(config):
     """Before anything is written: each path can be used, and none lands among another's files."""
     if config.storage_path is not None:
-        runtime.refuse_relative_output(config.storage_path, "--storage-path")
+        refuse_relative_output(config.storage_path, "--storage-path")
         try:  # a file there or above it, a missing bucket: now, not once the data is decoded
             ingest.open_output(config.resolved_storage_path)
         except ValueError as error:

@@ -3,6 +3,7 @@
 import os
 import time
 
+from distributed.config import refuse_relative_output, refuse_uri
 from jobs import argument_parser, run_command
 from unet_core.scenes import write_scenes
 
@@ -29,6 +30,8 @@ def main(argv=None):
     args = parse_args(argv)
 
     def work():
+        refuse_uri("output", args.output)  # written with local file calls: s3://b/x would be ./s3:/b/x
+        refuse_relative_output(args.output, "--output")
         started = time.perf_counter()
         names = write_scenes(args.output, args.count, seed=args.seed, start=args.start)
         seconds = time.perf_counter() - started

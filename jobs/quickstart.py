@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from distributed.config import EvaluateConfig, InferConfig, TrainConfig
+from distributed.config import EvaluateConfig, InferConfig, TrainConfig, refuse_relative_output, refuse_uri
 from jobs import argument_parser, run_command
 
 
@@ -52,6 +52,9 @@ def train_config(args, output):
 
 
 def run(args):
+    # Checked as given: made absolute, s3://b/x would name a local folder ./s3:/b/x.
+    refuse_uri("output", args.output)
+    refuse_relative_output(args.output, "--output")
     # TensorFlow and Ray take seconds to import: after the flags are checked.
     from distributed import evaluation, run_directory
     from distributed.inference import infer

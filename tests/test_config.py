@@ -1,5 +1,6 @@
 """The run's settings from the command line: presets, overrides and refused values."""
 
+import os
 import pathlib
 import re
 
@@ -159,3 +160,40 @@ def test_every_flag_the_readme_gives_jobs_train_exists(capsys):
     known = set(re.findall(r"--[a-z][a-z-]*", capsys.readouterr().out))
     given = {f"--{name}" for name in re.findall(r"--(?:\[no-\])?([a-z][a-z-]*)", section)}
     assert len(given) > 20 and given <= known, sorted(given - known)
+
+
+def test_a_submitted_job_refuses_a_relative_output_that_ray_would_delete_with_its_working_dir(tmp_path, monkeypatch, capsys):
+    from distributed import evaluation, inference, runtime, training
+    from jobs import make_scenes, quickstart
+
+    monkeypatch.setattr(runtime, "connect", lambda **_: pytest.fail("Ray was started"))
+    copy = tmp_path / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)  # where `ray job submit --working-dir .` runs the job's command
+    message = f"--output runs/x: a relative path, so inside this job's copy of --working-dir \\({copy}\\)"
+    with pytest.raises(ValueError, match=message):
+        training.train(TrainConfig(output="runs/x"))
+    with pytest.raises(ValueError, match="--storage-path ckpt: a relative path"):
+        training.train(TrainConfig(output=str(tmp_path / "run"), storage_path="ckpt"))
+    with pytest.raises(ValueError, match=message):
+        inference.infer(InferConfig(model="m.keras", input="frames", output="runs/x"))
+    with pytest.raises(ValueError, match=message):
+        evaluation.evaluate(EvaluateConfig(model="m.keras", data="frames", output="runs/x"))
+    assert quickstart.main(["--smoke", "--output", "runs/x"]) == 2  # it makes the output absolute itself
+    assert make_scenes.main(["--count", "1", "--output", "runs/x"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert os.listdir(copy) == []
+    # An absolute output passes (and the run fails later, on its missing data).
+    with pytest.raises(ValueError, match="not a CARLA-layout directory"):
+        training.train(TrainConfig(output=str(tmp_path / "run"), data="frames"))
+
+
+
+@pytest.mark.parametrize("job", ["quickstart", "make_scenes"])
+def test_a_job_writing_local_files_refuses_a_uri_for_its_output(job, tmp_path, monkeypatch, capsys):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    assert importlib.import_module(f"jobs.{job}").main(["--output", "s3://bucket/x"]) == 2
+    assert "error: --output s3://bucket/x: must be a local path, not a URI" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # not ./s3:/bucket/x

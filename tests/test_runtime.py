@@ -116,27 +116,3 @@ def test_local_paths_on_a_cluster_of_several_nodes_are_warned_of(ray_session, mo
     assert "--input frames: local to this node" in capsys.readouterr().err
     runtime.warn_of_local_paths({"--input": "gs://bucket/frames"}, nodes_to_come=False)
     assert capsys.readouterr().err == ""
-
-
-def test_a_submitted_job_refuses_a_relative_output_that_ray_would_delete_with_its_working_dir(tmp_path, monkeypatch):
-    from distributed import evaluation, inference, training
-    from distributed.config import EvaluateConfig, InferConfig, TrainConfig
-
-    monkeypatch.setattr(runtime, "connect", lambda **_: pytest.fail("Ray was started"))
-    copy = tmp_path / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
-    copy.mkdir(parents=True)
-    monkeypatch.chdir(copy)  # where `ray job submit --working-dir .` runs the job's command
-    message = f"--output runs/x: a relative path, so inside this job's copy of --working-dir \\({copy}\\)"
-    with pytest.raises(ValueError, match=message):
-        training.train(TrainConfig(output="runs/x"))
-    with pytest.raises(ValueError, match="--storage-path ckpt: a relative path"):
-        training.train(TrainConfig(output=str(tmp_path / "run"), storage_path="ckpt"))
-    with pytest.raises(ValueError, match=message):
-        inference.infer(InferConfig(model="m.keras", input="frames", output="runs/x"))
-    with pytest.raises(ValueError, match=message):
-        evaluation.evaluate(EvaluateConfig(model="m.keras", data="frames", output="runs/x"))
-    assert os.listdir(copy) == []
-    # An absolute output passes (and the run fails later, on its missing data).
-    with pytest.raises(ValueError, match="not a CARLA-layout directory"):
-        training.train(TrainConfig(output=str(tmp_path / "run"), data="frames"))
-
