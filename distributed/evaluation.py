@@ -79,14 +79,16 @@ def evaluate(config: EvaluateConfig):
                     per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
                     worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
         if unreadable:
-            listing = "\n".join(f"  {reason}" for reason in unreadable)
+            error = ingest.unreadable_frames(data_uri, unreadable, len(names),
+                                             "fix them; scores without them would not be this set's", output)
             highest = data.highest_refused_class_id(unreadable)
             if highest is not None:
-                listing += (f"\n  the masks hold class ids up to {highest}, the model predicts {n_classes} classes: "
-                            f"score a model trained with --n-classes {highest + 1} or more")
-            raise ValueError(f"{data_uri}: {len(unreadable)} of {len(names)} frame(s) cannot be read (fix them; "
-                             f"scores without them would not be this set's):\n{listing}")
+                raise ValueError(f"{error}\n  the masks hold class ids up to {highest}, the model predicts "
+                                 f"{n_classes} classes: score a model trained with --n-classes {highest + 1} or more")
+            raise error
         os.replace(per_frame_path + ".tmp", per_frame_path)
+        if os.path.exists(os.path.join(output, ingest.UNREADABLE_FILE)):  # an earlier refusal's, now stale
+            os.remove(os.path.join(output, ingest.UNREADABLE_FILE))
     finally:
         if os.path.exists(per_frame_path + ".tmp"):  # a failure midway leaves the last report as it was
             os.remove(per_frame_path + ".tmp")

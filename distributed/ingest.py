@@ -32,8 +32,21 @@ def open_root(uri):
 
 
 # Failures named on the console one line each: enough to show what is wrong, not a flood when
-# thousands of frames fail alike. The job's files (errors/, skipped.json) hold every one.
+# thousands of frames fail alike. The job's files (errors/, skipped.json, unreadable.txt) hold every one.
 FAILURES_SHOWN = 20
+UNREADABLE_FILE = "unreadable.txt"
+
+
+def unreadable_frames(where, reasons, frame_count, advice, output):
+    """The ValueError that refuses a set with unreadable frames: the first FAILURES_SHOWN reasons,
+    every one written to `output`/unreadable.txt (a wrong --n-classes fails every frame alike)."""
+    listing = os.path.join(output, UNREADABLE_FILE)
+    with open(listing, "w") as file:
+        file.writelines(f"{reason}\n" for reason in reasons)
+    shown = "".join(f"\n  {reason}" for reason in reasons[:FAILURES_SHOWN])
+    more = f"\n  ... and {len(reasons) - FAILURES_SHOWN} more" if len(reasons) > FAILURES_SHOWN else ""
+    return ValueError(f"{where}: {len(reasons)} of {frame_count} frame(s) cannot be read ({advice}; every one is "
+                      f"named in {listing}):{shown}{more}")
 
 
 def open_output(uri):
@@ -246,14 +259,14 @@ def preprocess_batch(batch, filesystem, root, size, n_classes):
             "error": np.array(reasons)}
 
 
-def load_frames(uri, size, n_classes, val_fraction, split, skip_bad=False, min_train_frames=1,
+def load_frames(uri, size, n_classes, val_fraction, split, output, skip_bad=False, min_train_frames=1,
                 val_uri=None):
     """(train dataset, validation dataset, skipped {name: reason}).
 
     Validation is a split of `uri` (`val_fraction` of it, picked by `split`) or, given `val_uri`,
     every frame of that directory, and then every frame of `uri` trains. Frames of `val_uri` are
-    listed in `skipped` under their path. Raises one ValueError naming every unreadable frame,
-    unless `skip_bad`.
+    listed in `skipped` under their path. Unless `skip_bad`, unreadable frames raise one ValueError,
+    every one of them listed in `output`/unreadable.txt.
     """
     sources = [(uri, None)] if val_uri is None else [(uri, False), (val_uri, True)]
     parts, frame_count = [], 0
@@ -276,11 +289,9 @@ def load_frames(uri, size, n_classes, val_fraction, split, skip_bad=False, min_t
     more_classes = "" if highest is None else (
         f"\n  the masks hold class ids up to {highest}: if those are classes, pass --n-classes {highest + 1}")
     if skipped and not skip_bad:
-        listing = "\n".join(f"  {reason}" for reason in skipped.values())
-        raise ValueError(
-            f"{where}: {len(skipped)} of {frame_count} frame(s) cannot be read "
-            f"(fix them, or pass --skip-bad to train without them):\n{listing}{more_classes}"
-        )
+        error = unreadable_frames(where, list(skipped.values()), frame_count,
+                                  "fix them, or pass --skip-bad to train without them", output)
+        raise ValueError(f"{error}{more_classes}")
     readable, bookkeeping = col("error") == "", ["error", "is_val", "key"]
     train = frames.filter(expr=readable & ~col("is_val")).drop_columns(bookkeeping).materialize()
     val = frames.filter(expr=readable & col("is_val")).drop_columns(bookkeeping).materialize()

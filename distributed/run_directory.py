@@ -140,12 +140,15 @@ def is_evaluation_report(directory):
 
 
 def write_skipped(output, skipped):
+    """skipped.json, of a run that goes on; an earlier refusal's list of unreadable frames is gone with it."""
     path = os.path.join(output, "skipped.json")
     if skipped:
         with open(path, "w") as file:
             json.dump(skipped, file, indent=2)
     elif os.path.exists(path):
         os.remove(path)
+    if os.path.exists(os.path.join(output, ingest.UNREADABLE_FILE)):
+        os.remove(os.path.join(output, ingest.UNREADABLE_FILE))
 
 
 def write(config, history, best_weights, val_frames):

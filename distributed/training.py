@@ -44,8 +44,8 @@ def run_training(config, resumed):
     the checkpoint it resumes from."""
     data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
-        data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.skip_bad,
-        min_train_frames=config.num_workers, val_uri=config.val_data,
+        data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.output,
+        config.skip_bad, min_train_frames=config.num_workers, val_uri=config.val_data,
     )
     frames = run_directory.frames_identity(train_frames, val_frames)
     run_directory.check_run_identity(config, frames)

@@ -290,6 +290,9 @@ def test_truncated_png_fails_before_training(tmp_path, ray_session):
     assert "2 of 6 frame(s) cannot be read" in message
     assert "CameraMask/scene_000002.png" in message and "CameraMask/scene_000004.png" in message
     assert not os.path.exists(os.path.join(config.resolved_storage_path, config.run_name))
+    with open(os.path.join(config.output, "unreadable.txt")) as file:  # every one, however many
+        assert sorted(line.split(":")[0] for line in file) == [str(frames / "CameraMask" / name)
+                                                              for name in ("scene_000002.png", "scene_000004.png")]
 
 
 def no_ray_connect(**_):

@@ -103,7 +103,7 @@ def test_evaluate_names_every_unreadable_frame_and_writes_no_report(tmp_path, ca
     error = capsys.readouterr().err
     assert "2 of 5 frame(s) cannot be read" in error
     assert "CameraRGB/scene_000001.png: empty file" in error and "CameraMask/scene_000004.png" in error
-    assert os.listdir(tmp_path / "report") == []  # no half-written report
+    assert os.listdir(tmp_path / "report") == ["unreadable.txt"]  # no half-written report, only what to fix
 
 
 def test_a_failure_midway_leaves_the_last_report_as_it_was(tmp_path, monkeypatch):
@@ -160,6 +160,14 @@ def test_class_ids_beyond_the_model_name_the_number_of_classes_they_need(tmp_pat
     error = capsys.readouterr().err
     assert "2 of 2 frame(s) cannot be read" in error and "scene_000001.png: mask has class id" in error
     assert ", the model predicts 5 classes: score a model trained with --n-classes " in error
+    listing = (tmp_path / "report" / "unreadable.txt").read_text().splitlines()
+    assert [line.split(": mask has class id")[0] for line in listing] == [
+        str(tmp_path / "frames" / "CameraMask" / f"scene_00000{index}.png") for index in range(2)]
+    # Scored with a model that takes them, the report no longer carries the stale list.
+    unet_model((*SIZE, 3), n_filters=4).save(tmp_path / "model.keras")
+    assert evaluate_job.main(["--model", str(tmp_path), "--data", str(tmp_path / "frames"),
+                              "--output", str(tmp_path / "report")]) == 0
+    assert not (tmp_path / "report" / "unreadable.txt").exists()
 
 
 def test_an_output_inside_the_data_or_a_run_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch):

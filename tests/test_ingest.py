@@ -31,7 +31,7 @@ def test_a_validation_directory_validates_whole_while_every_frame_of_data_trains
     scenes.write_scenes(str(tmp_path / "train"), 5, seed=1)
     scenes.write_scenes(str(tmp_path / "val"), 3, seed=2)
     train, val, skipped = ingest.load_frames(str(tmp_path / "train"), (32, 48), 23, 0.5, "tail",
-                                             val_uri=str(tmp_path / "val"))
+                                             str(tmp_path), val_uri=str(tmp_path / "val"))
     assert skipped == {}
     assert sorted(train.to_pandas()["name"]) == [f"scene_{i:06d}.png" for i in range(5)]
     rows = val.take_all()
@@ -46,7 +46,7 @@ def test_an_unreadable_validation_frame_is_named_by_its_path(tmp_path, ray_sessi
     scenes.write_scenes(str(tmp_path / "val"), 2, seed=2)
     mask = tmp_path / "val" / "CameraMask" / "scene_000001.png"
     mask.write_bytes(mask.read_bytes()[:100])
-    arguments = (str(tmp_path / "train"), (32, 48), 23, 0.5, "tail")
+    arguments = (str(tmp_path / "train"), (32, 48), 23, 0.5, "tail", str(tmp_path))
     with pytest.raises(ValueError, match="1 of 6 frame\\(s\\) cannot be read") as error:
         ingest.load_frames(*arguments, val_uri=str(tmp_path / "val"))
     assert str(mask) in str(error.value)
@@ -54,27 +54,34 @@ def test_an_unreadable_validation_frame_is_named_by_its_path(tmp_path, ray_sessi
     assert list(skipped) == [f"{tmp_path / 'val'}/scene_000001.png"] and val.count() == 1
 
 
-def test_class_ids_beyond_n_classes_suggest_the_number_of_classes(tmp_path, ray_session):
+def test_class_ids_beyond_n_classes_suggest_the_number_of_classes(tmp_path, ray_session, monkeypatch):
     scenes.write_scenes(str(tmp_path), 3, seed=1)
     highest = max(int(data.decode_mask((tmp_path / "CameraMask" / name).read_bytes(), name).max())
                   for name in os.listdir(tmp_path / "CameraMask"))
     hint = f"the masks hold class ids up to {highest}: if those are classes, pass --n-classes {highest + 1}$"
-    with pytest.raises(ValueError, match=f"3 of 3 frame\\(s\\) cannot be read (.|\n)*{hint}"):
-        ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail")
+    # A wrong --n-classes fails every frame alike: the error names a few, the output's file every one.
+    monkeypatch.setattr(ingest, "FAILURES_SHOWN", 2)
+    with pytest.raises(ValueError, match=f"3 of 3 frame\\(s\\) cannot be read (.|\n)*{hint}") as error:
+        ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail", str(tmp_path))
+    listing = (tmp_path / "unreadable.txt").read_text().splitlines()
+    assert f"every one is named in {tmp_path / 'unreadable.txt'}):" in str(error.value)
+    assert str(error.value).count("mask has class id") == 2 and "\n  ... and 1 more\n" in str(error.value)
+    assert [line.split(": mask has class id")[0] for line in sorted(listing)] == [
+        f"{tmp_path}/CameraMask/scene_00000{index}.png" for index in range(3)]
     with pytest.raises(ValueError, match=f"0 usable frame\\(s\\) \\(3 skipped, such as {tmp_path}/CameraMask/"
                                          f"scene_000000.png: mask has class id (.|\\n)*{hint}"):
-        ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail", skip_bad=True)
+        ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail", str(tmp_path), skip_bad=True)
 
 
 def test_too_few_frames_for_a_split_is_a_clear_error(tmp_path, ray_session):
     scenes.write_scenes(str(tmp_path / "one"), 1, seed=1)
     with pytest.raises(ValueError, match="give 0 for training and 1 for validation at val_fraction=0.5; .*"
                                          "change --val-fraction"):
-        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail")
+        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", str(tmp_path))
     scenes.write_scenes(str(tmp_path / "val"), 1, seed=2)
     with pytest.raises(ValueError, match="give 1 for training and 1 for validation; training needs at least 2 .*"
                                          "\\(one frame per worker\\) .*add frames or lower --num-workers$"):
-        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", min_train_frames=2,
+        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", str(tmp_path), min_train_frames=2,
                            val_uri=str(tmp_path / "val"))
 
 

@@ -1,6 +1,7 @@
 """The run directory: generated scenes, and which reruns may resume a run."""
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -96,3 +97,12 @@ def test_a_rerun_resumes_only_on_the_same_frames_of_its_data(tmp_path, monkeypat
     recorded.write_text(recorded.read_text().replace('"frames"', '"not_frames"').replace('"weight_average"', '"x"'))
     run_directory.check_run_identity(dataclasses.replace(config, ema_momentum=0.0),
                                      identity(["a.png", "b.png", "c.png"], ["d.png"]))
+
+
+def test_a_run_that_goes_on_keeps_no_earlier_list_of_skipped_or_unreadable_frames(tmp_path):
+    (tmp_path / "unreadable.txt").write_text("frames/CameraRGB/a.png: truncated\n")  # an earlier refusal's
+    run_directory.write_skipped(str(tmp_path), {"a.png": "truncated"})
+    assert json.loads((tmp_path / "skipped.json").read_text()) == {"a.png": "truncated"}
+    assert not (tmp_path / "unreadable.txt").exists()
+    run_directory.write_skipped(str(tmp_path), {})
+    assert os.listdir(tmp_path) == []
