@@ -162,7 +162,8 @@ def test_every_flag_the_readme_gives_jobs_train_exists(capsys):
     assert len(given) > 20 and given <= known, sorted(given - known)
 
 
-def test_a_submitted_job_refuses_a_relative_output_that_ray_would_delete_with_its_working_dir(tmp_path, monkeypatch, capsys):
+def test_a_submitted_job_refuses_a_relative_output_that_ray_would_delete_with_its_working_dir(
+        tmp_path, monkeypatch, capsys):
     from distributed import evaluation, inference, runtime, training
     from jobs import make_scenes, quickstart
 
