@@ -17,7 +17,7 @@ from distributed.config import EvaluateConfig
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.metrics import ConfusionMatrix
-from unet_core.training import predict_logits_fn, score_batch
+from unet_core.training import ends_in_softmax, predict_logits_fn, score_batch
 
 
 def evaluate(config: EvaluateConfig):
@@ -51,6 +51,7 @@ def evaluate(config: EvaluateConfig):
         identity = inference.model_identity(file.read(), model_path)
 
     forward = predict_logits_fn(keras_model)
+    from_logits = not ends_in_softmax(keras_model)  # a model from elsewhere may end in probabilities
     confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0
     previews = {"images": [], "masks": [], "predicted": [], "names": []}
     worst = WorstFrames(run_directory.PREVIEW_FRAMES)
@@ -67,7 +68,7 @@ def evaluate(config: EvaluateConfig):
                 if unreadable:
                     continue  # the scores are void; read on only to name every bad frame at once
                 logits = forward(tf.constant(images)).numpy()
-                batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes)
+                batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes, from_logits)
                 loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
                 confusion.counts += counts
                 predicted = np.argmax(logits, axis=-1)

@@ -217,3 +217,24 @@ def test_a_split_scores_only_the_frames_training_holds_out(tmp_path, capsys):
     assert evaluate_job.main(["--model", str(tmp_path / "model.keras"), "--data", str(tmp_path / "frames"),
                               "--output", str(tmp_path / "x"), "--val-fraction", "0.3"]) == 2
     assert "--val-fraction has no effect without --split" in capsys.readouterr().err
+
+
+def test_a_model_ending_in_a_softmax_is_scored_on_its_probabilities(tmp_path):
+    tf.keras.utils.set_random_seed(0)
+    logits_model = unet_model((*SIZE, 3), n_filters=4)
+    kernel, bias = logits_model.layers[-1].get_weights()
+    bias[0] = 12.0  # confident logits (class 0, mostly wrong), so that reading them wrongly shows
+    logits_model.layers[-1].set_weights([kernel, bias])
+    (tmp_path / "logits").mkdir()
+    (tmp_path / "probabilities").mkdir()
+    logits_model.save(tmp_path / "logits" / "model.keras")
+    tf.keras.Model(logits_model.input, tf.keras.layers.Softmax()(logits_model.output)).save(
+        tmp_path / "probabilities" / "model.keras")
+    scenes.write_scenes(tmp_path / "frames", 2)
+    reports = [evaluation.evaluate(EvaluateConfig(str(tmp_path / kind), str(tmp_path / "frames"),
+                                                  str(tmp_path / f"report-{kind}")))
+               for kind in ("logits", "probabilities")]
+    # Read as logits, probabilities in [0, 1] gave a loss near log(23) = 3.1 whatever the model.
+    assert reports[0]["loss"] > 5
+    assert reports[1]["loss"] == pytest.approx(reports[0]["loss"], rel=1e-4)
+    assert reports[1]["pixel_accuracy"] == reports[0]["pixel_accuracy"]

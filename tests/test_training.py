@@ -6,7 +6,7 @@ from tests.conftest import reference_scores
 from unet_core import data, scenes, unet_model
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import (
-    averaged_weights, compile_unet, cosine_with_warmup, score_batch, start_from_class_prior,
+    averaged_weights, compile_unet, cosine_with_warmup, ends_in_softmax, score_batch, start_from_class_prior,
 )
 
 # Half the default size: a quarter of the compute, and the scenes' shapes are still many pixels wide.
@@ -118,3 +118,13 @@ def test_the_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero(
     assert rates[-1] < 1e-9 and rates[60] == pytest.approx(1e-3, rel=1e-5)  # zero at the end; half way down
     no_warmup = cosine_with_warmup(2e-3, total_steps=100, warmup_steps=0)
     assert float(no_warmup(0)) == pytest.approx(2e-3) and float(no_warmup(50)) == pytest.approx(1e-3, rel=1e-5)
+
+
+def test_ends_in_softmax_tells_probabilities_from_logits():
+    inputs = tf.keras.Input((*SIZE, 3))
+    features = tf.keras.layers.Conv2D(4, 1)(inputs)
+    assert not ends_in_softmax(unet_model((*SIZE, 3), n_filters=4))  # the U-Net gives logits
+    assert ends_in_softmax(tf.keras.Model(inputs, tf.keras.layers.Softmax()(features)))
+    assert ends_in_softmax(tf.keras.Model(inputs, tf.keras.layers.Activation("softmax")(features)))
+    assert ends_in_softmax(tf.keras.Model(inputs, tf.keras.layers.Conv2D(4, 1, activation="softmax")(inputs)))
+    assert not ends_in_softmax(tf.keras.Model(inputs, tf.keras.layers.Conv2D(4, 1, activation="relu")(inputs)))

@@ -117,9 +117,17 @@ def predict_logits_fn(model):
     return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
 
-def score_batch(logits, true_ids, n_classes):
-    """(summed pixel loss, pixel count, confusion counts) of one batch of logits and true masks."""
+def ends_in_softmax(model):
+    """Whether `model` outputs probabilities (a final softmax) rather than logits, as jobs.train's U-Net does."""
+    final = model.layers[-1]
+    activation = getattr(final, "activation", None)
+    return isinstance(final, tf.keras.layers.Softmax) or activation is tf.keras.activations.softmax
+
+
+def score_batch(logits, true_ids, n_classes, from_logits=True):
+    """(summed pixel loss, pixel count, confusion counts) of one batch of logits (or, with
+    `from_logits=False`, probabilities) and true masks."""
     true_ids = np.asarray(true_ids).astype(np.int64)
-    loss = tf.keras.losses.sparse_categorical_crossentropy(true_ids, logits, from_logits=True)
+    loss = tf.keras.losses.sparse_categorical_crossentropy(true_ids, logits, from_logits=from_logits)
     confusion = ConfusionMatrix(n_classes).update(true_ids, np.argmax(logits, axis=-1))
     return float(tf.reduce_sum(loss)), true_ids.size, confusion.counts
