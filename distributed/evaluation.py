@@ -25,10 +25,10 @@ def evaluate(config: EvaluateConfig):
     validation side of `config.split`); writes the report into `config.output`.
 
     Returns the metrics written to metrics.json. Frames that cannot be read fail the evaluation
-    with one ValueError naming every one of them, because leaving them out would change the
-    scores; the report in `config.output` is then left as it was.
+    with one ValueError (every one of them listed in unreadable.txt), because leaving them out would
+    change the scores; the report in `config.output` is then left as it was.
     """
-    model, data_uri, output, batch_size = config.model, config.data, config.output, config.batch_size
+    model, data_uri, output = config.model, config.data, config.output
     ingest.check_output_outside(output, data_uri, "--data", "the report's PNGs")
     if run_directory.is_run_output(output):
         raise ValueError(f"{output}: a training run's directory; the report's metrics.json and previews.png would "
@@ -38,6 +38,14 @@ def evaluate(config: EvaluateConfig):
     filesystem, root, names = ingest.discover_pairs(data_uri)
     if config.split is not None:
         names = held_out(names, config)
+    # One report at a time into an output: a second would write the same files, its rows among the first's.
+    with ingest.hold(*ingest.open_output(output), "jobs.evaluate", "--output"):
+        return score_and_report(config, model_path, filesystem, root, names)
+
+
+def score_and_report(config, model_path, filesystem, root, names):
+    """`evaluate` once its inputs are checked and it holds the output."""
+    data_uri, output, batch_size = config.data, config.output, config.batch_size
     new_output = not os.path.exists(output)
     ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
     try:

@@ -238,3 +238,20 @@ def test_a_model_ending_in_a_softmax_is_scored_on_its_probabilities(tmp_path):
     assert reports[0]["loss"] > 5
     assert reports[1]["loss"] == pytest.approx(reports[0]["loss"], rel=1e-4)
     assert reports[1]["pixel_accuracy"] == reports[0]["pixel_accuracy"]
+
+
+def test_a_second_evaluation_into_an_output_one_is_writing_into_is_refused(tmp_path, monkeypatch, capsys):
+    # Both wrote per_frame.csv.tmp: one crashed, and the report left mixed one's metrics with the other's frames.
+    from distributed import ingest
+
+    monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
+    unet_model((*SIZE, 3), n_filters=4).save(tmp_path / "model.keras")
+    scenes.write_scenes(tmp_path / "frames", 1)
+    first = ingest.hold(*ingest.open_output(str(tmp_path / "report")), "jobs.evaluate", "--output")
+    argv = ["--model", str(tmp_path), "--data", str(tmp_path / "frames"), "--output", str(tmp_path / "report")]
+    assert evaluate_job.main(argv) == 2
+    assert (f"error: {tmp_path / 'report'}: jobs.evaluate (pid {os.getpid()}) is writing into it; wait for it to "
+            f"end, or pass another --output") in capsys.readouterr().err
+    first.close()
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):  # held no longer: on to the model
+        evaluate_job.main(argv)
