@@ -8,7 +8,8 @@ import os
 from dataclasses import dataclass
 
 from unet_core import check_input_size
-from unet_core.data import SPLITS
+from unet_core.data import SPLITS, validation_flags
+from unet_core.scenes import scene_name
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "off", "bf16", "fp16")
@@ -172,6 +173,8 @@ class TrainConfig:
                      "checkpoint_every", "keep_checkpoints", "scene_count"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.data is None:  # said now, not once Ray has started and the scenes are written
+            self.check_scene_count()
         if self.n_classes < 2:
             raise SettingError("n_classes", f"must be at least 2 (a background and one class), got {self.n_classes}")
         if self.n_classes > 256:
@@ -183,6 +186,16 @@ class TrainConfig:
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
             raise SettingError("warmup_epochs", f"must be at least 0 and less than epochs ({self.epochs}), "
                                             f"got {self.warmup_epochs}; leave it unset for a thirtieth of the epochs")
+
+    def check_scene_count(self):
+        """Enough generated scenes for a training frame per worker and a validation frame."""
+        names = [scene_name(index) for index in range(self.scene_count)]
+        val = 0 if self.val_data is not None else sum(validation_flags(names, self.val_fraction, self.split))
+        train = self.scene_count - val
+        if train < self.num_workers or (val == 0 and self.val_data is None):
+            raise SettingError("scene_count", f"{self.scene_count}: the generated scenes give {train} for training "
+                                              f"and {val} for validation; training needs at least {self.num_workers} "
+                                              f"(one frame per worker) and validation at least 1: generate more")
 
     @property
     def resolved_warmup_epochs(self):

@@ -52,17 +52,17 @@ def train_config(args, output):
 
 
 def run(args):
+    started = time.time()
     # Checked as given: made absolute, s3://b/x would name a local folder ./s3:/b/x.
     refuse_uri("output", args.output)
     refuse_relative_output(args.output, "--output")
+    output = os.path.abspath(args.output)
+    config = train_config(args, output)
     # TensorFlow and Ray take seconds to import: after the flags are checked.
     from distributed import evaluation, run_directory
     from distributed.inference import infer
     from distributed.training import train
 
-    started = time.time()
-    output = os.path.abspath(args.output)
-    config = train_config(args, output)
     run_directory.check_run_identity(config, new_run="another --output")  # train() would name --run-name too
     train(config)
 

@@ -141,6 +141,17 @@ def test_warm_up_is_a_thirtieth_of_the_epochs_unless_given():
         TrainConfig(epochs=5, warmup_epochs=8)
 
 
+def test_too_few_generated_scenes_for_the_workers_and_the_split_are_refused_as_the_scene_count():
+    with pytest.raises(ValueError, match="scene_count 2: the generated scenes give 1 for training and 1 for "
+                                         "validation; training needs at least 2"):
+        TrainConfig(scene_count=2, num_workers=2)
+    with pytest.raises(ValueError, match="give 4 for training and 0 for validation"):
+        TrainConfig(scene_count=4, split="hash", val_fraction=0.01)
+    assert TrainConfig(scene_count=3, num_workers=2).scene_count == 3
+    assert TrainConfig(scene_count=2, num_workers=2, val_data="held_out").scene_count == 2  # every scene trains
+    assert TrainConfig(data="frames", scene_count=1, num_workers=2).data == "frames"  # no scenes generated
+
+
 def test_help_gives_every_flags_default_and_the_classic_presets_value():
     helps = {action.option_strings[0]: action.help for action in build_parser()._actions}
     assert len(helps) > 30

@@ -39,6 +39,9 @@ def test_importing_unet_core_selects_tf_keras_and_never_imports_ray():
     ("evaluate", ["--model", "m", "--data", "d", "--output", "o", "--batch-size", "0"],
      "--batch-size must be at least 1, got 0"),
     ("quickstart", ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    ("quickstart", ["--scene-count", "2"], "--scene-count 2: the generated scenes give 1 for training and 1 for "
+                                           "validation; training needs at least 2 (one frame per worker) and "
+                                           "validation at least 1: generate more"),
     # argparse's own refusals (and --help below) end in SystemExit, which must pass through unchanged.
     ("train", ["--epochs", "x"], "error: argument --epochs: invalid int value: 'x'"),
     ("infer", ["--num-actors", "x"], "error: argument --num-actors: invalid int value: 'x'"),

@@ -363,6 +363,10 @@ def _save_atomically(pixels, path):
         raise
 
 
+def scene_name(index):
+    return f"scene_{index:06d}.png"
+
+
 def write_scenes(output_dir, count, seed=0, start=0) -> list[str]:
     """Render frames start .. start+count-1 in CARLA's layout (CameraRGB/, CameraMask/ RGBA PNGs).
 
@@ -379,7 +383,7 @@ def write_scenes(output_dir, count, seed=0, start=0) -> list[str]:
     for index in range(start, start + count):
         rgb, class_ids = render_scene(np.random.default_rng([seed, index]))
         opaque, blank = np.full(class_ids.shape, 255, np.uint8), np.zeros_like(class_ids)
-        name = f"scene_{index:06d}.png"
+        name = scene_name(index)
         _save_atomically(np.dstack([rgb, opaque]), image_dir / name)
         try:
             _save_atomically(np.dstack([class_ids, blank, blank, opaque]), mask_dir / name)
