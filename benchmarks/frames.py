@@ -17,10 +17,6 @@ SEED = 0
 CHUNK = 50
 
 
-def frame_name(index):
-    return f"scene_{index:06d}.png"
-
-
 def _render(arguments):
     directory, start, count = arguments
     scenes.write_scenes(directory, count, seed=SEED, start=start)
@@ -30,8 +26,8 @@ def _render(arguments):
 def ensure_frames(cache, count, log=print):
     """Frames 0 .. count-1 under `cache`/frames (rendered in parallel, only those missing)."""
     directory = os.path.join(cache, "frames")
-    missing = [index for index in range(count) if not all(
-        os.path.exists(os.path.join(directory, sub, frame_name(index))) for sub in (data.IMAGE_DIR, data.MASK_DIR))]
+    missing = [index for index in range(count) if not all(os.path.exists(os.path.join(
+        directory, sub, scenes.scene_name(index))) for sub in (data.IMAGE_DIR, data.MASK_DIR))]
     if missing:
         log(f"[bench] rendering {len(missing)} frame(s) into {directory} (cached for later runs)")
         chunks, start = [], None
@@ -59,8 +55,8 @@ def view(cache, count):
     for sub in (data.IMAGE_DIR, data.MASK_DIR):
         os.makedirs(os.path.join(staging, sub))
         for index in range(count):
-            source = os.path.join(frames, sub, frame_name(index))
-            destination = os.path.join(staging, sub, frame_name(index))
+            source = os.path.join(frames, sub, scenes.scene_name(index))
+            destination = os.path.join(staging, sub, scenes.scene_name(index))
             try:
                 os.link(source, destination)
             except OSError:  # another filesystem: copy instead

@@ -110,8 +110,8 @@ class TrainConfig:
     early_stopping_patience: int = 0  # epochs without a better val mIoU before stopping; 0: never
     max_failures: int = 0
     seed: int = 0
-    # auto: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else off
-    mixed_precision: str = "auto"  # PRECISIONS; auto: bf16 where the hardware computes it natively
+    # PRECISIONS; auto: bf16 where the hardware computes it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs), else off
+    mixed_precision: str = "auto"
     # XLA-compile the training step of a lone worker (XLA on CPU cannot compile MWMS's all-reduce),
     # on CPU in float32 only (XLA would compute bfloat16 in float32)
     jit_compile: bool = True
@@ -169,7 +169,7 @@ class TrainConfig:
             raise SettingError("seed", f"must be from 0 to 2**32 - 1, got {self.seed}")
         if self.max_failures < -1:
             raise SettingError("max_failures", f"must be -1 (no limit), 0 or positive, got {self.max_failures}")
-        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "n_filters", "n_classes",
+        for name in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "n_filters",
                      "checkpoint_every", "keep_checkpoints", "scene_count"):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")

@@ -39,7 +39,7 @@ def evaluate(config: EvaluateConfig):
     if config.split is not None:
         names = held_out(names, config)
     # One report at a time into an output: a second would write the same files, its rows among the first's.
-    with ingest.hold(*ingest.open_output(output), "jobs.evaluate", "--output"):
+    with ingest.hold(*ingest.open_output(output), "jobs.evaluate"):
         return score_and_report(config, model_path, filesystem, root, names)
 
 

@@ -87,7 +87,7 @@ def infer(config: InferConfig):
               + (", ..." if len(left_out) > 3 else ""), file=sys.stderr, flush=True)
 
     # One run at a time into an output: a second would empty the first's staging and write its parts beside them.
-    with hold(output.filesystem, output.root, "jobs.infer", "--output"):
+    with hold(output.filesystem, output.root, "jobs.infer"):
         if pending:  # Ray starts only now, and only for work: a bad model, input or output is refused before it
             connect_ray(config)
         output.start_run()

@@ -1,4 +1,5 @@
-"""Ray Data ingest: a CARLA-layout directory or URI → checked, preprocessed train/val datasets.
+"""Ray Data ingest: a CARLA-layout directory or URI → checked, preprocessed train/val datasets;
+and the storage every job shares: opening local or bucket paths, listing them, holding an output.
 
 Every pair is decoded once, up front, by the same unet_core function evaluation and inference
 use; the preprocessed frames stay in Ray's object store (spilling to disk when large), so epochs
@@ -81,7 +82,7 @@ def spelled(filesystem, path):
 HOLDS = os.path.join(tempfile.gettempdir(), f"unet-ray-holds-{os.getuid()}")
 
 
-def hold(filesystem, root, job, flag):
+def hold(filesystem, root, job):
     """This process's hold on the output `root` (as `open_output` gives it) until the returned file
     is closed or the process dies. Another job writing there from this machine (a job submitted
     twice: a cluster runs every job's driver on its head) is refused, instead of writing beside the
@@ -96,7 +97,8 @@ def hold(filesystem, root, job, flag):
         file.seek(0)
         holder = file.read().strip() or "another job"
         file.close()
-        raise ValueError(f"{place}: {holder} is writing into it; wait for it to end, or pass another {flag}") from None
+        raise ValueError(f"{place}: {holder} is writing into it; wait for it to end, or pass another "
+                         f"--output") from None
     file.truncate(0)
     file.write(f"{job} (pid {os.getpid()})")
     file.flush()

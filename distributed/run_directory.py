@@ -1,4 +1,5 @@
-"""What a training run leaves in `--output`: the best model, metrics, curves, previews."""
+"""What a training run leaves in `--output` (the best model, metrics, curves, previews, its generated
+scenes), and which reruns may resume it (the settings and frames it was started with)."""
 
 import hashlib
 import json
@@ -10,7 +11,7 @@ import tensorflow as tf
 
 from distributed import inference, ingest, progress
 from distributed.config import DEFAULT_STORAGE
-from unet_core import plots, scenes, unet_model
+from unet_core import data, plots, scenes, unet_model
 from unet_core.classes import class_names
 from unet_core.training import predict_logits_fn
 
@@ -40,7 +41,7 @@ def write_scene_set(directory, count, seed):
     same frames again and removes any beyond `count`, left by a larger run before it."""
     directory = os.path.abspath(directory)
     names = set(scenes.write_scenes(directory, count, seed=seed))
-    for folder in ("CameraRGB", "CameraMask"):
+    for folder in (data.IMAGE_DIR, data.MASK_DIR):
         for name in set(os.listdir(os.path.join(directory, folder))) - names:
             os.remove(os.path.join(directory, folder, name))
     return directory

@@ -106,7 +106,7 @@ def check_before_start(config):
     except OSError as error:  # a name too long for the filesystem, say: a bad flag, not a crash
         raise ValueError(f"a path given to --output, --data, --val-data or --storage-path cannot be used: "
                          f"{error}") from None
-    held = ingest.hold(*ingest.open_output(config.output), "jobs.train", "--output")
+    held = ingest.hold(*ingest.open_output(config.output), "jobs.train")
     try:
         # Held first: a checkpoint another run is writing is that run's, and the hold says so.
         resumed = checkpoint.resumed_history(config.resolved_storage_path, config.run_name)

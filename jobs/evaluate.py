@@ -7,6 +7,7 @@ scene show up there) into --output.
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -20,11 +21,14 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="a .keras file, or a training run's --output directory")
     parser.add_argument("--data", required=True, help="CARLA-layout directory or URI (CameraRGB/, CameraMask/)")
     parser.add_argument("--output", required=True, help="directory for the report")
-    parser.add_argument("--batch-size", type=int, default=32, help="frames per model call (default: %(default)s)")
+    defaults = {field.name: field.default for field in dataclasses.fields(EvaluateConfig)}  # written once, there
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                        help="frames per model call (default: %(default)s)")
     parser.add_argument("--split", choices=SPLITS,
                         help="score only the frames this split holds out for validation, as jobs.train does with "
                              "the same --split and --val-fraction (default: every frame)")
-    parser.add_argument("--val-fraction", type=float, help="with --split (default: 0.2, as jobs.train)")
+    parser.add_argument("--val-fraction", type=float,
+                        help=f"with --split (default: {defaults['val_fraction']}, as jobs.train)")
     return parser.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ import time
 
 from distributed.config import EvaluateConfig, InferConfig, TrainConfig, refuse_relative_output, refuse_uri
 from jobs import argument_parser, run_command
+from unet_core.data import IMAGE_DIR
 
 
 def parse_args(argv=None):
@@ -28,9 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model and data: about a minute instead of several (flags given still apply)")
     args = parser.parse_args(argv)
-    for flag in ("epochs", "scene_count", "new_frames"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.new_frames < 1:  # --epochs and --scene-count are TrainConfig's to check
+        parser.error(f"--new-frames must be at least 1, got {args.new_frames}")
     return args
 
 
@@ -69,7 +69,7 @@ def run(args):
     # Another seed: unseen scenes.
     new_frames = run_directory.write_scene_set(os.path.join(output, "new_frames"), args.new_frames, config.seed + 1)
     model = os.path.join(config.output, "model.keras")
-    summary = infer(InferConfig(model=model, input=os.path.join(new_frames, "CameraRGB"),
+    summary = infer(InferConfig(model=model, input=os.path.join(new_frames, IMAGE_DIR),
                                 output=os.path.join(output, "inference"), overlay=True))
     report = EvaluateConfig(model=model, data=new_frames, output=os.path.join(output, "evaluation"))
     metrics = evaluation.evaluate(report)

@@ -92,7 +92,7 @@ def config_from_args(args):
     try:
         return dataclasses.replace(config.smoke() if args.smoke else config, **overrides)
     except SettingError as error:
-        if args.smoke and args.epochs is None and error.field in ("warmup_epochs", "fail_once_at_epoch"):
+        if args.smoke and args.epochs is None and error.field == "warmup_epochs":
             # The epochs it names came from --smoke, not from a flag the user gave.
             raise SettingError(error.field, f"{error.problem} (--smoke trains {config.smoke().epochs} epochs; "
                                             f"give --epochs for more)") from None

@@ -317,7 +317,7 @@ def test_a_second_run_into_an_output_a_run_is_training_into_is_refused(tmp_path,
     output = tmp_path / "run"
     output.mkdir()
     (tmp_path / "alias").symlink_to(output)  # the same output however it is spelt
-    first = ingest.hold(*ingest.open_output(str(tmp_path / "alias")), "jobs.train", "--output")  # another run's
+    first = ingest.hold(*ingest.open_output(str(tmp_path / "alias")), "jobs.train")  # another run's
     with pytest.raises(ValueError, match=f"run: jobs.train \\(pid {os.getpid()}\\) is writing into it; wait for it "
                                          f"to end, or pass another --output"):
         train(smoke_config(tmp_path))
@@ -325,7 +325,7 @@ def test_a_second_run_into_an_output_a_run_is_training_into_is_refused(tmp_path,
     # A run that fails once it holds the output (here: at starting Ray) lets go of it.
     with pytest.raises(AssertionError, match="Ray was started"):
         train(smoke_config(tmp_path))
-    ingest.hold(*ingest.open_output(str(output)), "jobs.train", "--output").close()
+    ingest.hold(*ingest.open_output(str(output)), "jobs.train").close()
 
 
 def test_checkpoints_that_could_never_be_written_are_refused_before_ray_starts(tmp_path, no_ray):

@@ -247,7 +247,7 @@ def test_a_second_evaluation_into_an_output_one_is_writing_into_is_refused(tmp_p
     monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
     unet_model((*SIZE, 3), n_filters=4).save(tmp_path / "model.keras")
     scenes.write_scenes(tmp_path / "frames", 1)
-    first = ingest.hold(*ingest.open_output(str(tmp_path / "report")), "jobs.evaluate", "--output")
+    first = ingest.hold(*ingest.open_output(str(tmp_path / "report")), "jobs.evaluate")
     argv = ["--model", str(tmp_path), "--data", str(tmp_path / "frames"), "--output", str(tmp_path / "report")]
     assert evaluate_job.main(argv) == 2
     assert (f"error: {tmp_path / 'report'}: jobs.evaluate (pid {os.getpid()}) is writing into it; wait for it to "

@@ -333,7 +333,7 @@ def test_a_second_run_into_an_output_a_run_is_writing_into_is_refused_before_ray
     # It would empty the first run's staging folder and commit its parts beside the first's.
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
     scenes.write_scenes(tmp_path / "frames", 1)
-    first = ingest.hold(*ingest.open_output(str(tmp_path / "out")), "jobs.infer", "--output")
+    first = ingest.hold(*ingest.open_output(str(tmp_path / "out")), "jobs.infer")
     argv = ["--model", str(model_dir), "--input", str(tmp_path / "frames"), "--output", str(tmp_path / "out")]
     assert infer_job.main(argv) == 2
     assert (f"error: {tmp_path / 'out'}: jobs.infer (pid {os.getpid()}) is writing into it; wait for it to "

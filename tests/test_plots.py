@@ -132,24 +132,16 @@ def test_save_previews_with_true_masks(tmp_path):
         np.testing.assert_allclose(_class_shares(column, shown), counts / counts.sum(), atol=0.02)
 
 
-def test_save_previews_without_true_masks_has_two_columns(tmp_path):
-    images, masks = _frames(n=2)
-    uint8_images = (images * 255).astype(np.uint8)
-    two = _assert_real_png(save_previews(uint8_images, None, masks, tmp_path / "infer.png"))
-    three = _assert_real_png(save_previews(uint8_images, masks, masks, tmp_path / "eval.png"))
-    assert two.shape[1] < three.shape[1]
-
-
 def test_save_previews_rejects_mismatched_inputs(tmp_path):
     images, masks = _frames(n=3)
     with pytest.raises(ValueError, match="matching images"):
         save_previews(images, masks[:2], masks, tmp_path / "bad.png")
     with pytest.raises(ValueError, match="matching images"):
-        save_previews(images, None, masks[:, :-1], tmp_path / "bad.png")
+        save_previews(images, masks, masks[:, :-1], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="titles"):
         save_previews(images, masks, masks, tmp_path / "bad.png", titles=["only one"])
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
-        save_previews(images[..., 0], None, masks, tmp_path / "bad.png")
+        save_previews(images[..., 0], masks, masks, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
 
 

@@ -122,13 +122,11 @@ def _bare(ax):
 
 
 def save_previews(images, true_masks, predicted_masks, path, titles=None, class_names=CLASS_NAMES):
-    """One row per frame: input image | true mask | predicted mask (no true column if it is None),
-    and a legend naming the classes shown (`unet_core.classes.class_names` of the model)."""
+    """One row per frame: input image | true mask | predicted mask, and a legend naming the classes
+    shown (`unet_core.classes.class_names` of the model)."""
     images = _to_uint8(images)
-    predicted = _class_ids(predicted_masks)
-    columns = [("Input Image", images), ("Predicted Mask", predicted)]
-    if true_masks is not None:
-        columns.insert(1, ("True Mask", _class_ids(true_masks)))
+    columns = [("Input Image", images), ("True Mask", _class_ids(true_masks)),
+               ("Predicted Mask", _class_ids(predicted_masks))]
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
         raise ValueError(f"images must be a non-empty (N, H, W, 3) batch; got shape {images.shape}")
     for name, masks in columns[1:]:

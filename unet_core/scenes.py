@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from unet_core.classes import CLASS_IDS, N_CLASSES
+from unet_core.data import IMAGE_DIR, MASK_DIR
 
 LANE_WIDTH = 3.4  # metres; every size below is in metres too
 FAR_DEPTH = 150.0  # street furniture beyond this is sub-pixel anyway
@@ -373,7 +374,7 @@ def write_scenes(output_dir, count, seed=0, start=0) -> list[str]:
     Frame i depends only on (seed, i), so reruns and parallel workers write identical files.
     Returns the file names, e.g. "scene_000000.png".
     """
-    image_dir, mask_dir = Path(output_dir) / "CameraRGB", Path(output_dir) / "CameraMask"
+    image_dir, mask_dir = Path(output_dir) / IMAGE_DIR, Path(output_dir) / MASK_DIR
     for folder in (image_dir, mask_dir):
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -118,7 +118,7 @@ def predict_logits_fn(model):
 
 
 def ends_in_softmax(model):
-    """Whether `model` outputs probabilities (a final softmax) rather than logits, as jobs.train's U-Net does."""
+    """Whether `model` outputs probabilities (a final softmax) rather than logits (jobs.train's U-Net gives logits)."""
     final = model.layers[-1]
     activation = getattr(final, "activation", None)
     return isinstance(final, tf.keras.layers.Softmax) or activation is tf.keras.activations.softmax
