@@ -44,8 +44,9 @@ def evaluate(config: EvaluateConfig):
 
 
 def score_and_report(config, model_path, filesystem, root, names):
-    """`evaluate` once its inputs are checked and it holds the output."""
-    data_uri, output, batch_size = config.data, config.output, config.batch_size
+    """`evaluate` once its inputs are checked and it holds the output: load the model, score the
+    frames, write the report."""
+    output = config.output
     new_output = not os.path.exists(output)
     ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
     try:
@@ -58,19 +59,48 @@ def score_and_report(config, model_path, filesystem, root, names):
     with open(model_path, "rb") as file:
         identity = inference.model_identity(file.read(), model_path)
 
+    confusion, loss, previews, worst = score_frames(keras_model, filesystem, root, names, size, n_classes, config)
+    summary = confusion.summary()
+    metrics = {
+        "model": identity,
+        "data": config.data,
+        "frames": len(names),
+        "split": None if config.split is None else {"split": config.split, "val_fraction": config.val_fraction},
+        "loss": loss,
+        "pixel_accuracy": summary["pixel_accuracy"],
+        "mean_iou": summary["mean_iou"],
+        "mean_iou_truth_classes": summary["mean_iou_truth_classes"],
+        "per_class_iou": summary["iou_per_class"],
+        # Frames the model gets most wrong: where a mislabelled pair or an unseen kind of scene shows.
+        "worst_frames": {name: accuracy for name, accuracy, _ in worst.ranked()},
+    }
+    write_report(output, metrics, confusion, previews)
+    ranked = worst.ranked()
+    if ranked:
+        images, masks, predicted = (np.stack(arrays) for arrays in zip(*(arrays for *_, arrays in ranked)))
+        titles = [f"{name}: {accuracy:.3f}" for name, accuracy, _ in ranked]
+        plots.save_previews(images, masks, predicted, os.path.join(output, "worst_frames.png"), titles,
+                            class_names(n_classes))
+    return metrics
+
+
+def score_frames(keras_model, filesystem, root, names, size, n_classes, config):
+    """(confusion matrix, mean pixel loss, preview frames, worst frames) of `names`, scored a batch
+    at a time; each frame's scores go to per_frame.csv as it is scored. Unreadable frames raise
+    once all are read, and leave the last report as it was."""
     forward = predict_logits_fn(keras_model)
     from_logits = not ends_in_softmax(keras_model)  # a model from elsewhere may end in probabilities
     confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0
     previews = {"images": [], "masks": [], "predicted": [], "names": []}
     worst = WorstFrames(run_directory.PREVIEW_FRAMES)
     unreadable = []
-    per_frame_path = os.path.join(output, "per_frame.csv")
+    per_frame_path = os.path.join(config.output, "per_frame.csv")
     try:
         with open(per_frame_path + ".tmp", "w", newline="") as per_frame_file:
             per_frame = csv.writer(per_frame_file)
             per_frame.writerow(["name", "pixel_accuracy", "mean_iou_truth_classes"])
-            for start in range(0, len(names), batch_size):
-                batch_names = names[start : start + batch_size]
+            for start in range(0, len(names), config.batch_size):
+                batch_names = names[start : start + config.batch_size]
                 images, masks, reasons = ingest.read_frames(filesystem, root, batch_names, size, n_classes)
                 unreadable += [reason for reason in reasons if reason]
                 if unreadable:
@@ -88,42 +118,20 @@ def score_and_report(config, model_path, filesystem, root, names):
                     per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
                     worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
         if unreadable:
-            error = ingest.unreadable_frames(data_uri, unreadable, len(names),
-                                             "fix them; scores without them would not be this set's", output)
+            error = ingest.unreadable_frames(config.data, unreadable, len(names),
+                                             "fix them; scores without them would not be this set's", config.output)
             highest = data.highest_refused_class_id(unreadable)
             if highest is not None:
                 raise ValueError(f"{error}\n  the masks hold class ids up to {highest}, the model predicts "
                                  f"{n_classes} classes: score a model trained with --n-classes {highest + 1} or more")
             raise error
         os.replace(per_frame_path + ".tmp", per_frame_path)
-        if os.path.exists(os.path.join(output, ingest.UNREADABLE_FILE)):  # an earlier refusal's, now stale
-            os.remove(os.path.join(output, ingest.UNREADABLE_FILE))
+        if os.path.exists(os.path.join(config.output, ingest.UNREADABLE_FILE)):  # an earlier refusal's, now stale
+            os.remove(os.path.join(config.output, ingest.UNREADABLE_FILE))
     finally:
         if os.path.exists(per_frame_path + ".tmp"):  # a failure midway leaves the last report as it was
             os.remove(per_frame_path + ".tmp")
-
-    summary = confusion.summary()
-    metrics = {
-        "model": identity,
-        "data": data_uri,
-        "frames": len(names),
-        "split": None if config.split is None else {"split": config.split, "val_fraction": config.val_fraction},
-        "loss": loss_sum / max(pixels, 1),
-        "pixel_accuracy": summary["pixel_accuracy"],
-        "mean_iou": summary["mean_iou"],
-        "mean_iou_truth_classes": summary["mean_iou_truth_classes"],
-        "per_class_iou": summary["iou_per_class"],
-        # Frames the model gets most wrong: where a mislabelled pair or an unseen kind of scene shows.
-        "worst_frames": {name: accuracy for name, accuracy, _ in worst.ranked()},
-    }
-    write_report(output, metrics, confusion, previews)
-    ranked = worst.ranked()
-    if ranked:
-        images, masks, predicted = (np.stack(arrays) for arrays in zip(*(arrays for *_, arrays in ranked)))
-        titles = [f"{name}: {accuracy:.3f}" for name, accuracy, _ in ranked]
-        plots.save_previews(images, masks, predicted, os.path.join(output, "worst_frames.png"), titles,
-                            class_names(n_classes))
-    return metrics
+    return confusion, loss_sum / max(pixels, 1), previews, worst
 
 
 def held_out(names, config):
