@@ -216,6 +216,8 @@ def fit(trainer):
 
 
 def train_loop_per_worker(loop_config):
+    """One worker's whole run: set up TensorFlow, build (or restore) the model, then one `fit` over
+    the remaining epochs; returns, on rank 0, the diverged epoch's scores if training diverged."""
     config = TrainConfig(**loop_config["config"])
     steps_per_epoch = math.ceil(loop_config["rows_per_worker"] / config.batch_size)
     runtime.configure_tensorflow_threads(config.cpus_per_worker)
