@@ -141,11 +141,14 @@ class Output:
     def record_settings(self, settings):
         self.write(SETTINGS_FILE, json.dumps(settings, indent=2).encode())
 
+    def make(self):
+        """Make the output directory and its staging folder, which every local write goes through."""
+        self.filesystem.create_dir(self.staging, recursive=True)
+
     def start_run(self):
         """Drop what a killed run left in staging, and the errors of the last run: they are retried."""
         for folder in (self.staging, f"{self.root}/errors"):
             self.filesystem.delete_dir_contents(folder, missing_dir_ok=True)
-        self.filesystem.create_dir(self.staging, recursive=True)
 
     def parts(self, folder):
         selector = pyarrow.fs.FileSelector(f"{self.root}/{folder}", allow_not_found=True)

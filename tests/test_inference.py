@@ -343,6 +343,17 @@ def test_a_second_run_into_an_output_a_run_is_writing_into_is_refused_before_ray
         infer_job.main(argv)
 
 
+def test_an_output_that_cannot_be_made_is_a_bad_flag_named_before_ray_starts(tmp_path, monkeypatch, capsys,
+                                                                            model_dir):
+    # It was made only once Ray had started, and failed there with a traceback.
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    scenes.write_scenes(tmp_path / "frames", 1)
+    argv = ["--model", str(model_dir), "--input", str(tmp_path / "frames"), "--output", "/proc/unet-ray-output"]
+    assert infer_job.main(argv) == 2
+    assert ("error: --output /proc/unet-ray-output: cannot be made a directory (Cannot create directory "
+            "'/proc/unet-ray-output'" in capsys.readouterr().err)
+
+
 def test_an_input_missing_from_a_bucket_is_named_with_its_scheme(tmp_path, monkeypatch, model_dir, s3_bucket):
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
     with pytest.raises(ValueError, match="^s3://unet/frames: not found; --input must be a directory of images"):

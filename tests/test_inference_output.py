@@ -53,7 +53,7 @@ def test_a_batch_is_written_many_files_at_a_time_and_each_frame_that_cannot_be_i
             return super().mv(*args, **kwargs)
 
     output = inference_output.Output(PyFileSystem(FSSpecHandler(SlowStore())), str(tmp_path))
-    output.start_run()
+    output.make()
     names = [f"drive/frame_{index:02d}.png" for index in range(20)] + ["a" * 300 + ".png"]  # a name too long
     batch = {"path": np.array(names, object), "error": np.array([""] * 21, object),
              "mask_png": np.array([name.encode() for name in names], object),
