@@ -7,6 +7,7 @@ reshuffle rows instead of decoding PNGs again, and a bad file stops the run befo
 starts rather than in the middle of an epoch.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -26,10 +27,21 @@ ROWS_PER_TASK = 32
 
 def open_root(uri):
     """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/dir."""
-    if "://" not in uri:
-        uri = os.path.abspath(uri)
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+    with named_if_unusable(uri):  # pyarrow asks an S3 store for the bucket's region here
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
     return filesystem, root.rstrip("/")
+
+
+@contextlib.contextmanager
+def named_if_unusable(uri):
+    """An OSError inside (an object store out of reach, a name too long for the filesystem) as a
+    ValueError naming `uri`: a path the user gave that cannot be used, not a crash. For opening and
+    probing the paths given only: an OSError reading or writing a frame's files fails that frame,
+    which the job names in its place."""
+    try:
+        yield
+    except OSError as error:
+        raise ValueError(f"{uri}: cannot be used ({error})") from None
 
 
 # Failures named on the console one line each: enough to show what is wrong, not a flood when
@@ -55,21 +67,22 @@ def open_output(uri):
     is a relative path in a submitted job's working-dir copy."""
     refuse_relative_output(uri, "--output")
     filesystem, root = open_root(uri)
-    if filesystem.get_file_info(root).type == pyarrow.fs.FileType.File:
-        raise ValueError(f"{uri}: a file; the output must be a directory (new or existing)")
-    parent = root
-    while "/" in parent.strip("/"):  # the nearest existing folder above a new output: never a file
-        parent = parent.rstrip("/").rsplit("/", 1)[0]
-        kind = filesystem.get_file_info(parent).type
-        if kind == pyarrow.fs.FileType.File:
-            raise ValueError(f"{uri}: {parent} is a file, so no output directory can be made below it")
-        if kind == pyarrow.fs.FileType.Directory:
-            break
-    else:  # nothing above exists: in an object store, the bucket
-        if not isinstance(filesystem, pyarrow.fs.LocalFileSystem) and (
-                filesystem.get_file_info(parent).type == pyarrow.fs.FileType.NotFound):
-            raise ValueError(f"{uri}: bucket {parent.strip('/')} not found (or not visible with these credentials); "
-                             f"create it, or pass another")
+    with named_if_unusable(uri):
+        if filesystem.get_file_info(root).type == pyarrow.fs.FileType.File:
+            raise ValueError(f"{uri}: a file; the output must be a directory (new or existing)")
+        parent = root
+        while "/" in parent.strip("/"):  # the nearest existing folder above a new output: never a file
+            parent = parent.rstrip("/").rsplit("/", 1)[0]
+            kind = filesystem.get_file_info(parent).type
+            if kind == pyarrow.fs.FileType.File:
+                raise ValueError(f"{uri}: {parent} is a file, so no output directory can be made below it")
+            if kind == pyarrow.fs.FileType.Directory:
+                break
+        else:  # nothing above exists: in an object store, the bucket
+            if not isinstance(filesystem, pyarrow.fs.LocalFileSystem) and (
+                    filesystem.get_file_info(parent).type == pyarrow.fs.FileType.NotFound):
+                raise ValueError(f"{uri}: bucket {parent.strip('/')} not found (or not visible with these "
+                                 f"credentials); create it, or pass another")
     return filesystem, root
 
 

@@ -135,6 +135,14 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, mo
         evaluation.evaluate(EvaluateConfig(str(tmp_path / "model.keras"), str(tmp_path / "frames"), "/proc/report"))
 
 
+def test_data_in_a_store_out_of_reach_is_a_bad_flag_not_a_crash(tmp_path, capsys):
+    # pyarrow's OSError (no JVM here for HDFS, no server there) ended the job with a traceback and exit 1.
+    argv = ["--model", str(tmp_path / "model.keras"), "--data", "hdfs://127.0.0.1:1/frames",
+            "--output", str(tmp_path / "report")]
+    assert evaluate_job.main(argv) == 2
+    assert "error: hdfs://127.0.0.1:1/frames: cannot be used (" in capsys.readouterr().err
+
+
 def test_a_mistyped_model_or_data_or_a_model_that_cannot_serve_leaves_no_empty_report_behind(tmp_path):
     (tmp_path / "run").mkdir()  # a run directory without its model.keras
     scenes.write_scenes(tmp_path / "frames", 1)

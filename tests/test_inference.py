@@ -354,6 +354,18 @@ def test_an_output_that_cannot_be_made_is_a_bad_flag_named_before_ray_starts(tmp
             "'/proc/unet-ray-output'" in capsys.readouterr().err)
 
 
+def test_a_store_out_of_reach_is_a_bad_flag_named_before_ray_starts(tmp_path, monkeypatch, capsys, model_dir):
+    # pyarrow's OSError ended the job with a traceback and exit 1.
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    scenes.write_scenes(tmp_path / "frames", 1)
+    # HDFS fails to open (no JVM here, no server there); S3 at a closed port fails at the output's first probe.
+    for flag, uri in (("--input", "hdfs://127.0.0.1:1/frames"),
+                      ("--output", "s3://unet-ray-no-such-bucket/x?endpoint_override=127.0.0.1:1")):
+        paths = {"--input": str(tmp_path / "frames"), "--output": str(tmp_path / "out"), flag: uri}
+        assert infer_job.main(["--model", str(model_dir), *(part for pair in paths.items() for part in pair)]) == 2
+        assert f"error: {uri}: cannot be used (" in capsys.readouterr().err
+
+
 def test_an_input_missing_from_a_bucket_is_named_with_its_scheme(tmp_path, monkeypatch, model_dir, s3_bucket):
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
     with pytest.raises(ValueError, match="^s3://unet/frames: not found; --input must be a directory of images"):

@@ -1,6 +1,7 @@
 """Ray Data ingest on a real local Ray: train and validation frames, and the class counts the recipe takes."""
 
 import os
+import re
 
 import numpy as np
 import pyarrow.fs
@@ -173,3 +174,14 @@ def test_an_output_in_a_missing_bucket_or_below_an_object_is_refused(s3_bucket):
                          ("s3://unet/notes.txt/out", "unet/notes.txt is a file, so no output directory can be made")):
         with pytest.raises(ValueError, match=message):
             ingest.open_output(uri)
+
+
+def test_a_store_out_of_reach_is_named_with_pyarrows_reason_not_a_crash():
+    # pyarrow's OSError ended jobs.infer and jobs.evaluate with a traceback (exit 1).
+    # A closed port: S3 is opened without a request, and the output's first probe fails (after pyarrow's retries).
+    closed = "s3://unet-ray-no-such-bucket/x?endpoint_override=127.0.0.1:1"
+    with pytest.raises(ValueError, match=f"^{re.escape(closed)}: cannot be used \\(.*NETWORK_CONNECTION"):
+        ingest.open_output(closed)
+    # Opening HDFS fails at once: without a JVM here, without a server there.
+    with pytest.raises(ValueError, match="^hdfs://127.0.0.1:1/frames: cannot be used \\("):
+        ingest.open_root("hdfs://127.0.0.1:1/frames")
