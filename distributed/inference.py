@@ -30,7 +30,7 @@ from PIL import Image
 from distributed import checkpoint, inference_output, runtime
 from distributed.config import InferConfig
 from distributed.ingest import (
-    FAILURES_SHOWN, hold, list_tree, open_output, open_root, place_below, read_file, spelled, within,
+    FAILURES_SHOWN, hold, list_tree, named_if_unusable, open_output, open_root, place_below, read_file, spelled, within,
 )
 from unet_core import data, plots
 from unet_core.classes import class_names
@@ -55,7 +55,8 @@ def infer(config: InferConfig):
     identity = model_identity(model_bytes, model_path)
 
     input_filesystem, given_root = open_root(config.input)
-    input_root = image_root(input_filesystem, given_root)
+    with named_if_unusable(config.input):  # the first request to a bucket: out of reach, it fails here
+        input_root = image_root(input_filesystem, given_root)
     if input_root != given_root:
         print(f"[unet-ray] {config.input}: a CARLA-layout directory, so the frames of its {data.IMAGE_DIR}/ are "
               f"the inputs (their paths relative to it) and its {data.MASK_DIR}/ is left alone",

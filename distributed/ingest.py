@@ -190,7 +190,9 @@ def check_layout(uri):
     """(filesystem, root, [its CameraRGB, its CameraMask]); a ValueError unless both are directories."""
     filesystem, root = open_root(uri)
     folders = [f"{root}/{data.IMAGE_DIR}", f"{root}/{data.MASK_DIR}"]
-    for folder, info in zip(folders, filesystem.get_file_info(folders)):
+    with named_if_unusable(uri):  # the first request to a bucket: out of reach, it fails here
+        found = filesystem.get_file_info(folders)
+    for folder, info in zip(folders, found):
         if info.type != pyarrow.fs.FileType.Directory:
             raise ValueError(f"{uri}: not a CARLA-layout directory ({folder}: directory not found)")
     return filesystem, root, folders

@@ -180,8 +180,9 @@ def test_a_store_out_of_reach_is_named_with_pyarrows_reason_not_a_crash():
     # pyarrow's OSError ended jobs.infer and jobs.evaluate with a traceback (exit 1).
     # A closed port: S3 is opened without a request, and the output's first probe fails (after pyarrow's retries).
     closed = "s3://unet-ray-no-such-bucket/x?endpoint_override=127.0.0.1:1"
-    with pytest.raises(ValueError, match=f"^{re.escape(closed)}: cannot be used \\(.*NETWORK_CONNECTION"):
-        ingest.open_output(closed)
+    for check in (ingest.open_output, ingest.discover_pairs):  # an output's probe, the data's first listing
+        with pytest.raises(ValueError, match=f"^{re.escape(closed)}: cannot be used \\(.*NETWORK_CONNECTION"):
+            check(closed)
     # Opening HDFS fails at once: without a JVM here, without a server there.
     with pytest.raises(ValueError, match="^hdfs://127.0.0.1:1/frames: cannot be used \\("):
         ingest.open_root("hdfs://127.0.0.1:1/frames")
