@@ -356,15 +356,16 @@ def training_batches(train_shard, config, first_epoch, rank, class_weights, in_m
     streaming it from Ray Data again every epoch, on 2 cores (BENCHMARKS.md).
     """
     if in_memory:
-        with tf.device("CPU:0"):  # tf.data runs on the host, GPU worker or not
-            images, masks = (tf.constant(array) for array in read_shard(train_shard))
+        images, masks = read_shard(train_shard)
 
         def epoch_frames(epoch):
             # A stateless permutation: Dataset.shuffle cannot take a per-epoch seed tensor once
             # the worker has set a global seed.
             seed = tf.stack([tf.constant(worker_seed(config, rank), tf.int64), epoch])
-            order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(images)[0]), seed)
-            return tf.data.Dataset.from_tensor_slices(order).map(lambda row: (images[row], masks[row]))
+            order = tf.random.experimental.stateless_shuffle(tf.range(images.shape[0]), seed)
+            # A gather, not images[row]: after a scatter, reading the whole variable copies it.
+            return tf.data.Dataset.from_tensor_slices(order).map(
+                lambda row: (tf.gather(images, row), tf.gather(masks, row)))
     else:
         height, width = config.image_size
         signature = (tf.TensorSpec((None, height, width, 3), tf.float32),
@@ -420,11 +421,30 @@ def seed_dropout(config, rank):
 
 
 def read_shard(train_shard):
-    """(images, masks) of one whole pass over a worker's shard, as arrays in frame-name order:
-    Ray Data hands blocks over in no fixed order, and the epochs' permutations must not depend on it."""
+    """(images, masks) of one whole pass over a worker's shard, as variables in frame-name order:
+    Ray Data hands blocks over in no fixed order, and the epochs' permutations must not depend on it.
+
+    Each batch is copied to its rows and let go, into variables whose memory is only taken as
+    rows fill, so the worker holds the shard once, not once per copy: a tf.constant of it kept
+    two copies, and tf.data copied a captured constant once more when it rewrote the pipeline
+    (a variable it passes by handle).
+    """
     parts = list(train_shard.iter_batches(batch_size=256, batch_format="numpy"))
-    order = np.argsort(np.concatenate([part["name"] for part in parts]), kind="stable")
-    return tuple(np.concatenate([part[column] for part in parts])[order] for column in ("image", "mask"))
+    names = np.concatenate([part["name"] for part in parts])
+    position = np.empty(len(names), np.int64)
+    position[np.argsort(names, kind="stable")] = np.arange(len(names))
+    with tf.device("CPU:0"):  # tf.data runs on the host, GPU worker or not
+        shard = {column: tf.Variable(tf.raw_ops.Empty(shape=(len(names), *parts[0][column].shape[1:]),
+                                                      dtype=parts[0][column].dtype, init=False), trainable=False)
+                 for column in ("image", "mask")}
+        start = 0
+        while parts:
+            part = parts.pop(0)
+            rows = position[start:start + len(part["name"]), None]
+            for column, variable in shard.items():
+                variable.scatter_nd_update(rows, part[column])
+            start += len(rows)
+    return shard["image"], shard["mask"]
 
 
 def shard_fits_in_memory(rows, config):

@@ -513,7 +513,8 @@ def test_a_shard_read_into_memory_is_in_frame_name_order(ray_session):
 
     images, masks = read_shard(shard)
 
-    assert images[:, 0, 0, 0].tolist() == list(range(20)) and masks[:, 0, 0].tolist() == list(range(20))
+    assert images[:, 0, 0, 0].numpy().tolist() == list(range(20))
+    assert masks[:, 0, 0].numpy().tolist() == list(range(20))
 
 
 def test_a_shard_is_held_in_memory_only_up_to_the_configured_size():
