@@ -9,6 +9,7 @@ starts rather than in the middle of an epoch.
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import os
 import sys
@@ -323,6 +324,11 @@ def load_frames(uri, size, n_classes, val_fraction, split, output, skip_bad=Fals
             f"{val.count()} for validation{split_by}; training needs at least "
             f"{min_train_frames} (one frame per worker) and validation at least 1: {remedy}{more_classes}"
         )
+    # Ray Data's executors are left in reference cycles that hold the blocks they read: until a full
+    # collection, which need not come while the driver waits in trainer.fit(), every decoded frame
+    # would stay in the object store beside train and val.
+    del frames
+    gc.collect()
     for split_frames in (train, val):
         # Both are in memory now. Training reads them again every epoch (validation whole, on every
         # worker), and a progress bar for each of those reads only buries the epoch's own line.

@@ -1,5 +1,6 @@
 """Ray Data ingest on a real local Ray: train and validation frames, and the class counts the recipe takes."""
 
+import gc
 import os
 import re
 
@@ -186,3 +187,18 @@ def test_a_store_out_of_reach_is_named_with_pyarrows_reason_not_a_crash():
     # Opening HDFS fails at once: without a JVM here, without a server there.
     with pytest.raises(ValueError, match="^hdfs://127.0.0.1:1/frames: cannot be used \\("):
         ingest.open_root("hdfs://127.0.0.1:1/frames")
+
+
+def test_no_execution_is_left_holding_the_decoded_frames(tmp_path, ray_session):
+    # Left to the cycle collector, which may not run during a whole training, the executors kept
+    # every decoded frame in the object store beside train and val.
+    from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+    scenes.write_scenes(str(tmp_path), 4, seed=1)
+    gc.collect()
+    gc.disable()
+    try:
+        ingest.load_frames(str(tmp_path), (32, 48), 23, 0.5, "tail", str(tmp_path))
+        assert not [found for found in gc.get_objects() if isinstance(found, StreamingExecutor)]
+    finally:
+        gc.enable()
