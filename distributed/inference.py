@@ -89,13 +89,19 @@ def infer(config: InferConfig):
 
     # One run at a time into an output: a second would empty the first's staging and write its parts beside them.
     with hold(output.filesystem, output.root, "jobs.infer"):
+        new_output = output.filesystem.get_file_info(output.root).type == pyarrow.fs.FileType.NotFound
         try:
             output.make()
         except OSError as error:  # a read-only place, say: a bad --output, named before Ray starts
             raise ValueError(f"--output {config.output}: cannot be made a directory "
                              f"({error.strerror or error})") from None
         if pending:  # Ray starts only now, and only for work: a bad model, input or output is refused before it
-            connect_ray(config)
+            try:
+                connect_ray(config)
+            except BaseException:  # a cluster that can never hold the actors, Ctrl-C: no new output left behind
+                if new_output:
+                    output.filesystem.delete_dir(output.root)
+                raise
         # Once Ray is up: a run refused for its cluster leaves the last run's errors to read.
         output.start_run()
         output.record_settings(settings)  # before any part is committed: every done frame is under these

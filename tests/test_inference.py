@@ -354,6 +354,20 @@ def test_an_output_that_cannot_be_made_is_a_bad_flag_named_before_ray_starts(tmp
             "'/proc/unet-ray-output'" in capsys.readouterr().err)
 
 
+def test_a_run_refused_for_its_cluster_leaves_no_new_output_behind(tmp_path, monkeypatch, model_dir):
+    def refused(config):
+        raise ValueError("the local Ray this job started holds 0 of the 9 inference actors asked for")
+
+    monkeypatch.setattr(inference, "connect_ray", refused)
+    scenes.write_scenes(tmp_path / "frames", 1)
+    argv = ["--model", str(model_dir), "--input", str(tmp_path / "frames"), "--output", str(tmp_path / "out")]
+    assert infer_job.main(argv) == 2
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()  # an output that was there before is left as it was
+    assert infer_job.main(argv[:-1] + [str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept").is_dir()
+
+
 def test_a_store_out_of_reach_is_a_bad_flag_named_before_ray_starts(tmp_path, monkeypatch, capsys, model_dir):
     # pyarrow's OSError ended the job with a traceback and exit 1.
     monkeypatch.setattr(inference.runtime, "connect", no_ray)

@@ -128,3 +128,7 @@ def test_ends_in_softmax_tells_probabilities_from_logits():
     assert ends_in_softmax(tf.keras.Model(inputs, tf.keras.layers.Activation("softmax")(features)))
     assert ends_in_softmax(tf.keras.Model(inputs, tf.keras.layers.Conv2D(4, 1, activation="softmax")(inputs)))
     assert not ends_in_softmax(tf.keras.Model(inputs, tf.keras.layers.Conv2D(4, 1, activation="relu")(inputs)))
+    assert ends_in_softmax(tf.keras.Model(inputs, tf.nn.softmax(features)))  # an op, not a layer
+    wrapped = tf.keras.Sequential([tf.keras.Input((*SIZE, 3)), tf.keras.Model(inputs, tf.nn.softmax(features))])
+    assert ends_in_softmax(wrapped)
+    assert not ends_in_softmax(tf.keras.Sequential([tf.keras.Input((*SIZE, 3)), unet_model((*SIZE, 3), n_filters=4)]))

@@ -120,8 +120,11 @@ def predict_logits_fn(model):
 def ends_in_softmax(model):
     """Whether `model` outputs probabilities (a final softmax) rather than logits (jobs.train's U-Net gives logits)."""
     final = model.layers[-1]
-    activation = getattr(final, "activation", None)
-    return isinstance(final, tf.keras.layers.Softmax) or activation is tf.keras.activations.softmax
+    while isinstance(final, tf.keras.Model):  # a model wrapped in another
+        final = final.layers[-1]
+    # A layer's activation, or the op of a TFOpLambda (tf.nn.softmax applied to a tensor).
+    function = getattr(final, "activation", None) or getattr(final, "function", None)
+    return isinstance(final, tf.keras.layers.Softmax) or function in (tf.keras.activations.softmax, tf.nn.softmax)
 
 
 def score_batch(logits, true_ids, n_classes, from_logits=True):
