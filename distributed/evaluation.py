@@ -118,16 +118,14 @@ def score_frames(keras_model, filesystem, root, names, size, n_classes, config):
                     per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
                     worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
         if unreadable:
-            error = ingest.unreadable_frames(config.data, unreadable, len(names),
-                                             "fix them; scores without them would not be this set's", config.output)
             highest = data.highest_refused_class_id(unreadable)
-            if highest is not None:
-                raise ValueError(f"{error}\n  the masks hold class ids up to {highest}, the model predicts "
-                                 f"{n_classes} classes: score a model trained with --n-classes {highest + 1} or more")
-            raise error
+            hint = "" if highest is None else (
+                f"\n  the masks hold class ids up to {highest}, the model predicts {n_classes} classes: score a "
+                f"model trained with --n-classes {highest + 1} or more")
+            raise ingest.unreadable_frames(config.data, unreadable, len(names),
+                                           "fix them; scores without them would not be this set's", config.output, hint)
         os.replace(per_frame_path + ".tmp", per_frame_path)
-        if os.path.exists(os.path.join(config.output, ingest.UNREADABLE_FILE)):  # an earlier refusal's, now stale
-            os.remove(os.path.join(config.output, ingest.UNREADABLE_FILE))
+        ingest.forget_unreadable_frames(config.output)
     finally:
         if os.path.exists(per_frame_path + ".tmp"):  # a failure midway leaves the last report as it was
             os.remove(per_frame_path + ".tmp")

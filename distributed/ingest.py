@@ -51,16 +51,22 @@ FAILURES_SHOWN = 20
 UNREADABLE_FILE = "unreadable.txt"
 
 
-def unreadable_frames(where, reasons, frame_count, advice, output):
+def unreadable_frames(where, reasons, frame_count, advice, output, hint=""):
     """The ValueError that refuses a set with unreadable frames: the first FAILURES_SHOWN reasons,
-    every one written to `output`/unreadable.txt (a wrong --n-classes fails every frame alike)."""
+    then `hint`, every one written to `output`/unreadable.txt (a wrong --n-classes fails every frame alike)."""
     listing = os.path.join(output, UNREADABLE_FILE)
     with open(listing, "w") as file:
         file.writelines(f"{reason}\n" for reason in reasons)
     shown = "".join(f"\n  {reason}" for reason in reasons[:FAILURES_SHOWN])
     more = f"\n  ... and {len(reasons) - FAILURES_SHOWN} more" if len(reasons) > FAILURES_SHOWN else ""
     return ValueError(f"{where}: {len(reasons)} of {frame_count} frame(s) cannot be read ({advice}; every one is "
-                      f"named in {listing}):{shown}{more}")
+                      f"named in {listing}):{shown}{more}{hint}")
+
+
+def forget_unreadable_frames(output):
+    """Remove an earlier refusal's unreadable.txt from `output`, once a run or report goes on."""
+    if os.path.exists(os.path.join(output, UNREADABLE_FILE)):
+        os.remove(os.path.join(output, UNREADABLE_FILE))
 
 
 def open_output(uri):
@@ -307,9 +313,8 @@ def load_frames(uri, size, n_classes, val_fraction, split, output, skip_bad=Fals
     more_classes = "" if highest is None else (
         f"\n  the masks hold class ids up to {highest}: if those are classes, pass --n-classes {highest + 1}")
     if skipped and not skip_bad:
-        error = unreadable_frames(where, list(skipped.values()), frame_count,
-                                  "fix them, or pass --skip-bad to train without them", output)
-        raise ValueError(f"{error}{more_classes}")
+        raise unreadable_frames(where, list(skipped.values()), frame_count,
+                                "fix them, or pass --skip-bad to train without them", output, more_classes)
     readable, bookkeeping = col("error") == "", ["error", "is_val", "key"]
     train = frames.filter(expr=readable & ~col("is_val")).drop_columns(bookkeeping).materialize()
     val = frames.filter(expr=readable & col("is_val")).drop_columns(bookkeeping).materialize()

@@ -148,8 +148,7 @@ def write_skipped(output, skipped):
             json.dump(skipped, file, indent=2)
     elif os.path.exists(path):
         os.remove(path)
-    if os.path.exists(os.path.join(output, ingest.UNREADABLE_FILE)):
-        os.remove(os.path.join(output, ingest.UNREADABLE_FILE))
+    ingest.forget_unreadable_frames(output)
 
 
 def write(config, history, best_weights, val_frames):
