@@ -6,6 +6,7 @@ the jobs' argparse parsers) without running it.
 """
 
 import contextlib
+import fnmatch
 import importlib
 import io
 import json
@@ -216,3 +217,37 @@ def test_readme_jobs_exist_and_accept_their_flags(readme_commands):
     for words in readme_commands:
         if words[:2] == ["ray", "job"] and words[2] in ("logs", "status", "stop"):
             assert words[-1] in submission_ids, words
+
+
+def test_the_heads_role_may_launch_the_workers_as_configured(config, readme_commands):
+    # The autoscaler calls RunInstances with the head's role. For a `resolve:ssm:` ImageId, EC2
+    # resolves the parameter with the caller's own ssm:GetParameters, which AWS's EC2 and S3
+    # full-access policies (all ray-autoscaler-v1 holds) do not grant.
+    puts = [words for words in readme_commands if words[:3] == ["aws", "iam", "put-role-policy"]]
+    assert len(puts) == 1, puts
+    role = "arn:aws:iam::123456789012:role/ray-autoscaler-v1"
+    policy = json.loads(puts[0][puts[0].index("--policy-document") + 1].replace("$ROLE", role))
+    assert puts[0][puts[0].index("--role-name") + 1] == "ray-autoscaler-v1"
+
+    def granted(action, resource):
+        for statement in policy["Statement"]:
+            actions, resources = (statement[key] if isinstance(statement[key], list) else [statement[key]]
+                                  for key in ("Action", "Resource"))
+            if statement["Effect"] == "Allow" and action in actions and any(
+                    fnmatch.fnmatchcase(resource, pattern) for pattern in resources):
+                return True
+        return False
+
+    region = config["provider"]["region"]
+    head = config["head_node_type"]
+    for name, node_type in config["available_node_types"].items():
+        if name == head:
+            continue  # `ray up` launches the head with the user's own credentials
+        node_config = node_type["node_config"]
+        if "IamInstanceProfile" in node_config:
+            assert granted("iam:PassRole", role), name
+        image = node_config["ImageId"]
+        if image.startswith("resolve:ssm:"):
+            parameter = image.removeprefix("resolve:ssm:")
+            # A public parameter's ARN has no account.
+            assert granted("ssm:GetParameters", f"arn:aws:ssm:{region}::parameter{parameter}"), (name, image)
