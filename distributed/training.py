@@ -1,10 +1,10 @@
 """Distributed training: Ray Train's TensorflowTrainer, MultiWorkerMirroredStrategy across workers.
 
 Read top to bottom: `train` (driver) prepares data and launches `train_loop_per_worker` on every
-worker; each worker runs one `fit` over every epoch, and after each epoch the workers score the
-whole validation set once between them, keep the weights of the best epoch so far in memory,
-report, and save a checkpoint together when one is due (checkpoint.py); the driver then exports
-the best weights the last checkpoint carries.
+worker; each worker runs one `fit` over every epoch of its shard (fed by shard.py), and after each
+epoch the workers score the whole validation set once between them, keep the weights of the best
+epoch so far in memory, report, and save a checkpoint together when one is due (checkpoint.py);
+the driver then exports the best weights the last checkpoint carries.
 """
 
 import dataclasses
@@ -22,7 +22,7 @@ import tensorflow as tf
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.tensorflow import TensorflowTrainer
 
-from distributed import checkpoint, ingest, progress, runtime, run_directory
+from distributed import checkpoint, ingest, progress, runtime, run_directory, shard
 from distributed.failure_injection import FailOnce
 from distributed.config import TrainConfig, TrainingFailed, refuse_relative_output
 from unet_core import augment, unet_model
@@ -268,10 +268,10 @@ def train_loop_per_worker(loop_config):
     # instead would make it slice every batch across workers and silently drop the rest. One
     # dataset holds every remaining epoch, so fit runs once: a fit per epoch spent 3-4 s per
     # epoch tearing down its distributed iterator (py-spy, BENCHMARKS.md).
-    in_memory = shard_fits_in_memory(loop_config["rows_per_worker"], config)
+    in_memory = shard.fits_in_memory(loop_config["rows_per_worker"], config)
     batches = strategy.distribute_datasets_from_function(
-        lambda _: training_batches(train_shard, config, first_epoch, rank, loop_config["class_weights"], in_memory)
-    )
+        lambda _: shard.training_batches(train_shard, config, first_epoch, rank, loop_config["class_weights"],
+                                         in_memory))
     end_of_epoch = EndOfEpoch(
         strategy, ray.train.get_dataset_shard("val"), rank, world_size, config, history, best_weights,
         {"resumed_from_epoch": first_epoch, "mixed_precision": precision, "jit_compile": jit_compile,
@@ -347,110 +347,10 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def training_batches(train_shard, config, first_epoch, rank, class_weights, in_memory):
-    """This worker's shard for every remaining epoch, as one tf.data pipeline.
-
-    Each epoch is one pass over the shard, reshuffled with its own seed and augmented within
-    the pass, so every epoch holds exactly ceil(rows / batch) batches. `in_memory` reads the
-    shard once and feeds every epoch from this worker's memory: 1.22× the images/s of
-    streaming it from Ray Data again every epoch, on 2 cores (BENCHMARKS.md).
-    """
-    if in_memory:
-        images, masks = read_shard(train_shard)
-
-        def epoch_frames(epoch):
-            # A stateless permutation: Dataset.shuffle cannot take a per-epoch seed tensor once
-            # the worker has set a global seed.
-            seed = tf.stack([tf.constant(worker_seed(config, rank), tf.int64), epoch])
-            order = tf.random.experimental.stateless_shuffle(tf.range(images.shape[0]), seed)
-            # A gather, not images[row]: after a scatter, reading the whole variable copies it.
-            return tf.data.Dataset.from_tensor_slices(order).map(
-                lambda row: (tf.gather(images, row), tf.gather(masks, row)))
-    else:
-        height, width = config.image_size
-        signature = (tf.TensorSpec((None, height, width, 3), tf.float32),
-                     tf.TensorSpec((None, height, width), tf.uint8))
-
-        def one_pass(epoch):
-            return train_shard.iter_batches(
-                batch_size=config.batch_size, batch_format="numpy",
-                local_shuffle_buffer_size=max(4 * config.batch_size, 64),
-                local_shuffle_seed=worker_seed(config, rank) + int(epoch) * 10,
-            )
-
-        def epoch_frames(epoch):
-            return tf.data.Dataset.from_generator(
-                lambda epoch: ((batch["image"], batch["mask"]) for batch in one_pass(epoch)),
-                args=(epoch,), output_signature=signature,
-            ).unbatch()
-
-    # Each frame's view and each batch's ClassMix draw from a seed of (worker, epoch, position):
-    # a resumed or restarted worker with its shard in memory feeds what it would have fed
-    # without the break (a streamed shard's order depends on how Ray Data hands over blocks).
-    worker_key = tf.constant([worker_seed(config, rank), 0], tf.int64)
-    fold_in = tf.random.experimental.stateless_fold_in
-
-    def epoch_batches(epoch):
-        frame_key, batch_key = tf.unstack(tf.random.experimental.stateless_split(fold_in(worker_key, epoch), 2))
-        dataset = epoch_frames(epoch)
-        if config.augment:
-            dataset = dataset.enumerate().map(
-                lambda index, frame: augment.augment(*frame, fold_in(frame_key, index)),
-                num_parallel_calls=tf.data.AUTOTUNE)
-        dataset = dataset.batch(config.batch_size)
-        if config.augment and config.class_mix:
-            dataset = dataset.enumerate().map(lambda index, batch: augment.class_mix(
-                *batch, fold_in(batch_key, index), config.class_mix, config.n_classes))
-        return dataset
-
-    dataset = tf.data.Dataset.range(first_epoch, config.epochs).flat_map(epoch_batches)
-    if class_weights is not None:
-        dataset = dataset.map(lambda image, mask: (image, mask, augment.pixel_weights(mask, class_weights)))
-    return dataset.prefetch(tf.data.AUTOTUNE)
-
-
-def worker_seed(config, rank):
-    """A seed of each worker's own, the same on a restart: its shuffles, augmentation and dropout draw from it."""
-    return config.seed * 1_000 + rank
-
-
 def seed_dropout(config, rank):
     """After the model is built (the same initial weights everywhere), give each worker its own
     global random stream: with one seed, every worker's dropout drew the same masks at each step."""
-    tf.random.set_seed(worker_seed(config, rank))
-
-
-def read_shard(train_shard):
-    """(images, masks) of one whole pass over a worker's shard, as variables in frame-name order:
-    Ray Data hands blocks over in no fixed order, and the epochs' permutations must not depend on it.
-
-    Each batch is copied to its rows and let go, into variables whose memory is only taken as
-    rows fill, so the worker holds the shard once, not once per copy: a tf.constant of it kept
-    two copies, and tf.data copied a captured constant once more when it rewrote the pipeline
-    (a variable it passes by handle).
-    """
-    parts = list(train_shard.iter_batches(batch_size=256, batch_format="numpy"))
-    names = np.concatenate([part["name"] for part in parts])
-    position = np.empty(len(names), np.int64)
-    position[np.argsort(names, kind="stable")] = np.arange(len(names))
-    with tf.device("CPU:0"):  # tf.data runs on the host, GPU worker or not
-        shard = {column: tf.Variable(tf.raw_ops.Empty(shape=(len(names), *parts[0][column].shape[1:]),
-                                                      dtype=parts[0][column].dtype, init=False), trainable=False)
-                 for column in ("image", "mask")}
-        start = 0
-        while parts:
-            part = parts.pop(0)
-            rows = position[start:start + len(part["name"]), None]
-            for column, variable in shard.items():
-                variable.scatter_nd_update(rows, part[column])
-            start += len(rows)
-    return shard["image"], shard["mask"]
-
-
-def shard_fits_in_memory(rows, config):
-    """Whether a worker's training shard (float32 images, uint8 masks) is within `cache_shard_mb`."""
-    height, width = config.image_size
-    return rows * height * width * (3 * 4 + 1) <= config.cache_shard_mb * 2**20
+    tf.random.set_seed(shard.worker_seed(config, rank))
 
 
 def worker_log(message):
