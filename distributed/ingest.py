@@ -149,7 +149,12 @@ def list_tree(filesystem, directory, recursive=True):
         for info in found:
             info.path  # pyarrow decodes each name on first use: a bad one fails here, inside the try
     except UnicodeDecodeError as error:
-        raise ValueError(f"{directory}: holds a file name that is not valid UTF-8 ({error}); rename it") from None
+        # The undecodable bytes are the file's whole path: in a tree of many folders, naming only the
+        # folder listed would leave the user to search every one of them.
+        found_at = error.object.decode("utf-8", "backslashreplace") if isinstance(error.object, bytes) else None
+        named = f": {found_at}" if found_at else ""
+        raise ValueError(f"{directory}: holds a file name that is not valid UTF-8 ({error}){named}; "
+                         f"rename it") from None
     dangling = broken_links(filesystem, directory, found)
     return found + [pyarrow.fs.FileInfo(path, pyarrow.fs.FileType.File) for path in dangling]
 

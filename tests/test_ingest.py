@@ -163,6 +163,17 @@ def test_a_file_name_that_is_not_utf8_or_a_missing_folder_is_named(tmp_path):
         ingest.discover_pairs(str(tmp_path / "missing"))
 
 
+def test_a_file_name_that_is_not_utf8_deep_in_a_tree_is_named_by_its_path(tmp_path):
+    # jobs.infer lists its --input recursively: the folder given can hold thousands of folders.
+    (tmp_path / "frames" / "day" / "cam").mkdir(parents=True)
+    (tmp_path / "frames" / "a.png").write_bytes(b"frame")
+    with open(bytes(tmp_path / "frames" / "day" / "cam") + b"/caf\xe9.png", "wb"):
+        pass
+    with pytest.raises(ValueError, match=f"{tmp_path}/frames: holds a file name that is not valid UTF-8 \\(.*\\): "
+                                         f"{tmp_path}/frames/day/cam/caf\\\\xe9.png; rename it"):
+        ingest.list_tree(*ingest.open_root(str(tmp_path / "frames")))
+
+
 def test_an_output_in_a_missing_bucket_or_below_an_object_is_refused(s3_bucket):
     with s3_bucket.open_output_stream("unet/notes.txt") as stream:
         stream.write(b"a file, not a folder")
