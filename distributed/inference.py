@@ -11,13 +11,16 @@ predicts again (rewriting their PNGs in place). Failed inputs are retried on eve
 run starts the errors table afresh: every input is in predictions or errors, never in both.
 """
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import zipfile
 
 import numpy as np
@@ -110,27 +113,55 @@ def infer(config: InferConfig):
         predictions = inference_output.PartWriter(output, "predictions", config.rows_per_file)
         errors = inference_output.PartWriter(output, "errors", config.rows_per_file)
         ok = failed = 0
-        try:
-            if pending:
-                pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes), config)
-                for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
-                    succeeded, reasons = inference_output.write_images(output, batch, config, source)
-                    # After the images: a committed row always has its PNG files.
-                    predictions.add(inference_output.prediction_table(batch, succeeded, identity, names,
-                                                                      "parquet" in config.formats))
-                    errors.add(pa.table({"path": pa.array(batch["path"][~succeeded], pa.string()),
-                                         "error": pa.array(reasons[~succeeded], pa.string())}))
-                    for error in reasons[~succeeded][:max(0, FAILURES_SHOWN - failed)]:
-                        print(f"[unet-ray] failed: {error}", file=sys.stderr, flush=True)
-                    ok, failed = ok + int(succeeded.sum()), failed + int((~succeeded).sum())
-        finally:  # Ctrl-C included: every row collected has its files, so a rerun skips it
-            predictions.flush()
-            errors.flush()
+        # After Ray connects, whose own handler this replaces.
+        with sigterm_as_ctrl_c():
+            try:
+                if pending:
+                    pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes),
+                                                config)
+                    for batch in pipeline.iter_batches(batch_size=None, batch_format="numpy"):
+                        succeeded, reasons = inference_output.write_images(output, batch, config, source)
+                        # After the images: a committed row always has its PNG files.
+                        predictions.add(inference_output.prediction_table(batch, succeeded, identity, names,
+                                                                          "parquet" in config.formats))
+                        errors.add(pa.table({"path": pa.array(batch["path"][~succeeded], pa.string()),
+                                             "error": pa.array(reasons[~succeeded], pa.string())}))
+                        for error in reasons[~succeeded][:max(0, FAILURES_SHOWN - failed)]:
+                            print(f"[unet-ray] failed: {error}", file=sys.stderr, flush=True)
+                        ok, failed = ok + int(succeeded.sum()), failed + int((~succeeded).sum())
+            finally:  # Ctrl-C included: every row collected has its files, so a rerun skips it
+                predictions.flush()
+                errors.flush()
         if failed:
             more = f" ({failed - FAILURES_SHOWN} not shown above)" if failed > FAILURES_SHOWN else ""
             print(f"[unet-ray] {failed} image(s) failed{more}: every path and reason is in "
                   f"{config.output}/errors/*.parquet; a rerun retries them", file=sys.stderr, flush=True)
         return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler's time limit) ends the run as Ctrl-C does:
+    the rows whose files are written are committed, and the job says how to go on.
+
+    Otherwise the C++ failure-signal handler the driver carries once Ray and TensorFlow are loaded
+    (absl's, which logs "*** SIGTERM received") runs first: Ray's Python handler then exits, but
+    about 3 s later the process aborts (exit 134, nothing said), cutting short a commit still under
+    way. A handler set from Python replaces it for the run.
+    """
+    if threading.current_thread() is not threading.main_thread():  # the only thread that may set one
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        # None: a handler not set from Python, which cannot be put back; the default then ends the process.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def connect_ray(config):

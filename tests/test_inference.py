@@ -445,6 +445,33 @@ def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_p
     assert infer(config) == {"ok": 0, "failed": 0, "skipped": 8}
 
 
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, model_dir):
+    # `kill`, `timeout`, `ray job stop` and schedulers send SIGTERM. In a process of its own: the C++
+    # failure-signal handler that Ray and TensorFlow bring would abort it 3 s later (exit 134).
+    scenes.write_scenes(tmp_path / "frames", 6, seed=2)
+    script = "\n".join([
+        "import os, signal, sys",
+        "from distributed import inference_output",
+        "from jobs import infer",
+        "write_images, written = inference_output.write_images, []",
+        "def terminated_at_the_second_batch(output, batch, *rest):",
+        "    if written:",
+        "        os.kill(os.getpid(), signal.SIGTERM)",
+        "    written.extend(batch['path'])",
+        "    return write_images(output, batch, *rest)",
+        "inference_output.write_images = terminated_at_the_second_batch",
+        "sys.exit(infer.main(sys.argv[1:]))",
+    ])
+    out = tmp_path / "out"
+    job = subprocess.run([sys.executable, "-c", script, "--model", str(model_dir / "model.keras"),
+                          "--input", str(tmp_path / "frames"), "--output", str(out), "--batch-size", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert job.returncode == 130, job.stderr[-3000:]
+    assert "interrupted: the same command goes on, skipping the images already written" in job.stderr
+    masks = sorted(path.name for path in (out / "masks").iterdir())
+    assert masks and sorted(read_table(out / "predictions")["path"].to_pylist()) == masks
+
+
 def test_the_driver_gets_at_most_a_parquet_parts_rows_at_a_time(tmp_path, ray_session, model_dir, monkeypatch):
     # Ray Data would cut any number of inputs into 200 blocks, each back as one batch: 5,000 frames'
     # masks at once from a million, and as many finished frames per actor lost to a crash.
