@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -491,6 +492,24 @@ def test_the_driver_gets_at_most_a_parquet_parts_rows_at_a_time(tmp_path, ray_se
                          batch_size=1, rows_per_file=1, formats=("parquet",))
     assert infer(config) == {"ok": 201, "failed": 0, "skipped": 0}
     assert sum(batches) == 201 and max(batches) == 1, batches
+
+
+def test_a_named_pipe_among_the_frames_fails_instead_of_waiting_forever(tmp_path):
+    images = tmp_path / "CameraRGB"
+    scenes.write_scenes(tmp_path, 1)
+    os.mkfifo(images / "pipe.png")
+    filesystem, root = ingest.open_root(str(images))
+    paths = inference.list_images(filesystem, root)[0]
+    read = {}
+    reader = threading.Thread(daemon=True, target=lambda: read.update(
+        inference.read_images({"path": np.array(paths, object)}, filesystem, root, SIZE, keep_bytes=False)))
+    reader.start()
+    reader.join(timeout=60)
+    if reader.is_alive():  # waiting for a writer: give it one that writes nothing, and the read ends
+        os.close(os.open(images / "pipe.png", os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+    assert read["error"].tolist() == [
+        f"{images}/pipe.png: not a regular file (a named pipe, socket or device), so not a frame", ""]
 
 
 def test_two_images_that_would_write_one_mask_file_are_refused_only_when_files_are_written(tmp_path):
