@@ -114,7 +114,7 @@ def infer(config: InferConfig):
         errors = inference_output.PartWriter(output, "errors", config.rows_per_file)
         ok = failed = 0
         # After Ray connects, whose own handler this replaces.
-        with sigterm_as_ctrl_c():
+        with sigterm_as_ctrl_c(), stopped_if_full(config.output):
             try:
                 if pending:
                     pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes),
@@ -137,6 +137,20 @@ def infer(config: InferConfig):
             print(f"[unet-ray] {failed} image(s) failed{more}: every path and reason is in "
                   f"{config.output}/errors/*.parquet; a rerun retries them", file=sys.stderr, flush=True)
         return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
+
+
+@contextlib.contextmanager
+def stopped_if_full(output):
+    """An output that takes no more files ends the job with one error that says how to go on, not a
+    traceback: the rows committed before are kept, and those since are predicted again by a rerun."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in inference_output.OUTPUT_FULL:
+            raise
+        raise ValueError(f"--output {output}: cannot take more files ({os.strerror(error.errno)}); the frames "
+                         f"committed before are kept: make room, then the same command goes on from "
+                         f"them") from None
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@ and the Parquet tables of predictions and errors, the ledger of which inputs are
 The driver writes everything here, a batch at a time, as the batches come back from the actors.
 """
 
+import contextlib
+import errno
 import json
 import sys
 import time
@@ -24,6 +26,9 @@ SETTINGS_FILE = "output_settings.json"
 # one at a time, a million frames' masks and overlays would take a day to upload.
 WRITERS = 16
 OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow's names of the filesystems whose uploads are atomic
+# The output takes no more files (full, over quota, read-only): not one frame's fault, and every frame
+# after it would fail alike, so the job stops instead of filling errors/ with the rest of the input.
+OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def output_png_name(relative):
@@ -59,6 +64,8 @@ def write_images(output, batch, config, source):
             for folder, column in columns:
                 output.write(output_path(folder, output_png_name(relative)), batch[column][index])
         except OSError as error:
+            if error.errno in OUTPUT_FULL:
+                raise
             return f"{source}/{relative}: its output cannot be written ({error})"
         return ""
 
@@ -164,16 +171,17 @@ class Output:
                 stream.write(content)
             return
         temporary = f"{self.staging}/{uuid.uuid4().hex}.tmp"
-        with self.filesystem.open_output_stream(temporary) as stream:
-            stream.write(content)
         folder = path.rsplit("/", 1)[0]
         try:
+            with self.filesystem.open_output_stream(temporary) as stream:
+                stream.write(content)
             if folder not in self.folders:
                 self.filesystem.create_dir(folder, recursive=True)
                 self.folders.add(folder)
             self.filesystem.move(temporary, path)
         except OSError:
-            self.filesystem.delete_file(temporary)
+            with contextlib.suppress(OSError):  # never made, when the output is full or read-only
+                self.filesystem.delete_file(temporary)
             raise
 
 

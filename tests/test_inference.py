@@ -1,6 +1,7 @@
 """Batch inference on a real local Ray: real PNG/JPEG files in, Parquet and PNG out, read back."""
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -471,6 +472,30 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, model_dir):
     assert "interrupted: the same command goes on, skipping the images already written" in job.stderr
     masks = sorted(path.name for path in (out / "masks").iterdir())
     assert masks and sorted(read_table(out / "predictions")["path"].to_pylist()) == masks
+
+
+def test_an_output_that_fills_up_stops_the_job_with_one_error_not_a_failure_per_frame(tmp_path, ray_session,
+                                                                                     model_dir, monkeypatch, capsys):
+    scenes.write_scenes(tmp_path / "frames", 6, seed=2)
+    out = tmp_path / "out"
+    write, masks = inference_output.Output.write, []
+
+    def full_after_two_masks(self, relative, content):
+        if len(masks) >= 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        masks.extend([relative] if relative.startswith("masks/") else [])
+        return write(self, relative, content)
+
+    monkeypatch.setattr(inference_output.Output, "write", full_after_two_masks)
+    argv = ["--model", str(model_dir / "model.keras"), "--input", str(tmp_path / "frames"), "--output", str(out),
+            "--batch-size", "2"]
+    assert infer_job.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: --output {out}: cannot take more files (No space left on device); the frames committed " in err
+    assert "failed:" not in err and not (out / "errors").exists()  # no frame of the rest is blamed
+    monkeypatch.undo()
+    assert infer(InferConfig(model=str(model_dir / "model.keras"), input=str(tmp_path / "frames"),
+                             output=str(out))) == {"ok": 6, "failed": 0, "skipped": 0}
 
 
 def test_the_driver_gets_at_most_a_parquet_parts_rows_at_a_time(tmp_path, ray_session, model_dir, monkeypatch):
