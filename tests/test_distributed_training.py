@@ -455,6 +455,32 @@ def test_the_workers_score_every_validation_frame_once_between_them(ray_session)
     assert counts[:, 1:].sum() == 0
 
 
+def test_workers_whose_weights_differ_are_reported_out_of_sync(ray_session):
+    # The training tests can only see weights_in_sync True; a check that never says False would
+    # pass them all, and a run whose gradients were not all-reduced would go unnoticed.
+    rows = [{"image": np.zeros((4, 4, 3), np.float32), "mask": np.zeros((4, 4), np.uint8)} for _ in range(4)]
+    config = TrainConfig(n_classes=3, batch_size=2)
+
+    def model_with_bias(bias):
+        model = tf.keras.Sequential([tf.keras.Input((1,)), tf.keras.layers.Dense(1)])
+        model.set_weights([np.ones((1, 1), np.float32), np.array([bias], np.float32)])
+        return model
+
+    def predict_class_0(images):
+        return tf.one_hot(tf.zeros(images.shape[:3], tf.int32), 3)
+
+    def scored_by_rank_0(rank_0_model, rank_1_model):
+        """Rank 0's figures once its sums are all-reduced with rank 1's."""
+        rank_1 = []
+        evaluate(rank_1_model, predict_class_0, lambda local: rank_1.append(local) or local,
+                 ray.data.from_items(rows), 1, 2, config)
+        return evaluate(rank_0_model, predict_class_0, lambda local: local + rank_1[0],
+                        ray.data.from_items(rows), 0, 2, config)
+
+    assert scored_by_rank_0(model_with_bias(0.5), model_with_bias(0.5))["weights_in_sync"] is True
+    assert scored_by_rank_0(model_with_bias(0.5), model_with_bias(0.501))["weights_in_sync"] is False
+
+
 def test_the_workers_get_the_class_balance_of_the_training_masks_the_recipe_asks_for(ray_session):
     masks = np.array([0] * 60 + [1] * 30 + [2] * 10, np.uint8).reshape(4, 5, 5)  # 60, 30 and 10 pixels
     frames = ray.data.from_items([{"image": np.zeros((5, 5, 3), np.float32), "mask": mask} for mask in masks])
