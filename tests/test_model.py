@@ -93,6 +93,12 @@ def test_unet_model_matches_the_classic_exercise():
 def test_unet_model_other_sizes():
     model = unet_model((64, 80, 3), n_filters=8, n_classes=5)
     assert model.output_shape == (None, 64, 80, 5)
+    # The output's shape alone holds with n_filters ignored: every layer is the classic table's at
+    # this size, with a quarter of its filters and 5 classes.
+    last = len(CLASSIC_UNET) - 1
+    expected = [(kind, (height * 64 // 96, width * 80 // 128, 5 if index == last else channels // 4))
+                for index, (kind, (height, width, channels), _) in enumerate(CLASSIC_UNET)]
+    assert [row[:2] for row in layer_table(model)] == expected
 
 
 @pytest.mark.parametrize("size", [(100, 128, 3), (96, 120, 3), (0, 128, 3)])
