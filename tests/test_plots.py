@@ -6,6 +6,7 @@ import pytest
 from matplotlib.colors import to_rgb
 from PIL import Image
 
+from unet_core import plots
 from unet_core.classes import N_CLASSES, PALETTE
 from unet_core.plots import colorize, overlay, save_confusion_matrix, save_curves, save_previews
 
@@ -161,14 +162,22 @@ def test_save_previews_rejects_mismatched_inputs(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
-def test_save_confusion_matrix_with_empty_row_raises_no_warnings(tmp_path):
+def test_save_confusion_matrix_with_empty_row_raises_no_warnings(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     confusion = rng.integers(0, 1000, size=(N_CLASSES, N_CLASSES))
     confusion[3] = 0  # a class with no true pixels in the evaluation set
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         path = save_confusion_matrix(confusion, tmp_path / "confusion.png")
     _assert_real_png(path, min_side=300)
+    # A real PNG without warnings holds for any normalisation: the heatmap must draw each true
+    # class's row as fractions of its own pixels, and the empty row blank, not as zeros.
+    drawn = figures[0].axes[0].images[0].get_array()
+    others = np.arange(N_CLASSES) != 3
+    assert np.ma.getmaskarray(drawn)[3].all() and not np.ma.getmaskarray(drawn)[others].any()
+    np.testing.assert_allclose(drawn.data[others], (confusion / confusion.sum(axis=1, keepdims=True).clip(1))[others])
 
 
 def test_save_confusion_matrix_rejects_bad_shapes(tmp_path):
