@@ -31,7 +31,7 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out.strip().splitlines()
     metrics = json.loads(printed[-1])
-    assert any(line.startswith("mean") for line in printed[:-1])  # the table comes first
+    table = [line.split() for line in printed[:-1]]  # the table comes first
     images, masks, names = data.load_pairs(tmp_path / "frames", SIZE, 23)
     model = tf.keras.models.load_model(model_path, compile=False)
     logits = model.predict(images, verbose=0).astype(np.float64)
@@ -43,6 +43,13 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
     assert metrics["mean_iou_truth_classes"] == pytest.approx(expected["mean_iou_truth_classes"])  # RESULTS.md's
     assert metrics["per_class_iou"] == pytest.approx(expected["iou_per_class"])
     assert metrics["frames"] == 7
+    # The printed table: a row per class scored, then the mean IoU and the pixel accuracy.
+    assert table[0] == ["class", "IoU"] and [row[0] for row in table[1:-1]] == list(expected["iou_per_class"])
+    assert [float(row[1]) for row in table[1:-1]] == pytest.approx(list(expected["iou_per_class"].values()),
+                                                                   abs=5e-5)
+    assert table[-1][0] == "mean" and table[-1][2:4] == ["pixel", "accuracy"]
+    assert float(table[-1][1]) == pytest.approx(expected["mean_iou"], abs=5e-5)
+    assert float(table[-1][4]) == pytest.approx(expected["pixel_accuracy"], abs=5e-5)
     # Softmax cross-entropy per pixel, from first principles: log-sum-exp of the logits less the
     # true class's logit, averaged over every pixel of every frame (batches of 3 weigh by pixels).
     top = logits.max(axis=-1, keepdims=True)
