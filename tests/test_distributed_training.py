@@ -69,9 +69,10 @@ def assert_scores_as_reported(config, model, row):
 
 def assert_validation_counted_once(config, row):
     """The weights the checkpoint of that epoch was scored with (the moving average, when the run
-    keeps one) score as reported."""
+    keeps one) score as reported. Returns the checkpoint's model, holding its raw weights again."""
     with averaged_weights(checkpoint_model(checkpoint_dirs(config)[row["epoch"]])) as model:
         assert_scores_as_reported(config, model, row)
+    return model
 
 
 def test_two_workers_train_validate_and_resume(tmp_path, ray_session, monkeypatch):
@@ -99,14 +100,14 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session, monkeypatc
     assert {layer.dtype_policy.name for layer in model.layers} == {"float32"} and model.optimizer is None
 
     # Validation is counted once over the whole set, though two workers share it.
-    assert_validation_counted_once(config, saved[-1])
+    trained = assert_validation_counted_once(config, saved[-1])  # in the precision training scored in
+    assert trained.jit_compile is False  # compiled as the rows say, not only reported so
     # Only the last epoch checkpointed (checkpoint_every 10), yet the export holds the weights the
     # best epoch was scored with, whichever it was, and the checkpoint carries them for a resume.
     assert list(checkpoint_dirs(config)) == [2]
     _, best = checkpoint.read(checkpoint_dirs(config)[2])
     assert len(best) == len(model.get_weights())
     assert all(np.array_equal(b, e) for b, e in zip(best, model.get_weights()))
-    trained = checkpoint_model(checkpoint_dirs(config)[2])  # in the precision training scored in
     # The moving average (of epoch 1 or 2), never the raw weights training goes on from.
     assert not all(np.allclose(raw, b) for raw, b in zip(trained.get_weights(), best))
     trained.set_weights(best)
@@ -170,7 +171,9 @@ def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_ba
     # Epochs 2 and 3 ran after the restart, which loaded epoch 1's checkpoint, not nothing.
     assert [row["resumed_from_epoch"] for row in history] == [0, 1, 1]
     assert all(row["jit_compile"] is True for row in history)
-    assert_validation_counted_once(config, history[max(checkpoint_dirs(config)) - 1])  # the kept checkpoint's epoch
+    kept = assert_validation_counted_once(config, history[max(checkpoint_dirs(config)) - 1])  # the kept epoch's
+    # The rows' jit_compile is the run's own word: the model it trained was compiled with XLA.
+    assert kept.jit_compile is True
     with open(os.path.join(config.output, "skipped.json")) as file:
         skipped = json.load(file)
     assert list(skipped) == ["scene_000005.png"] and "scene_000005.png" in skipped["scene_000005.png"]
