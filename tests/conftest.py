@@ -60,6 +60,40 @@ def ray_session():
     yield
 
 
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory, ray_session):
+    """`python -m jobs.quickstart --smoke --epochs 2`, run once for the session: tests/test_quickstart.py
+    checks its artifacts and console, and the two-worker test of tests/test_distributed_training.py
+    the training run inside it, which is that test's own smoke run (it checks the TrainConfig is), so
+    the suite trains it once, not twice. Returns the output, the exit code, what reached stdout and
+    stderr, and train()'s config, return value and the Ctrl-C handler before and after it."""
+    import contextlib
+    import signal
+    from types import SimpleNamespace
+
+    from distributed import training
+    from jobs import quickstart
+    from unet_core import scenes
+
+    output = tmp_path_factory.mktemp("quickstart")
+    scenes.write_scenes(output / "new_frames", 7, seed=1)  # left by an earlier run with --new-frames 7
+    run, train = SimpleNamespace(output=output), training.train
+
+    def recorded(config):
+        run.config, run.ctrl_c_before = config, signal.getsignal(signal.SIGINT)
+        run.history = train(config)
+        run.ctrl_c_after = signal.getsignal(signal.SIGINT)
+        return run.history
+
+    # As capsys would: Ray prints the workers' forwarded lines to whatever sys.stdout and sys.stderr are.
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        patch.setattr(training, "train", recorded)
+        run.code = quickstart.main(["--output", str(output), "--smoke", "--epochs", "2", "--new-frames", "5"])
+    run.out, run.err = out.getvalue(), err.getvalue()
+    return run
+
+
 @pytest.fixture
 def s3_bucket(monkeypatch):
     """A bucket `unet` on a local S3 (moto's server, in a thread): the s3:// paths a cluster user

@@ -75,11 +75,13 @@ def assert_validation_counted_once(config, row):
     return model
 
 
-def test_two_workers_train_validate_and_resume(tmp_path, ray_session, monkeypatch):
-    config = smoke_config(tmp_path, epochs=2)
-    ctrl_c = signal.getsignal(signal.SIGINT)
-    history = train(config)
-    assert signal.getsignal(signal.SIGINT) is ctrl_c  # Ray Train's handler for the run is gone
+def test_two_workers_train_validate_and_resume(tmp_path, ray_session, quickstart_run, monkeypatch):
+    # The quickstart's training is this test's smoke run: shared (conftest.py), it is trained once.
+    assert quickstart_run.code == 0, quickstart_run.err[-5000:]
+    config = dataclasses.replace(smoke_config(tmp_path, epochs=2), output=quickstart_run.config.output)
+    assert quickstart_run.config == config
+    history = quickstart_run.history
+    assert quickstart_run.ctrl_c_after is quickstart_run.ctrl_c_before  # Ray Train's handler for the run is gone
 
     with open(os.path.join(config.output, "metrics.json")) as file:
         saved = json.load(file)

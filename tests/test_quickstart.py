@@ -7,21 +7,19 @@ import pytest
 from PIL import Image
 
 from jobs import quickstart
-from unet_core import scenes
 
 
-def test_quickstart_runs_the_product_end_to_end(tmp_path, ray_session, capsys):
-    scenes.write_scenes(tmp_path / "new_frames", 7, seed=1)  # left by an earlier run with --new-frames 7
-    assert quickstart.main(["--output", str(tmp_path), "--smoke", "--epochs", "1", "--new-frames", "5"]) == 0
+def test_quickstart_runs_the_product_end_to_end(quickstart_run):
+    # --smoke --epochs 2 --new-frames 5 into a directory with 7 frames in new_frames/ (conftest.py).
+    tmp_path, console = quickstart_run.output, quickstart_run.out + quickstart_run.err
+    assert quickstart_run.code == 0, console[-5000:]
     # The summary is the job's last line of its own; Ray may still stream a worker's or actor's
     # log line to the driver's stdout after it, so the test finds it rather than taking the last.
-    captured = capsys.readouterr()
-    printed = captured.out.strip().splitlines()
-    console = captured.out + captured.err
+    printed = quickstart_run.out.strip().splitlines()
     # Ray Train's placement-group cleaner warns every second on a local Ray unless silenced; Ray
     # Train and Ray Data log five lines of their own every epoch unless silenced. The epoch's own
     # line shows that the workers' console does reach this one.
-    assert "[unet-ray] epoch 1/1" in console
+    assert "[unet-ray] epoch 2/2" in console
     assert "Failed to query Ray Train Controller actor state" not in console
     assert "Reporting training result" not in console and "Dataset val_" not in console
     summary = json.loads(next(line for line in reversed(printed) if line.startswith('{"pixel_accuracy"')))
