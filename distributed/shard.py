@@ -81,12 +81,13 @@ def read_into_memory(train_shard):
     """(images, masks) of one whole pass over a worker's shard, as variables in frame-name order:
     Ray Data hands blocks over in no fixed order, and the epochs' permutations must not depend on it.
 
-    Each batch is copied to its rows and let go, into variables whose memory is only taken as
-    rows fill, so the worker holds the shard once, not once per copy: a tf.constant of it kept
-    two copies, and tf.data copied a captured constant once more when it rewrote the pipeline
-    (a variable it passes by handle).
+    Each block is copied to its rows, into variables whose memory is only taken as rows fill, so
+    the worker holds the shard once, not once per copy: a tf.constant of it kept two copies, and
+    tf.data copied a captured constant once more when it rewrote the pipeline (a variable it
+    passes by handle). The blocks are read in place, in Ray's object store (`block_arrays`).
     """
-    parts = list(train_shard.iter_batches(batch_size=256, batch_format="numpy"))
+    parts = [block_arrays(batch) for table in train_shard.iter_batches(batch_size=None, batch_format="pyarrow")
+             for batch in table.to_batches()]
     names = np.concatenate([part["name"] for part in parts])
     position = np.empty(len(names), np.int64)
     position[np.argsort(names, kind="stable")] = np.arange(len(names))
@@ -102,6 +103,20 @@ def read_into_memory(train_shard):
                 variable.scatter_nd_update(rows, part[column])
             start += len(rows)
     return held["image"], held["mask"]
+
+
+def block_arrays(batch):
+    """A record batch of a shard's block as numpy arrays, the images and masks views of the
+    block's buffers in Ray's object store (shared memory the store already counts).
+
+    Not Ray Data's numpy batches: those are copies in pyarrow's memory pool (a batch's blocks, or
+    a block's chunks, joined into one array), and the pool (mimalloc) kept the pages of that copy
+    of the whole shard after it was let go, until Ray Data next allocated in it at the first
+    epoch's validation: one more shard's worth of private memory through epoch 1. A record
+    batch's columns are single chunks, viewed as they are.
+    """
+    return {"name": batch.column("name").to_numpy(zero_copy_only=False),
+            **{column: batch.column(column).to_numpy_ndarray() for column in ("image", "mask")}}
 
 
 def fits_in_memory(rows, config):
