@@ -17,10 +17,8 @@ import io
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
-import threading
 import zipfile
 
 import numpy as np
@@ -114,7 +112,7 @@ def infer(config: InferConfig):
         errors = inference_output.PartWriter(output, "errors", config.rows_per_file)
         ok = failed = 0
         # After Ray connects, whose own handler this replaces.
-        with sigterm_as_ctrl_c(), stopped_if_full(config.output):
+        with runtime.sigterm_as_ctrl_c(), stopped_if_full(config.output):
             try:
                 if pending:
                     pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes),
@@ -151,31 +149,6 @@ def stopped_if_full(output):
         raise ValueError(f"--output {output}: cannot take more files ({os.strerror(error.errno)}); the frames "
                          f"committed before are kept: make room, then the same command goes on from "
                          f"them") from None
-
-
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler's time limit) ends the run as Ctrl-C does:
-    the rows whose files are written are committed, and the job says how to go on.
-
-    Otherwise the C++ failure-signal handler the driver carries once Ray and TensorFlow are loaded
-    (absl's, which logs "*** SIGTERM received") runs first: Ray's Python handler then exits, but
-    about 3 s later the process aborts (exit 134, nothing said), cutting short a commit still under
-    way. A handler set from Python replaces it for the run.
-    """
-    if threading.current_thread() is not threading.main_thread():  # the only thread that may set one
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        # None: a handler not set from Python, which cannot be put back; the default then ends the process.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def connect_ray(config):

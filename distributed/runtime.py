@@ -1,7 +1,10 @@
-"""Starting or joining Ray, and the environment every worker and actor runs with."""
+"""Starting or joining Ray, the environment every worker and actor runs with, and SIGTERM in a driver running Ray."""
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 
 import ray
 
@@ -43,6 +46,35 @@ def disconnect():
     global started_local_ray
     ray.shutdown()
     started_local_ray = False
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler's time limit) ends what runs inside in
+    KeyboardInterrupt, as Ctrl-C does. Entered once Ray is started or joined.
+
+    Otherwise the C++ failure-signal handler the driver carries once Ray and TensorFlow are loaded
+    (absl's, which logs "*** SIGTERM received") runs first: Ray's Python handler then exits, but
+    about 3 s later the process aborts (exit 134, nothing said), cutting short what is still under
+    way (a commit, Ray's shutdown). A handler set from Python replaces it.
+
+    Not Ray Train's Ctrl-C handler, which waits for its run to abort: `timeout` and schedulers signal
+    every process of the job, and the local Ray's GCS, gone with them, would never answer (exit 1 a
+    minute later). The driver's end takes its run down with it, as a lost driver's does.
+    """
+    if threading.current_thread() is not threading.main_thread():  # the only thread that may set one
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        # None: a handler not set from Python, which cannot be put back; the default then ends the process.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def set_up_local_worker():

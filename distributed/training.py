@@ -35,7 +35,8 @@ from unet_core.training import (
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
     held, resumed = check_before_start(config)
-    with held:  # the run's hold on --output, until it ends
+    # The run's hold on --output, until it ends; SIGTERM once Ray runs, from the data's ingest to the export.
+    with held, runtime.sigterm_as_ctrl_c():
         return run_training(config, resumed)
 
 

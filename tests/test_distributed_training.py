@@ -6,6 +6,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -17,7 +19,7 @@ import ray
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from distributed import checkpoint, ingest, runtime, training
+from distributed import checkpoint, ingest, progress, runtime, training
 from distributed.config import TrainConfig
 from distributed.runtime import native_bfloat16
 from distributed.training import (
@@ -214,6 +216,38 @@ def test_ctrl_c_aborts_the_run_frees_its_workers_and_says_how_to_resume(tmp_path
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.time() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def test_sigterm_aborts_the_run_as_ctrl_c_does(tmp_path):
+    # `kill`, `timeout`, `ray job stop` and schedulers send SIGTERM; `timeout` and schedulers to every
+    # process of the job, the local Ray's GCS and raylet too. In a session of its own: the C++
+    # failure-signal handler that Ray and TensorFlow bring would abort it 3 s later (exit 134), unless
+    # the process, tearing its Ray down meanwhile, happened to end first; waiting for Ray Train's
+    # abort, it would wait a minute for the GCS gone with it, then exit 1.
+    output = tmp_path / "run"
+    script = "\n".join([
+        "import os, signal, sys, threading, time",
+        "from jobs import train",
+        "output = sys.argv[sys.argv.index('--output') + 1]",
+        "run_dir = output + '/ray_results/unet'",
+        "def saved():",
+        "    return os.path.isdir(run_dir) and any(name.startswith('checkpoint_') for name in os.listdir(run_dir)) \\",
+        "        and os.path.exists(output + '/metrics.json')",
+        "def sigterm_once_a_checkpoint_is_saved():",
+        "    while not saved():",
+        "        time.sleep(0.2)",
+        "    os.killpg(0, signal.SIGTERM)",
+        "threading.Thread(target=sigterm_once_a_checkpoint_is_saved, daemon=True).start()",
+        "sys.exit(train.main(sys.argv[1:]))",
+    ])
+    job = subprocess.run([sys.executable, "-c", script, "--smoke", "--output", str(output), "--epochs", "1000",
+                          "--checkpoint-every", "1"], capture_output=True, text=True, timeout=600,
+                         start_new_session=True)
+    assert job.returncode == 130, job.stderr[-3000:]
+    assert "SIGTERM received" not in job.stderr  # the C++ handler's line: it never ran
+    assert "interrupted: the same command resumes from the run's last checkpoint" in job.stderr
+    assert progress.read_history(output)  # whole: no write of it was cut short
+    ingest.hold(*ingest.open_output(str(output)), "the rerun").close()  # the run's hold went with it
 
 
 def test_the_last_line_printed_is_the_exported_epoch_not_the_last(monkeypatch, capsys):

@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -75,6 +77,28 @@ def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(training, "train", interrupted)
     assert quickstart.main(["--output", str(tmp_path), "--smoke"]) == 130
     assert "interrupted: the same command goes on where it stopped" in capsys.readouterr().err
+
+
+def test_sigterm_after_training_exits_130_and_says_a_rerun_goes_on(tmp_path):
+    # In a process of its own, where Ray runs as training leaves it: Ray's handlers would end a SIGTERM
+    # (`ray job stop`, `timeout`) in exit 15 and a C++ abort 3 s later instead.
+    script = "\n".join([
+        "import os, signal, sys, time",
+        "from distributed import evaluation, inference, runtime, training",
+        "from jobs import quickstart",
+        "training.train = lambda config: runtime.connect(num_cpus=1)",
+        "inference.infer = lambda config: {'ok': 1, 'failed': 0, 'skipped': 0}",
+        "def terminated(config):",
+        "    os.kill(os.getpid(), signal.SIGTERM)",
+        "    time.sleep(60)",
+        "evaluation.evaluate = terminated",
+        "sys.exit(quickstart.main(sys.argv[1:]))",
+    ])
+    job = subprocess.run([sys.executable, "-c", script, "--output", str(tmp_path), "--smoke", "--new-frames", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert job.returncode == 130, job.stderr[-3000:]
+    assert "SIGTERM received" not in job.stderr
+    assert "interrupted: the same command goes on where it stopped" in job.stderr
 
 
 def test_a_rerun_with_another_network_is_told_to_pass_another_output(tmp_path, monkeypatch, capsys):
