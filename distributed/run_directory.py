@@ -1,6 +1,7 @@
 """What a training run leaves in `--output` (the best model, metrics, curves, previews, its generated
 scenes), and which reruns may resume it (the settings and frames it was started with)."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import pyarrow.fs
 import tensorflow as tf
 
 from distributed import inference, ingest, progress
+from distributed.inference_output import OUTPUT_FULL
 from distributed.config import DEFAULT_STORAGE
 from unet_core import data, plots, scenes, unet_model
 from unet_core.classes import class_names
@@ -153,7 +155,18 @@ def write_skipped(output, skipped):
 
 def write(config, history, best_weights, val_frames):
     """Fill the run directory from a finished run's history and the weights its best epoch was
-    scored with."""
+    scored with. An output that takes no more files is one error that says how to go on."""
+    try:
+        write_files(config, history, best_weights, val_frames)
+    except OSError as error:
+        if error.errno not in OUTPUT_FULL:
+            raise
+        raise ValueError(f"--output {config.output}: cannot take more files ({os.strerror(error.errno)}), so the run's "
+                         f"files were not all written; its checkpoints are kept: make room, then the same command "
+                         f"writes them again") from None
+
+
+def write_files(config, history, best_weights, val_frames):
     model_path = os.path.join(config.output, "model.keras")
     export_model(config, best_weights, model_path)
 
@@ -175,5 +188,10 @@ def export_model(config, weights, path):
     tf.keras.mixed_precision.set_global_policy("float32")  # the driver trains nothing itself
     model = unet_model((*config.image_size, 3), config.n_filters, config.n_classes)
     model.set_weights(weights)
-    model.save(path + ".tmp.keras", save_format="keras_v3")
-    os.replace(path + ".tmp.keras", path)
+    try:
+        model.save(path + ".tmp.keras", save_format="keras_v3")
+        os.replace(path + ".tmp.keras", path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a half-written model, on a full disk, would hold space for nothing
+            os.remove(path + ".tmp.keras")
+        raise

@@ -24,6 +24,7 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from distributed import checkpoint, ingest, progress, runtime, run_directory, shard
 from distributed.failure_injection import FailOnce
+from distributed.inference_output import OUTPUT_FULL
 from distributed.config import TrainConfig, TrainingFailed, refuse_relative_output
 from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
@@ -207,6 +208,14 @@ def fit(trainer):
     except SystemExit as aborted:
         raise KeyboardInterrupt("training interrupted") from aborted
     except ray.train.TrainingFailedError as failed:
+        full = disk_full(failed)
+        if full is not None:
+            # Said alone, not after Ray's traceback: neither the same command nor a restart can go on until there
+            # is room, and the traceback's last line would read as the cause to fix.
+            raise ValueError(
+                f"a disk the run writes to cannot take more files ({full}): --output (metrics), --storage-path "
+                f"(checkpoints) or a node's temporary directory; the checkpoints saved before are kept: make room, "
+                f"then the same command resumes from the last") from None
         raise TrainingFailed(
             f"{failed}\ntraining failed: the same command resumes from the run's last checkpoint (one every "
             f"--checkpoint-every epochs); --max-failures N has Ray Train restart the workers from it by itself"
@@ -214,6 +223,13 @@ def fit(trainer):
     finally:
         if threading.current_thread() is threading.main_thread():  # where Ray installs it, too
             signal.signal(signal.SIGINT, handler)
+
+
+def disk_full(failed):
+    """The OSError that failed a run (in Ray Train's controller, which writes --output's metrics, or in a
+    worker, which writes checkpoints) when a disk took no more files: full, over quota, read-only; else None."""
+    causes = [getattr(failed, "controller_failure", None), *getattr(failed, "worker_failures", {}).values()]
+    return next((cause for cause in causes if isinstance(cause, OSError) and cause.errno in OUTPUT_FULL), None)
 
 
 def train_loop_per_worker(loop_config):

@@ -1,6 +1,7 @@
 """Ray Train runs on a real local Ray: 2 workers × 1 CPU (1 × 2 for the lone-worker path), the smoke-sized model."""
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -270,6 +271,23 @@ def test_a_failed_run_exits_1_with_ray_trains_error_and_how_to_go_on(monkeypatch
     assert "error: Training failed due to worker errors:\n[Rank 0 Error Snippet]: The actor died unexpectedly" in error
     assert ("training failed: the same command resumes from the run's last checkpoint (one every --checkpoint-every "
             "epochs); --max-failures N has Ray Train restart the workers from it by itself") in error
+
+
+def test_a_disk_that_takes_no_more_files_fails_the_run_with_one_error_that_says_to_make_room(monkeypatch, capsys):
+    full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+    for error in (ray.train.ControllerError(full),  # metrics into --output, Ray Train's record of checkpoints
+                  ray.train.WorkerGroupError("[Rank 0 Error Snippet]: OSError", {0: full}),  # a checkpoint
+                  ray.train.WorkerGroupError("", {1: OSError(errno.EROFS, "Read-only file system")})):
+        class Fails:
+            def fit(self):
+                raise error
+
+        monkeypatch.setattr(training, "train", lambda config: training.fit(Fails()))
+        assert train_job.main(["--smoke"]) == 2
+        message = capsys.readouterr().err
+        assert message.startswith("error: a disk the run writes to cannot take more files ([Errno")
+        assert "--storage-path (checkpoints)" in message and "make room, then the same command resumes" in message
+        assert "--max-failures" not in message  # restarts would fail alike
 
 
 def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ray_session, capfd, monkeypatch):

@@ -1,14 +1,17 @@
 """The run directory: generated scenes, and which reruns may resume a run."""
 
 import dataclasses
+import errno
 import json
 import os
 
 import pytest
 import ray
+import tensorflow as tf
 
 from distributed import run_directory
 from distributed.config import TrainConfig
+from unet_core import unet_model
 
 FRAMES = "2 training / 1 validation frames, names sha256:0123456789abcdef"
 
@@ -105,4 +108,21 @@ def test_a_run_that_goes_on_keeps_no_earlier_list_of_skipped_or_unreadable_frame
     assert json.loads((tmp_path / "skipped.json").read_text()) == {"a.png": "truncated"}
     assert not (tmp_path / "unreadable.txt").exists()
     run_directory.write_skipped(str(tmp_path), {})
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_output_that_fills_up_at_the_export_is_one_error_and_leaves_no_half_written_model(tmp_path,
+                                                                                               monkeypatch):
+    config = TrainConfig(output=str(tmp_path)).smoke()
+    weights = unet_model((*config.image_size, 3), config.n_filters, config.n_classes).get_weights()
+
+    def full_midway(model, path, **kwargs):
+        with open(path, "wb") as file:
+            file.write(b"PK")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tf.keras.Model, "save", full_midway)
+    with pytest.raises(ValueError, match=f"--output {tmp_path}: cannot take more files \\(No space left on device\\)"
+                                         ".* make room, then the same command writes them again"):
+        run_directory.write(config, [], weights, None)
     assert os.listdir(tmp_path) == []
