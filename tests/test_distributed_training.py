@@ -491,6 +491,22 @@ def test_a_new_best_beats_every_earlier_epoch():
     assert best_epoch_index(history + [{"val_mean_iou": 0.3}]) == 1  # so the first of a tie is the one kept
 
 
+def test_each_worker_drops_out_its_own_units_the_same_again_after_a_restart():
+    # Every worker sets one global seed so the model starts from the same weights everywhere; with
+    # that seed left in place, every worker's dropout drew the same masks at each step.
+    config = TrainConfig(seed=3)
+
+    def masks(rank):
+        tf.keras.utils.set_random_seed(config.seed)
+        dropout = tf.keras.layers.Dropout(0.3)
+        training.seed_dropout(config, rank)
+        return [dropout(tf.ones((4, 64)), training=True).numpy() != 0 for _ in range(3)]
+
+    rank_0 = masks(0)
+    assert all(np.array_equal(a, b) for a, b in zip(masks(0), rank_0))
+    assert not any(np.array_equal(a, b) for a, b in zip(masks(1), rank_0))
+
+
 def test_the_workers_score_every_validation_frame_once_between_them(ray_session):
     # The reported figures are ratios of all-reduced sums, which stay the same if every worker
     # scored every frame: only the summed pixel and confusion counts tell.
