@@ -11,7 +11,6 @@ predicts again (rewriting their PNGs in place). Failed inputs are retried on eve
 run starts the errors table afresh: every input is in predictions or errors, never in both.
 """
 
-import contextlib
 import hashlib
 import io
 import json
@@ -31,7 +30,8 @@ from PIL import Image
 from distributed import checkpoint, inference_output, runtime
 from distributed.config import InferConfig
 from distributed.ingest import (
-    FAILURES_SHOWN, hold, list_tree, named_if_unusable, open_output, open_root, place_below, read_file, spelled, within,
+    FAILURES_SHOWN, hold, list_tree, named_if_unusable, open_output, open_root, place_below, read_file, spelled,
+    stopped_when_out_of_room, within,
 )
 from unet_core import data, plots
 from unet_core.classes import class_names
@@ -112,7 +112,9 @@ def infer(config: InferConfig):
         errors = inference_output.PartWriter(output, "errors", config.rows_per_file)
         ok = failed = 0
         # After Ray connects, whose own handler this replaces.
-        with runtime.sigterm_as_ctrl_c(), stopped_if_full(config.output):
+        with runtime.sigterm_as_ctrl_c(), stopped_when_out_of_room(
+                f"--output {config.output}", "the frames committed before are kept: make room, then the same command "
+                                             "goes on from them"):
             try:
                 if pending:
                     pipeline = predict_pipeline(pending, input_filesystem, input_root, size, ray.put(model_bytes),
@@ -135,20 +137,6 @@ def infer(config: InferConfig):
             print(f"[unet-ray] {failed} image(s) failed{more}: every path and reason is in "
                   f"{config.output}/errors/*.parquet; a rerun retries them", file=sys.stderr, flush=True)
         return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
-
-
-@contextlib.contextmanager
-def stopped_if_full(output):
-    """An output that takes no more files ends the job with one error that says how to go on, not a
-    traceback: the rows committed before are kept, and those since are predicted again by a rerun."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in inference_output.OUTPUT_FULL:
-            raise
-        raise ValueError(f"--output {output}: cannot take more files ({os.strerror(error.errno)}); the frames "
-                         f"committed before are kept: make room, then the same command goes on from "
-                         f"them") from None
 
 
 def connect_ray(config):

@@ -5,7 +5,6 @@ The driver writes everything here, a batch at a time, as the batches come back f
 """
 
 import contextlib
-import errno
 import json
 import sys
 import time
@@ -18,6 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
 
+from distributed.ingest import is_out_of_room
+
 # Temporary files live here until renamed into place; a run starts by emptying it.
 STAGING = ".staging"
 # The output settings the predictions were made with, which a rerun into the output must keep.
@@ -26,9 +27,6 @@ SETTINGS_FILE = "output_settings.json"
 # one at a time, a million frames' masks and overlays would take a day to upload.
 WRITERS = 16
 OBJECT_STORES = ("s3", "gcs", "abfs")  # pyarrow's names of the filesystems whose uploads are atomic
-# The output takes no more files (full, over quota, read-only): not one frame's fault, and every frame
-# after it would fail alike, so the job stops instead of filling errors/ with the rest of the input.
-OUTPUT_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def output_png_name(relative):
@@ -64,7 +62,7 @@ def write_images(output, batch, config, source):
             for folder, column in columns:
                 output.write(output_path(folder, output_png_name(relative)), batch[column][index])
         except OSError as error:
-            if error.errno in OUTPUT_FULL:
+            if is_out_of_room(error):  # the job stops: errors/ would fill with the rest of the input
                 raise
             return f"{source}/{relative}: its output cannot be written ({error})"
         return ""

@@ -8,6 +8,7 @@ starts rather than in the middle of an epoch.
 """
 
 import contextlib
+import errno
 import fcntl
 import gc
 import hashlib
@@ -252,6 +253,27 @@ def check_validation_apart(uri, val_uri):
         raise ValueError(f"{val_uri}: the validation directory is the training data ({uri}); scores on frames "
                          f"the model trained on say nothing of new ones: pass another --val-data, or none to "
                          f"validate on a held-out split of --data")
+
+
+# A place that takes no more files (full, over quota, read-only): no one file's fault, and every
+# write after it fails alike, so a job stops with one error that says to make room.
+OUT_OF_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def is_out_of_room(error):
+    return isinstance(error, OSError) and error.errno in OUT_OF_ROOM
+
+
+@contextlib.contextmanager
+def stopped_when_out_of_room(place, consequence):
+    """An OSError for a `place` that takes no more files, raised inside, becomes one ValueError:
+    "<place>: cannot take more files (<why>); <consequence>"."""
+    try:
+        yield
+    except OSError as error:
+        if not is_out_of_room(error):
+            raise
+        raise ValueError(f"{place}: cannot take more files ({os.strerror(error.errno)}); {consequence}") from None
 
 
 def read_file(filesystem, path):

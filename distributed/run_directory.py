@@ -11,7 +11,6 @@ import pyarrow.fs
 import tensorflow as tf
 
 from distributed import inference, ingest, progress
-from distributed.inference_output import OUTPUT_FULL
 from distributed.config import DEFAULT_STORAGE
 from unet_core import data, plots, scenes, unet_model
 from unet_core.classes import class_names
@@ -156,14 +155,9 @@ def write_skipped(output, skipped):
 def write(config, history, best_weights, val_frames):
     """Fill the run directory from a finished run's history and the weights its best epoch was
     scored with. An output that takes no more files is one error that says how to go on."""
-    try:
+    with ingest.stopped_when_out_of_room(f"--output {config.output}", "so the run's files were not all written; its "
+                                         "checkpoints are kept: make room, then the same command writes them again"):
         write_files(config, history, best_weights, val_frames)
-    except OSError as error:
-        if error.errno not in OUTPUT_FULL:
-            raise
-        raise ValueError(f"--output {config.output}: cannot take more files ({os.strerror(error.errno)}), so the run's "
-                         f"files were not all written; its checkpoints are kept: make room, then the same command "
-                         f"writes them again") from None
 
 
 def write_files(config, history, best_weights, val_frames):

@@ -24,7 +24,6 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from distributed import checkpoint, ingest, progress, runtime, run_directory, shard
 from distributed.failure_injection import FailOnce
-from distributed.inference_output import OUTPUT_FULL
 from distributed.config import TrainConfig, TrainingFailed, refuse_relative_output
 from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
@@ -229,7 +228,7 @@ def disk_full(failed):
     """The OSError that failed a run (in Ray Train's controller, which writes --output's metrics, or in a
     worker, which writes checkpoints) when a disk took no more files: full, over quota, read-only; else None."""
     causes = [getattr(failed, "controller_failure", None), *getattr(failed, "worker_failures", {}).values()]
-    return next((cause for cause in causes if isinstance(cause, OSError) and cause.errno in OUTPUT_FULL), None)
+    return next((cause for cause in causes if ingest.is_out_of_room(cause)), None)
 
 
 def train_loop_per_worker(loop_config):
