@@ -17,10 +17,15 @@ import pyarrow.fs
 import ray
 import ray.train
 from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+# Ray's own model of its record, to write one again as Ray 2.60 (the version pinned) reads it.
+from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState, _TrainingResultState
+
+from distributed import ingest
 
 MODEL = "model.keras"
 STATE = "state.json"
 BEST = "best_weights.npz"
+RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in its folder
 
 
 def check_reachable(storage_path):
@@ -45,11 +50,14 @@ def is_due(epoch, config):
 def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint):
     """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint.
 
-    Every worker reports every epoch, checkpoint or not: Ray Train counts the reports.
+    Every worker reports every epoch, checkpoint or not: Ray Train counts the reports. Returns the
+    OSError with which --storage-path took no more files (full, over quota, read-only) while rank 0
+    uploaded the checkpoint, else None: a restart would only fail alike, so the caller stops every
+    worker instead of raising, which Ray Train would retry --max-failures times (forever at -1).
     """
     if not with_checkpoint:
         ray.train.report(metrics)
-        return
+        return None
     with tempfile.TemporaryDirectory() as directory:
         # "keras_v3", not the default: tf-keras decides the format from a thread-local flag that
         # reads False in Ray Train's worker thread after the first save, writing HDF5 instead.
@@ -58,7 +66,13 @@ def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint
             json.dump({"history": history, **loss_scale(model)}, file)
         np.savez(os.path.join(directory, BEST), *best_weights)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        try:  # the upload comes after every worker passed the report's barrier: none waits on rank 0 here
+            ray.train.report(metrics, checkpoint=checkpoint)
+        except OSError as error:
+            if not ingest.is_out_of_room(error):
+                raise
+            return error
+    return None
 
 
 def restore(model, checkpoint, steps_per_epoch):
@@ -100,33 +114,87 @@ def resumed_history(storage_path, run_name):
     be restored is named at once: in the workers it would fail each attempt, and Ray Train would
     retry that as a worker failure, --max-failures times (forever at -1)."""
     run = f"{storage_path}/{run_name}"
-    quiet = logging.getLogger("ray.train")  # Ray's note on the snapshot found, which names no flag of ours
-    level = quiet.level
-    quiet.setLevel(logging.WARNING)
     try:
-        latest = ray.train.Result.from_path(run).checkpoint
-    except RuntimeError:  # no snapshot of checkpoints (or no folder): nothing to resume
-        return []
+        latest = latest_checkpoint(run)
     except CheckpointManagerInitializationError as error:
-        raise ValueError(f"{run}: Ray Train's record of the run's checkpoints does not match them ({error}); delete "
-                         f"{run} to train the run afresh, or pass another --run-name or --output") from None
-    finally:
-        quiet.setLevel(level)
+        if not rebuilt_record(run):
+            raise ValueError(f"{run}: Ray Train's record of the run's checkpoints does not match them ({error}); "
+                             f"delete {run} to train the run afresh, or pass another --run-name or --output") from None
+        latest = latest_checkpoint(run)
     if latest is None:
         return []
-    filesystem, path = latest.filesystem, latest.path  # read in place: a bucket's model is not downloaded here
     try:
-        with filesystem.open_input_file(f"{path}/{MODEL}") as file, zipfile.ZipFile(file):
-            pass  # a truncated file has no zip directory at its end
-        with filesystem.open_input_stream(f"{path}/{STATE}") as stream:
-            history = json.loads(stream.read())["history"]
-        if filesystem.get_file_info(f"{path}/{BEST}").type != pyarrow.fs.FileType.File:
-            raise FileNotFoundError(f"{BEST} is missing")
+        return whole_history(latest.filesystem, latest.path)  # read in place: a bucket's model is not downloaded
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise ValueError(f"{latest.path}: the checkpoint run {run_name!r} would resume from cannot be read "
                          f"({type(error).__name__}: {error}); delete {run} to train the run afresh, or pass another "
                          f"--run-name or --output") from None
+
+
+def latest_checkpoint(run):
+    """Ray Train's latest checkpoint of the run in `run` (storage path/run name), or None."""
+    quiet = logging.getLogger("ray.train")  # Ray's note on the snapshot found, which names no flag of ours
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return ray.train.Result.from_path(run).checkpoint
+    except RuntimeError:  # no snapshot of checkpoints (or no folder): nothing to resume
+        return None
+    finally:
+        quiet.setLevel(level)
+
+
+def whole_history(filesystem, path):
+    """The history in the checkpoint at `path`, once each of its files reads whole."""
+    with filesystem.open_input_file(f"{path}/{MODEL}") as file, zipfile.ZipFile(file):
+        pass  # a truncated file has no zip directory at its end
+    with filesystem.open_input_stream(f"{path}/{STATE}") as stream:
+        history = json.loads(stream.read())["history"]
+    if filesystem.get_file_info(f"{path}/{BEST}").type != pyarrow.fs.FileType.File:
+        raise FileNotFoundError(f"{BEST} is missing")
     return history
+
+
+def rebuilt_record(run):
+    """Ray Train truncates its record of a run's checkpoints, then writes it: when the disk fills
+    in between (most likely just after a checkpoint's upload took the last room), the record is
+    left empty or cut short, and Ray Train would refuse the run though its checkpoint folders are
+    whole. Rewrites the record to name the newest whole checkpoint, the one the run would have
+    resumed from, and returns True; returns False if the record reads (it is wrong in another way)
+    or no checkpoint is whole."""
+    filesystem, root = ingest.open_root(run)
+    with filesystem.open_input_stream(f"{root}/{RECORD}") as stream:
+        text = stream.read()
+    try:
+        json.loads(text)
+        return False
+    except ValueError:
+        pass
+    whole = []
+    for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
+            try:
+                whole.append((len(whole_history(filesystem, info.path)), info.base_name))
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+                continue  # the upload the full disk cut short, say
+    if not whole:
+        return False
+    epochs, name = max(whole)  # the most epochs; of equals (a restart's), the newest by Ray's timestamped name
+    with filesystem.open_input_stream(f"{root}/{name}/{STATE}") as stream:
+        metrics = json.loads(stream.read())["history"][-1]  # what the workers reported with it
+    latest = _TrainingResultState(checkpoint_dir_name=name, metrics=metrics)
+    # One report per epoch: the checkpoint was the run's report number `epochs` (0-based: epochs - 1).
+    record = _CheckpointManagerState(
+        checkpoint_results=[latest], checkpoint_report_indices=[epochs - 1], latest_checkpoint_result=latest,
+        pending_training_results=[], pending_validation_specs=[], current_report_index=epochs,
+        validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
+        failed_validation_checkpoint_dir_names=[])
+    with filesystem.open_output_stream(f"{root}/{RECORD}") as stream:
+        stream.write(record.json().encode())
+    print(f"[unet-ray] {run}/{RECORD}: Ray Train's record of the run's checkpoints was left unreadable (by a full "
+          f"disk, most likely) and is written again, naming the newest whole checkpoint, {name} (epoch {epochs})",
+          file=sys.stderr, flush=True)
+    return True
 
 
 def read(directory):
@@ -147,7 +215,8 @@ def remove_untracked(result):
     them in `keep_checkpoints`, never deletes them.
     """
     tracked = {checkpoint.path.rstrip("/") for checkpoint, _ in result.best_checkpoints}
-    tracked.add(result.checkpoint.path.rstrip("/"))
+    if result.checkpoint is not None:  # None when a full disk stopped the run at its first checkpoint
+        tracked.add(result.checkpoint.path.rstrip("/"))
     listing = result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path))
     for info in listing:
         if (info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")

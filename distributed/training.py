@@ -83,8 +83,12 @@ def run_training(config, resumed):
         ),
     )
     result = fit(trainer)
-    diverged = result.return_value  # rank 0's; all-reduced scores make every worker's the same
-    if diverged:
+    stopped = result.return_value or {}  # rank 0's; the workers stop together, on all-reduced figures
+    if "out_of_room" in stopped:
+        checkpoint.remove_untracked(result)  # the half-uploaded one: it holds room the user is asked to make
+        raise out_of_room(stopped["out_of_room"])
+    if "diverged" in stopped:
+        diverged = stopped["diverged"]
         raise ValueError(
             f"{config.output}: training diverged at epoch {diverged['epoch']} (validation loss "
             f"{diverged['val_loss']}), so no model was exported from it; train into another --output with a "
@@ -209,12 +213,8 @@ def fit(trainer):
     except ray.train.TrainingFailedError as failed:
         full = disk_full(failed)
         if full is not None:
-            # Said alone, not after Ray's traceback: neither the same command nor a restart can go on until there
-            # is room, and the traceback's last line would read as the cause to fix.
-            raise ValueError(
-                f"a disk the run writes to cannot take more files ({full}): --output (metrics), --storage-path "
-                f"(checkpoints) or a node's temporary directory; the checkpoints saved before are kept: make room, "
-                f"then the same command resumes from the last") from None
+            # Said alone, not after Ray's traceback: the traceback's last line would read as the cause to fix.
+            raise out_of_room(full) from None
         raise TrainingFailed(
             f"{failed}\ntraining failed: the same command resumes from the run's last checkpoint (one every "
             f"--checkpoint-every epochs); --max-failures N has Ray Train restart the workers from it by itself"
@@ -222,6 +222,15 @@ def fit(trainer):
     finally:
         if threading.current_thread() is threading.main_thread():  # where Ray installs it, too
             signal.signal(signal.SIGINT, handler)
+
+
+def out_of_room(cause):
+    """The error a run ends in when a disk took no more files: neither the same command nor a restart
+    can go on until there is room."""
+    return ValueError(
+        f"a disk the run writes to cannot take more files ({cause}): --output (metrics), --storage-path "
+        f"(checkpoints) or a node's temporary directory; the checkpoints saved before are kept: make room, "
+        f"then the same command resumes from the last")
 
 
 def disk_full(failed):
@@ -233,7 +242,8 @@ def disk_full(failed):
 
 def train_loop_per_worker(loop_config):
     """One worker's whole run: set up TensorFlow, build (or restore) the model, then one `fit` over
-    the remaining epochs; returns, on rank 0, the diverged epoch's scores if training diverged."""
+    the remaining epochs; returns, on rank 0, why training stopped before --epochs (`EndOfEpoch.stopped`),
+    if it did for another reason than early stopping."""
     config = TrainConfig(**loop_config["config"])
     steps_per_epoch = math.ceil(loop_config["rows_per_worker"] / config.batch_size)
     runtime.configure_tensorflow_threads(config.cpus_per_worker)
@@ -296,7 +306,7 @@ def train_loop_per_worker(loop_config):
     callbacks = [end_of_epoch] + ([FailOnce(config, rank, world_size)] if config.fail_once_at_epoch else [])
     model.fit(batches, initial_epoch=first_epoch, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
               verbose=0, callbacks=callbacks)
-    return end_of_epoch.diverged
+    return end_of_epoch.stopped
 
 
 class EndOfEpoch(tf.keras.callbacks.Callback):
@@ -317,7 +327,9 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
         self.forward = None
         self.sum_across_workers = summing_across_workers(strategy)
         self.started = None  # when the epoch began
-        self.diverged = None  # the metrics of the epoch whose weights went to NaN or inf, if one did
+        # Why every worker stopped before --epochs, as the driver reports it: {"diverged": the metrics of the
+        # epoch whose weights went to NaN or inf} or {"out_of_room": why --storage-path took no checkpoint}.
+        self.stopped = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self.started = time.time()
@@ -347,7 +359,7 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
         }
         self.history.append(metrics)
         if diverged:
-            self.diverged = {key: metrics[key] for key in ("epoch", "val_loss")}
+            self.stopped = {"diverged": {key: metrics[key] for key in ("epoch", "val_loss")}}
         stop = diverged or should_stop_early(self.history, config.early_stopping_patience)
         if self.rank == 0:
             worker_log(f"[unet-ray] epoch {metrics['epoch']}/{config.epochs} loss {metrics['loss']:.4f} "
@@ -356,9 +368,14 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
                        f"({metrics['epoch_seconds']:.0f} s)")
         # A diverged epoch is not checkpointed: the last checkpoint keeps weights that were still finite.
         checkpoint_now = (checkpoint.is_due(epoch, config) or stop) and not diverged
-        checkpoint.save_and_report(self.model, metrics, self.history, self.best_weights, self.rank, checkpoint_now)
+        full = checkpoint.save_and_report(self.model, metrics, self.history, self.best_weights, self.rank,
+                                          checkpoint_now)
+        # Only rank 0 uploads, so all learn of a full disk from it, and all stop together.
+        if checkpoint_now and self.sum_across_workers(tf.constant([float(full is not None)], tf.float64)).numpy()[0]:
+            self.stopped = {"out_of_room": str(full)}  # rank 0's, the one the driver reads
+            stop = True
         if stop:
-            if self.rank == 0 and not diverged:
+            if self.rank == 0 and self.stopped is None:
                 worker_log(f"[unet-ray] early stop: no better val_mean_iou for {config.early_stopping_patience} epochs")
             self.model.stop_training = True
 

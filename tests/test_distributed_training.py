@@ -139,6 +139,24 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session, quickstart
     # Other frames under the same name and storage: refused, not continued on the wrong data.
     with pytest.raises(ValueError, match="'24 generated scenes, seed 0' -> '24 generated scenes, seed 1'"):
         train(dataclasses.replace(moved, seed=1, epochs=4))
+    # A disk that filled as Ray Train rewrote its record of the checkpoints (it truncates, then writes) left the
+    # record empty or cut short, the checkpoints whole: the record is written again, naming the newest whole one,
+    # not the newer upload the full disk cut short.
+    run = os.path.join(config.resolved_storage_path, config.run_name)
+    record = os.path.join(run, checkpoint.RECORD)
+    with open(record) as file:
+        whole_record = file.read()
+    newest_whole = checkpoint_dirs(config)[3]
+    cut_short = os.path.join(run, "checkpoint_2999-01-01_00-00-00.000000")
+    os.makedirs(cut_short)
+    shutil.copyfile(os.path.join(newest_whole, "model.keras"), os.path.join(cut_short, "model.keras"))
+    os.truncate(os.path.join(cut_short, "model.keras"), 1000)
+    for left in ("", whole_record[:40]):
+        with open(record, "w") as file:
+            file.write(left)
+        assert checkpoint.resumed_history(config.resolved_storage_path, config.run_name) == resumed
+        assert ray.train.Result.from_path(run).checkpoint.path == newest_whole
+    shutil.rmtree(cut_short)
     # A checkpoint that cannot be read is named before Ray starts or a frame is decoded: in the
     # workers, it would fail every attempt, each retried as a worker failure.
     monkeypatch.setattr(runtime, "connect", no_ray_connect)
@@ -148,6 +166,10 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session, quickstart
                                          f"resume from cannot be read \\(BadZipFile"):
         train(dataclasses.replace(moved, epochs=4, max_failures=-1))
     shutil.rmtree(os.path.dirname(latest))  # and a checkpoint Ray Train's record lists, gone
+    with pytest.raises(ValueError, match="unet: Ray Train's record of the run's checkpoints does not match them"):
+        train(dataclasses.replace(moved, epochs=4, max_failures=-1))
+    with open(record, "w") as file:  # and an empty record with no whole checkpoint to name
+        pass
     with pytest.raises(ValueError, match="unet: Ray Train's record of the run's checkpoints does not match them"):
         train(dataclasses.replace(moved, epochs=4, max_failures=-1))
 
@@ -271,6 +293,36 @@ def test_a_failed_run_exits_1_with_ray_trains_error_and_how_to_go_on(monkeypatch
     assert "error: Training failed due to worker errors:\n[Rank 0 Error Snippet]: The actor died unexpectedly" in error
     assert ("training failed: the same command resumes from the run's last checkpoint (one every --checkpoint-every "
             "epochs); --max-failures N has Ray Train restart the workers from it by itself") in error
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A filesystem of its own, 2 MiB (tmpfs): too small for one smoke checkpoint (~2.8 MB). Needs the right to
+    mount (root, as in this project's CI)."""
+    path = tmp_path / "small_disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def test_a_storage_path_that_fills_stops_every_worker_at_once_and_the_same_command_goes_on_after(
+        tmp_path, ray_session, small_disk):
+    config = dataclasses.replace(smoke_config(tmp_path, epochs=2, checkpoint_every=1, max_failures=2),
+                                 storage_path=str(small_disk))
+    with pytest.raises(ValueError, match=r"^a disk the run writes to cannot take more files \(\[Errno 28\] .*"
+                                         r"make room, then the same command resumes from the last"):
+        train(config)
+    # The workers agreed to stop at the first upload that failed: no restart (--max-failures 2) tried the full disk
+    # again, each leaving another half-written checkpoint; the one left is removed, for the room it holds.
+    assert not [name for name in os.listdir(small_disk / "unet") if name.startswith("checkpoint_")]
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # room made
+    history = train(config)
+    assert [row["epoch"] for row in history] == [1, 2] and list(checkpoint_dirs(config)) == [2]
 
 
 def test_a_disk_that_takes_no_more_files_fails_the_run_with_one_error_that_says_to_make_room(monkeypatch, capsys):
