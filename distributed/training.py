@@ -250,7 +250,6 @@ def train_loop_per_worker(loop_config):
     runtime.select_devices(config.use_gpu)
     checkpoint.check_reachable(config.resolved_storage_path)
     runtime.quiet_per_epoch_logs()
-    precision = set_precision_policy(config.mixed_precision, config.use_gpu)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     tf.keras.utils.set_random_seed(config.seed)  # same initial weights on every worker
@@ -260,6 +259,7 @@ def train_loop_per_worker(loop_config):
     # (XLA on CPU cannot compile collectives), nor with mixed precision on CPU: for bfloat16 XLA
     # computes convolutions in float32 (openxla/xla#10687) and would forfeit the native bf16 speed.
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
+    precision = set_precision_policy(config.mixed_precision, config.use_gpu, summing_across_workers(strategy))
     jit_compile = config.jit_compile and world_size == 1 and (config.use_gpu or precision == "off")
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
@@ -412,11 +412,14 @@ def should_stop_early(history, patience):
     return len(history) - 1 - best_epoch_index(history) >= patience
 
 
-def set_precision_policy(mixed_precision, use_gpu):
-    """Sets Keras's global policy; returns the precision this worker trains in, `auto` resolved on
-    its hardware (to off or bf16)."""
+def set_precision_policy(mixed_precision, use_gpu, sum_across_workers):
+    """Sets Keras's global policy; returns the precision the workers train in, `auto` resolved to
+    bf16 if every worker computes it natively, else off. Resolved by each worker alone, the workers
+    of a mixed cluster (Ampere GPUs beside older ones) would train in different precisions and
+    all-reduce gradients computed at different precisions."""
     if mixed_precision == "auto":
-        mixed_precision = "bf16" if runtime.native_bfloat16(use_gpu) else "off"
+        lacking = sum_across_workers(tf.constant([0.0 if runtime.native_bfloat16(use_gpu) else 1.0], tf.float64))
+        mixed_precision = "off" if lacking.numpy()[0] else "bf16"
     name = {"off": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}[mixed_precision]
     tf.keras.mixed_precision.set_global_policy(name)
     return mixed_precision

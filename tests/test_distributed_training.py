@@ -295,6 +295,22 @@ def test_a_failed_run_exits_1_with_ray_trains_error_and_how_to_go_on(monkeypatch
             "epochs); --max-failures N has Ray Train restart the workers from it by itself") in error
 
 
+@pytest.mark.parametrize("native_here, others_lacking, expected", [
+    (True, 0.0, "bf16"), (True, 1.0, "off"), (False, 0.0, "off")])
+def test_auto_precision_is_bf16_only_where_every_worker_computes_it_natively(native_here, others_lacking, expected,
+                                                                             monkeypatch):
+    monkeypatch.setattr(runtime, "native_bfloat16", lambda use_gpu: native_here)
+    policy = tf.keras.mixed_precision.global_policy()
+    try:
+        # Another worker's share of the all-reduce: 1 where it lacks native bfloat16.
+        assert training.set_precision_policy("auto", True, lambda lacking: lacking + others_lacking) == expected
+        assert tf.keras.mixed_precision.global_policy().name == {"bf16": "mixed_bfloat16", "off": "float32"}[expected]
+        # A precision asked for is kept whatever the hardware, and asks the other workers nothing.
+        assert training.set_precision_policy("bf16", True, None) == "bf16"
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A filesystem of its own, 2 MiB (tmpfs): too small for one smoke checkpoint (~2.8 MB). Needs the right to
