@@ -25,6 +25,7 @@ from distributed import ingest
 MODEL = "model.keras"
 STATE = "state.json"
 BEST = "best_weights.npz"
+CUT_SHORT = (OSError, ValueError, KeyError, zipfile.BadZipFile)  # a checkpoint's file missing or truncated
 RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in its folder
 
 
@@ -125,7 +126,7 @@ def resumed_history(storage_path, run_name):
         return []
     try:
         return whole_history(latest.filesystem, latest.path)  # read in place: a bucket's model is not downloaded
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    except CUT_SHORT as error:
         raise ValueError(f"{latest.path}: the checkpoint run {run_name!r} would resume from cannot be read "
                          f"({type(error).__name__}: {error}); delete {run} to train the run afresh, or pass another "
                          f"--run-name or --output") from None
@@ -145,7 +146,8 @@ def latest_checkpoint(run):
 
 
 def whole_history(filesystem, path):
-    """The history in the checkpoint at `path`, once each of its files reads whole."""
+    """The history in the checkpoint at `path`, once each of its files reads whole; raises one of
+    CUT_SHORT if one does not."""
     with filesystem.open_input_file(f"{path}/{MODEL}") as file, zipfile.ZipFile(file):
         pass  # a truncated file has no zip directory at its end
     with filesystem.open_input_stream(f"{path}/{STATE}") as stream:
@@ -175,7 +177,7 @@ def rebuilt_record(run):
         if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
             try:
                 whole.append((len(whole_history(filesystem, info.path)), info.base_name))
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            except CUT_SHORT:
                 continue  # the upload the full disk cut short, say
     if not whole:
         return False
