@@ -8,6 +8,7 @@ history so far, fp16's loss scale, and the weights the best val mIoU so far was 
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -16,6 +17,7 @@ import numpy as np
 import pyarrow.fs
 import ray
 import ray.train
+import tensorflow as tf
 from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
 # Ray's own model of its record, to write one again as Ray 2.60 (the version pinned) reads it.
 from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState, _TrainingResultState
@@ -48,17 +50,26 @@ def is_due(epoch, config):
     return (epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == config.epochs
 
 
-def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint):
+def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint, sum_across_workers):
     """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint.
 
-    Every worker reports every epoch, checkpoint or not: Ray Train counts the reports. Returns the
-    OSError with which --storage-path took no more files (full, over quota, read-only) while rank 0
-    uploaded the checkpoint, else None: a restart would only fail alike, so the caller stops every
-    worker instead of raising, which Ray Train would retry --max-failures times (forever at -1).
+    Every worker reports every epoch, checkpoint or not: Ray Train counts the reports. Returns why
+    every worker must stop, the same on each, or None: a disk that takes no more files (full, over
+    quota, read-only), which a restart would meet again. Raised instead, it would have Ray Train
+    retry the run --max-failures times (forever at -1).
     """
     if not with_checkpoint:
         ray.train.report(metrics)
         return None
+    # Checked before anyone writes: a worker failing midway through a save would leave the others
+    # waiting in its collectives.
+    short = room_short(model, best_weights, tempfile.gettempdir())
+    if sum_across_workers(tf.constant([float(short is not None)], tf.float64)).numpy()[0]:
+        if short:
+            print(f"[unet-ray] {short}", file=sys.stderr, flush=True)
+        ray.train.report(metrics)
+        return short or "a worker's temporary directory has no room for a checkpoint (its line above says which)"
+    full = None
     with tempfile.TemporaryDirectory() as directory:
         # "keras_v3", not the default: tf-keras decides the format from a thread-local flag that
         # reads False in Ray Train's worker thread after the first save, writing HDF5 instead.
@@ -72,8 +83,24 @@ def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint
         except OSError as error:
             if not ingest.is_out_of_room(error):
                 raise
-            return error
+            full = error
+    # Only rank 0 uploads: the others learn of a full --storage-path from it (and the driver reads rank 0's word).
+    if sum_across_workers(tf.constant([float(full is not None)], tf.float64)).numpy()[0]:
+        return str(full) if full else "--storage-path took no more files at rank 0's upload"
     return None
+
+
+def room_short(model, best_weights, directory):
+    """Why `directory` has no room for a checkpoint of `model`, or None if it has."""
+    variables = model.variables + model.optimizer.variables  # Adam's moments and the weights' average
+    needed = (sum(variable.shape.num_elements() * variable.dtype.size for variable in variables)
+              + sum(weights.nbytes for weights in best_weights))
+    needed = int(needed * 1.1) + 2**20  # the files' own structure, the run's history
+    free = shutil.disk_usage(directory).free
+    if free >= needed:
+        return None
+    return (f"{directory} on {ray.util.get_node_ip_address()}: {free / 2**20:.1f} MiB free, and a checkpoint, "
+            f"saved there before it is uploaded, needs about {needed / 2**20:.1f} MiB")
 
 
 def restore(model, checkpoint, steps_per_epoch):

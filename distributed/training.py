@@ -368,11 +368,10 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
                        f"({metrics['epoch_seconds']:.0f} s)")
         # A diverged epoch is not checkpointed: the last checkpoint keeps weights that were still finite.
         checkpoint_now = (checkpoint.is_due(epoch, config) or stop) and not diverged
-        full = checkpoint.save_and_report(self.model, metrics, self.history, self.best_weights, self.rank,
-                                          checkpoint_now)
-        # Only rank 0 uploads, so all learn of a full disk from it, and all stop together.
-        if checkpoint_now and self.sum_across_workers(tf.constant([float(full is not None)], tf.float64)).numpy()[0]:
-            self.stopped = {"out_of_room": str(full)}  # rank 0's, the one the driver reads
+        out_of_room = checkpoint.save_and_report(self.model, metrics, self.history, self.best_weights, self.rank,
+                                                 checkpoint_now, self.sum_across_workers)
+        if out_of_room:
+            self.stopped = {"out_of_room": out_of_room}
             stop = True
         if stop:
             if self.rank == 0 and self.stopped is None:

@@ -1,7 +1,11 @@
 """Checkpoints: when they are due, what a resumed worker restores, and the untracked ones cleaned up."""
 
+import errno
 import json
 import os
+import re
+import shutil
+import tempfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -77,6 +81,59 @@ def test_resume_under_fp16_keeps_the_loss_scale(tmp_path):
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
     assert checkpoint.loss_scale(compiled()) == {}  # float32 and bfloat16 keep none
+
+
+def test_a_disk_without_room_for_a_checkpoint_stops_every_worker_alike_before_any_writes(tmp_path, monkeypatch):
+    """save_and_report on one worker, the others' shares of its two all-reduces given: (no room in a temporary
+    directory before the save, a full --storage-path at rank 0's upload)."""
+    model = compile_unet(unet_model((32, 48, 3), n_filters=4), learning_rate=1e-3, ema_momentum=0.9)
+    model.train_on_batch(np.zeros((2, 32, 48, 3), np.float32), np.zeros((2, 32, 48)))
+    reports, sizes = [], []
+
+    def report(metrics, checkpoint=None):
+        reports.append(None if checkpoint is None else sorted(os.listdir(checkpoint.path)))
+        if checkpoint is not None:
+            sizes.append(sum(entry.stat().st_size for entry in os.scandir(checkpoint.path)))
+        if checkpoint is not None and upload_fails is not None:
+            raise upload_fails
+
+    def save(rank, others, free=None):
+        """What save_and_report returns, and what it reported, with `others` the other workers' shares."""
+        shares = iter(others)
+        reports.clear()
+        if free is not None:
+            monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+        returned = checkpoint.save_and_report(model, {"epoch": 1}, [{"epoch": 1}], model.get_weights(), rank, True,
+                                              lambda share: share + next(shares))
+        monkeypatch.undo()
+        monkeypatch.setattr(ray.train, "report", report)
+        return returned, list(reports)
+
+    monkeypatch.setattr(ray.train, "report", report)
+    upload_fails = None
+    assert save(0, [0, 0]) == (None, [["best_weights.npz", "model.keras", "state.json"]])
+    assert save(1, [0, 0]) == (None, [None])  # only rank 0's copy is uploaded
+    # A checkpoint of this model takes 2.8 MiB: with 2 MiB free in the temporary directory nothing is saved (a
+    # worker failing midway through a save would leave the others waiting in its collectives), every worker still
+    # reports, and all stop.
+    short, reported = save(1, [0], free=2 * 2**20)
+    assert reported == [None]
+    needed = re.fullmatch(f"{re.escape(tempfile.gettempdir())} on [0-9.]+: 2\\.0 MiB free, and a checkpoint, saved "
+                          f"there before it is uploaded, needs about ([0-9.]+) MiB", short)
+    assert needed and sizes[0] / 2**20 < float(needed[1]) < 2 * sizes[0] / 2**20
+    assert save(1, [0, 0], free=sizes[0] * 2) == (None, [None])  # room enough
+    # Another worker's directory is short: this one, with room, does not save either.
+    assert save(0, [1]) == ("a worker's temporary directory has no room for a checkpoint (its line above says which)",
+                            [None])
+    # --storage-path full at rank 0's upload: rank 0 says why, the others stop on its word.
+    upload_fails = OSError(errno.ENOSPC, "No space left on device")
+    assert save(0, [0, 0]) == ("[Errno 28] No space left on device",
+                               [["best_weights.npz", "model.keras", "state.json"]])
+    assert save(1, [0, 1]) == ("--storage-path took no more files at rank 0's upload", [None])
+    # Any other failure is Ray Train's to retry.
+    upload_fails = OSError(errno.EIO, "Input/output error")
+    with pytest.raises(OSError, match="Input/output error"):
+        save(0, [0, 0])
 
 
 def test_untracked_checkpoints_are_removed_and_one_that_cannot_be_is_named(tmp_path, capsys):
