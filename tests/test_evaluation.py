@@ -7,11 +7,13 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
+from PIL import Image
 
 from distributed import evaluation, progress
 from distributed.config import DEFAULT_STORAGE, EvaluateConfig
 from jobs import evaluate as evaluate_job
-from unet_core import data, scenes, unet_model
+from unet_core import data, plots, scenes, unet_model
+from unet_core.classes import class_names
 from unet_core.metrics import ConfusionMatrix
 
 SIZE = (32, 48)
@@ -85,8 +87,17 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
         assert float(per_frame[name]["pixel_accuracy"]) == pytest.approx(accuracy[name])
         assert float(per_frame[name]["mean_iou_truth_classes"]) == pytest.approx(frame.mean_iou(frame.truth_classes()))
     # Worst first; among equal accuracies (an untrained model ties often) the later name first.
-    assert list(metrics["worst_frames"]) == sorted(accuracy, key=lambda n: (-accuracy[n], n), reverse=True)[:6]
+    worst = sorted(accuracy, key=lambda n: (-accuracy[n], n), reverse=True)[:6]
+    assert list(metrics["worst_frames"]) == worst
     assert list(metrics["worst_frames"].values()) == pytest.approx(sorted(accuracy.values())[:6])
+    # worst_frames.png draws exactly those frames, worst first: pixel for pixel the figure of their own
+    # images, true masks and predictions with their accuracies. A file merely written (size > 0) would
+    # pass with any frames in it, such as the previews' first six.
+    rows = [names.index(name) for name in worst]
+    plots.save_previews(images[rows], masks[rows], predicted[rows], tmp_path / "expected_worst.png",
+                        [f"{name}: {accuracy[name]:.3f}" for name in worst], class_names(23))
+    with Image.open(output / "worst_frames.png") as drawn, Image.open(tmp_path / "expected_worst.png") as expected:
+        assert np.array_equal(np.asarray(drawn), np.asarray(expected))
 
     # Its own report is no training run's: the same command may write it again.
     assert evaluate_job.main(["--model", str(model_path), "--data", str(tmp_path / "frames"),
