@@ -178,6 +178,8 @@ def actor_shortfall(config):
 
 def model_file(path):
     """The .keras file behind --model: the file itself, or model.keras in a run's output directory."""
+    if not os.path.exists(path):  # a typo: "not a .keras model file" would send the user looking at its contents
+        raise ValueError(f"{path}: not found")
     folder = path if os.path.isdir(path) else os.path.dirname(path)
     if os.path.isfile(os.path.join(folder, checkpoint.STATE)):
         raise ValueError(f"{path}: of a training checkpoint, whose {MODEL_FILE} holds the raw weights training goes on "

@@ -169,6 +169,7 @@ def test_a_mistyped_model_or_data_or_a_model_that_cannot_serve_leaves_no_empty_r
     rgb = tf.keras.Input((*SIZE, 3))
     tf.keras.Model(rgb, tf.keras.layers.GlobalAveragePooling2D()(rgb)).save(tmp_path / "pooling.keras")
     for model, frames, error in ((tmp_path / "run", tmp_path / "frames", "nor a directory holding model.keras"),
+                                 (tmp_path / "rum" / "model.keras", tmp_path / "frames", "rum/model.keras: not found$"),
                                  (tmp_path / "model.keras", tmp_path / "frames" / "CameraRGB", "not a CARLA-layout"),
                                  (tmp_path / "text.keras", tmp_path / "frames", "tf.keras cannot load this model"),
                                  (tmp_path / "pooling.keras", tmp_path / "frames", "not a score per class for every")):

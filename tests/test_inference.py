@@ -249,7 +249,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
     subprocess.run([sys.executable, "-c", f"import sys; {keras3}", str(tmp_path / "keras3.keras")], check=True)
     with zipfile.ZipFile(tmp_path / "keras3.keras") as archive:
         version = json.loads(archive.read("metadata.json"))["keras_version"]
-    for model, message in (("missing.keras", "not a .keras model file"),
+    for model, message in (("missing.keras", "not found"),
                            ("text.keras", "tf.keras cannot load this model"),
                            ("keras3.keras", f"saved by Keras {version}, whose files tf.keras (Keras 2, which unet-ray "
                                             f"trains with) cannot read")):
