@@ -53,6 +53,16 @@ def refuse_relative_output(path, flag):
                          f"which Ray deletes; pass an absolute path (on the head node) or a bucket URI")
 
 
+def refuse_missing_relative_input(path, flag):
+    """A relative input that a submitted job cannot find: it points into the job's copy of --working-dir,
+    which holds the checkout alone (not the data beside it that the user's shell sees), so a bare
+    "not found" there names a file the user can see exists."""
+    copy = job_working_copy()
+    if copy and path and "://" not in path and not os.path.isabs(path) and not os.path.exists(path):
+        raise ValueError(f"{flag} {path}: not found in this job's copy of --working-dir ({copy}), where a relative "
+                         f"path points; pass an absolute path (on the head node) or a URI")
+
+
 class TrainingFailed(RuntimeError):
     """A worker died or raised, and Ray Train ran out of restarts (`--max-failures`). Here, beside
     SettingError, so that a command catches it without importing TensorFlow or Ray."""

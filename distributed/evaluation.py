@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from distributed import inference, ingest, run_directory
-from distributed.config import EvaluateConfig
+from distributed.config import EvaluateConfig, refuse_missing_relative_input
 from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.metrics import ConfusionMatrix
@@ -34,6 +34,8 @@ def evaluate(config: EvaluateConfig):
         raise ValueError(f"{output}: a training run's directory; the report's metrics.json and previews.png would "
                          f"replace the run's own: pass another --output, such as {os.path.join(output, 'evaluation')}")
     # A mistyped --model or --data (or unpaired frames) named before the output is made: no empty report left.
+    for path, flag in ((model, "--model"), (data_uri, "--data")):
+        refuse_missing_relative_input(path, flag)
     model_path = inference.model_file(model)
     filesystem, root, names = ingest.discover_pairs(data_uri)
     if config.split is not None:

@@ -28,7 +28,7 @@ import tensorflow as tf
 from PIL import Image
 
 from distributed import checkpoint, inference_output, runtime
-from distributed.config import InferConfig
+from distributed.config import InferConfig, refuse_missing_relative_input
 from distributed.ingest import (
     FAILURES_SHOWN, hold, list_tree, named_if_unusable, open_output, open_root, place_below, read_file, spelled,
     stopped_when_out_of_room, within,
@@ -46,6 +46,8 @@ def infer(config: InferConfig):
     Returns {"ok": predicted now, "failed": unreadable now, "skipped": done by earlier runs}.
     """
     output = inference_output.Output(*open_output(config.output))
+    for path, flag in ((config.model, "--model"), (config.input, "--input")):
+        refuse_missing_relative_input(path, flag)
     model_path = model_file(config.model)
     runtime.leave_gpus_to_actors()
     # Loaded here too, so a broken model fails before any actor starts (and before its members

@@ -24,7 +24,7 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from distributed import checkpoint, ingest, progress, runtime, run_directory, shard
 from distributed.failure_injection import FailOnce
-from distributed.config import TrainConfig, TrainingFailed, refuse_relative_output
+from distributed.config import TrainConfig, TrainingFailed, refuse_missing_relative_input, refuse_relative_output
 from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import (
@@ -149,6 +149,7 @@ def check_paths(config):
     ingest.open_output(config.output)
     for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
         if uri is not None:
+            refuse_missing_relative_input(uri, flag)
             ingest.check_layout(uri)  # a mistyped path: named at once, not once Ray has started
             # A folder in CameraRGB/ would break the data.
             ingest.check_output_outside(config.output, uri, flag, "the run's files")

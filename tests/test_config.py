@@ -196,9 +196,40 @@ def test_a_submitted_job_refuses_a_relative_output_that_ray_would_delete_with_it
     assert re.search(message, capsys.readouterr().err)
     assert os.listdir(copy) == []
     # An absolute output passes (and the run fails later, on its missing data).
-    with pytest.raises(ValueError, match="not a CARLA-layout directory"):
+    with pytest.raises(ValueError, match="--data frames: not found in this job's copy of --working-dir"):
         training.train(TrainConfig(output=str(tmp_path / "run"), data="frames"))
 
+
+def test_a_submitted_job_says_a_relative_input_it_cannot_find_was_looked_for_in_its_working_dir_copy(
+        tmp_path, monkeypatch):
+    # `--data ../shared/data/carla` or `--model runs/x/model.keras` exist where the user typed them, but the job
+    # runs in Ray's copy of the checkout: "not found" alone, or "not a .keras model file", names no reason.
+    from distributed import evaluation, inference, runtime, training
+    from unet_core import scenes
+
+    monkeypatch.setattr(runtime, "connect", lambda **_: pytest.fail("Ray was started"))
+    copy = tmp_path / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    scenes.write_scenes(str(tmp_path / "frames"), 2)
+    out, missing = str(tmp_path / "out"), str(tmp_path / "missing.keras")  # absolute: not what is tested here
+    where = f": not found in this job's copy of --working-dir \\({re.escape(str(copy))}\\), where a relative path"
+    for run, flag, path in (
+        (lambda: training.train(TrainConfig(output=out, data="../data")), "--data", "../data"),
+        (lambda: training.train(TrainConfig(output=out, data=str(tmp_path / "frames"), val_data="val")),
+         "--val-data", "val"),
+        (lambda: inference.infer(InferConfig(model="runs/x/model.keras", input="in", output=out)), "--model",
+         "runs/x/model.keras"),
+        (lambda: inference.infer(InferConfig(model=missing, input="../in", output=out)), "--input", "../in"),
+        (lambda: evaluation.evaluate(EvaluateConfig(model="runs/x", data="d", output=out)), "--model", "runs/x"),
+        (lambda: evaluation.evaluate(EvaluateConfig(model=missing, data="../d", output=out)), "--data", "../d"),
+    ):
+        with pytest.raises(ValueError, match=f"^{flag} {re.escape(path)}{where}"):
+            run()
+    assert not os.path.exists(out)
+    (copy / "frames").mkdir()  # a relative path into the checkout itself is found there, and used
+    with pytest.raises(ValueError, match="frames: not a CARLA-layout directory"):
+        training.train(TrainConfig(output=out, data="frames"))
 
 
 @pytest.mark.parametrize("job", ["quickstart", "make_scenes"])
