@@ -208,7 +208,11 @@ def check_layout(uri):
         found = filesystem.get_file_info(folders)
     for folder, info in zip(folders, found):
         if info.type != pyarrow.fs.FileType.Directory:
-            raise ValueError(f"{uri}: not a CARLA-layout directory ({folder}: directory not found)")
+            # The folder of frames itself is the likeliest mistake: name the directory that was meant.
+            meant = (f"; a {os.path.basename(root)} folder is not the data: pass the directory that holds "
+                     f"{data.IMAGE_DIR}/ and {data.MASK_DIR}/, {os.path.dirname(uri.rstrip('/')) or '.'}"
+                     if os.path.basename(root) in (data.IMAGE_DIR, data.MASK_DIR) else "")
+            raise ValueError(f"{uri}: not a CARLA-layout directory ({folder}: directory not found){meant}")
     return filesystem, root, folders
 
 

@@ -163,6 +163,18 @@ def test_a_file_name_that_is_not_utf8_or_a_missing_folder_is_named(tmp_path):
         ingest.discover_pairs(str(tmp_path / "missing"))
 
 
+def test_a_camera_rgb_or_camera_mask_folder_given_as_the_data_names_the_directory_meant(tmp_path):
+    # `--data carla/CameraRGB`, the folder of frames itself: said so, with the path to pass instead.
+    scenes.write_scenes(str(tmp_path / "carla"), 1)
+    for given in (f"{tmp_path}/carla/CameraRGB", f"{tmp_path}/carla/CameraMask/"):
+        folder = given.rstrip("/").rsplit("/", 1)[1]
+        with pytest.raises(ValueError, match=f"; a {folder} folder is not the data: pass the directory that holds "
+                                             f"CameraRGB/ and CameraMask/, {tmp_path}/carla$"):
+            ingest.discover_pairs(given)
+    with pytest.raises(ValueError, match=r"directory not found\)$"):  # no such advice for any other folder
+        ingest.discover_pairs(str(tmp_path))
+
+
 def test_a_file_name_that_is_not_utf8_deep_in_a_tree_is_named_by_its_path(tmp_path):
     # jobs.infer lists its --input recursively: the folder given can hold thousands of folders.
     (tmp_path / "frames" / "day" / "cam").mkdir(parents=True)
