@@ -205,7 +205,9 @@ def check_layout(uri):
     filesystem, root = open_root(uri)
     folders = [f"{root}/{data.IMAGE_DIR}", f"{root}/{data.MASK_DIR}"]
     with named_if_unusable(uri):  # the first request to a bucket: out of reach, it fails here
-        found = filesystem.get_file_info(folders)
+        given, *found = filesystem.get_file_info([root, *folders])
+    if given.type == pyarrow.fs.FileType.NotFound:  # a typo: "its CameraRGB is missing" would send the user there
+        raise ValueError(f"{uri}: not found")
     for folder, info in zip(folders, found):
         if info.type != pyarrow.fs.FileType.Directory:
             # The folder of frames itself is the likeliest mistake: name the directory that was meant.

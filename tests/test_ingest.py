@@ -158,9 +158,12 @@ def test_a_file_name_that_is_not_utf8_or_a_missing_folder_is_named(tmp_path):
     with pytest.raises(ValueError, match=f"{tmp_path}/CameraMask: holds a file name that is not valid UTF-8 .*; "
                                          "rename it"):
         ingest.discover_pairs(str(tmp_path))
-    with pytest.raises(ValueError, match=f"{tmp_path}/missing: not a CARLA-layout directory \\({tmp_path}/missing/"
-                                         "CameraRGB: directory not found\\)"):
+    with pytest.raises(ValueError, match=f"^{tmp_path}/missing: not found$"):  # not "its CameraRGB is missing"
         ingest.discover_pairs(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"^{tmp_path}/empty: not a CARLA-layout directory \\({tmp_path}/empty/"
+                                         "CameraRGB: directory not found\\)$"):
+        ingest.discover_pairs(str(tmp_path / "empty"))
 
 
 def test_a_camera_rgb_or_camera_mask_folder_given_as_the_data_names_the_directory_meant(tmp_path):
