@@ -52,12 +52,18 @@ def score_and_report(config, model_path, filesystem, root, names):
     new_output = not os.path.exists(output)
     ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
     try:
-        keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
-        size, n_classes = inference.model_geometry(keras_model, model_path)
-    except ValueError:
-        if new_output:
-            os.rmdir(output)  # a refused model leaves no empty report behind
+        return write_scores(config, model_path, filesystem, root, names)
+    except BaseException:  # a refused model, Ctrl-C: no empty report left behind (unreadable.txt is kept)
+        if new_output and not os.listdir(output):
+            os.rmdir(output)
         raise
+
+
+def write_scores(config, model_path, filesystem, root, names):
+    """`score_and_report` once the output directory exists."""
+    output = config.output
+    keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
+    size, n_classes = inference.model_geometry(keras_model, model_path)
     with open(model_path, "rb") as file:
         identity = inference.model_identity(file.read(), model_path)
 

@@ -139,6 +139,14 @@ def test_a_failure_midway_leaves_the_last_report_as_it_was(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="out of memory"):
         evaluation.evaluate(EvaluateConfig(str(tmp_path), str(tmp_path / "frames"), str(report)))
     assert os.listdir(report) == ["per_frame.csv"] and (report / "per_frame.csv").read_text() == "the last report\n"
+    # Ctrl-C midway into a new --output: no empty report left behind, where a rerun would look for one.
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation.ingest, "read_frames", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.evaluate(EvaluateConfig(str(tmp_path), str(tmp_path / "frames"), str(tmp_path / "new")))
+    assert not (tmp_path / "new").exists() and os.listdir(report) == ["per_frame.csv"]
 
 
 def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
