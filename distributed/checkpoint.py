@@ -203,15 +203,15 @@ def rebuilt_record(run):
     for info in filesystem.get_file_info(pyarrow.fs.FileSelector(root)):
         if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_"):
             try:
-                whole.append((len(whole_history(filesystem, info.path)), info.base_name))
+                history = whole_history(filesystem, info.path)
             except CUT_SHORT:
                 continue  # the upload the full disk cut short, say
+            whole.append((len(history), info.base_name, history))
     if not whole:
         return False
-    epochs, name = max(whole)  # the most epochs; of equals (a restart's), the newest by Ray's timestamped name
-    with filesystem.open_input_stream(f"{root}/{name}/{STATE}") as stream:
-        metrics = json.loads(stream.read())["history"][-1]  # what the workers reported with it
-    latest = _TrainingResultState(checkpoint_dir_name=name, metrics=metrics)
+    epochs, name, history = max(whole)  # the most epochs; of equals (a restart's), the newest by Ray's timestamped name
+    # Its last epoch's metrics: what the workers reported with it.
+    latest = _TrainingResultState(checkpoint_dir_name=name, metrics=history[-1])
     # One report per epoch: the checkpoint was the run's report number `epochs` (0-based: epochs - 1).
     record = _CheckpointManagerState(
         checkpoint_results=[latest], checkpoint_report_indices=[epochs - 1], latest_checkpoint_result=latest,

@@ -260,7 +260,8 @@ def train_loop_per_worker(loop_config):
     # (XLA on CPU cannot compile collectives), nor with mixed precision on CPU: for bfloat16 XLA
     # computes convolutions in float32 (openxla/xla#10687) and would forfeit the native bf16 speed.
     strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
-    precision = set_precision_policy(config.mixed_precision, config.use_gpu, summing_across_workers(strategy))
+    sum_across_workers = summing_across_workers(strategy)  # traced once, for every agreement of the run
+    precision = set_precision_policy(config.mixed_precision, config.use_gpu, sum_across_workers)
     jit_compile = config.jit_compile and world_size == 1 and (config.use_gpu or precision == "off")
     learning_rate = config.learning_rate
     if config.lr_schedule == "cosine":
@@ -300,7 +301,7 @@ def train_loop_per_worker(loop_config):
         lambda _: shard.training_batches(train_shard, config, first_epoch, rank, loop_config["class_weights"],
                                          in_memory))
     end_of_epoch = EndOfEpoch(
-        strategy, ray.train.get_dataset_shard("val"), rank, world_size, config, history, best_weights,
+        sum_across_workers, ray.train.get_dataset_shard("val"), rank, world_size, config, history, best_weights,
         {"resumed_from_epoch": first_epoch, "mixed_precision": precision, "jit_compile": jit_compile,
          "shard_in_memory": in_memory},
     )
@@ -321,15 +322,15 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
     and Adam's state each time took 156 saves and 14% of a 250-epoch run (RESULTS.md).
     """
 
-    def __init__(self, strategy, val_frames, rank, world_size, config, history, best_weights, constants):
+    def __init__(self, sum_across_workers, val_frames, rank, world_size, config, history, best_weights, constants):
         super().__init__()
         self.val_frames, self.rank, self.world_size = val_frames, rank, world_size
         self.config, self.history, self.best_weights, self.constants = config, history, best_weights, constants
         self.forward = None
-        self.sum_across_workers = summing_across_workers(strategy)
+        self.sum_across_workers = sum_across_workers
         self.started = None  # when the epoch began
         # Why every worker stopped before --epochs, as the driver reports it: {"diverged": the metrics of the
-        # epoch whose weights went to NaN or inf} or {"out_of_room": why --storage-path took no checkpoint}.
+        # epoch whose weights went to NaN or inf} or {"out_of_room": why a disk took no checkpoint}.
         self.stopped = None
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -369,10 +370,10 @@ class EndOfEpoch(tf.keras.callbacks.Callback):
                        f"({metrics['epoch_seconds']:.0f} s)")
         # A diverged epoch is not checkpointed: the last checkpoint keeps weights that were still finite.
         checkpoint_now = (checkpoint.is_due(epoch, config) or stop) and not diverged
-        out_of_room = checkpoint.save_and_report(self.model, metrics, self.history, self.best_weights, self.rank,
-                                                 checkpoint_now, self.sum_across_workers)
-        if out_of_room:
-            self.stopped = {"out_of_room": out_of_room}
+        no_room = checkpoint.save_and_report(self.model, metrics, self.history, self.best_weights, self.rank,
+                                             checkpoint_now, self.sum_across_workers)
+        if no_room:
+            self.stopped = {"out_of_room": no_room}
             stop = True
         if stop:
             if self.rank == 0 and self.stopped is None:
