@@ -62,8 +62,8 @@ def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint
         ray.train.report(metrics)
         return None
     # Checked before anyone writes: a worker failing midway through a save would leave the others
-    # waiting in its collectives.
-    short = room_short(model, best_weights, tempfile.gettempdir())
+    # waiting in its collectives. The workers of one node save at once into the same directory.
+    short = room_short(model, best_weights, tempfile.gettempdir(), ray.train.get_context().get_local_world_size())
     if sum_across_workers(tf.constant([float(short is not None)], tf.float64)).numpy()[0]:
         if short:
             print(f"[unet-ray] {short}", file=sys.stderr, flush=True)
@@ -90,17 +90,20 @@ def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint
     return None
 
 
-def room_short(model, best_weights, directory):
-    """Why `directory` has no room for a checkpoint of `model`, or None if it has."""
+def room_short(model, best_weights, directory, workers_saving_there):
+    """Why `directory` has no room for a checkpoint of `model` from each of `workers_saving_there`, or None."""
     variables = model.variables + model.optimizer.variables  # Adam's moments and the weights' average
     needed = (sum(variable.shape.num_elements() * variable.dtype.size for variable in variables)
               + sum(weights.nbytes for weights in best_weights))
-    needed = int(needed * 1.1) + 2**20  # the files' own structure, the run's history
+    needed = (int(needed * 1.1) + 2**20) * workers_saving_there  # + the files' own structure, the run's history
     free = shutil.disk_usage(directory).free
     if free >= needed:
         return None
-    return (f"{directory} on {ray.util.get_node_ip_address()}: {free / 2**20:.1f} MiB free, and a checkpoint, "
-            f"saved there before it is uploaded, needs about {needed / 2**20:.1f} MiB")
+    what = ("a checkpoint, saved there before it is uploaded, needs" if workers_saving_there == 1 else
+            f"{workers_saving_there} checkpoints (one per worker on this node), saved there before rank 0's is "
+            f"uploaded, need")
+    return (f"{directory} on {ray.util.get_node_ip_address()}: {free / 2**20:.1f} MiB free, and {what} about "
+            f"{needed / 2**20:.1f} MiB")
 
 
 def restore(model, checkpoint, steps_per_epoch):

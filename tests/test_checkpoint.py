@@ -97,12 +97,14 @@ def test_a_disk_without_room_for_a_checkpoint_stops_every_worker_alike_before_an
         if checkpoint is not None and upload_fails is not None:
             raise upload_fails
 
-    def save(rank, others, free=None):
+    def save(rank, others, free=None, workers_on_node=1):
         """What save_and_report returns, and what it reported, with `others` the other workers' shares."""
         shares = iter(others)
         reports.clear()
         if free is not None:
             monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=free))
+        monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(
+            get_local_world_size=lambda: workers_on_node))
         returned = checkpoint.save_and_report(model, {"epoch": 1}, [{"epoch": 1}], model.get_weights(), rank, True,
                                               lambda share: share + next(shares))
         monkeypatch.undo()
@@ -122,6 +124,11 @@ def test_a_disk_without_room_for_a_checkpoint_stops_every_worker_alike_before_an
                           f"there before it is uploaded, needs about ([0-9.]+) MiB", short)
     assert needed and sizes[0] / 2**20 < float(needed[1]) < 2 * sizes[0] / 2**20
     assert save(1, [0, 0], free=sizes[0] * 2) == (None, [None])  # room enough
+    # ...but not for three workers of one node saving into one temporary directory at once.
+    short, reported = save(1, [0], free=sizes[0] * 2, workers_on_node=3)
+    assert reported == [None] and re.fullmatch(
+        f"{re.escape(tempfile.gettempdir())} on [0-9.]+: [0-9.]+ MiB free, and 3 checkpoints \\(one per worker on this "
+        f"node\\), saved there before rank 0's is uploaded, need about [0-9.]+ MiB", short)
     # Another worker's directory is short: this one, with room, does not save either.
     assert save(0, [1]) == ("a worker's temporary directory has no room for a checkpoint (its line above says which)",
                             [None])
