@@ -138,6 +138,13 @@ class TrainConfig:
 
     def __post_init__(self):
         self.image_size = tuple(self.image_size)
+        for name, without_it in (("data", "to generate scenes"), ("val_data", "to validate on a split of --data"),
+                                 ("output", f"for {TrainConfig.output}"),
+                                 ("storage_path", f"for OUTPUT/{DEFAULT_STORAGE}")):
+            # `--storage-path "$CKPT"` with the variable unset: "" would resolve to the working directory,
+            # where the checkpoints landed in silence (and a rerun from elsewhere would not find them).
+            if getattr(self, name) is not None and not getattr(self, name).strip():
+                raise SettingError(name, f"is empty (an unset shell variable?); leave the flag out {without_it}")
         refuse_uri("output", self.output)  # model.keras, metrics.json, the plots: written as local files
         for field in dataclasses.fields(self):  # argparse's float() takes "nan" and "inf"
             value = getattr(self, field.name)

@@ -74,7 +74,12 @@ def test_bad_values_are_refused_with_the_field_named():
     for seed in (-5, 2**32):  # a worker's tf.keras.utils.set_random_seed would fail, after Ray and the data
         with pytest.raises(ValueError, match=f"seed must be from 0 to 2\\*\\*32 - 1, got {seed}"):
             TrainConfig(seed=seed)
-    assert TrainConfig(max_failures=-1).max_failures == -1  # Ray's "retry without limit"
+    # An unset shell variable: --storage-path "" put the checkpoints in the working directory, --data ""
+    # was named as ": not a CARLA-layout directory".
+    for flag in ("--data", "--val-data", "--output", "--storage-path"):
+        with pytest.raises(ValueError, match=f"{flag[2:].replace('-', '_')} is empty \\(an unset shell variable\\?\\); "
+                                             f"leave the flag out"):
+            config_from_args(parse_args([f"{flag}=", *(["--data", "frames"] if flag == "--val-data" else [])]))
     assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
 
 
