@@ -178,12 +178,15 @@ def latest_checkpoint(run):
 def whole_history(filesystem, path):
     """The history in the checkpoint at `path`, once each of its files reads whole; raises one of
     CUT_SHORT if one does not."""
-    with filesystem.open_input_file(f"{path}/{MODEL}") as file, zipfile.ZipFile(file):
-        pass  # a truncated file has no zip directory at its end
     with filesystem.open_input_stream(f"{path}/{STATE}") as stream:
         history = json.loads(stream.read())["history"]
-    if filesystem.get_file_info(f"{path}/{BEST}").type != pyarrow.fs.FileType.File:
-        raise FileNotFoundError(f"{BEST} is missing")
+    # Both zips (a .npz is one): a truncated file has no zip directory at its end. A cut-short
+    # best_weights.npz, checked for being there only, failed every worker at its restore instead.
+    for name in (MODEL, BEST):
+        if filesystem.get_file_info(f"{path}/{name}").type != pyarrow.fs.FileType.File:
+            raise FileNotFoundError(f"{name} is missing")
+        with filesystem.open_input_file(f"{path}/{name}") as file, zipfile.ZipFile(file):
+            pass
     return history
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -176,3 +177,22 @@ def test_a_worker_that_cannot_reach_the_checkpoint_storage_says_so_before_traini
     with pytest.raises(RuntimeError, match=f"--storage-path {tmp_path / 'elsewhere'}: not on this worker's node "
                                            f"\\(.*\\); on a cluster, checkpoints need storage every node reaches"):
         checkpoint.check_reachable(str(tmp_path / "elsewhere"))
+
+
+def test_a_checkpoint_whose_best_weights_are_cut_short_is_not_the_one_a_run_resumes_from(tmp_path):
+    run = tmp_path / "unet"
+    for name, epochs in (("checkpoint_2000-01-01_00-00-00.000000", 1), ("checkpoint_2000-01-02_00-00-00.000000", 2)):
+        (run / name).mkdir(parents=True)
+        with zipfile.ZipFile(run / name / checkpoint.MODEL, "w") as model:
+            model.writestr("config.json", "{}")
+        (run / name / checkpoint.STATE).write_text(json.dumps({"history": [{"epoch": e + 1} for e in range(epochs)]}))
+        np.savez(run / name / checkpoint.BEST, np.zeros(1000))
+    os.truncate(run / "checkpoint_2000-01-02_00-00-00.000000" / checkpoint.BEST, 500)  # a copy cut short, say
+    (run / checkpoint.RECORD).write_text("")  # left empty by a full disk: written again, naming the newest whole one
+    # The cut-short one passed for whole: every worker then failed at its restore, an attempt at a time.
+    assert checkpoint.resumed_history(str(tmp_path), "unet") == [{"epoch": 1}]
+    # And the checkpoint Ray Train's record names, cut short so: named on the driver, before Ray starts.
+    os.truncate(run / "checkpoint_2000-01-01_00-00-00.000000" / checkpoint.BEST, 500)
+    with pytest.raises(ValueError, match="checkpoint_2000-01-01_00-00-00.000000: the checkpoint run 'unet' would "
+                                         "resume from cannot be read \\(BadZipFile"):
+        checkpoint.resumed_history(str(tmp_path), "unet")
