@@ -126,10 +126,8 @@ def score_frames(keras_model, filesystem, root, names, size, n_classes, config):
                     per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
                     worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
         if unreadable:
-            highest = data.highest_refused_class_id(unreadable)
-            hint = "" if highest is None else (
-                f"\n  the masks hold class ids up to {highest}, the model predicts {n_classes} classes: score a "
-                f"model trained with --n-classes {highest + 1} or more")
+            hint = data.class_id_hint(unreadable, lambda n: f", the model predicts {n_classes} classes: score a "
+                                                             f"model trained with --n-classes {n} or more")
             raise ingest.unreadable_frames(config.data, unreadable, len(names),
                                            "fix them; scores without them would not be this set's", config.output, hint)
         os.replace(per_frame_path + ".tmp", per_frame_path)

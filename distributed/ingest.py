@@ -351,9 +351,7 @@ def load_frames(uri, size, n_classes, val_fraction, split, output, skip_bad=Fals
     where = uri if val_uri is None else f"{uri} and {val_uri}"
     failed = frames.filter(expr=col("error") != "").select_columns(["key", "error"]).take_all()
     skipped = {row["key"]: row["error"] for row in failed}
-    highest = data.highest_refused_class_id(skipped.values())
-    more_classes = "" if highest is None else (
-        f"\n  the masks hold class ids up to {highest}: if those are classes, pass --n-classes {highest + 1}")
+    more_classes = data.class_id_hint(skipped.values(), lambda n: f": if those are classes, pass --n-classes {n}")
     if skipped and not skip_bad:
         raise unreadable_frames(where, list(skipped.values()), frame_count,
                                 "fix them, or pass --skip-bad to train without them", output, more_classes)

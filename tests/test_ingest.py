@@ -75,6 +75,18 @@ def test_class_ids_beyond_n_classes_suggest_the_number_of_classes(tmp_path, ray_
         ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail", str(tmp_path), skip_bad=True)
 
 
+def test_mask_ids_no_model_can_have_are_not_answered_with_a_number_of_classes_the_flag_refuses(tmp_path, ray_session):
+    scenes.write_scenes(str(tmp_path), 2, seed=1)
+    mask = tmp_path / "CameraMask" / "scene_000001.png"  # 16-bit instance ids (class × 1000 + instance), say
+    instances = data.decode_mask(mask.read_bytes(), str(mask)).astype(np.uint16) * 1000 + 7
+    Image.fromarray(instances).save(mask)
+    with pytest.raises(ValueError) as error:
+        ingest.load_frames(str(tmp_path), (32, 48), 23, 0.5, "tail", str(tmp_path))
+    assert f"the masks hold ids up to {int(instances.max())}, beyond the 256 classes a model can have: no class " \
+           f"ids (instance ids, say); save masks of class ids below 256" in str(error.value)
+    assert "--n-classes" not in str(error.value)  # it said "pass --n-classes 22008", which the flag refuses
+
+
 def test_too_few_frames_for_a_split_is_a_clear_error(tmp_path, ray_session):
     scenes.write_scenes(str(tmp_path / "one"), 1, seed=1)
     with pytest.raises(ValueError, match="give 0 for training and 1 for validation at val_fraction=0.5; .*"

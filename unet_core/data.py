@@ -239,6 +239,22 @@ def highest_refused_class_id(reasons):
     return max(found, default=None)
 
 
+MAX_CLASSES = 256  # class ids are held as 8 bits, in masks and in a model's settings
+
+
+def class_id_hint(reasons, with_classes):
+    """The line that ends an error of unreadable frames whose masks held class ids beyond the model's
+    (`with_classes(n)`: how to have a model of n classes), or "". Ids a model cannot have are said so:
+    "pass --n-classes 22008" (16-bit instance ids, say) was advice the flag then refused."""
+    highest = highest_refused_class_id(reasons)
+    if highest is None:
+        return ""
+    if highest >= MAX_CLASSES:
+        return (f"\n  the masks hold ids up to {highest}, beyond the {MAX_CLASSES} classes a model can have: "
+                f"no class ids (instance ids, say); save masks of class ids below {MAX_CLASSES}")
+    return f"\n  the masks hold class ids up to {highest}{with_classes(highest + 1)}"
+
+
 def preprocess_image(data, path, size):
     """Encoded image bytes → (model input float32 (H, W, 3), source (height, width))."""
     rgb = decode_image(data, path)
