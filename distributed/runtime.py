@@ -2,7 +2,9 @@
 
 import contextlib
 import os
+import re
 import signal
+import socket
 import sys
 import threading
 
@@ -24,11 +26,17 @@ def connect(num_cpus=None):
     os.environ.update(WORKER_ENV)
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        refuse_unreachable_cluster(address)
         # Under `ray job submit` the job's runtime env (--runtime-env-json) applies to every
         # worker, and ray.init refuses one that sets its variables again. Without it, workers
         # still get tf-keras: importing unet_core sets TF_USE_LEGACY_KERAS before tf.keras loads.
-        ray.init(log_to_driver=True)
+        try:
+            ray.init(log_to_driver=True)
+        except ConnectionError as error:  # RAY_ADDRESS=auto with no cluster on this machine: a traceback, exit 1
+            raise ValueError(f"RAY_ADDRESS={address}: {error} Unset RAY_ADDRESS to start a Ray of this job's "
+                             f"own") from None
         return
     global started_local_ray
     cpus = max(os.cpu_count() or 1, num_cpus or 0)
@@ -39,6 +47,19 @@ def connect(num_cpus=None):
     ray.init(address="local", num_cpus=cpus, include_dashboard=False,
              runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": set_up_local_worker})
     started_local_ray = True
+
+
+def refuse_unreachable_cluster(address):
+    """A RAY_ADDRESS host:port where nothing listens (a cluster stopped since it was exported) is a
+    ValueError: ray.init would retry it for ever, a warning every few seconds."""
+    match = re.fullmatch(r"([^:/]+):(\d+)", address)
+    if not match:  # auto, ray://, http://: ray.init says what is wrong with those itself
+        return
+    try:
+        socket.create_connection((match[1], int(match[2])), timeout=10).close()
+    except OSError as error:
+        raise ValueError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}); unset "
+                         f"RAY_ADDRESS to start a Ray of this job's own, or start that cluster") from None
 
 
 def disconnect():

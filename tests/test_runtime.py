@@ -1,6 +1,7 @@
 """Sizing against the live cluster: the session's local Ray, one node without a GPU."""
 
 import os
+import socket
 
 import pytest
 import ray
@@ -116,3 +117,24 @@ def test_local_paths_on_a_cluster_of_several_nodes_are_warned_of(ray_session, mo
     assert "--input frames: local to this node" in capsys.readouterr().err
     runtime.warn_of_local_paths({"--input": "gs://bucket/frames"}, nodes_to_come=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_ray_address_where_no_cluster_answers_is_refused_not_waited_for(monkeypatch):
+    def init(**kwargs):
+        if os.environ["RAY_ADDRESS"] == "auto":
+            raise ConnectionError("Could not find any running Ray instance.")  # as ray.init says it
+        raise AssertionError("ray.init retries a host:port where nothing listens for ever")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"  # bound, not listening: refused
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(ValueError, match=f"^RAY_ADDRESS={address}: no Ray cluster answers there \\(Connection "
+                                             f"refused\\); unset RAY_ADDRESS to start a Ray of this job's own"):
+            runtime.connect()
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # no cluster on this machine: it was a traceback and exit 1
+    with pytest.raises(ValueError, match="^RAY_ADDRESS=auto: Could not find any running Ray instance. Unset "
+                                         "RAY_ADDRESS to start a Ray of this job's own$"):
+        runtime.connect()
