@@ -104,11 +104,12 @@ def spelled(filesystem, path):
 HOLDS = os.path.join(tempfile.gettempdir(), f"unet-ray-holds-{os.getuid()}")
 
 
-def hold(filesystem, root, job):
+def hold(filesystem, root, job, instead="another --output"):
     """This process's hold on the output `root` (as `open_output` gives it) until the returned file
     is closed or the process dies. Another job writing there from this machine (a job submitted
     twice: a cluster runs every job's driver on its head) is refused, instead of writing beside the
-    first into the same files. A local output is known by its real path, however it is spelt."""
+    first into the same files; `instead`: what to pass to write elsewhere. A local output is known
+    by its real path, however it is spelt."""
     local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
     place = spelled(filesystem, os.path.realpath(root) if local else root)
     os.makedirs(HOLDS, exist_ok=True)
@@ -119,8 +120,7 @@ def hold(filesystem, root, job):
         file.seek(0)
         holder = file.read().strip() or "another job"
         file.close()
-        raise ValueError(f"{place}: {holder} is writing into it; wait for it to end, or pass another "
-                         f"--output") from None
+        raise ValueError(f"{place}: {holder} is writing into it; wait for it to end, or pass {instead}") from None
     file.truncate(0)
     file.write(f"{job} (pid {os.getpid()})")
     file.flush()

@@ -7,6 +7,7 @@ epoch so far in memory, report, and save a checkpoint together when one is due (
 the driver then exports the best weights the last checkpoint carries.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -105,14 +106,20 @@ def check_before_start(config):
     """Refuses a run that cannot go on (bad paths, another run's output or one training into it,
     too few workers, a checkpoint to resume from that cannot be read) before any data is decoded;
     makes the output and checkpoint directories and connects to Ray, or starts it. Returns the run's
-    hold on --output (`ingest.hold`) and the history of the checkpoint it resumes from ([] if none)."""
+    hold on --output and its checkpoints (`ingest.hold`) and the history of the checkpoint it resumes
+    from ([] if none)."""
     try:
         check_paths(config)
     except OSError as error:  # a name too long for the filesystem, say: a bad flag, not a crash
         raise ValueError(f"a path given to --output, --data, --val-data or --storage-path cannot be used: "
                          f"{error}") from None
-    held = ingest.hold(*ingest.open_output(config.output), "jobs.train")
+    held = contextlib.ExitStack()
+    held.enter_context(ingest.hold(*ingest.open_output(config.output), "jobs.train"))
     try:
+        # And the run's checkpoints: a second experiment given another --output but the same --storage-path
+        # and --run-name passed, resumed from the first's checkpoint and wrote its own beside the first's.
+        held.enter_context(ingest.hold(*ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}"),
+                                       "jobs.train", "another --run-name or --storage-path"))
         # Held first: a checkpoint another run is writing is that run's, and the hold says so.
         resumed = checkpoint.resumed_history(config.resolved_storage_path, config.run_name)
         connect_ray(config)

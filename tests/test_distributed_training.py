@@ -452,6 +452,19 @@ def test_a_second_run_into_an_output_a_run_is_training_into_is_refused(tmp_path,
     ingest.hold(*ingest.open_output(str(output)), "jobs.train").close()
 
 
+def test_a_second_run_into_the_checkpoints_a_run_is_training_into_is_refused(tmp_path, no_ray):
+    # A second experiment given another --output only: it passed, resumed from the first's checkpoint and
+    # wrote its own beside the first's.
+    storage = tmp_path / "checkpoints"
+    first = smoke_config(tmp_path, storage_path=str(storage))
+    held = ingest.hold(*ingest.open_root(f"{first.resolved_storage_path}/{first.run_name}"), "jobs.train")
+    with pytest.raises(ValueError, match=f"checkpoints/unet: jobs.train \\(pid {os.getpid()}\\) is writing into it; "
+                                         f"wait for it to end, or pass another --run-name or --storage-path"):
+        train(dataclasses.replace(first, output=str(tmp_path / "second")))
+    ingest.hold(*ingest.open_output(str(tmp_path / "second")), "jobs.train").close()  # let go of, on the refusal
+    held.close()
+
+
 def test_checkpoints_that_could_never_be_written_are_refused_before_ray_starts(tmp_path, no_ray):
     (tmp_path / "notes").write_text("a file where a folder would go")
     storage = tmp_path / "notes" / "checkpoints"
