@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 
 from unet_core import check_input_size
-from unet_core.data import SPLITS, validation_flags
+from unet_core.data import MAX_CLASSES, SPLITS, validation_flags
 from unet_core.scenes import scene_name
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -194,9 +194,9 @@ class TrainConfig:
             self.check_scene_count()
         if self.n_classes < 2:
             raise SettingError("n_classes", f"must be at least 2 (a background and one class), got {self.n_classes}")
-        if self.n_classes > 256:
-            raise SettingError("n_classes",
-                               f"must be at most 256: masks are stored as 8-bit class ids, got {self.n_classes}")
+        if self.n_classes > MAX_CLASSES:
+            raise SettingError("n_classes", f"must be at most {MAX_CLASSES}: masks are stored as 8-bit class ids, "
+                                            f"got {self.n_classes}")
         if self.fail_once_at_epoch is not None and not 1 <= self.fail_once_at_epoch <= self.epochs:
             raise SettingError("fail_once_at_epoch",
                                f"must be an epoch from 1 to {self.epochs}, got {self.fail_once_at_epoch}")
