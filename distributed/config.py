@@ -286,6 +286,11 @@ class InferConfig:
 
     def __post_init__(self):
         self.formats = tuple(self.formats)
+        for name in ("model", "input", "output"):
+            # An empty path (an unset shell variable: --input "$FRAMES") names the working directory,
+            # whose images would be predicted, or which would take the output, without a word.
+            if not getattr(self, name):
+                raise SettingError(name, "is empty: pass a path (is a shell variable in the command unset?)")
         refuse_uri("model", self.model)  # TensorFlow loads it from a local file
         if not self.formats or not set(self.formats) <= set(FORMATS):
             raise SettingError("formats", f"must be one or more of {', '.join(FORMATS)}; "

@@ -245,3 +245,18 @@ def test_a_job_writing_local_files_refuses_a_uri_for_its_output(job, tmp_path, m
     assert importlib.import_module(f"jobs.{job}").main(["--output", "s3://bucket/x"]) == 2
     assert "error: --output s3://bucket/x: must be a local path, not a URI" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []  # not ./s3:/bucket/x
+
+
+def test_an_empty_path_given_to_jobs_infer_is_refused_not_taken_for_the_working_directory(tmp_path, monkeypatch,
+                                                                                          capsys):
+    # `--input "$FRAMES"` with FRAMES unset: the working directory's images were predicted without a word.
+    from jobs import infer
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "frame.png").write_bytes(b"")
+    for flag in ("--model", "--input", "--output"):
+        paths = {"--model": "m.keras", "--input": "frames", "--output": "out", flag: ""}
+        assert infer.main([part for pair in paths.items() for part in pair]) == 2
+        assert (f"error: {flag} is empty: pass a path (is a shell variable in the command unset?)"
+                in capsys.readouterr().err)
+    assert os.listdir(tmp_path) == ["frame.png"]
