@@ -26,12 +26,20 @@ from distributed.config import refuse_relative_output
 from unet_core import data
 
 ROWS_PER_TASK = 32
+# Google Cloud Storage's client retries a failing request for 15 minutes and more (19 here), whatever
+# the failure (no network, no credentials, a closed port), so a job given a gs:// path out of reach
+# sat silent that long before naming it. Its first request goes through a client that gives up
+# after this many seconds.
+GCS_PROBE_SECONDS = 20
 
 
 def open_root(uri):
     """(pyarrow filesystem, path inside it) for a local path or a URI such as s3://bucket/dir."""
     with named_if_unusable(uri):  # pyarrow asks an S3 store for the bucket's region here
         filesystem, root = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
+        if filesystem.type_name == "gcs" and "retry_limit_seconds=" not in uri:  # the user's own limit stands
+            probe = f"{uri}{'&' if '?' in uri else '?'}retry_limit_seconds={GCS_PROBE_SECONDS}"
+            pyarrow.fs.FileSystem.from_uri(probe)[0].get_file_info(root)
     return filesystem, root.rstrip("/")
 
 

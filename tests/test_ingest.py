@@ -3,6 +3,7 @@
 import gc
 import os
 import re
+import threading
 
 import numpy as np
 import pyarrow.fs
@@ -225,6 +226,30 @@ def test_a_store_out_of_reach_is_named_with_pyarrows_reason_not_a_crash():
     # Opening HDFS fails at once: without a JVM here, without a server there.
     with pytest.raises(ValueError, match="^hdfs://127.0.0.1:1/frames: cannot be used \\("):
         ingest.open_root("hdfs://127.0.0.1:1/frames")
+
+
+def test_a_google_cloud_store_out_of_reach_is_named_in_seconds_not_after_a_quarter_hour():
+    # Google's client retries a failing request for 15 minutes and more: jobs.infer --input gs://... with no
+    # network (or no credentials) sat silent that long. A closed port fails alike, and the same way.
+    closed = "gs://unet-ray-no-such-bucket/x?endpoint_override=127.0.0.1:1&scheme=http"
+    errors = {}
+
+    def check(name, function):
+        try:
+            function(closed)
+        except ValueError as error:
+            errors[name] = str(error)
+
+    checks = [threading.Thread(target=check, args=(name, function), daemon=True)
+              for name, function in (("output", ingest.open_output), ("data", ingest.discover_pairs))]
+    for thread in checks:  # side by side: the test waits for one probe's retries, not two
+        thread.start()
+    for thread in checks:
+        thread.join(timeout=90)  # the probe gives up after GCS_PROBE_SECONDS (20)
+        assert not thread.is_alive(), "still retrying"
+    for name in ("output", "data"):
+        assert errors[name].startswith(f"{closed}: cannot be used (google::cloud::Status(UNAVAILABLE: Retry policy "
+                                       f"exhausted"), errors[name]
 
 
 def test_no_execution_is_left_holding_the_decoded_frames(tmp_path, ray_session):
