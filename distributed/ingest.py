@@ -85,8 +85,11 @@ def open_output(uri):
     refuse_relative_output(uri, "--output")
     filesystem, root = open_root(uri)
     with named_if_unusable(uri):
-        if filesystem.get_file_info(root).type == pyarrow.fs.FileType.File:
+        kind = filesystem.get_file_info(root).type
+        if kind == pyarrow.fs.FileType.File:
             raise ValueError(f"{uri}: a file; the output must be a directory (new or existing)")
+        if kind == pyarrow.fs.FileType.Unknown:  # /dev/null, say: listing it as a directory failed with a traceback
+            raise ValueError(f"{uri}: a device, named pipe or socket; the output must be a directory (new or existing)")
         parent = root
         while "/" in parent.strip("/"):  # the nearest existing folder above a new output: never a file
             parent = parent.rstrip("/").rsplit("/", 1)[0]

@@ -216,6 +216,15 @@ def test_an_output_in_a_missing_bucket_or_below_an_object_is_refused(s3_bucket):
             ingest.open_output(uri)
 
 
+
+def test_an_output_that_is_a_device_or_named_pipe_is_refused_as_no_directory(tmp_path):
+    # jobs.infer --output /dev/null ended in a traceback (NotADirectoryError) listing it as a directory.
+    os.mkfifo(tmp_path / "pipe")
+    for path in ("/dev/null", str(tmp_path / "pipe")):
+        with pytest.raises(ValueError, match=f"^{re.escape(path)}: a device, named pipe or socket; the output must "
+                                             f"be a directory \\(new or existing\\)$"):
+            ingest.open_output(path)
+
 def test_a_store_out_of_reach_is_named_with_pyarrows_reason_not_a_crash():
     # pyarrow's OSError ended jobs.infer and jobs.evaluate with a traceback (exit 1).
     # A closed port: S3 is opened without a request, and the output's first probe fails (after pyarrow's retries).
