@@ -279,7 +279,8 @@ def list_images(filesystem, root, skip=None, writes_files=True):
     """
     root_type = filesystem.get_file_info(root).type
     if root_type != pyarrow.fs.FileType.Directory:
-        what = "a file" if root_type == pyarrow.fs.FileType.File else "not found"
+        what = {pyarrow.fs.FileType.File: "a file", pyarrow.fs.FileType.NotFound: "not found"}.get(
+            root_type, "a device, named pipe or socket")  # /dev/null, say, which is there: not "not found"
         raise ValueError(f"{spelled(filesystem, root)}: {what}; --input must be a directory of images")
     found = list_tree(filesystem, root)
     folders = not_inputs(found, root) - {skip}
