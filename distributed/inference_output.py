@@ -125,7 +125,14 @@ class Output:
             self.check_is_new()
             return
         with self.filesystem.open_input_stream(path) as stream:
-            recorded = json.loads(stream.read())
+            content = stream.read()
+        try:
+            recorded = json.loads(content)
+            if not isinstance(recorded, dict):
+                raise ValueError(f"a JSON {type(recorded).__name__}")
+        except ValueError as error:  # edited by hand, say: json's own message names no file
+            raise ValueError(f"{path}: not the JSON object of settings jobs.infer records ({error}); restore the "
+                             f"settings the output was made with, or pass another --output") from None
         # A setting an older unet-ray did not record is unknown: refusing would strand the output.
         changed = [describe_change(name, recorded[name], value)
                    for name, value in settings.items() if name in recorded and recorded[name] != value]

@@ -95,3 +95,16 @@ def test_a_directory_another_tool_wrote_is_refused_and_left_alone(tmp_path):
     (tmp_path / "older" / "masks").mkdir()
     for directory in ("new", "empty", "older"):
         inference_output.Output(*open_output(str(tmp_path / directory))).check_settings(settings)
+
+
+def test_damaged_output_settings_are_named_by_their_file(tmp_path):
+    # A truncated or hand-edited output_settings.json ended jobs.infer with json's bare "Expecting value: line 1
+    # column 11 (char 10)", naming no file; a JSON list passed as settings and was overwritten.
+    output = inference_output.Output(*open_output(str(tmp_path)))
+    for content, reason in (('{"input": ', "Expecting value: line 1 column 11 \\(char 10\\)"),
+                            ("[1, 2]", "a JSON list")):
+        (tmp_path / inference_output.SETTINGS_FILE).write_text(content)
+        with pytest.raises(ValueError, match=f"^{tmp_path}/output_settings.json: not the JSON object of settings "
+                                             f"jobs.infer records \\({reason}\\); restore the settings the output "
+                                             f"was made with, or pass another --output$"):
+            output.check_settings({"input": "in"})
