@@ -51,7 +51,9 @@ def named_if_unusable(uri):
     which the job names in its place."""
     try:
         yield
-    except OSError as error:
+    # Azure's failures (no credentials, say) come as pyarrow's bare ArrowException, no OSError, and
+    # ended the job in a traceback; a URI pyarrow cannot parse comes as ArrowInvalid, which named no flag.
+    except (OSError, pyarrow.ArrowException) as error:
         raise ValueError(f"{uri}: cannot be used ({error})") from None
 
 

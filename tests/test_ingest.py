@@ -235,6 +235,14 @@ def test_a_store_out_of_reach_is_named_with_pyarrows_reason_not_a_crash():
     # Opening HDFS fails at once: without a JVM here, without a server there.
     with pytest.raises(ValueError, match="^hdfs://127.0.0.1:1/frames: cannot be used \\("):
         ingest.open_root("hdfs://127.0.0.1:1/frames")
+    # Azure without credentials fails with pyarrow's bare ArrowException, which ended jobs.infer in a traceback.
+    azure = "abfs://frames@unetraynosuchaccount.dfs.core.windows.net/x"
+    for check in (ingest.open_output, ingest.discover_pairs):
+        with pytest.raises(ValueError, match=f"^{re.escape(azure)}: cannot be used \\(.*Failed to get token"):
+            check(azure)
+    # A path pyarrow cannot parse as a URI (spaces must be %20 there) is named as one the user gave.
+    with pytest.raises(ValueError, match="^s3://unet/my frames: cannot be used \\(Cannot parse URI"):
+        ingest.open_root("s3://unet/my frames")
 
 
 def test_a_google_cloud_store_out_of_reach_is_named_in_seconds_not_after_a_quarter_hour():
