@@ -154,15 +154,20 @@ def list_tree(filesystem, directory, recursive=True):
     A symbolic link whose target is missing is listed as a file, so that reading it fails and names
     it, like any other unreadable frame: pyarrow's own listing leaves such links out without a word.
     """
-    if recursive and isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        loop = symbolic_link_loop(directory)
-        if loop:
-            raise ValueError(f"{loop}: a symbolic link to {os.path.realpath(loop)}, a folder on its own path, so "
-                             f"every file below would be listed again and again; remove the link")
     try:
+        if recursive and isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+            loop = symbolic_link_loop(directory)
+            if loop:
+                raise ValueError(f"{loop}: a symbolic link to {os.path.realpath(loop)}, a folder on its own path, "
+                                 f"so every file below would be listed again and again; remove the link")
         found = filesystem.get_file_info(pyarrow.fs.FileSelector(directory, recursive=recursive))
         for info in found:
             info.path  # pyarrow decodes each name on first use: a bad one fails here, inside the try
+    except OSError as error:
+        # A folder below that this user may not read (a volume's lost+found, say) ended the job in a
+        # traceback. Its frames cannot even be named, so the job cannot go on as if it held none; the
+        # error names the folder.
+        raise ValueError(f"{directory}: cannot be listed ({error})") from None
     except UnicodeDecodeError as error:
         # The undecodable bytes are the file's whole path: in a tree of many folders, naming only the
         # folder listed would leave the user to search every one of them.

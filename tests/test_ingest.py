@@ -179,6 +179,27 @@ def test_a_file_name_that_is_not_utf8_or_a_missing_folder_is_named(tmp_path):
         ingest.discover_pairs(str(tmp_path / "empty"))
 
 
+
+def test_a_folder_below_that_cannot_be_listed_is_named_not_a_traceback(tmp_path, monkeypatch):
+    # jobs.infer --input over a volume whose lost+found (mode 700, root's) the user may not read.
+    scenes.write_scenes(str(tmp_path / "frames"), 1)
+    locked = tmp_path / "frames" / "lost+found"
+    locked.mkdir()
+    locked.chmod(0)
+    if os.geteuid() == 0:  # root reads it all the same: deny it as the kernel does any other user
+        scandir = os.scandir
+
+        def denied(path="."):
+            if os.fspath(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(locked))
+            return scandir(path)
+
+        monkeypatch.setattr(ingest.os, "scandir", denied)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'frames'))}: cannot be listed \\("
+                                         f"\\[Errno 13\\] Permission denied: '{re.escape(str(locked))}'\\)$"):
+        ingest.list_tree(*ingest.open_root(str(tmp_path / "frames")))
+    locked.chmod(0o700)  # for pytest to remove it
+
 def test_a_camera_rgb_or_camera_mask_folder_given_as_the_data_names_the_directory_meant(tmp_path):
     # `--data carla/CameraRGB`, the folder of frames itself: said so, with the path to pass instead.
     scenes.write_scenes(str(tmp_path / "carla"), 1)
