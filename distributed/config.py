@@ -38,6 +38,16 @@ def refuse_uri(field, path):
                                   f"--storage-path, and jobs.infer's --input and --output)")
 
 
+def refuse_empty(config, remedies):
+    """An empty path (`--data "$FRAMES"` with FRAMES unset) names the working directory: its images
+    were predicted, or it took the output or the checkpoints, without a word. `remedies`: field →
+    what to do instead."""
+    for field, remedy in remedies.items():
+        value = getattr(config, field)
+        if value is not None and not value.strip():
+            raise SettingError(field, f"is empty (an unset shell variable?); {remedy}")
+
+
 def job_working_copy():
     """The copy of `ray job submit --working-dir` this process runs in, or None: Ray deletes it."""
     cwd = os.getcwd()
@@ -138,13 +148,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self.image_size = tuple(self.image_size)
-        for name, without_it in (("data", "to generate scenes"), ("val_data", "to validate on a split of --data"),
-                                 ("output", f"for {TrainConfig.output}"),
-                                 ("storage_path", f"for OUTPUT/{DEFAULT_STORAGE}")):
-            # `--storage-path "$CKPT"` with the variable unset: "" would resolve to the working directory,
-            # where the checkpoints landed in silence (and a rerun from elsewhere would not find them).
-            if getattr(self, name) is not None and not getattr(self, name).strip():
-                raise SettingError(name, f"is empty (an unset shell variable?); leave the flag out {without_it}")
+        refuse_empty(self, {"data": "leave the flag out to generate scenes",
+                            "val_data": "leave the flag out to validate on a split of --data",
+                            "output": f"leave the flag out for {TrainConfig.output}",
+                            "storage_path": f"leave the flag out for OUTPUT/{DEFAULT_STORAGE}"})
         refuse_uri("output", self.output)  # model.keras, metrics.json, the plots: written as local files
         for field in dataclasses.fields(self):  # argparse's float() takes "nan" and "inf"
             value = getattr(self, field.name)
@@ -286,11 +293,7 @@ class InferConfig:
 
     def __post_init__(self):
         self.formats = tuple(self.formats)
-        for name in ("model", "input", "output"):
-            # An empty path (an unset shell variable: --input "$FRAMES") names the working directory,
-            # whose images would be predicted, or which would take the output, without a word.
-            if not getattr(self, name):
-                raise SettingError(name, "is empty: pass a path (is a shell variable in the command unset?)")
+        refuse_empty(self, dict.fromkeys(("model", "input", "output"), "pass a path"))
         refuse_uri("model", self.model)  # TensorFlow loads it from a local file
         if not self.formats or not set(self.formats) <= set(FORMATS):
             raise SettingError("formats", f"must be one or more of {', '.join(FORMATS)}; "
@@ -316,6 +319,7 @@ class EvaluateConfig:
     val_fraction: float = 0.2
 
     def __post_init__(self):
+        refuse_empty(self, dict.fromkeys(("model", "data", "output"), "pass a path"))
         for field in ("model", "output"):  # the model loads from, and the report goes to, local files
             refuse_uri(field, getattr(self, field))
         if self.batch_size < 1:

@@ -1,5 +1,6 @@
 """The run's settings from the command line: presets, overrides and refused values."""
 
+import importlib
 import os
 import pathlib
 import re
@@ -239,7 +240,6 @@ def test_a_submitted_job_says_a_relative_input_it_cannot_find_was_looked_for_in_
 
 @pytest.mark.parametrize("job", ["quickstart", "make_scenes"])
 def test_a_job_writing_local_files_refuses_a_uri_for_its_output(job, tmp_path, monkeypatch, capsys):
-    import importlib
 
     monkeypatch.chdir(tmp_path)
     assert importlib.import_module(f"jobs.{job}").main(["--output", "s3://bucket/x"]) == 2
@@ -247,16 +247,15 @@ def test_a_job_writing_local_files_refuses_a_uri_for_its_output(job, tmp_path, m
     assert os.listdir(tmp_path) == []  # not ./s3:/bucket/x
 
 
-def test_an_empty_path_given_to_jobs_infer_is_refused_not_taken_for_the_working_directory(tmp_path, monkeypatch,
-                                                                                          capsys):
+@pytest.mark.parametrize("job, flags", [("infer", ("--model", "--input", "--output")),
+                                        ("evaluate", ("--model", "--data", "--output"))])
+def test_an_empty_path_given_to_jobs_infer_or_evaluate_is_refused_not_taken_for_the_working_directory(
+        job, flags, tmp_path, monkeypatch, capsys):
     # `--input "$FRAMES"` with FRAMES unset: the working directory's images were predicted without a word.
-    from jobs import infer
-
     monkeypatch.chdir(tmp_path)
     (tmp_path / "frame.png").write_bytes(b"")
-    for flag in ("--model", "--input", "--output"):
-        paths = {"--model": "m.keras", "--input": "frames", "--output": "out", flag: ""}
-        assert infer.main([part for pair in paths.items() for part in pair]) == 2
-        assert (f"error: {flag} is empty: pass a path (is a shell variable in the command unset?)"
-                in capsys.readouterr().err)
+    for flag in flags:
+        paths = {**dict.fromkeys(flags, "somewhere"), flag: ""}
+        assert importlib.import_module(f"jobs.{job}").main([part for pair in paths.items() for part in pair]) == 2
+        assert f"error: {flag} is empty (an unset shell variable?); pass a path" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["frame.png"]
