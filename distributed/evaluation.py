@@ -48,15 +48,10 @@ def evaluate(config: EvaluateConfig):
 def score_and_report(config, model_path, filesystem, root, names):
     """`evaluate` once its inputs are checked and it holds the output: load the model, score the
     frames, write the report."""
-    output = config.output
-    new_output = not os.path.exists(output)
-    ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
-    try:
+    # A refused model, Ctrl-C: no empty report left behind (unreadable.txt is kept).
+    with ingest.removed_if_left_empty(config.output):
+        ingest.make_directory(config.output, "--output")  # before the model loads, which takes seconds
         return write_scores(config, model_path, filesystem, root, names)
-    except BaseException:  # a refused model, Ctrl-C: no empty report left behind (unreadable.txt is kept)
-        if new_output and not os.listdir(output):
-            os.rmdir(output)
-        raise
 
 
 def write_scores(config, model_path, filesystem, root, names):

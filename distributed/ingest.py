@@ -148,6 +148,22 @@ def make_directory(path, flag):
         raise ValueError(f"{flag} {path}: cannot be made a directory ({error.strerror or error})") from None
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(path):
+    """A local output the job makes inside this block is removed again if the job fails or is
+    interrupted before writing a file there: an empty folder left behind (a run's empty
+    ray_results/, say) reads later as that job's output, and jobs.evaluate would refuse it."""
+    new = not os.path.lexists(path)
+    try:
+        yield
+    except BaseException:
+        if new:
+            for directory, _, _ in os.walk(path, topdown=False):
+                with contextlib.suppress(OSError):  # one that is not empty stays, and so do those above it
+                    os.rmdir(directory)
+        raise
+
+
 def list_tree(filesystem, directory, recursive=True):
     """FileInfo of everything below `directory`; a file name that is not UTF-8 is a clear error.
 

@@ -35,10 +35,11 @@ from unet_core.training import (
 
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
-    held, resumed = check_before_start(config)
-    # The run's hold on --output, until it ends; SIGTERM once Ray runs, from the data's ingest to the export.
-    with held, runtime.sigterm_as_ctrl_c():
-        return run_training(config, resumed)
+    with ingest.removed_if_left_empty(config.output):  # a run refused for its data, say
+        held, resumed = check_before_start(config)
+        # The run's hold on --output, until it ends; SIGTERM once Ray runs, from the data's ingest to the export.
+        with held, runtime.sigterm_as_ctrl_c():
+            return run_training(config, resumed)
 
 
 def run_training(config, resumed):

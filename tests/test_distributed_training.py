@@ -563,6 +563,13 @@ def test_unpaired_files_fail_before_training(tmp_path, ray_session):
     os.remove(frames / "CameraMask" / "scene_000001.png")
     with pytest.raises(ValueError, match="CameraRGB/scene_000001.png: no mask"):
         train(smoke_config(tmp_path, data=str(frames), epochs=1))
+    # Refused once Ray ran: the new --output it made is gone again. Its empty ray_results/ read later as a
+    # training run's (jobs.evaluate refused it as a report's --output).
+    assert sorted(os.listdir(tmp_path)) == ["frames"]
+    (tmp_path / "run").mkdir()  # an --output that was there stays
+    with pytest.raises(ValueError, match="CameraRGB/scene_000001.png: no mask"):
+        train(smoke_config(tmp_path, data=str(frames), epochs=1))
+    assert sorted(os.listdir(tmp_path)) == ["frames", "run"]
 
 
 def test_a_new_best_beats_every_earlier_epoch():
