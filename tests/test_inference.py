@@ -537,13 +537,13 @@ def test_a_named_pipe_among_the_frames_fails_instead_of_waiting_forever(tmp_path
         f"{images}/pipe.png: not a regular file (a named pipe, socket or device), so not a frame", ""]
 
 
-
 def test_an_input_that_is_a_named_pipe_or_device_is_named_as_such_not_as_missing(tmp_path):
     os.mkfifo(tmp_path / "pipe")
     for path in (str(tmp_path / "pipe"), "/dev/null"):  # both there: "not found" sent the user looking for a typo
         with pytest.raises(ValueError, match=f"^{re.escape(path)}: a device, named pipe or socket; --input must be "
                                              f"a directory of images$"):
             inference.list_images(*inference.open_root(path))
+
 
 def test_two_images_that_would_write_one_mask_file_are_refused_only_when_files_are_written(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "frame.jpg")
