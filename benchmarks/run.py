@@ -77,6 +77,12 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.memory_frames and not 0 < args.memory_frames[0] < args.memory_frames[1]:
         parser.error("--memory-frames needs 0 < SMALL < LARGE")
+    if args.out:  # opened only as each figure ends: a bad path would end the run after its first measurement
+        try:
+            with open(args.out, "a"):
+                pass
+        except OSError as error:
+            parser.error(f"--out {args.out}: cannot append to it ({error.strerror or error})")
     return args
 
 

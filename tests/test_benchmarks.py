@@ -40,6 +40,16 @@ def test_the_harness_refuses_a_size_it_cannot_honour(argv, message, capsys):
     assert refused.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_the_harness_refuses_an_out_it_cannot_append_to_before_measuring(tmp_path, capsys):
+    from benchmarks import run
+
+    for out, reason in ((tmp_path / "missing" / "figures.jsonl", "No such file or directory"),
+                        (tmp_path, "Is a directory")):
+        with pytest.raises(SystemExit) as refused:
+            run.parse_args(["--out", str(out)])
+        assert refused.value.code == 2 and f"--out {out}: cannot append to it ({reason})" in capsys.readouterr().err
+
+
 def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     completed = subprocess.run(
