@@ -77,6 +77,15 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.memory_frames and not 0 < args.memory_frames[0] < args.memory_frames[1]:
         parser.error("--memory-frames needs 0 < SMALL < LARGE")
+    # Made here, not as the frames render in spawned processes or the run starts: a file or a read-only
+    # place there ended the command in a traceback.
+    for flag, path, directory in (("--cache", args.cache, os.path.join(args.cache, "frames")),
+                                  ("--work-dir", args.work_dir, args.work_dir)):
+        try:
+            if path:
+                os.makedirs(directory, exist_ok=True)
+        except OSError as error:
+            parser.error(f"{flag} {path}: cannot make a directory there ({error.strerror or error})")
     if args.out:  # opened only as each figure ends: a bad path would end the run after its first measurement
         try:
             with open(args.out, "a"):

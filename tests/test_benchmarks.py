@@ -46,8 +46,19 @@ def test_the_harness_refuses_an_out_it_cannot_append_to_before_measuring(tmp_pat
     for out, reason in ((tmp_path / "missing" / "figures.jsonl", "No such file or directory"),
                         (tmp_path, "Is a directory")):
         with pytest.raises(SystemExit) as refused:
-            run.parse_args(["--out", str(out)])
+            run.parse_args(["--out", str(out), "--cache", str(tmp_path / "cache")])
         assert refused.value.code == 2 and f"--out {out}: cannot append to it ({reason})" in capsys.readouterr().err
+
+
+def test_the_harness_refuses_a_cache_or_work_dir_that_cannot_be_a_directory(tmp_path, capsys):
+    from benchmarks import run
+
+    (tmp_path / "afile").write_text("")
+    for flag, reason in (("--cache", "Not a directory"), ("--work-dir", "File exists")):
+        with pytest.raises(SystemExit) as refused:
+            run.parse_args([flag, str(tmp_path / "afile")])
+        assert refused.value.code == 2
+        assert f"{flag} {tmp_path / 'afile'}: cannot make a directory there ({reason})" in capsys.readouterr().err
 
 
 def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
