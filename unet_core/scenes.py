@@ -364,6 +364,14 @@ def _save_atomically(pixels, path):
         raise
 
 
+def _holds_mask(path, class_ids):
+    try:
+        with Image.open(path) as mask:
+            return np.array_equal(np.asarray(mask)[..., 0], class_ids)
+    except (OSError, IndexError):  # none there, or not an RGBA PNG
+        return False
+
+
 def scene_name(index):
     return f"scene_{index:06d}.png"
 
@@ -388,8 +396,10 @@ def write_scenes(output_dir, count, seed=0, start=0) -> list[str]:
         _save_atomically(np.dstack([rgb, opaque]), image_dir / name)
         try:
             _save_atomically(np.dstack([class_ids, blank, blank, opaque]), mask_dir / name)
-        except BaseException:  # Ctrl-C among them: never an image without its mask, which training refuses
-            if not (mask_dir / name).exists():
+        except BaseException:  # Ctrl-C among them: never an image without its mask, which training refuses,
+            # nor beside the mask of an earlier run's other frame i (another --seed): wrong labels, unseen. That
+            # mask is left unpaired, which training names.
+            if not _holds_mask(mask_dir / name, class_ids):
                 (image_dir / name).unlink(missing_ok=True)
             raise
         names.append(name)
