@@ -21,6 +21,8 @@ def parse_args(argv=None):
         parser.error(f"--count must be at least 1, got {args.count}")
     if args.seed < 0 or args.start < 0:
         parser.error("--seed and --start must be >= 0")
+    if not args.output.strip():  # "$FRAMES" unset: the scenes would land in the working directory, unsaid
+        parser.error("--output is empty (an unset shell variable?); pass the directory to write the scenes into")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         parser.error(f"--output {args.output}: a file; it must be a directory (new or existing)")
     return args

@@ -135,6 +135,14 @@ def test_cli_rejects_no_scenes_a_negative_seed_and_an_output_that_is_a_file(tmp_
     assert f"--output {tmp_path / 'frames'}: a file; it must be a directory" in capsys.readouterr().err
 
 
+def test_cli_refuses_an_empty_output_before_writing_into_the_working_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as refused:
+        make_scenes.main(["--output", "", "--count", "1"])
+    assert refused.value.code == 2 and "--output is empty (an unset shell variable?)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_names_an_output_that_cannot_hold_the_layout_and_exits_2(tmp_path, capsys):
     (tmp_path / "afile").write_text("")
     (tmp_path / "frames").mkdir()
