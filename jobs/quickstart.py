@@ -29,6 +29,9 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model and data: about a minute instead of several (flags given still apply)")
     args = parser.parse_args(argv)
+    if not args.output.strip():  # made absolute, it would name the working directory: the run would land there
+        parser.error("--output is empty (an unset shell variable?); leave the flag out for "
+                     f"{parser.get_default('output')}")
     if args.new_frames < 1:  # --epochs and --scene-count are TrainConfig's to check
         parser.error(f"--new-frames must be at least 1, got {args.new_frames}")
     return args

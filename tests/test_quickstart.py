@@ -59,6 +59,19 @@ def test_quickstart_refuses_empty_counts_before_any_work(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_quickstart_refuses_an_empty_output_before_any_work(tmp_path, monkeypatch, capsys):
+    from distributed import training
+
+    monkeypatch.setattr(training, "train", lambda config: pytest.fail(f"trained into {config.output}"))
+    monkeypatch.chdir(tmp_path)  # '' made absolute: the run would have gone here
+    with pytest.raises(SystemExit) as refused:
+        quickstart.main(["--output", "", "--smoke"])
+    assert refused.value.code == 2
+    error = capsys.readouterr().err
+    assert "--output is empty (an unset shell variable?); leave the flag out for runs/quickstart" in error
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_smoke_shrinks_the_run_but_flags_given_still_apply():
     smoke = quickstart.train_config(quickstart.parse_args(["--smoke"]), "out")
     assert (smoke.epochs, smoke.scene_count, smoke.n_filters) == (3, 24, 4)
