@@ -77,6 +77,9 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.memory_frames and not 0 < args.memory_frames[0] < args.memory_frames[1]:
         parser.error("--memory-frames needs 0 < SMALL < LARGE")
+    for flag, path in (("--cache", args.cache), ("--out", args.out)):  # "$DIR" unset: the working directory, or no file
+        if path is not None and not path.strip():
+            parser.error(f"{flag} is empty (an unset shell variable?); pass a path or leave the flag out")
     # Made here, not as the frames render in spawned processes or the run starts: a file or a read-only
     # place there ended the command in a traceback.
     for flag, path, directory in (("--cache", args.cache, os.path.join(args.cache, "frames")),

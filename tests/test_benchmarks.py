@@ -61,6 +61,16 @@ def test_the_harness_refuses_a_cache_or_work_dir_that_cannot_be_a_directory(tmp_
         assert f"{flag} {tmp_path / 'afile'}: cannot make a directory there ({reason})" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--cache", "--out"])
+def test_the_harness_refuses_an_empty_path(flag, tmp_path, monkeypatch, capsys):
+    from benchmarks import run
+
+    monkeypatch.chdir(tmp_path)  # an empty --cache put the frames here; an empty --out wrote no file, unsaid
+    with pytest.raises(SystemExit) as refused:
+        run.parse_args(["--cache", str(tmp_path / "cache"), flag, ""])
+    assert refused.value.code == 2 and f"{flag} is empty (an unset shell variable?)" in capsys.readouterr().err
+
+
 def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     completed = subprocess.run(
