@@ -24,7 +24,10 @@ from unet_core import data, unet_model
 
 
 def save_model(profile, work):
-    path = os.path.join(work, "model.keras")
+    # Named by its shape: a --work-dir kept from another profile (--tiny, then --quick) holds another network,
+    # which predict refused or jobs.infer ran, measuring the wrong model without a word.
+    height, width = profile.image_size
+    path = os.path.join(work, f"model-{height}x{width}-{profile.n_filters}f-{profile.n_classes}c.keras")
     if not os.path.exists(path):
         tf.keras.utils.set_random_seed(profile.seed)
         unet_model((*profile.image_size, 3), profile.n_filters, profile.n_classes).save(path)

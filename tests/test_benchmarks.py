@@ -71,6 +71,19 @@ def test_the_harness_refuses_an_empty_path(flag, tmp_path, monkeypatch, capsys):
     assert refused.value.code == 2 and f"{flag} is empty (an unset shell variable?)" in capsys.readouterr().err
 
 
+def test_a_kept_work_dir_never_hands_one_profile_the_model_of_another(tmp_path):
+    import dataclasses
+
+    from benchmarks import inference
+    from benchmarks.common import PROFILES
+
+    tiny = PROFILES["tiny"]
+    larger = dataclasses.replace(tiny, image_size=(64, 96), n_filters=8)  # as --quick after --tiny, smaller
+    for profile in (tiny, larger, tiny):
+        model = inference.inference.load_model(inference.save_model(profile, str(tmp_path)))  # distributed's
+        assert model.input_shape[1:3] == profile.image_size, profile
+
+
 def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     completed = subprocess.run(
