@@ -77,6 +77,14 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.memory_frames and not 0 < args.memory_frames[0] < args.memory_frames[1]:
         parser.error("--memory-frames needs 0 < SMALL < LARGE")
+    # The local Ray that main starts holds cores + 1 CPUs: actors beyond it never start, and infer refused them
+    # only once the figures before had run, naming jobs.infer's flags, which this command does not have.
+    cores, actors = os.cpu_count() or 1, args.infer_num_actors
+    cpus_per_actor = args.infer_cpus_per_actor or max(1, cores // actors)
+    if not os.environ.get("RAY_ADDRESS") and actors > (cores + 1) // cpus_per_actor:
+        parser.error(f"--infer-num-actors {actors} × --infer-cpus-per-actor {cpus_per_actor}: the local Ray "
+                     f"holds {cores + 1} CPUs ({cores} cores + 1), so {(cores + 1) // cpus_per_actor} actor(s) at "
+                     f"most; lower either flag")
     for flag, path in (("--cache", args.cache), ("--out", args.out)):  # "$DIR" unset: the working directory, or no file
         if path is not None and not path.strip():
             parser.error(f"{flag} is empty (an unset shell variable?); pass a path or leave the flag out")

@@ -61,6 +61,18 @@ def test_the_harness_refuses_a_cache_or_work_dir_that_cannot_be_a_directory(tmp_
         assert f"{flag} {tmp_path / 'afile'}: cannot make a directory there ({reason})" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, most", [(["--infer-cpus-per-actor", "8"], 0), (["--infer-num-actors", "4"], 3)])
+def test_the_harness_refuses_more_inference_actors_than_its_local_ray_holds(argv, most, tmp_path, monkeypatch, capsys):
+    from benchmarks import run
+
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SystemExit) as refused:  # not once the training figures have run, naming jobs.infer's flags
+        run.parse_args(argv + ["--cache", str(tmp_path / "cache")])
+    assert refused.value.code == 2
+    assert f"holds 3 CPUs (2 cores + 1), so {most} actor(s) at most" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--cache", "--out"])
 def test_the_harness_refuses_an_empty_path(flag, tmp_path, monkeypatch, capsys):
     from benchmarks import run
