@@ -186,6 +186,9 @@ def main(argv=None):
             if "infer_memory_5000_vs_500" in figures:
                 runtime.disconnect()  # the job starts its own Ray; this one's idle processes only take memory
                 stage(["infer_memory_5000_vs_500"], lambda: [inference.infer_memory(profile, args.cache, work, log)])
+    except KeyboardInterrupt:  # Ctrl-C: the commands' exit 130 and a word, not Ray's traceback
+        log("interrupted: the figures printed are whole; the frames rendered stay in --cache for the next run")
+        return 130
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)

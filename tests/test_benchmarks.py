@@ -73,6 +73,20 @@ def test_the_harness_refuses_more_inference_actors_than_its_local_ray_holds(argv
     assert f"holds 3 CPUs (2 cores + 1), so {most} actor(s) at most" in capsys.readouterr().err
 
 
+def test_ctrl_c_exits_130_with_a_word_and_no_traceback(tmp_path, monkeypatch, capsys):
+    from benchmarks import frames, run
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(frames, "ensure_frames", interrupted)
+    try:
+        code = run.main(["--tiny", "--only", "infer_memory_5000_vs_500", "--cache", str(tmp_path / "cache")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left benchmarks.run as a traceback")
+    assert code == 130 and "interrupted: the figures printed are whole" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--cache", "--out"])
 def test_the_harness_refuses_an_empty_path(flag, tmp_path, monkeypatch, capsys):
     from benchmarks import run
