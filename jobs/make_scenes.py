@@ -10,7 +10,9 @@ from unet_core.scenes import write_scenes
 
 def parse_args(argv=None):
     parser = argument_parser("make_scenes", description=__doc__)
-    parser.add_argument("--output", required=True, help="directory that receives CameraRGB/ and CameraMask/")
+    parser.add_argument("--output", required=True,
+                        help="directory that receives CameraRGB/ and CameraMask/; frames of the same index "
+                        "already there are written over, the others stay")
     parser.add_argument("--count", type=int, default=1000, help="number of frames to write (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="dataset seed; frame i depends only on (seed, i) (default: %(default)s)")
