@@ -234,6 +234,11 @@ class TrainConfig:
         # A bucket's trailing "/" would make "<uri>//<run name>", an empty key S3 refuses.
         return self.storage_path.rstrip("/") if "://" in self.storage_path else os.path.abspath(self.storage_path)
 
+    @property
+    def run_storage(self):
+        """Ray Train's folder of this run's checkpoints and their record."""
+        return f"{self.resolved_storage_path}/{self.run_name}"
+
     @classmethod
     def from_preset(cls, name):
         if name not in PRESETS:

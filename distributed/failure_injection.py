@@ -18,7 +18,7 @@ class FailOnce(tf.keras.callbacks.Callback):
         self.fail_epoch = config.fail_once_at_epoch
         # In the run's storage, which every node reaches (a cloud URI on a cluster). Looked up
         # once: a restarted worker builds a new callback.
-        self.filesystem, run_root = ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}")
+        self.filesystem, run_root = ingest.open_root(config.run_storage)
         self.marker = f"{run_root}/injected_failure"
         self.failed_before = self.filesystem.get_file_info(self.marker).type != pyarrow.fs.FileType.NotFound
         self.epoch = 0

@@ -65,7 +65,7 @@ def check_run_identity(config, frames=None, new_run="another --run-name or --out
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
         # Every run records its identity before its first checkpoint, so these came from an older
         # unet-ray (its checkpoints lack the best epoch's weights), or the record was deleted.
-        raise ValueError(f"{config.resolved_storage_path}/{config.run_name}: checkpoints of a run without "
+        raise ValueError(f"{config.run_storage}: checkpoints of a run without "
                          f"{IDENTITY_FILE} (an older unet-ray wrote them, or the file was deleted), which this one "
                          f"cannot tell the settings of and will not resume; pass {new_run} to start a new run")
     with filesystem.open_input_stream(path) as stream:
@@ -75,7 +75,7 @@ def check_run_identity(config, frames=None, new_run="another --run-name or --out
                and (field not in LATER_FIELDS or field in recorded)]
     if changed:
         raise ValueError(
-            f"{config.resolved_storage_path}/{config.run_name}: run {config.run_name!r} there trained with other "
+            f"{config.run_storage}: run {config.run_name!r} there trained with other "
             f"settings ({'; '.join(changed)}); rerun with its settings to resume it, or pass {new_run} to start a "
             f"new run")
 
@@ -124,7 +124,7 @@ def _identity(config, frames=None):
     identity["weight_average"] = "on (--ema-momentum > 0)" if config.ema_momentum > 0 else "off (--ema-momentum 0)"
     if frames is not None:
         identity["frames"] = frames
-    filesystem, run_root = ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}")
+    filesystem, run_root = ingest.open_root(config.run_storage)
     return filesystem, f"{run_root}/{IDENTITY_FILE}", identity
 
 

@@ -119,8 +119,8 @@ def check_before_start(config):
     try:
         # And the run's checkpoints: a second experiment given another --output but the same --storage-path
         # and --run-name passed, resumed from the first's checkpoint and wrote its own beside the first's.
-        held.enter_context(ingest.hold(*ingest.open_root(f"{config.resolved_storage_path}/{config.run_name}"),
-                                       "jobs.train", "another --run-name or --storage-path"))
+        held.enter_context(ingest.hold(*ingest.open_root(config.run_storage), "jobs.train",
+                                       "another --run-name or --storage-path"))
         # Held first: a checkpoint another run is writing is that run's, and the hold says so.
         resumed = checkpoint.resumed_history(config.resolved_storage_path, config.run_name)
         connect_ray(config)

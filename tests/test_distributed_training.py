@@ -457,7 +457,7 @@ def test_a_second_run_into_the_checkpoints_a_run_is_training_into_is_refused(tmp
     # wrote its own beside the first's.
     storage = tmp_path / "checkpoints"
     first = smoke_config(tmp_path, storage_path=str(storage))
-    held = ingest.hold(*ingest.open_root(f"{first.resolved_storage_path}/{first.run_name}"), "jobs.train")
+    held = ingest.hold(*ingest.open_root(first.run_storage), "jobs.train")
     with pytest.raises(ValueError, match=f"checkpoints/unet: jobs.train \\(pid {os.getpid()}\\) is writing into it; "
                                          f"wait for it to end, or pass another --run-name or --storage-path"):
         train(dataclasses.replace(first, output=str(tmp_path / "second")))

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from unet_core.classes import CLASS_IDS, N_CLASSES
-from unet_core.data import IMAGE_DIR, MASK_DIR
+from unet_core.data import IMAGE_DIR, MASK_DIR, decode_mask
 
 LANE_WIDTH = 3.4  # metres; every size below is in metres too
 FAR_DEPTH = 150.0  # street furniture beyond this is sub-pixel anyway
@@ -365,10 +365,10 @@ def _save_atomically(pixels, path):
 
 
 def _holds_mask(path, class_ids):
+    """Whether the mask at `path` holds `class_ids`, read as training reads it."""
     try:
-        with Image.open(path) as mask:
-            return np.array_equal(np.asarray(mask)[..., 0], class_ids)
-    except (OSError, IndexError):  # none there, or not an RGBA PNG
+        return np.array_equal(decode_mask(path.read_bytes(), str(path)), class_ids)
+    except (OSError, ValueError):  # none there, or not a mask
         return False
 
 
