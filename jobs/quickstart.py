@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -54,6 +55,15 @@ def train_config(args, output):
     return dataclasses.replace(config, **{key: value for key, value in given.items() if value is not None})
 
 
+def forget_predictions_beyond(new_frames, count, inferred):
+    """Before a rerun with fewer --new-frames drops the extra frames, drop the predictions: inference
+    would keep the earlier run's rows and masks of those frames beside this run's. In this order, a
+    run stopped between the two still finds more frames than it wants, and does it again."""
+    images = os.path.join(new_frames, IMAGE_DIR)
+    if os.path.isdir(images) and len(os.listdir(images)) > count and os.path.exists(inferred):
+        shutil.rmtree(inferred)
+
+
 def run(args):
     started = time.time()
     # Checked as given: made absolute, s3://b/x would name a local folder ./s3:/b/x.
@@ -71,12 +81,13 @@ def run(args):
 
     # Ray runs from here on: its handler would end a SIGTERM between the steps in exit 15, or an abort.
     with runtime.sigterm_as_ctrl_c():
+        new_frames, inferred = os.path.join(output, "new_frames"), os.path.join(output, "inference")
+        forget_predictions_beyond(new_frames, args.new_frames, inferred)
         # Another seed: unseen scenes.
-        new_frames = run_directory.write_scene_set(os.path.join(output, "new_frames"), args.new_frames,
-                                                   config.seed + 1)
+        run_directory.write_scene_set(new_frames, args.new_frames, config.seed + 1)
         model = os.path.join(config.output, "model.keras")
-        summary = infer(InferConfig(model=model, input=os.path.join(new_frames, IMAGE_DIR),
-                                    output=os.path.join(output, "inference"), overlay=True))
+        summary = infer(InferConfig(model=model, input=os.path.join(new_frames, IMAGE_DIR), output=inferred,
+                                    overlay=True))
         report = EvaluateConfig(model=model, data=new_frames, output=os.path.join(output, "evaluation"))
         metrics = evaluation.evaluate(report)
     print(evaluation.iou_table(metrics))

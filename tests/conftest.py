@@ -71,12 +71,22 @@ def quickstart_run(tmp_path_factory, ray_session):
     import signal
     from types import SimpleNamespace
 
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from distributed import training
     from jobs import quickstart
     from unet_core import scenes
 
     output = tmp_path_factory.mktemp("quickstart")
-    scenes.write_scenes(output / "new_frames", 7, seed=1)  # left by an earlier run with --new-frames 7
+    # Left by an earlier run with --new-frames 7: the frames, and its predictions of the two this run drops.
+    dropped = scenes.write_scenes(output / "new_frames", 7, seed=1)[5:]
+    (output / "inference" / "masks").mkdir(parents=True)
+    for name in dropped:
+        (output / "inference" / "masks" / name).write_bytes(b"an earlier run's mask")
+    (output / "inference" / "predictions").mkdir()
+    pq.write_table(pa.table({"path": dropped, "model": ["earlier"] * 2}),
+                                output / "inference" / "predictions" / "earlier.parquet")
     run, train = SimpleNamespace(output=output), training.train
 
     def recorded(config):
