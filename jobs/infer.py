@@ -1,9 +1,10 @@
 """Batch inference on Ray: python -m jobs.infer --model M --input DIR/URI --output DIR.
 
-Writes predictions/*.parquet and masks/ (by default both; --formats picks), errors/*.parquet when
-an image failed, and overlays/ with --overlay, under --output; a rerun skips the images already
-predicted there and retries the failed ones, and must keep their --input, --formats, --overlay,
---output-size and a model of the same input size and classes.
+Writes under --output: predictions/*.parquet whatever --formats (a row per image, the record a
+rerun goes by; the mask's PNG bytes in it with --formats parquet), masks/ with --formats png (the
+default is both), errors/*.parquet when an image failed, and overlays/ with --overlay. A rerun
+skips the images already predicted there and retries the failed ones, and must keep their
+--input, --formats, --overlay, --output-size and a model of the same input size and classes.
 The last line printed is a JSON summary {"ok": N, "failed": N, "skipped": N}.
 """
 
