@@ -86,7 +86,7 @@ def quickstart_run(tmp_path_factory, ray_session):
         (output / "inference" / "masks" / name).write_bytes(b"an earlier run's mask")
     (output / "inference" / "predictions").mkdir()
     pq.write_table(pa.table({"path": dropped, "model": ["earlier"] * 2}),
-                                output / "inference" / "predictions" / "earlier.parquet")
+                   output / "inference" / "predictions" / "earlier.parquet")
     run, train = SimpleNamespace(output=output), training.train
 
     def recorded(config):
