@@ -116,9 +116,8 @@ def time_infer(config, count):
     }
 
 
-def infer_vs_predict(profile, cache, work, cores, log, num_actors=1, cpus_per_actor=None):
+def infer_vs_predict(profile, cache, work, cores, log, num_actors, cpus_per_actor):
     count, batch_size = profile.infer_frames, profile.batch_size
-    cpus_per_actor = cpus_per_actor or max(1, cores // num_actors)
     input_dir = os.path.join(frames.view(cache, count), data.IMAGE_DIR)
     model_path = save_model(profile, work)
     model = inference.load_model(model_path)

@@ -80,7 +80,7 @@ def parse_args(argv=None):
     # The local Ray that main starts holds cores + 1 CPUs: actors beyond it never start, and infer refused them
     # only once the figures before had run, naming jobs.infer's flags, which this command does not have.
     cores, actors = os.cpu_count() or 1, args.infer_num_actors
-    cpus_per_actor = args.infer_cpus_per_actor or max(1, cores // actors)
+    args.infer_cpus_per_actor = cpus_per_actor = args.infer_cpus_per_actor or max(1, cores // actors)
     if not os.environ.get("RAY_ADDRESS") and actors > (cores + 1) // cpus_per_actor:
         parser.error(f"--infer-num-actors {actors} × --infer-cpus-per-actor {cpus_per_actor}: the local Ray "
                      f"holds {cores + 1} CPUs ({cores} cores + 1), so {(cores + 1) // cpus_per_actor} actor(s) at "
