@@ -205,9 +205,17 @@ def class_balance(train_frames, config):
     return weights, counts.tolist() if config.prior_bias else None
 
 
+# Ray Train's controller takes one report from each worker per poll, every 2 s by default, and a worker's
+# next ray.train.report waits until it has: every epoch shorter than that (on a GPU, a small data set,
+# --smoke) was held to 2 s. Polled every 0.1 s, none waits, and answering the polls costs an epoch
+# 1-4% of its compute on 2 cores (BENCHMARKS.md, "Reports polled").
+REPORT_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+
 def fit(trainer):
     """`trainer.fit()`, where Ctrl-C ends in KeyboardInterrupt and leaves Ctrl-C working afterwards,
-    and a failed run in TrainingFailed, which says how to go on.
+    and a failed run in TrainingFailed, which says how to go on; reports polled every 0.1 s unless
+    the environment says otherwise (the driver's environment reaches the controller).
 
     Ray Train installs a SIGINT handler for the run: the first Ctrl-C aborts the run and ends the
     driver's wait in SystemExit(1). It leaves the handler installed after the run, where aborting
@@ -215,6 +223,7 @@ def fit(trainer):
     be swallowed and the third would exit 0.
     """
     handler = signal.getsignal(signal.SIGINT)
+    os.environ.setdefault(*REPORT_POLL)
     try:
         return trainer.fit()
     except SystemExit as aborted:

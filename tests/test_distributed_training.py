@@ -662,3 +662,18 @@ def test_early_stopping_waits_patience_epochs_after_the_best_val_mean_iou():
     assert not should_stop_early(history, 3)  # the best, epoch 2, is only two epochs back
     assert should_stop_early(history, 2)
     assert not should_stop_early(history + [{"val_mean_iou": 0.31}], 2)  # a new best restarts the count
+
+
+def test_reports_are_polled_every_tenth_of_a_second_unless_the_environment_says_otherwise(monkeypatch):
+    # Ray Train's 2 s default held every shorter epoch to 2 s: its controller takes one report per poll.
+    polled = []
+
+    class Records:
+        def fit(self):
+            polled.append(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")  # restored after the test, whatever fit sets
+    training.fit(Records())
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    training.fit(Records())
+    assert polled == ["1.5", "0.1"]
