@@ -246,8 +246,8 @@ def remove_untracked(result):
     """Delete the run's checkpoint directories that Ray Train does not track.
 
     An aborted run loses the reports its workers made after the controller last polled them
-    (`training.REPORT_POLL`): those checkpoints are on storage, yet Ray Train never resumes from them and, not counting
-    them in `keep_checkpoints`, never deletes them.
+    (`training.REPORT_POLL`): those checkpoints are on storage, yet Ray Train never resumes from
+    them and, not counting them in `keep_checkpoints`, never deletes them.
     """
     tracked = {checkpoint.path.rstrip("/") for checkpoint, _ in result.best_checkpoints}
     if result.checkpoint is not None:  # None when a full disk stopped the run at its first checkpoint
