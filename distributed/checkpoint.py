@@ -139,12 +139,12 @@ def loss_scale(model):
     return {"loss_scale": float(model.optimizer.loss_scale)} if getattr(model.optimizer, "dynamic", False) else {}
 
 
-def resumed_history(storage_path, run_name):
-    """The history of the checkpoint a run of this name resumes from (Ray Train's latest), or []
+def resumed_history(config):
+    """The history of the checkpoint the run of `config` resumes from (Ray Train's latest), or []
     for a new run. Read on the driver before the workers start, so that a checkpoint that cannot
     be restored is named at once: in the workers it would fail each attempt, and Ray Train would
     retry that as a worker failure, --max-failures times (forever at -1)."""
-    run = f"{storage_path}/{run_name}"
+    run = config.run_storage
     try:
         latest = latest_checkpoint(run)
     except CheckpointManagerInitializationError as error:
@@ -157,7 +157,7 @@ def resumed_history(storage_path, run_name):
     try:
         return whole_history(latest.filesystem, latest.path)  # read in place: a bucket's model is not downloaded
     except CUT_SHORT as error:
-        raise ValueError(f"{latest.path}: the checkpoint run {run_name!r} would resume from cannot be read "
+        raise ValueError(f"{latest.path}: the checkpoint run {config.run_name!r} would resume from cannot be read "
                          f"({type(error).__name__}: {error}); delete {run} to train the run afresh, or pass another "
                          f"--run-name or --output") from None
 

@@ -122,7 +122,7 @@ def check_before_start(config):
         held.enter_context(ingest.hold(*ingest.open_root(config.run_storage), "jobs.train",
                                        "another --run-name or --storage-path"))
         # Held first: a checkpoint another run is writing is that run's, and the hold says so.
-        resumed = checkpoint.resumed_history(config.resolved_storage_path, config.run_name)
+        resumed = checkpoint.resumed_history(config)
         connect_ray(config)
     except BaseException:
         held.close()
@@ -214,8 +214,8 @@ REPORT_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 def fit(trainer):
     """`trainer.fit()`, where Ctrl-C ends in KeyboardInterrupt and leaves Ctrl-C working afterwards,
-    and a failed run in TrainingFailed, which says how to go on; reports polled every 0.1 s unless
-    the environment says otherwise (the driver's environment reaches the controller).
+    and a failed run in TrainingFailed, which says how to go on; reports polled as `REPORT_POLL` says
+    unless the environment sets it (the driver's environment reaches the controller).
 
     Ray Train installs a SIGINT handler for the run: the first Ctrl-C aborts the run and ends the
     driver's wait in SystemExit(1). It leaves the handler installed after the run, where aborting

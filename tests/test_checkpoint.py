@@ -190,9 +190,9 @@ def test_a_checkpoint_whose_best_weights_are_cut_short_is_not_the_one_a_run_resu
     os.truncate(run / "checkpoint_2000-01-02_00-00-00.000000" / checkpoint.BEST, 500)  # a copy cut short, say
     (run / checkpoint.RECORD).write_text("")  # left empty by a full disk: written again, naming the newest whole one
     # The cut-short one passed for whole: every worker then failed at its restore, an attempt at a time.
-    assert checkpoint.resumed_history(str(tmp_path), "unet") == [{"epoch": 1}]
+    assert checkpoint.resumed_history(TrainConfig(storage_path=str(tmp_path))) == [{"epoch": 1}]
     # And the checkpoint Ray Train's record names, cut short so: named on the driver, before Ray starts.
     os.truncate(run / "checkpoint_2000-01-01_00-00-00.000000" / checkpoint.BEST, 500)
     with pytest.raises(ValueError, match="checkpoint_2000-01-01_00-00-00.000000: the checkpoint run 'unet' would "
                                          "resume from cannot be read \\(BadZipFile"):
-        checkpoint.resumed_history(str(tmp_path), "unet")
+        checkpoint.resumed_history(TrainConfig(storage_path=str(tmp_path)))

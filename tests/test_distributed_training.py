@@ -154,7 +154,7 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session, quickstart
     for left in ("", whole_record[:40]):
         with open(record, "w") as file:
             file.write(left)
-        assert checkpoint.resumed_history(config.resolved_storage_path, config.run_name) == resumed
+        assert checkpoint.resumed_history(config) == resumed
         assert ray.train.Result.from_path(run).checkpoint.path == newest_whole
     shutil.rmtree(cut_short)
     # A checkpoint that cannot be read is named before Ray starts or a frame is decoded: in the
