@@ -123,8 +123,7 @@ def hold(filesystem, root, job, instead="another --output"):
     twice: a cluster runs every job's driver on its head) is refused, instead of writing beside the
     first into the same files; `instead`: what to pass to write elsewhere. A local output is known
     by its real path, however it is spelt."""
-    local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
-    place = spelled(filesystem, os.path.realpath(root) if local else root)
+    place = held_place(filesystem, root)
     os.makedirs(HOLDS, exist_ok=True)
     file = open(os.path.join(HOLDS, hashlib.sha256(place.encode()).hexdigest()[:32] + ".lock"), "a+")
     try:
@@ -138,6 +137,12 @@ def hold(filesystem, root, job, instead="another --output"):
     file.write(f"{job} (pid {os.getpid()})")
     file.flush()
     return file
+
+
+def held_place(filesystem, root):
+    """`root` as `hold` knows it: a local one by its real path."""
+    local = isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+    return spelled(filesystem, os.path.realpath(root) if local else root)
 
 
 def make_directory(path, flag):

@@ -115,12 +115,16 @@ def check_before_start(config):
         raise ValueError(f"a path given to --output, --data, --val-data or --storage-path cannot be used: "
                          f"{error}") from None
     held = contextlib.ExitStack()
-    held.enter_context(ingest.hold(*ingest.open_output(config.output), "jobs.train"))
+    output = ingest.open_output(config.output)
+    held.enter_context(ingest.hold(*output, "jobs.train"))
     try:
         # And the run's checkpoints: a second experiment given another --output but the same --storage-path
         # and --run-name passed, resumed from the first's checkpoint and wrote its own beside the first's.
-        held.enter_context(ingest.hold(*ingest.open_root(config.run_storage), "jobs.train",
-                                       "another --run-name or --storage-path"))
+        # Unless they are --output itself (--storage-path its parent, --run-name its name): held a second
+        # time, the run refused itself, naming its own pid.
+        storage = ingest.open_root(config.run_storage)
+        if ingest.held_place(*storage) != ingest.held_place(*output):
+            held.enter_context(ingest.hold(*storage, "jobs.train", "another --run-name or --storage-path"))
         # Held first: a checkpoint another run is writing is that run's, and the hold says so.
         resumed = checkpoint.resumed_history(config)
         connect_ray(config)

@@ -465,6 +465,15 @@ def test_a_second_run_into_the_checkpoints_a_run_is_training_into_is_refused(tmp
     held.close()
 
 
+def test_checkpoints_kept_in_the_output_itself_are_not_refused_as_another_runs(tmp_path, no_ray):
+    # --storage-path the output's parent, --run-name its name: the run held its own checkpoint folder a second
+    # time and refused itself, "jobs.train (pid <its own>) is writing into it".
+    config = dataclasses.replace(smoke_config(tmp_path), storage_path=str(tmp_path), run_name="run")
+    with pytest.raises(AssertionError, match="Ray was started"):  # every check passed
+        train(config)
+    ingest.hold(*ingest.open_output(str(tmp_path / "run")), "jobs.train").close()  # let go of, on the way out
+
+
 def test_checkpoints_that_could_never_be_written_are_refused_before_ray_starts(tmp_path, no_ray):
     (tmp_path / "notes").write_text("a file where a folder would go")
     storage = tmp_path / "notes" / "checkpoints"
