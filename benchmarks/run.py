@@ -85,7 +85,8 @@ def parse_args(argv=None):
         parser.error(f"--infer-num-actors {actors} × --infer-cpus-per-actor {cpus_per_actor}: the local Ray "
                      f"holds {cores + 1} CPUs ({cores} cores + 1), so {(cores + 1) // cpus_per_actor} actor(s) at "
                      f"most; lower either flag")
-    for flag, path in (("--cache", args.cache), ("--out", args.out)):  # "$DIR" unset: the working directory, or no file
+    # "$DIR" unset: the working directory, or no file; an empty --work-dir, a temporary one removed at the end
+    for flag, path in (("--cache", args.cache), ("--out", args.out), ("--work-dir", args.work_dir)):
         if path is not None and not path.strip():
             parser.error(f"{flag} is empty (an unset shell variable?); pass a path or leave the flag out")
     # Made here, not as the frames render in spawned processes or the run starts: a file or a read-only

@@ -87,11 +87,13 @@ def test_ctrl_c_exits_130_with_a_word_and_no_traceback(tmp_path, monkeypatch, ca
     assert code == 130 and "interrupted: the figures printed are whole" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--cache", "--out"])
+@pytest.mark.parametrize("flag", ["--cache", "--out", "--work-dir"])
 def test_the_harness_refuses_an_empty_path(flag, tmp_path, monkeypatch, capsys):
     from benchmarks import run
 
-    monkeypatch.chdir(tmp_path)  # an empty --cache put the frames here; an empty --out wrote no file, unsaid
+    # An empty --cache put the frames here; an empty --out wrote no file, unsaid; an empty --work-dir had the
+    # scratch space the flag keeps be a temporary one, removed at the end.
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as refused:
         run.parse_args(["--cache", str(tmp_path / "cache"), flag, ""])
     assert refused.value.code == 2 and f"{flag} is empty (an unset shell variable?)" in capsys.readouterr().err
