@@ -54,9 +54,10 @@ def save_and_report(model, metrics, history, best_weights, rank, with_checkpoint
     """Every worker saves (saving runs collectives under MWMS); rank 0's copy becomes the checkpoint.
 
     Every worker reports every epoch, checkpoint or not: Ray Train counts the reports. Returns why
-    every worker must stop, the same on each, or None: a disk that takes no more files (full, over
-    quota, read-only), which a restart would meet again. Raised instead, it would have Ray Train
-    retry the run --max-failures times (forever at -1).
+    every worker must stop, or None on every worker alike: a disk that takes no more files (full,
+    over quota, read-only), which a restart would meet again. The worker that met it gives its own
+    error; the others say where it was (the driver reports rank 0's). Raised instead, it would have
+    Ray Train retry the run --max-failures times (forever at -1).
     """
     if not with_checkpoint:
         ray.train.report(metrics)
