@@ -68,30 +68,32 @@ def infer(config: InferConfig):
         # Everything under the output counts as earlier results, so no input would be predicted.
         raise ValueError(f"{config.output}: the output must be another directory than the input images "
                          f"({config.input}), and not one that holds them")
-    settings = output_settings(config, input_filesystem, input_root, size, n_classes)
-    output.check_settings(settings)
-    below = place_below(output.filesystem, output.root, input_filesystem, input_root)  # an output inside the input,
-    inputs, ignored, left_out = list_images(  # however either is spelt: its masks are never inputs
-        input_filesystem, input_root, skip=None if below is None else f"{input_root}/{below}",
-        writes_files="png" in config.formats or config.overlay)
-    kinds = "/".join(data.IMAGE_EXTENSIONS)
-    if not inputs:
-        raise ValueError(f"{config.input}: no {kinds} images below it"
-                         + (f" (only {len(ignored)} other file(s), such as {ignored[0]})" if ignored else ""))
-    done = output.done_paths(identity)
-    pending = [path for path in inputs if path not in done]
-    print(f"[unet-ray] {len(inputs)} image(s) under {config.input}: {len(pending)} to predict, "
-          f"{len(inputs) - len(pending)} already done in {config.output}", flush=True)
-    if ignored:
-        print(f"[unet-ray] {len(ignored)} file(s) there are not {kinds} images and are left alone, such as "
-              f"{', '.join(ignored[:3])}", file=sys.stderr, flush=True)
-    if left_out:
-        print(f"[unet-ray] {len(left_out)} folder(s) there hold masks, not camera frames (a {data.MASK_DIR} beside "
-              f"{data.IMAGE_DIR}, or an earlier jobs.infer output), and are left alone: {', '.join(left_out[:3])}"
-              + (", ..." if len(left_out) > 3 else ""), file=sys.stderr, flush=True)
-
     # One run at a time into an output: a second would empty the first's staging and write its parts beside them.
+    # Held from before the output is read: a ledger read unheld, while a first run commits its last parts and
+    # ends, has those frames predicted again, each then twice in predictions.
     with hold(output.filesystem, output.root, "jobs.infer"):
+        settings = output_settings(config, input_filesystem, input_root, size, n_classes)
+        output.check_settings(settings)
+        below = place_below(output.filesystem, output.root, input_filesystem, input_root)  # an output inside the input,
+        inputs, ignored, left_out = list_images(  # however either is spelt: its masks are never inputs
+            input_filesystem, input_root, skip=None if below is None else f"{input_root}/{below}",
+            writes_files="png" in config.formats or config.overlay)
+        kinds = "/".join(data.IMAGE_EXTENSIONS)
+        if not inputs:
+            raise ValueError(f"{config.input}: no {kinds} images below it"
+                             + (f" (only {len(ignored)} other file(s), such as {ignored[0]})" if ignored else ""))
+        done = output.done_paths(identity)
+        pending = [path for path in inputs if path not in done]
+        print(f"[unet-ray] {len(inputs)} image(s) under {config.input}: {len(pending)} to predict, "
+              f"{len(inputs) - len(pending)} already done in {config.output}", flush=True)
+        if ignored:
+            print(f"[unet-ray] {len(ignored)} file(s) there are not {kinds} images and are left alone, such as "
+                  f"{', '.join(ignored[:3])}", file=sys.stderr, flush=True)
+        if left_out:
+            print(f"[unet-ray] {len(left_out)} folder(s) there hold masks, not camera frames (a {data.MASK_DIR} beside "
+                  f"{data.IMAGE_DIR}, or an earlier jobs.infer output), and are left alone: {', '.join(left_out[:3])}"
+                  + (", ..." if len(left_out) > 3 else ""), file=sys.stderr, flush=True)
+
         new_output = output.filesystem.get_file_info(output.root).type == pyarrow.fs.FileType.NotFound
         try:
             output.make()

@@ -345,6 +345,31 @@ def test_a_second_run_into_an_output_a_run_is_writing_into_is_refused_before_ray
         infer_job.main(argv)
 
 
+def test_the_ledger_is_read_while_the_output_is_held(tmp_path, monkeypatch, model_dir, ray_session):
+    # A second run read the done frames before it took the hold: a first run committing its last
+    # parts and ending in the meantime (a long listing of a bucket, say) had them predicted again.
+    scenes.write_scenes(tmp_path / "frames", 3)
+    out = tmp_path / "out"
+    first = ingest.hold(*ingest.open_output(str(out)), "jobs.infer")
+    done_paths = inference_output.Output.done_paths
+
+    def first_run_ends_meanwhile(self, identity):
+        done = done_paths(self, identity)
+        (out / "predictions").mkdir(parents=True)
+        pq.write_table(pa.table({"path": [f"scene_{i:06d}.png" for i in range(3)], "model": [identity] * 3}),
+                       out / "predictions" / "part-first-run.parquet")
+        first.close()
+        return done
+
+    monkeypatch.setattr(inference_output.Output, "done_paths", first_run_ends_meanwhile)
+    config = InferConfig(model=str(model_dir), input=str(tmp_path / "frames"), output=str(out))
+    with pytest.raises(ValueError, match="jobs.infer \\(pid [0-9]+\\) is writing into it"):
+        infer(config)
+    first.close()
+    monkeypatch.undo()
+    assert infer(config) == {"ok": 3, "failed": 0, "skipped": 0}
+
+
 def test_an_output_that_cannot_be_made_is_a_bad_flag_named_before_ray_starts(tmp_path, monkeypatch, capsys,
                                                                             model_dir):
     # It was made only once Ray had started, and failed there with a traceback.
