@@ -301,7 +301,7 @@ def list_images(filesystem, root, skip=None, writes_files=True):
         mask = inference_output.output_png_name(path)
         clash = outputs.setdefault(inference_output.output_path("masks", mask), path)
         if clash != path:
-            raise ValueError(f"{root}: {clash} and {path} would both write the mask {mask}")
+            raise ValueError(f"{spelled(filesystem, root)}: {clash} and {path} would both write the mask {mask}")
     return paths, sorted(ignored), sorted(folder[len(root) + 1:] for folder in folders)
 
 

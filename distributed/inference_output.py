@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
 
-from distributed.ingest import is_out_of_room
+from distributed.ingest import is_out_of_room, spelled
 
 # Temporary files live here until renamed into place; a run starts by emptying it.
 STAGING = ".staging"
@@ -96,6 +96,7 @@ class Output:
     def __init__(self, filesystem, root):
         self.filesystem, self.root = filesystem, root
         self.staging = f"{root}/{STAGING}"
+        self.named = spelled(filesystem, root)  # as the user gives it: a bucket's with its scheme
         self.folders = set()
 
     def done_paths(self, identity):
@@ -105,12 +106,12 @@ class Output:
             try:
                 table = pq.read_table(path, columns=["path", "model"], filesystem=self.filesystem)
             except (pa.ArrowInvalid, OSError) as error:
-                raise ValueError(f"{path}: unreadable Parquet part ({error}); delete it to predict "
-                                 f"its inputs again") from None
+                raise ValueError(f"{spelled(self.filesystem, path)}: unreadable Parquet part ({error}); delete it to "
+                                 f"predict its inputs again") from None
             done.update(table["path"].to_pylist())
             by_other_models += pc.sum(pc.not_equal(table["model"], identity)).as_py() or 0
         if by_other_models:
-            print(f"[unet-ray] warning: {by_other_models} prediction(s) in {self.root} came from another "
+            print(f"[unet-ray] warning: {by_other_models} prediction(s) in {self.named} came from another "
                   f"model; they are kept and skipped (use a new --output to predict them again)", file=sys.stderr,
                   flush=True)
         return done
@@ -131,13 +132,14 @@ class Output:
             if not isinstance(recorded, dict):
                 raise ValueError(f"a JSON {type(recorded).__name__}")
         except ValueError as error:  # edited by hand, say: json's own message names no file
-            raise ValueError(f"{path}: not the JSON object of settings jobs.infer records ({error}); restore the "
-                             f"settings the output was made with, or pass another --output") from None
+            reason = f"not the JSON object of settings jobs.infer records ({error})"
+            raise ValueError(f"{self.named}/{SETTINGS_FILE}: {reason}; restore the settings the output was made "
+                             f"with, or pass another --output") from None
         # A setting an older unet-ray did not record is unknown: refusing would strand the output.
         changed = [describe_change(name, recorded[name], value)
                    for name, value in settings.items() if name in recorded and recorded[name] != value]
         if changed:
-            raise ValueError(f"{self.root}: its predictions were made with other settings ({'; '.join(changed)}); "
+            raise ValueError(f"{self.named}: its predictions were made with other settings ({'; '.join(changed)}); "
                              f"rerun with those to complete them, or pass another --output for these")
 
     def check_is_new(self):
@@ -147,7 +149,7 @@ class Output:
         entries = sorted(info.base_name for info in self.filesystem.get_file_info(selector)
                          if not info.base_name.startswith("."))
         if entries and "predictions" not in entries:
-            raise ValueError(f"{self.root}: a directory jobs.infer did not write (it holds {', '.join(entries[:3])}"
+            raise ValueError(f"{self.named}: a directory jobs.infer did not write (it holds {', '.join(entries[:3])}"
                              f"{', ...' if len(entries) > 3 else ''}); pass a new or empty --output")
 
     def record_settings(self, settings):

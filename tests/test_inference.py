@@ -579,6 +579,14 @@ def test_two_images_that_would_write_one_mask_file_are_refused_only_when_files_a
     assert paths == ["frame.jpg", "frame.jpg.png"]
 
 
+def test_two_images_in_a_bucket_that_would_write_one_mask_file_are_named_with_its_scheme(s3_bucket):
+    for name in ("frame.jpg", "frame.jpg.png"):
+        with s3_bucket.open_output_stream(f"unet/frames/{name}") as stream:
+            stream.write(b"an image")
+    with pytest.raises(ValueError, match="^s3://unet/frames: frame.jpg and frame.jpg.png would both write"):
+        inference.list_images(*inference.open_root("s3://unet/frames"))
+
+
 def test_masks_below_the_input_are_never_taken_for_camera_frames(tmp_path):
     # A tree of drives in the CARLA layout, and the output of an earlier run placed inside it.
     for drive in ("town1", "town2/day"):

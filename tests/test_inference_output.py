@@ -1,5 +1,6 @@
 """Where batch inference writes: files whole or not at all, many at a time, and the ledger of what is done."""
 
+import json
 import threading
 import time
 
@@ -108,3 +109,23 @@ def test_damaged_output_settings_are_named_by_their_file(tmp_path):
                                              f"jobs.infer records \\({reason}\\); restore the settings the output "
                                              f"was made with, or pass another --output$"):
             output.check_settings({"input": "in"})
+
+
+def test_an_output_in_a_bucket_is_named_with_its_scheme(s3_bucket):
+    # Named as pyarrow holds it (unet/out), the refusal sent the user looking for a local folder.
+    def put(key, content):
+        with s3_bucket.open_output_stream(f"unet/{key}") as stream:
+            stream.write(content)
+
+    put("other/notes.txt", b"a tool's notes")
+    put("done/output_settings.json", json.dumps({"input": "local:///a"}).encode())
+    put("damaged/output_settings.json", b'{"input": ')
+    put("damaged/predictions/part-0.parquet", b"not Parquet")
+    for key, settings, message in (
+            ("other", {"input": "local:///a"}, "s3://unet/other: a directory jobs.infer did not write"),
+            ("done", {"input": "local:///b"}, "s3://unet/done: its predictions were made with other settings"),
+            ("damaged", {"input": "local:///a"}, "s3://unet/damaged/output_settings.json: not the JSON object")):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            inference_output.Output(*open_output(f"s3://unet/{key}")).check_settings(settings)
+    with pytest.raises(ValueError, match="^s3://unet/damaged/predictions/part-0.parquet: unreadable Parquet part"):
+        inference_output.Output(*open_output("s3://unet/damaged")).done_paths("model.keras@sha256:0")
