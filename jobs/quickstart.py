@@ -6,6 +6,7 @@ frames the model never saw, and evaluates them — then says where every artifac
 
 import argparse
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -64,6 +65,24 @@ def forget_predictions_beyond(new_frames, count, inferred):
         shutil.rmtree(inferred)
 
 
+def forget_predictions_of_another_model(inferred, model):
+    """Before inference with a model a rerun has trained further (more --epochs), drop the predictions
+    of the model before: inference keeps and skips those, so the masks would be another model's than
+    the one the summary names and the evaluation scores."""
+    import pyarrow.parquet as pq
+
+    from distributed import inference
+
+    parts = glob.glob(os.path.join(inferred, "predictions", "*.parquet"))
+    if not parts:
+        return
+    with open(model, "rb") as file:
+        identity = inference.model_identity(file.read(), model)
+    made_by = {name for part in parts for name in pq.read_table(part, columns=["model"])["model"].to_pylist()}
+    if made_by - {identity}:
+        shutil.rmtree(inferred)
+
+
 def run(args):
     started = time.time()
     # Checked as given: made absolute, s3://b/x would name a local folder ./s3:/b/x.
@@ -86,6 +105,7 @@ def run(args):
         # Another seed: unseen scenes.
         run_directory.write_scene_set(new_frames, args.new_frames, config.seed + 1)
         model = os.path.join(config.output, "model.keras")
+        forget_predictions_of_another_model(inferred, model)
         summary = infer(InferConfig(model=model, input=os.path.join(new_frames, IMAGE_DIR), output=inferred,
                                     overlay=True))
         report = EvaluateConfig(model=model, data=new_frames, output=os.path.join(output, "evaluation"))

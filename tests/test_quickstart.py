@@ -127,3 +127,28 @@ def test_a_rerun_with_another_network_is_told_to_pass_another_output(tmp_path, m
     error = capsys.readouterr().err
     assert "trained with other settings" in error and "n_filters 32 -> 4" in error
     assert error.rstrip().endswith("or pass another --output to start a new run")  # it has no --run-name
+
+
+def test_a_rerun_that_trained_the_model_further_predicts_the_new_frames_again(tmp_path):
+    # A rerun with more --epochs exports another model: inference kept and skipped the earlier
+    # model's masks, which the summary then gave as this model's, beside an evaluation of the new one.
+    import pyarrow as pa
+    import tensorflow as tf
+
+    from distributed import inference
+    from unet_core import unet_model
+
+    unet_model((32, 48, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
+    identity = inference.model_identity((tmp_path / "model.keras").read_bytes(), "model.keras")
+    inferred = tmp_path / "inference"
+    (inferred / "predictions").mkdir(parents=True)
+    (inferred / "masks").mkdir()
+    pq.write_table(pa.table({"path": ["a.png"], "model": [identity]}), inferred / "predictions" / "part-0.parquet")
+    quickstart.forget_predictions_of_another_model(str(inferred), str(tmp_path / "model.keras"))
+    assert (inferred / "predictions" / "part-0.parquet").exists()  # the same model's: kept, and skipped
+
+    tf.keras.utils.set_random_seed(1)  # trained further: other weights
+    unet_model((32, 48, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
+    quickstart.forget_predictions_of_another_model(str(inferred), str(tmp_path / "model.keras"))
+    assert not inferred.exists()
+    quickstart.forget_predictions_of_another_model(str(inferred), str(tmp_path / "model.keras"))  # none: nothing
