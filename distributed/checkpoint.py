@@ -151,7 +151,7 @@ def resumed_history(config):
     except CheckpointManagerInitializationError as error:
         if not rebuilt_record(run):
             raise ValueError(f"{run}: Ray Train's record of the run's checkpoints does not match them ({error}); "
-                             f"delete {run} to train the run afresh, or pass another --run-name or --output") from None
+                             f"delete {run} to train the run afresh, or pass {config.new_run_flags}") from None
         latest = latest_checkpoint(run)
     if latest is None:
         return []
@@ -159,8 +159,8 @@ def resumed_history(config):
         return whole_history(latest.filesystem, latest.path)  # read in place: a bucket's model is not downloaded
     except CUT_SHORT as error:
         raise ValueError(f"{latest.path}: the checkpoint run {config.run_name!r} would resume from cannot be read "
-                         f"({type(error).__name__}: {error}); delete {run} to train the run afresh, or pass another "
-                         f"--run-name or --output") from None
+                         f"({type(error).__name__}: {error}); delete {run} to train the run afresh, or pass "
+                         f"{config.new_run_flags}") from None
 
 
 def latest_checkpoint(run):

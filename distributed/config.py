@@ -239,6 +239,12 @@ class TrainConfig:
         """Ray Train's folder of this run's checkpoints and their record."""
         return f"{self.resolved_storage_path}/{self.run_name}"
 
+    @property
+    def new_run_flags(self):
+        """What to pass to start a new run instead of resuming this one. Another --output does only with the
+        default --storage-path: given one, a run into another --output resumes the same checkpoints."""
+        return f"another --run-name or --{'storage-path' if self.storage_path is not None else 'output'}"
+
     @classmethod
     def from_preset(cls, name):
         if name not in PRESETS:

@@ -48,7 +48,7 @@ def write_scene_set(directory, count, seed):
     return directory
 
 
-def check_run_identity(config, frames=None, new_run="another --run-name or --output"):
+def check_run_identity(config, frames=None, new_run=None):
     """Refuse to resume a run (same `run_name` and storage) that trained on other frames or another
     network, which would silently continue it or fail inside a worker, where Ray Train retries
     the error as a worker failure instead of reporting it. A run stopped before its first
@@ -56,7 +56,9 @@ def check_run_identity(config, frames=None, new_run="another --run-name or --out
 
     Checked twice: on the settings before Ray starts, then with `frames` (`frames_identity`) once
     the data is listed, as the same directory may hold other frames by then (frames added to a
-    tail split would move validation frames into training)."""
+    tail split would move validation frames into training). `new_run`: what to pass instead, by
+    default `TrainConfig.new_run_flags`."""
+    new_run = new_run or config.new_run_flags
     filesystem, path, identity = _identity(config, frames)
     run_root = path.rsplit("/", 1)[0]
     found = filesystem.get_file_info(pyarrow.fs.FileSelector(run_root, allow_not_found=True))

@@ -194,5 +194,7 @@ def test_a_checkpoint_whose_best_weights_are_cut_short_is_not_the_one_a_run_resu
     # And the checkpoint Ray Train's record names, cut short so: named on the driver, before Ray starts.
     os.truncate(run / "checkpoint_2000-01-01_00-00-00.000000" / checkpoint.BEST, 500)
     with pytest.raises(ValueError, match="checkpoint_2000-01-01_00-00-00.000000: the checkpoint run 'unet' would "
-                                         "resume from cannot be read \\(BadZipFile"):
+                                         "resume from cannot be read \\(BadZipFile.*; delete .* to train the run "
+                                         "afresh, or pass another --run-name or --storage-path$"):
+        # Not "or --output": given a --storage-path, a run into another --output resumes this same checkpoint.
         checkpoint.resumed_history(TrainConfig(storage_path=str(tmp_path)))

@@ -56,6 +56,20 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
     assert not (tmp_path / "run" / "ray_results" / "scenes").exists()  # checking writes nothing
 
 
+def test_a_refused_rerun_is_told_the_flags_that_start_a_new_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for given in ({}, {"storage_path": str(tmp_path / "checkpoints")}):
+        config = TrainConfig(data="frames", output="run", **given)
+        run_directory.record_run_identity(config, FRAMES)
+        os.mkdir(f"{config.run_storage}/checkpoint_2026-12-04_10-00-00.000000")
+    with pytest.raises(ValueError, match=r"pass another --run-name or --output to start a new run$"):
+        run_directory.check_run_identity(TrainConfig(data="frames", output="run", n_filters=8))
+    # The checkpoints of a --storage-path given stay the run's whatever the --output: another one was refused again.
+    with pytest.raises(ValueError, match=r"pass another --run-name or --storage-path to start a new run$"):
+        run_directory.check_run_identity(TrainConfig(data="frames", output="another", n_filters=8,
+                                                     storage_path=str(tmp_path / "checkpoints")))
+
+
 def test_a_validation_directory_makes_the_split_settings_free_to_change(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_directory.record_run_identity(TrainConfig(data="frames", val_data="held_out", output="run"), FRAMES)
