@@ -225,8 +225,12 @@ def rebuilt_record(run):
         pending_training_results=[], pending_validation_specs=[], current_report_index=epochs,
         validated_checkpoint_dir_names=[], timed_out_validation_checkpoint_dir_names=[],
         failed_validation_checkpoint_dir_names=[])
-    with filesystem.open_output_stream(f"{root}/{RECORD}") as stream:
-        stream.write(record.json().encode())
+    # Still full, say: one error that says to make room, not a traceback (the record stays unreadable till then).
+    with ingest.stopped_when_out_of_room(run, f"so Ray Train's record of the run's checkpoints, left unreadable, "
+                                              f"cannot be written again; the checkpoints are kept: make room, then "
+                                              f"the same command resumes from {name}"):
+        with filesystem.open_output_stream(f"{root}/{RECORD}") as stream:
+            stream.write(record.json().encode())
     print(f"[unet-ray] {run}/{RECORD}: Ray Train's record of the run's checkpoints was left unreadable (by a full "
           f"disk, most likely) and is written again, naming the newest whole checkpoint, {name} (epoch {epochs})",
           file=sys.stderr, flush=True)

@@ -1,5 +1,6 @@
 """Ray Train runs on a real local Ray: 2 workers × 1 CPU (1 × 2 for the lone-worker path), the smoke-sized model."""
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -339,6 +340,29 @@ def test_a_storage_path_that_fills_stops_every_worker_at_once_and_the_same_comma
     subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)  # room made
     history = train(config)
     assert [row["epoch"] for row in history] == [1, 2] and list(checkpoint_dirs(config)) == [2]
+
+
+def test_a_checkpoint_record_left_unreadable_on_a_disk_still_full_is_one_error_that_says_to_make_room(small_disk):
+    run = small_disk / "unet"
+    saved = run / "checkpoint_2000-01-01_00-00-00.000000"
+    saved.mkdir(parents=True)
+    with zipfile.ZipFile(saved / checkpoint.MODEL, "w") as model:
+        model.writestr("config.json", "{}")
+    (saved / checkpoint.STATE).write_text(json.dumps({"history": [{"epoch": 1}]}))
+    np.savez(saved / checkpoint.BEST, np.zeros(10))
+    (run / checkpoint.RECORD).write_text("")  # the full disk cut it short
+    with open(small_disk / "filler", "wb") as filler, contextlib.suppress(OSError):  # and it is full still
+        while True:
+            filler.write(bytes(2**16))
+            filler.flush()
+    config = TrainConfig(storage_path=str(small_disk))
+    # Was an OSError's traceback (exit 1) from writing the record again.
+    with pytest.raises(ValueError, match=f"^{run}: cannot take more files \\(No space left on device\\); so Ray "
+                                         f"Train's record .* make room, then the same command resumes from "
+                                         f"checkpoint_2000-01-01_00-00-00.000000$"):
+        checkpoint.resumed_history(config)
+    os.remove(small_disk / "filler")  # room made
+    assert checkpoint.resumed_history(config) == [{"epoch": 1}]
 
 
 def test_a_disk_that_takes_no_more_files_fails_the_run_with_one_error_that_says_to_make_room(monkeypatch, capsys):
