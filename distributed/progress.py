@@ -78,6 +78,13 @@ def write_metrics(output, history):
         os.replace(os.path.join(output, f"{name}.tmp"), os.path.join(output, name))
 
 
+def write_tensorboard(output, history):
+    """TensorBoard's file of `history` alone, in place of `output`'s earlier ones. The export writes it as it writes
+    metrics.json: a rerun that trains no epoch (a finished run exported again) reports none to `EpochsToDisk`, which
+    left a new --output without TensorBoard, and --output's own drawing epochs the checkpoint does not hold."""
+    append_to_tensorboard(new_event_file(os.path.join(output, TENSORBOARD)), history, start=True)
+
+
 def new_event_file(directory):
     """A new event file for this run's epochs in place of the folder's earlier ones. Its name sorts
     after theirs, so a TensorBoard that is following them reads on into it."""

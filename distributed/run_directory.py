@@ -167,6 +167,7 @@ def write_files(config, history, best_weights, val_frames):
     export_model(config, best_weights, model_path)
 
     progress.write_metrics(config.output, history)
+    progress.write_tensorboard(config.output, history)
     plots.save_curves(history, os.path.join(config.output, "curves.png"))
     model = inference.load_model(model_path)
     frames = val_frames.take_batch(PREVIEW_FRAMES, batch_format="numpy")

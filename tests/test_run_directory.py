@@ -5,6 +5,7 @@ import errno
 import json
 import os
 
+import numpy as np
 import pytest
 import ray
 import tensorflow as tf
@@ -123,6 +124,33 @@ def test_a_run_that_goes_on_keeps_no_earlier_list_of_skipped_or_unreadable_frame
     assert not (tmp_path / "unreadable.txt").exists()
     run_directory.write_skipped(str(tmp_path), {})
     assert os.listdir(tmp_path) == []
+
+
+def test_the_export_writes_tensorboard_as_it_writes_metrics_json(tmp_path, ray_session):
+    # A rerun that trains no epoch (a finished run exported again) reports none to Ray Train's controller, which
+    # writes TensorBoard as epochs end: a new --output had no TensorBoard, and the run's own drew epochs 3 and 4,
+    # which the checkpoint exported (of epoch 2) does not hold.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distributed import progress
+
+    config = TrainConfig(output=str(tmp_path / "run")).smoke()
+    height, width = config.image_size
+    frames = ray.data.from_items([{"name": "a.png", "image": np.zeros((height, width, 3), np.float32),
+                                   "mask": np.zeros((height, width), np.uint8)}])
+    weights = unet_model((*config.image_size, 3), config.n_filters, config.n_classes).get_weights()
+    history = [{"epoch": epoch, "val_mean_iou": epoch / 10} for epoch in (1, 2, 3, 4)]
+    for output, earlier in ((tmp_path / "new", []), (tmp_path / "run", history)):
+        output.mkdir()
+        if earlier:
+            aborted = progress.EpochsToDisk(str(output), resumed=[])
+            for row in earlier:
+                aborted.after_report(None, [row], checkpoint=None)
+        run_directory.write(dataclasses.replace(config, output=str(output)), history[:2], weights, frames)
+        accumulator = EventAccumulator(str(output / progress.TENSORBOARD))
+        accumulator.Reload()
+        assert [(event.step, round(event.value, 6)) for event in accumulator.Scalars("val_mean_iou")] == [
+            (1, 0.1), (2, 0.2)]
 
 
 def test_an_output_that_fills_up_at_the_export_is_one_error_and_leaves_no_half_written_model(tmp_path,
