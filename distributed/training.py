@@ -159,6 +159,11 @@ def check_paths(config):
         except ValueError as error:
             raise ValueError(f"--storage-path {error}") from None
     ingest.open_output(config.output)
+    storage = config.resolved_storage_path
+    if config.storage_path is None and os.path.lexists(storage) and not os.path.isdir(storage):
+        # Named by the flag the user gave, before Ray starts: it was "--storage-path ...: cannot be made a directory".
+        raise ValueError(f"--output {config.output}: {storage} is a file, where the run keeps its checkpoints; "
+                         f"move it, or pass --storage-path")
     for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
         if uri is not None:
             refuse_missing_relative_input(uri, flag)
