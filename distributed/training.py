@@ -42,18 +42,25 @@ def train(config: TrainConfig):
             return run_training(config, resumed)
 
 
+BEFORE_TRAINING = "so training did not start; make room, then the same command goes on"
+
+
 def run_training(config, resumed):
     """`train` once `check_before_start` holds --output for this run; `resumed` is the history of
     the checkpoint it resumes from."""
-    data_uri = config.data or run_directory.generate_scenes(config)
+    # A disk full before the first epoch, as midway: one error that says to make room, not a traceback (exit 1).
+    with ingest.stopped_when_out_of_room(f"--output {config.output}", BEFORE_TRAINING):
+        data_uri = config.data or run_directory.generate_scenes(config)
     train_frames, val_frames, skipped = ingest.load_frames(
         data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.output,
         config.skip_bad, min_train_frames=config.num_workers, val_uri=config.val_data,
     )
     frames = run_directory.frames_identity(train_frames, val_frames)
     run_directory.check_run_identity(config, frames)
-    run_directory.write_skipped(config.output, skipped)  # once the run may go on: a refused rerun changes no record
-    run_directory.record_run_identity(config, frames)
+    with ingest.stopped_when_out_of_room(f"--output {config.output}", BEFORE_TRAINING):
+        run_directory.write_skipped(config.output, skipped)  # once the run may go on: a refused rerun changes no record
+    with ingest.stopped_when_out_of_room(config.run_storage, BEFORE_TRAINING):
+        run_directory.record_run_identity(config, frames)
     weights, counts = class_balance(train_frames, config)
     per_worker = print_frames(config, data_uri, train_frames, val_frames, skipped)
 

@@ -365,6 +365,20 @@ def test_a_checkpoint_record_left_unreadable_on_a_disk_still_full_is_one_error_t
     assert checkpoint.resumed_history(config) == [{"epoch": 1}]
 
 
+def test_an_output_full_before_the_first_epoch_is_one_error_that_says_to_make_room(tmp_path, ray_session,
+                                                                                   small_disk):
+    with open(small_disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(bytes(2**16))
+            filler.flush()
+    config = dataclasses.replace(smoke_config(tmp_path), output=str(small_disk / "run"))
+    # The generated scenes, written into --output: was an OSError's traceback (exit 1).
+    with pytest.raises(ValueError, match=f"^--output {small_disk / 'run'}: cannot take more files \\(No space left "
+                                         f"on device\\); so training did not start; make room, then the same "
+                                         f"command goes on$"):
+        train(config)
+
+
 def test_a_disk_that_takes_no_more_files_fails_the_run_with_one_error_that_says_to_make_room(monkeypatch, capsys):
     full = OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
     for error in (ray.train.ControllerError(full),  # metrics into --output, Ray Train's record of checkpoints
