@@ -96,6 +96,10 @@ def config_from_args(args):
             # The epochs it names came from --smoke, not from a flag the user gave.
             raise SettingError(error.field, f"{error.problem} (--smoke trains {config.smoke().epochs} epochs; "
                                             f"give --epochs for more)") from None
+        if args.smoke and args.scene_count is None and error.field == "scene_count":
+            # So do the scenes: `--smoke --num-workers 20` was refused as "--scene-count 24", a flag not given.
+            raise SettingError(error.field, f"{error.problem} (--smoke generates {config.smoke().scene_count}; "
+                                            f"give --scene-count for more)") from None
         raise
 
 

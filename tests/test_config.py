@@ -134,6 +134,11 @@ def test_smoke_shrinks_the_run_but_every_given_flag_wins():
                                          "trains 3 epochs; give --epochs for more\\)"):
         config_from_args(parse_args(["--smoke", "--warmup-epochs", "3"]))
     assert config_from_args(parse_args(["--smoke", "--warmup-epochs", "3", "--epochs", "4"])).warmup_epochs == 3
+    # And the scenes it generates: 24, too few for 20 workers.
+    with pytest.raises(ValueError, match="^scene_count 24: .* generate more \\(--smoke generates 24; give "
+                                         "--scene-count for more\\)$"):
+        config_from_args(parse_args(["--smoke", "--num-workers", "20"]))
+    assert config_from_args(parse_args(["--smoke", "--num-workers", "20", "--scene-count", "40"])).scene_count == 40
 
 
 def test_warm_up_is_a_thirtieth_of_the_epochs_unless_given():
