@@ -274,6 +274,28 @@ def test_sigterm_aborts_the_run_as_ctrl_c_does(tmp_path):
     ingest.hold(*ingest.open_output(str(output)), "the rerun").close()  # the run's hold went with it
 
 
+def test_sigterm_while_ray_starts_ends_the_run_as_ctrl_c_does(tmp_path):
+    # ray.init sets a SIGTERM handler of its own (sys.exit(15)), in place until the run sets its own: a SIGTERM
+    # then ended jobs.train with exit 15 and no word. Sent here just after ray.init, in a session of its own.
+    script = "\n".join([
+        "import os, signal, sys",
+        "import ray",
+        "from jobs import train",
+        "init = ray.init",
+        "def init_then_sigterm(*args, **kwargs):",
+        "    started = init(*args, **kwargs)",
+        "    os.kill(os.getpid(), signal.SIGTERM)",
+        "    return started",
+        "ray.init = init_then_sigterm",
+        "sys.exit(train.main(sys.argv[1:]))",
+    ])
+    job = subprocess.run([sys.executable, "-c", script, "--smoke", "--output", str(tmp_path / "run")],
+                         capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert job.returncode == 130, job.stderr[-3000:]
+    assert "interrupted: the same command resumes from the run's last checkpoint" in job.stderr
+    assert os.listdir(tmp_path) == []  # the new --output it had made, empty, removed
+
+
 def test_the_last_line_printed_is_the_exported_epoch_not_the_last(monkeypatch, capsys):
     history = [{"epoch": epoch, "val_mean_iou": score, "val_iou_per_class": {"road": score}}
                for epoch, score in ((1, 0.1), (2, 0.3), (3, 0.2), (4, 0.3))]
