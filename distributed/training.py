@@ -283,8 +283,8 @@ def disk_full(failed):
 
 def train_loop_per_worker(loop_config):
     """One worker's whole run: set up TensorFlow, build (or restore) the model, then one `fit` over
-    the remaining epochs; returns, on rank 0, why training stopped before --epochs (`EndOfEpoch.stopped`),
-    if it did for another reason than early stopping."""
+    the remaining epochs; returns why training stopped before --epochs (`EndOfEpoch.stopped`), if it did for
+    another reason than early stopping (every worker stops alike; the driver reads rank 0's reason)."""
     config = TrainConfig(**loop_config["config"])
     steps_per_epoch = math.ceil(loop_config["rows_per_worker"] / config.batch_size)
     runtime.configure_tensorflow_threads(config.cpus_per_worker)
