@@ -62,3 +62,14 @@ def test_keras_metric_matches_numpy_and_resets():
     metric.reset_state()
     metric.update_state(tf.constant(truth), tf.constant(logits))
     assert float(metric.result()) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("truth, prediction, message", [
+    ([0, 1], [0, 3], "prediction has class id 3 but there are 3 classes"),
+    ([0, 3], [0, 1], "truth has class id 3 but there are 3 classes"),
+    ([0, 1], [-1, 1], "prediction has class id -1"),
+])
+def test_out_of_range_ids_are_refused_not_counted_elsewhere(truth, prediction, message):
+    # Truth 0 predicted 3 used to be counted as truth 1 predicted 0, and truth 3 dropped.
+    with pytest.raises(ValueError, match=message):
+        confusion_counts(truth, prediction, 3)

@@ -16,6 +16,13 @@ def confusion_counts(true_ids, predicted_ids, n_classes):
     predicted_ids = np.asarray(predicted_ids).reshape(-1).astype(np.int64)
     if true_ids.shape != predicted_ids.shape:
         raise ValueError(f"truth has {true_ids.size} pixels but prediction has {predicted_ids.size}")
+    # An id past n_classes would land in another cell of the flattened matrix (truth 0 predicted
+    # n_classes counts as truth 1 predicted 0), or be cut off: wrong scores, without a word.
+    for what, ids in (("truth", true_ids), ("prediction", predicted_ids)):
+        if ids.size and (ids.min() < 0 or ids.max() >= n_classes):
+            wrong = ids.min() if ids.min() < 0 else ids.max()
+            raise ValueError(f"{what} has class id {wrong} but there are {n_classes} classes (ids 0..{n_classes - 1}); "
+                             f"{int(((ids < 0) | (ids >= n_classes)).sum())} pixel(s) out of range")
     flat = np.bincount(true_ids * n_classes + predicted_ids, minlength=n_classes * n_classes)
     return flat[: n_classes * n_classes].reshape(n_classes, n_classes)
 
