@@ -286,6 +286,13 @@ def test_class_id_beyond_the_model_is_named():
     assert data.highest_refused_class_id(reasons[1:2]) is None
 
 
+def test_class_id_past_8_bits_is_refused_whatever_n_classes():
+    # resize_mask holds ids as uint8: with n_classes 400, a 16-bit id 300 trained as class 44.
+    ids = np.full((40, 50), 300, np.uint16)
+    with pytest.raises(ValueError, match="/d/CameraMask/m.png: mask has class id 300, beyond the 256 classes"):
+        data.preprocess_pair(_valid_png(), png_bytes(ids), "i.png", "/d/CameraMask/m.png", SIZE, 400)
+
+
 def test_image_mask_size_mismatch_is_named():
     mask = png_bytes(carla_mask(np.ones((41, 50), np.uint8)))
     with pytest.raises(ValueError, match="50×40 but its mask") as error:

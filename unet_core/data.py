@@ -227,6 +227,10 @@ def check_class_ids(class_ids, n_classes, path):
             f"{path}: mask has class id {highest} but the model has {n_classes} classes "
             f"(ids 0..{n_classes - 1}); {count} pixel(s) out of range"
         )
+    if highest >= MAX_CLASSES:  # resize_mask holds ids in 8 bits: 300 would become 44, silently
+        count = int((class_ids >= MAX_CLASSES).sum())
+        raise ValueError(f"{path}: mask has class id {highest}, beyond the {MAX_CLASSES} classes an 8-bit mask holds "
+                         f"(ids 0..{MAX_CLASSES - 1}); {count} pixel(s) out of range")
 
 
 CLASS_ID_REFUSED = re.compile(r": mask has class id (\d+) but the model has \d+ classes")
