@@ -293,6 +293,21 @@ def test_class_id_past_8_bits_is_refused_whatever_n_classes():
         data.preprocess_pair(_valid_png(), png_bytes(ids), "i.png", "/d/CameraMask/m.png", SIZE, 400)
 
 
+@pytest.mark.timeout(60)
+def test_load_pairs_names_a_named_pipe_and_a_link_whose_target_is_gone(tmp_path):
+    # The pipe's read waited for a writer forever; the link ended in FileNotFoundError, not a ValueError.
+    write_pair(tmp_path, "a.png", np.zeros((8, 8, 3), np.uint8), carla_mask(np.ones((8, 8), np.uint8)))
+    mask = tmp_path / "CameraMask" / "a.png"
+    for name, make in (("pipe.png", os.mkfifo), ("gone.png", lambda path: os.symlink(tmp_path / "nowhere", path))):
+        make(tmp_path / "CameraRGB" / name)
+        (tmp_path / "CameraMask" / name).write_bytes(mask.read_bytes())
+        message = "not a regular file" if name == "pipe.png" else "cannot be read \\(No such file"
+        with pytest.raises(ValueError, match=f"CameraRGB/{name}: {message}"):
+            data.load_pairs(str(tmp_path), SIZE, 23)
+        (tmp_path / "CameraRGB" / name).unlink()
+        (tmp_path / "CameraMask" / name).unlink()
+
+
 def test_image_mask_size_mismatch_is_named():
     mask = png_bytes(carla_mask(np.ones((41, 50), np.uint8)))
     with pytest.raises(ValueError, match="50×40 but its mask") as error:

@@ -8,6 +8,7 @@ ingest read from any filesystem and hand the bytes here.
 import io
 import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass
 
@@ -279,8 +280,15 @@ def preprocess_pair(image_data, mask_data, image_path, mask_path, size, n_classe
 
 
 def read_bytes(path):
-    with open(path, "rb") as file:
-        return file.read()
+    """A local file's bytes; a ValueError naming it when it cannot be a frame's."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            # Opening a named pipe waits for a writer: load_pairs would never return.
+            raise ValueError(f"{path}: not a regular file (a named pipe, socket or device), so not a frame")
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:  # a link whose target is gone, say
+        raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
 
 
 def load_pairs(root, size, n_classes):
