@@ -308,6 +308,15 @@ def test_load_pairs_names_a_named_pipe_and_a_link_whose_target_is_gone(tmp_path)
         (tmp_path / "CameraMask" / name).unlink()
 
 
+def test_load_pairs_names_a_file_name_that_is_not_utf8(tmp_path):
+    # find_pairs paired it, and the hash split ended in UnicodeEncodeError on its name.
+    write_pair(tmp_path, "a.png", np.zeros((8, 8, 3), np.uint8), carla_mask(np.ones((8, 8), np.uint8)))
+    for sub in ("CameraRGB", "CameraMask"):
+        os.link(tmp_path / sub / "a.png", os.path.join(os.fsencode(tmp_path / sub), b"x\xff.png"))
+    with pytest.raises(ValueError, match="CameraRGB/x\\\\xff.png: a file name that is not valid UTF-8; rename it$"):
+        data.load_pairs(str(tmp_path), SIZE, 23)
+
+
 def test_image_mask_size_mismatch_is_named():
     mask = png_bytes(carla_mask(np.ones((41, 50), np.uint8)))
     with pytest.raises(ValueError, match="50×40 but its mask") as error:

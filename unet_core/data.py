@@ -45,6 +45,11 @@ def frame_names(entries, directory):
     for name, is_folder in entries:
         if name.startswith("."):
             continue
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # os.scandir keeps undecodable bytes as surrogates: the hash split fails on them
+            shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ValueError(f"{directory}/{shown}: a file name that is not valid UTF-8; rename it") from None
         if is_folder:
             raise ValueError(f"{directory}/{name}: a folder; {IMAGE_DIR} and {MASK_DIR} hold frames only (move its "
                              f"files up, or pass it as a CARLA-layout directory of its own)")
