@@ -41,7 +41,8 @@ def augment(image, mask, seed, max_zoom=1.25, brightness=0.1, contrast=0.2):
 
 def class_mix(images, masks, seed, probability, n_classes):
     """ClassMix (Olsson et al., 2021) within a batch: with `probability`, a frame gets the pixels
-    of a random half of the classes in the batch's previous frame, pasted with their labels.
+    of the classes in the batch's previous frame, each class taken with probability 1/2 (half of
+    them on average, where the paper takes exactly half), pasted with their labels.
 
     On 85 real frames it is what stopped the model from overfitting (val loss still falling at
     epoch 150 where plain augmentation turned up at epoch 80; RESULTS.md). A batch of one frame
@@ -62,7 +63,8 @@ def class_weights(pixel_counts, power=0.5, max_weight=10.0):
 
     `power` 0 gives every class weight 1; 1 is full median-frequency balancing, which on a few
     dozen frames over-rewards classes seen in one frame. Scaled so that the mean weight over the
-    pixels is 1: the loss keeps its usual scale.
+    pixels is 1: the loss keeps its usual scale. The clip comes first, so a scaled weight may
+    end above `max_weight`.
     """
     counts = np.asarray(pixel_counts, np.float64)
     present = counts > 0
