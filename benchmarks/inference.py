@@ -191,6 +191,9 @@ def infer_memory(profile, cache, work, log):
         for count in rotated([small, large], round_index):
             input_dir = os.path.join(frames.view(cache, count), data.IMAGE_DIR)
             output = os.path.join(work, f"memory-{count}-r{round_index}")
+            # Left in a kept --work-dir by a run that failed or was interrupted: the job would skip the frames
+            # done there, and this figure failed in every later run for predicting fewer than `count`.
+            shutil.rmtree(output, ignore_errors=True)
             command = [sys.executable, "-m", "jobs.infer", "--model", model_path, "--input", input_dir,
                        "--output", output, "--batch-size", str(profile.batch_size)]
             log(f"[bench] memory round {round_index + 1}/{profile.memory_repeats}: jobs.infer on {count} frames")

@@ -107,10 +107,15 @@ def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, jit_
         augment=False, class_weight_power=0.0, lr_schedule="constant", warmup_epochs=0, clip_norm=0.0,
         ema_momentum=0.0, prior_bias=False, cache_shard_mb=0 if stream else TrainConfig.cache_shard_mb,
     )
-    started = time.perf_counter()
-    history = train(config)  # the same rows as the run's metrics.json
-    wall = time.perf_counter() - started
+    # A kept --work-dir may hold this run from an interrupted benchmark: train would resume its checkpoint and
+    # return the old run's epochs as measured now (or count this run's compiling epoch after them).
     shutil.rmtree(output, ignore_errors=True)
+    started = time.perf_counter()
+    try:
+        history = train(config)  # the same rows as the run's metrics.json
+    finally:
+        wall = time.perf_counter() - started
+        shutil.rmtree(output, ignore_errors=True)
     seconds = [row["epoch_seconds"] for row in history]
     val_seconds = [row["val_seconds"] for row in history]
     images = workers * (profile.train_frames // workers)  # Ray's equal split: rows every epoch sees

@@ -138,3 +138,51 @@ def test_tiny_run_prints_every_figure_with_a_numeric_ratio(tmp_path):
     assert costs["product_total"] == pytest.approx(sum(costs[step] for step in steps), abs=1e-3)
     saved = [json.loads(line) for line in (tmp_path / "figures.jsonl").read_text().splitlines()]
     assert saved == records
+
+
+def test_a_training_run_left_in_a_kept_work_dir_is_never_resumed(tmp_path, monkeypatch):
+    from benchmarks import training
+    from benchmarks.common import PROFILES
+    from distributed import training as product
+
+    # What an interrupted benchmark left: train resumed its checkpoint and returned that run's epochs as measured.
+    left = tmp_path / "ray" / "ray_1x2-r0"
+    left.mkdir(parents=True)
+    (left / "checkpoint").write_text("")
+    found = []
+
+    def fake_train(config):
+        found.append(os.path.exists(config.output))
+        os.makedirs(config.output, exist_ok=True)
+        row = {"epoch_seconds": 2.0, "val_seconds": 0.5, "loss": 1.0, "pixel_accuracy": 0.5, "mean_iou": 0.1,
+               "val_loss": 1.0, "val_mean_iou": 0.1, "weights_in_sync": True, "jit_compile": False,
+               "shard_in_memory": True}
+        return [row, row]
+
+    monkeypatch.setattr(product, "train", fake_train)
+    run = training.ray_run(PROFILES["tiny"], str(tmp_path / "frames"), str(tmp_path), 1, 2, "off", False, "ray_1x2-r0")
+    assert found == [False] and not left.exists() and run["images_per_s"] == [8.0]
+
+
+def test_a_memory_run_left_in_a_kept_work_dir_is_not_resumed(tmp_path, monkeypatch):
+    from benchmarks import frames, inference, memory
+    from benchmarks.common import PROFILES
+
+    profile = PROFILES["tiny"]
+    for count in profile.memory_frames:  # as a failed or interrupted run left them: the job skipped their frames
+        (tmp_path / f"memory-{count}-r0").mkdir()
+    found = []
+
+    def fake_run_sampled(command, log_path, env=None):
+        output = command[command.index("--output") + 1]
+        found.append(os.path.exists(output))
+        os.makedirs(output, exist_ok=True)
+        count = int(os.path.basename(output).split("-")[1])
+        return {"returncode": 0, "seconds": 1.0, "peak_rss_mb": 100.0 + count, "peak_pss_mb": 50.0,
+                "max_processes": 3, "samples": 5, "summary": {"ok": count}}
+
+    monkeypatch.setattr(frames, "view", lambda cache, count: str(tmp_path / "frames"))
+    monkeypatch.setattr(inference, "save_model", lambda profile, work: "model.keras")
+    monkeypatch.setattr(memory, "run_sampled", fake_run_sampled)
+    record = inference.infer_memory(profile, str(tmp_path / "cache"), str(tmp_path), lambda message: None)
+    assert found == [False, False] and record["ratio"] == pytest.approx(124 / 108)
