@@ -113,8 +113,8 @@ def ray_run(profile, frames_dir, work, workers, cpus_per_worker, precision, jit_
     started = time.perf_counter()
     try:
         history = train(config)  # the same rows as the run's metrics.json
-    finally:
         wall = time.perf_counter() - started
+    finally:
         shutil.rmtree(output, ignore_errors=True)
     seconds = [row["epoch_seconds"] for row in history]
     val_seconds = [row["val_seconds"] for row in history]
