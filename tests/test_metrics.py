@@ -64,6 +64,18 @@ def test_keras_metric_matches_numpy_and_resets():
     assert float(metric.result()) == pytest.approx(expected)
 
 
+def test_keras_metric_leaves_classes_absent_from_truth_and_prediction_out_of_the_mean():
+    # The training logs' mean_iou: a 23-class model sees a few classes per frame, and dividing by
+    # every class the model has would read as a model scoring a fraction of what it does.
+    truth = np.array([[[1, 1, 4, 4]]])
+    logits = np.zeros((1, 1, 4, 23), np.float32)
+    logits[0, 0, [0, 1, 2, 3], [1, 4, 4, 4]] = 1.0  # predicts 1, 4, 4, 4: class 1 IoU 1/2, class 4 IoU 2/3
+    metric = KerasMeanIoU(23)
+    metric.update_state(tf.constant(truth), tf.constant(logits))
+    assert ConfusionMatrix(23).update(truth, logits.argmax(-1)).mean_iou() == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert float(metric.result()) == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
 @pytest.mark.parametrize("truth, prediction, message", [
     ([0, 1], [0, 3], "prediction has class id 3 but there are 3 classes"),
     ([0, 3], [0, 1], "truth has class id 3 but there are 3 classes"),
