@@ -84,6 +84,17 @@ def test_bad_values_are_refused_with_the_field_named():
     assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
 
 
+def test_a_val_fraction_that_leaves_no_frame_on_one_side_is_refused_for_given_data_too():
+    # With --data (no generated scenes to count), nothing else refuses it before Ray starts and the
+    # frames are decoded; 1 validates every frame and trains on none, 0 validates none.
+    for fraction in (0.0, 1.0):
+        for make in (lambda: TrainConfig(data="frames", val_fraction=fraction),
+                     lambda: EvaluateConfig(model="run", data="frames", output="report", split="tail",
+                                            val_fraction=fraction)):
+            with pytest.raises(ValueError, match=f"val_fraction must be between 0 and 1, got {fraction}"):
+                make()
+
+
 def test_a_uri_is_refused_where_only_local_files_are_written_or_read():
     # Written or read with local file calls, a URI made a folder ./s3:/bucket/... in the working directory.
     for make, field in ((lambda uri: TrainConfig(output=uri), "output"),
