@@ -728,6 +728,10 @@ def test_the_workers_get_the_class_balance_of_the_training_masks_the_recipe_asks
     # (median frequency / frequency) ** 0.5 over the classes present, scaled to a pixel mean of 1.
     raw = np.sqrt(np.array([30 / 60, 1.0, 30 / 10]))
     np.testing.assert_allclose(weights, [*(raw / (raw @ [0.6, 0.3, 0.1])), 0.0], rtol=1e-6)
+    # --class-weight-power reaches the weights: 1 is full median-frequency balancing, not the default's 0.5.
+    full = np.array([30 / 60, 1.0, 30 / 10])
+    np.testing.assert_allclose(class_balance(frames, TrainConfig(n_classes=4, class_weight_power=1.0))[0],
+                               [*(full / (full @ [0.6, 0.3, 0.1])), 0.0], rtol=1e-6)
     assert class_balance(frames, TrainConfig(n_classes=4, prior_bias=False))[1] is None
     assert class_balance(frames, TrainConfig(n_classes=4, class_weight_power=0.0)) == (None, [60, 30, 10, 0])
     assert class_balance(frames, TrainConfig.from_preset("classic")) == (None, None)
