@@ -286,6 +286,18 @@ def test_class_id_beyond_the_model_is_named():
     assert data.highest_refused_class_id(reasons[1:2]) is None
 
 
+def test_the_class_id_equal_to_the_number_of_classes_is_the_first_refused():
+    # Ids run 0..n_classes - 1: id 23 in a 23-class run, let through, would fail the loss in a worker mid-epoch
+    # (a NaN loss on a GPU) rather than name its mask before training.
+    ids = np.zeros((40, 50), np.uint8)
+    ids[3, 4] = 22
+    data.preprocess_pair(_valid_png(), png_bytes(carla_mask(ids)), "i.png", "/d/CameraMask/m.png", SIZE, 23)
+    ids[5, 6] = 23
+    with pytest.raises(ValueError, match="/d/CameraMask/m.png: mask has class id 23 but the model has 23 classes "
+                                         "\\(ids 0..22\\); 1 pixel\\(s\\) out of range"):
+        data.preprocess_pair(_valid_png(), png_bytes(carla_mask(ids)), "i.png", "/d/CameraMask/m.png", SIZE, 23)
+
+
 def test_class_id_past_8_bits_is_refused_whatever_n_classes():
     # resize_mask holds ids as uint8: with n_classes 400, a 16-bit id 300 trained as class 44.
     ids = np.full((40, 50), 300, np.uint16)
