@@ -88,6 +88,19 @@ def test_mask_ids_no_model_can_have_are_not_answered_with_a_number_of_classes_th
     assert "--n-classes" not in str(error.value)  # it said "pass --n-classes 22008", which the flag refuses
 
 
+def test_the_split_asked_for_picks_the_validation_frames(tmp_path, ray_session):
+    # The tail split exists for sequences, whose neighbouring frames look alike: a split that fell back to
+    # the hash would validate on near-copies of training frames and flatter the score.
+    scenes.write_scenes(str(tmp_path / "frames"), 10, seed=1)
+    names = [f"scene_{i:06d}.png" for i in range(10)]
+    by_hash = [name for name, is_val in zip(names, data.validation_flags(names, 0.3, "hash")) if is_val]
+    assert by_hash != names[-3:]  # the two splits pick different frames here
+    for split, expected in (("tail", names[-3:]), ("hash", by_hash)):
+        train, val, _ = ingest.load_frames(str(tmp_path / "frames"), (32, 48), 23, 0.3, split, str(tmp_path))
+        assert sorted(val.to_pandas()["name"]) == expected
+        assert sorted(train.to_pandas()["name"]) == sorted(set(names) - set(expected))
+
+
 def test_too_few_frames_for_a_split_is_a_clear_error(tmp_path, ray_session):
     scenes.write_scenes(str(tmp_path / "one"), 1, seed=1)
     with pytest.raises(ValueError, match="give 0 for training and 1 for validation at val_fraction=0.5; .*"
