@@ -129,3 +129,18 @@ def test_an_output_in_a_bucket_is_named_with_its_scheme(s3_bucket):
             inference_output.Output(*open_output(f"s3://unet/{key}")).check_settings(settings)
     with pytest.raises(ValueError, match="^s3://unet/damaged/predictions/part-0.parquet: unreadable Parquet part"):
         inference_output.Output(*open_output("s3://unet/damaged")).done_paths("model.keras@sha256:0")
+
+
+def test_parts_hold_rows_per_file_rows_in_order_and_the_last_holds_the_rest(tmp_path):
+    # Batches arrive in any size: a part is cut across them, and no row is lost or repeated at a cut.
+    output = inference_output.Output(*open_output(str(tmp_path)))
+    output.make()
+    writer = inference_output.PartWriter(output, "predictions", rows_per_file=6)
+    for start, size in ((0, 4), (4, 0), (4, 4), (8, 4), (12, 3)):
+        writer.add(pa.table({"path": [f"{index:02d}.png" for index in range(start, start + size)]}))
+    assert writer.written == 2  # 12 rows in: two whole parts so far, the other 3 held back
+    writer.flush()
+    parts = output.parts("predictions")  # in the order committed: their names count up
+    assert [pq.read_table(part).num_rows for part in parts] == [6, 6, 3]
+    paths = [path for part in parts for path in pq.read_table(part)["path"].to_pylist()]
+    assert paths == [f"{index:02d}.png" for index in range(15)]
