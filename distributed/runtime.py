@@ -49,17 +49,31 @@ def connect(num_cpus=None):
     started_local_ray = True
 
 
+# What an HTTP/2 client (a gRPC one, as Ray's GCS speaks) sends first.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
 def refuse_unreachable_cluster(address):
-    """A RAY_ADDRESS host:port where nothing listens (a cluster stopped since it was exported) is a
+    """A RAY_ADDRESS host:port where nothing listens (a cluster stopped since it was exported), or
+    where a web server answers (the dashboard's 8265, which `ray job submit` is given), is a
     ValueError: ray.init would retry it for ever, a warning every few seconds."""
     match = re.fullmatch(r"([^:/]+):(\d+)", address)
     if not match:  # auto, ray://, http://: ray.init says what is wrong with those itself
         return
     try:
-        socket.create_connection((match[1], int(match[2])), timeout=10).close()
+        with socket.create_connection((match[1], int(match[2])), timeout=10) as connection:
+            connection.sendall(HTTP2_PREFACE)
+            answer = connection.recv(16)
+    except TimeoutError:  # no answer yet: nothing shows it is no Ray
+        return
     except OSError as error:
         raise ValueError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}); unset "
                          f"RAY_ADDRESS to start a Ray of this job's own, or start that cluster") from None
+    # The GCS's gRPC answers in binary (HTTP/2 frames; TLS records with TLS on); a web server in text.
+    if answer and 0x20 <= answer[0] < 0x7F:
+        raise ValueError(f"RAY_ADDRESS={address}: a web server answers there, not a Ray cluster's GCS (the "
+                         f"dashboard's address is for `ray job submit` only); pass the head's GCS address, "
+                         f"<head ip>:6379 by default, or unset RAY_ADDRESS to start a Ray of this job's own")
 
 
 def disconnect():

@@ -138,3 +138,24 @@ def test_a_ray_address_where_no_cluster_answers_is_refused_not_waited_for(monkey
     with pytest.raises(ValueError, match="^RAY_ADDRESS=auto: Could not find any running Ray instance. Unset "
                                          "RAY_ADDRESS to start a Ray of this job's own$"):
         runtime.connect()
+
+
+def test_a_ray_address_where_a_web_server_answers_is_refused_not_waited_for(ray_session, monkeypatch):
+    # The dashboard's host:port (what `ray job submit --address` takes) as RAY_ADDRESS: something
+    # listens there, and ray.init retried it for ever, a GCS timeout every half minute.
+    import http.server
+    import threading
+
+    runtime.refuse_unreachable_cluster(ray.get_runtime_context().gcs_address)  # a GCS is taken
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("ray.init retries a web server for ever"))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        address = f"127.0.0.1:{server.server_address[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        try:
+            with pytest.raises(ValueError, match=f"^RAY_ADDRESS={address}: a web server answers there, not a Ray "
+                                                 f"cluster's GCS"):
+                runtime.connect()
+        finally:
+            server.shutdown()
