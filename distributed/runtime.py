@@ -61,14 +61,16 @@ def refuse_unreachable_cluster(address):
     if not match:  # auto, ray://, http://: ray.init says what is wrong with those itself
         return
     try:
-        with socket.create_connection((match[1], int(match[2])), timeout=10) as connection:
-            connection.sendall(HTTP2_PREFACE)
-            answer = connection.recv(16)
-    except TimeoutError:  # no answer yet: nothing shows it is no Ray
-        return
-    except OSError as error:
+        connection = socket.create_connection((match[1], int(match[2])), timeout=10)
+    except OSError as error:  # refused, or no answer in 10 s (a firewall that drops the packets)
         raise ValueError(f"RAY_ADDRESS={address}: no Ray cluster answers there ({error.strerror or error}); unset "
                          f"RAY_ADDRESS to start a Ray of this job's own, or start that cluster") from None
+    with connection:
+        try:
+            connection.sendall(HTTP2_PREFACE)
+            answer = connection.recv(16)
+        except OSError:  # no answer in time, or the line dropped: nothing shows it is no Ray
+            return
     # The GCS's gRPC answers in binary (HTTP/2 frames; TLS records with TLS on); a web server in text.
     if answer and 0x20 <= answer[0] < 0x7F:
         raise ValueError(f"RAY_ADDRESS={address}: a web server answers there, not a Ray cluster's GCS (the "

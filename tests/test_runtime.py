@@ -139,6 +139,14 @@ def test_a_ray_address_where_no_cluster_answers_is_refused_not_waited_for(monkey
                                          "RAY_ADDRESS to start a Ray of this job's own$"):
         runtime.connect()
 
+    def times_out(*args, **kwargs):  # a host that drops the packets
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", times_out)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(ValueError, match="^RAY_ADDRESS=10.0.0.1:6379: no Ray cluster answers there \\(timed out\\)"):
+        runtime.connect()
+
 
 def test_a_ray_address_where_a_web_server_answers_is_refused_not_waited_for(ray_session, monkeypatch):
     # The dashboard's host:port (what `ray job submit --address` takes) as RAY_ADDRESS: something
