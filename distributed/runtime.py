@@ -35,7 +35,8 @@ def connect(num_cpus=None):
         try:
             ray.init(log_to_driver=True)
         except ConnectionError as error:  # RAY_ADDRESS=auto with no cluster on this machine: a traceback, exit 1
-            raise ValueError(f"RAY_ADDRESS={address}: {error} Unset RAY_ADDRESS to start a Ray of this job's "
+            said = str(error).rstrip(".")  # Ray's messages end in a full stop or not ("ray client connection timeout")
+            raise ValueError(f"RAY_ADDRESS={address}: {said}. Unset RAY_ADDRESS to start a Ray of this job's "
                              f"own") from None
         return
     global started_local_ray

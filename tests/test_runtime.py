@@ -123,6 +123,8 @@ def test_a_ray_address_where_no_cluster_answers_is_refused_not_waited_for(monkey
     def init(**kwargs):
         if os.environ["RAY_ADDRESS"] == "auto":
             raise ConnectionError("Could not find any running Ray instance.")  # as ray.init says it
+        if os.environ["RAY_ADDRESS"].startswith("ray://"):
+            raise ConnectionError("ray client connection timeout")  # and this without a full stop
         raise AssertionError("ray.init retries a host:port where nothing listens for ever")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -137,6 +139,9 @@ def test_a_ray_address_where_no_cluster_answers_is_refused_not_waited_for(monkey
     monkeypatch.setenv("RAY_ADDRESS", "auto")  # no cluster on this machine: it was a traceback and exit 1
     with pytest.raises(ValueError, match="^RAY_ADDRESS=auto: Could not find any running Ray instance. Unset "
                                          "RAY_ADDRESS to start a Ray of this job's own$"):
+        runtime.connect()
+    monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:1")
+    with pytest.raises(ValueError, match="^RAY_ADDRESS=ray://127.0.0.1:1: ray client connection timeout\\. Unset "):
         runtime.connect()
 
     def times_out(*args, **kwargs):  # a host that drops the packets
