@@ -157,7 +157,9 @@ def connect_ray(config):
         ingest.make_directory(config.resolved_storage_path, "--storage-path")
     scenes = os.path.join(config.output, run_directory.SCENES)
     data = {"--data": config.data} if config.data else {"--output's scenes": scenes}
-    runtime.warn_of_local_paths({**data, "--val-data": config.val_data, "--storage-path": config.resolved_storage_path},
+    # Named by the flag given: without --storage-path, the checkpoints go below --output.
+    storage = "--storage-path" if config.storage_path is not None else "--output's checkpoints"
+    runtime.warn_of_local_paths({**data, "--val-data": config.val_data, storage: config.resolved_storage_path},
                                 nodes_to_come=shortfall is not None)
     oversubscribed = runtime.oversubscription(config.num_workers, config.cpus_per_worker)
     if oversubscribed:

@@ -489,6 +489,19 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(runtime, "connect", no_ray_connect)
 
 
+def test_local_paths_on_a_cluster_are_named_by_the_flags_given(tmp_path, monkeypatch):
+    # Without --storage-path the checkpoints go below --output: the warning named --storage-path, never given.
+    named = []
+    monkeypatch.setattr(runtime, "connect", lambda **_: None)
+    monkeypatch.setattr(runtime, "cluster_shortfall", lambda *_: None)
+    monkeypatch.setattr(runtime, "warn_of_local_paths", lambda paths, nodes_to_come: named.append(paths))
+    monkeypatch.setattr(runtime, "oversubscription", lambda *_: None)
+    for storage_path in (None, str(tmp_path / "checkpoints")):
+        training.connect_ray(smoke_config(tmp_path, storage_path=storage_path))
+    flags = [[flag for flag, path in paths.items() if path is not None] for paths in named]
+    assert flags == [["--output's scenes", "--output's checkpoints"], ["--output's scenes", "--storage-path"]]
+
+
 def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, no_ray):
     (tmp_path / "run").write_text("an earlier run's notes")
     with pytest.raises(ValueError, match="run: a file; the output must be a directory"):
