@@ -134,7 +134,7 @@ def main(argv=None):
         return 0
 
     return run_command(work, "the same command resumes from the run's last checkpoint (one every "
-                             "--checkpoint-every epochs)")
+                             "--checkpoint-every epochs), or starts afresh if none was saved yet")
 
 
 if __name__ == "__main__":
