@@ -69,6 +69,7 @@ def forget_predictions_of_another_model(inferred, model):
     """Before inference with a model a rerun has trained further (more --epochs), drop the predictions
     of the model before: inference keeps and skips those, so the masks would be another model's than
     the one the summary names and the evaluation scores."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from distributed import inference
@@ -78,7 +79,10 @@ def forget_predictions_of_another_model(inferred, model):
         return
     with open(model, "rb") as file:
         identity = inference.model_identity(file.read(), model)
-    made_by = {name for part in parts for name in pq.read_table(part, columns=["model"])["model"].to_pylist()}
+    try:
+        made_by = {name for part in parts for name in pq.read_table(part, columns=["model"])["model"].to_pylist()}
+    except (pa.ArrowInvalid, OSError):
+        return  # a damaged part: jobs.infer names it, and says how to go on
     if made_by - {identity}:
         shutil.rmtree(inferred)
 

@@ -152,3 +152,7 @@ def test_a_rerun_that_trained_the_model_further_predicts_the_new_frames_again(tm
     quickstart.forget_predictions_of_another_model(str(inferred), str(tmp_path / "model.keras"))
     assert not inferred.exists()
     quickstart.forget_predictions_of_another_model(str(inferred), str(tmp_path / "model.keras"))  # none: nothing
+    (inferred / "predictions").mkdir(parents=True)
+    (inferred / "predictions" / "part-1.parquet").write_bytes(b"PAR1 cut short")
+    quickstart.forget_predictions_of_another_model(str(inferred), str(tmp_path / "model.keras"))  # raised ArrowInvalid
+    assert (inferred / "predictions" / "part-1.parquet").exists()  # left for jobs.infer to name, with what to do
