@@ -176,6 +176,15 @@ def test_a_mask_in_another_format_than_png_is_refused(image_format):
         data.decode_mask(buffer.getvalue(), "mask.png")  # whatever its name says
 
 
+@pytest.mark.parametrize("image_format", ["BMP", "WEBP", "TIFF"])
+def test_an_image_is_read_by_its_content_whatever_its_name_says(image_format):
+    # Lossless, so the pixels must come back exact: a frame saved in another format under .png is still that frame.
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, image_format, **({"lossless": True} if image_format == "WEBP" else {}))
+    assert data.decode_image(buffer.getvalue(), "frame.png").tolist() == pixels.tolist()
+
+
 def test_masks_resize_with_nearest_neighbour_only():
     rng = np.random.default_rng(2)
     ids = rng.choice([1, 7, 13], size=(480, 640)).astype(np.uint8)
