@@ -89,8 +89,14 @@ def parse_args(argv=None):
     for flag, path in (("--cache", args.cache), ("--out", args.out), ("--work-dir", args.work_dir)):
         if path is not None and not path.strip():
             parser.error(f"{flag} is empty (an unset shell variable?); pass a path or leave the flag out")
-    # Made here, not as the frames render in spawned processes or the run starts: a file or a read-only
-    # place there ended the command in a traceback.
+    if args.out:  # opened only as each figure ends: a bad path would end the run after its first measurement
+        try:
+            with open(args.out, "a"):
+                pass
+        except OSError as error:
+            parser.error(f"--out {args.out}: cannot append to it ({error.strerror or error})")
+    # Made here, not as the frames render in spawned processes or the run starts (a file or a read-only place
+    # there ended the command in a traceback); and last, as a command refused for --out left an empty --cache.
     for flag, path, directory in (("--cache", args.cache, os.path.join(args.cache, "frames")),
                                   ("--work-dir", args.work_dir, args.work_dir)):
         try:
@@ -98,12 +104,6 @@ def parse_args(argv=None):
                 os.makedirs(directory, exist_ok=True)
         except OSError as error:
             parser.error(f"{flag} {path}: cannot make a directory there ({error.strerror or error})")
-    if args.out:  # opened only as each figure ends: a bad path would end the run after its first measurement
-        try:
-            with open(args.out, "a"):
-                pass
-        except OSError as error:
-            parser.error(f"--out {args.out}: cannot append to it ({error.strerror or error})")
     return args
 
 

@@ -48,6 +48,7 @@ def test_the_harness_refuses_an_out_it_cannot_append_to_before_measuring(tmp_pat
         with pytest.raises(SystemExit) as refused:
             run.parse_args(["--out", str(out), "--cache", str(tmp_path / "cache")])
         assert refused.value.code == 2 and f"--out {out}: cannot append to it ({reason})" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before anything was made
 
 
 def test_the_harness_refuses_a_cache_or_work_dir_that_cannot_be_a_directory(tmp_path, capsys):
