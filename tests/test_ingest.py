@@ -123,6 +123,29 @@ def test_a_folder_inside_the_layout_is_refused_not_passed_over(tmp_path):
         ingest.discover_pairs(str(tmp_path))
 
 
+def test_a_directory_beside_the_data_whose_name_begins_like_it_is_not_inside_it(tmp_path):
+    # "Inside" goes by whole folders: /d/frames_run is no folder of /d/frames, however its name
+    # begins. A prefix of the path alone refused an output or checkpoints kept beside the data.
+    scenes.write_scenes(str(tmp_path / "frames"), 2)
+    (tmp_path / "frames_run").mkdir()
+    local = pyarrow.fs.LocalFileSystem()
+    assert ingest.place_below(local, str(tmp_path / "frames_run"), local, str(tmp_path / "frames")) is None
+    assert ingest.place_below(local, str(tmp_path / "frames" / "run"), local, str(tmp_path / "frames")) == "run"
+    ingest.check_output_outside(str(tmp_path / "frames_run"), str(tmp_path / "frames"), "--data", "the run's files")
+    with pytest.raises(ValueError, match="frames/run: inside --data"):
+        ingest.check_output_outside(str(tmp_path / "frames" / "run"), str(tmp_path / "frames"), "--data", "files")
+
+
+def test_a_validation_directory_below_the_data_is_not_taken_for_the_data_itself(tmp_path):
+    # Only the same directory is refused: a held-out set kept in a folder of --data shares none of its frames
+    # (--data's frames are those of its own CameraRGB/ only).
+    scenes.write_scenes(str(tmp_path / "frames"), 2)
+    scenes.write_scenes(str(tmp_path / "frames" / "held_out"), 1)
+    ingest.check_validation_apart(str(tmp_path / "frames"), str(tmp_path / "frames" / "held_out"))
+    with pytest.raises(ValueError, match="the validation directory is the training data"):
+        ingest.check_validation_apart(str(tmp_path / "frames"), f"{tmp_path / 'frames'}/")
+
+
 def test_files_that_are_no_frames_are_named_not_passed_over_in_silence(tmp_path, capsys):
     scenes.write_scenes(str(tmp_path), 2)
     (tmp_path / "CameraRGB" / "scene_000001.png").rename(tmp_path / "CameraRGB" / "scene_000001.bmp")
