@@ -57,6 +57,17 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
     assert not (tmp_path / "run" / "ray_results" / "scenes").exists()  # checking writes nothing
 
 
+def test_a_bucket_given_with_or_without_its_trailing_slash_is_the_same_data(tmp_path, monkeypatch):
+    # A shell's completion adds the slash, a rerun typed by hand drops it: refusing that resume would
+    # send the user to start the run afresh over a spelling.
+    monkeypatch.chdir(tmp_path)
+    run_directory.record_run_identity(TrainConfig(data="s3://unet/frames/", output="run"), FRAMES)
+    (tmp_path / "run" / "ray_results" / "unet" / "checkpoint_2026-12-04_10-00-00.000000").mkdir()
+    run_directory.check_run_identity(TrainConfig(data="s3://unet/frames", output="run"), FRAMES)
+    with pytest.raises(ValueError, match=r"data 's3://unet/frames/' -> 's3://unet/frames_2'"):
+        run_directory.check_run_identity(TrainConfig(data="s3://unet/frames_2", output="run"), FRAMES)
+
+
 def test_a_refused_rerun_is_told_the_flags_that_start_a_new_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for given in ({}, {"storage_path": str(tmp_path / "checkpoints")}):
