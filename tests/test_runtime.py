@@ -172,3 +172,22 @@ def test_a_ray_address_where_a_web_server_answers_is_refused_not_waited_for(ray_
                 runtime.connect()
         finally:
             server.shutdown()
+
+
+def test_bf16_counts_as_native_on_a_gpu_worker_only_when_every_gpu_it_sees_is_ampere_or_newer(monkeypatch):
+    # `auto` precision picks bf16 from this: on a node that mixes a Turing GPU (7.5) with an Ampere
+    # one, bf16 would run emulated on the older card, slower than float32. No GPU here, so TensorFlow's
+    # answers are those of such nodes.
+    import tensorflow as tf
+
+    capabilities = {}
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: list(capabilities))
+    monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                        lambda gpu: {} if capabilities[gpu] is None else {"compute_capability": capabilities[gpu]})
+    assert not runtime.native_bfloat16(use_gpu=True)  # TensorFlow sees no GPU at all
+    capabilities.update({"GPU:0": (8, 6), "GPU:1": (8, 0)})
+    assert runtime.native_bfloat16(use_gpu=True)
+    capabilities["GPU:2"] = (7, 5)
+    assert not runtime.native_bfloat16(use_gpu=True)
+    capabilities["GPU:2"] = None  # no compute capability given: not taken for a new one
+    assert not runtime.native_bfloat16(use_gpu=True)
