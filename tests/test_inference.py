@@ -607,6 +607,18 @@ def test_masks_below_the_input_are_never_taken_for_camera_frames(tmp_path):
     assert left_out == ["town1/CameraMask", "town1/predicted", "town2/day/CameraMask"]
 
 
+def test_images_in_hidden_folders_are_no_inputs(tmp_path):
+    # A notebook's .ipynb_checkpoints/, a viewer's .thumbnails/: copies and thumbnails of the images,
+    # which would each be predicted again (and write masks of their own) if only hidden files were left out.
+    scenes.write_scenes(tmp_path, 1)
+    frame = (tmp_path / "CameraRGB" / "scene_000000.png").read_bytes()
+    for hidden in (".ipynb_checkpoints/scene_000000.png", ".thumbnails/large/scene_000000.png", ".scene.png"):
+        (tmp_path / "CameraRGB" / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "CameraRGB" / hidden).write_bytes(frame)
+    paths, ignored, _ = inference.list_images(*inference.open_root(str(tmp_path / "CameraRGB")))
+    assert (paths, ignored) == (["scene_000000.png"], [])
+
+
 def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):
     def interrupted(config):
         raise KeyboardInterrupt
