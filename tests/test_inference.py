@@ -619,6 +619,13 @@ def test_images_in_hidden_folders_are_no_inputs(tmp_path):
     assert (paths, ignored) == (["scene_000000.png"], [])
 
 
+def test_formats_are_read_as_written_in_a_shell_spaces_and_a_trailing_comma_included(tmp_path):
+    # `--formats "parquet, png"` or a list ending in a comma names the same formats: not refused as a format "".
+    for given in ("parquet, png", "parquet,png,", " png ,"):
+        args = infer_job.parse_args(["--model", "m", "--input", "in", "--output", "out", "--formats", given])
+        assert InferConfig(**vars(args)).formats == tuple(part for part in ("parquet", "png") if part in given)
+
+
 def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):
     def interrupted(config):
         raise KeyboardInterrupt
