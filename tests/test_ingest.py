@@ -146,6 +146,20 @@ def test_a_validation_directory_below_the_data_is_not_taken_for_the_data_itself(
         ingest.check_validation_apart(str(tmp_path / "frames"), f"{tmp_path / 'frames'}/")
 
 
+def test_a_camera_folder_that_is_a_file_is_no_carla_layout(tmp_path):
+    # An archive of the frames not unpacked yet, saved as CameraRGB: the layout is what is wrong, and
+    # naming it so sends the user to the right place, not to why a "folder" cannot be listed.
+    scenes.write_scenes(str(tmp_path), 1)
+    for folder in ("CameraRGB", "CameraMask"):
+        os.rename(tmp_path / folder, tmp_path / "unpacked")
+        (tmp_path / folder).write_bytes(b"PK\x03\x04 an archive")
+        with pytest.raises(ValueError, match=f"^{tmp_path}: not a CARLA-layout directory \\({tmp_path}/{folder}: "
+                                             f"directory not found\\)$"):
+            ingest.discover_pairs(str(tmp_path))
+        os.remove(tmp_path / folder)
+        os.rename(tmp_path / "unpacked", tmp_path / folder)
+
+
 def test_files_that_are_no_frames_are_named_not_passed_over_in_silence(tmp_path, capsys):
     scenes.write_scenes(str(tmp_path), 2)
     (tmp_path / "CameraRGB" / "scene_000001.png").rename(tmp_path / "CameraRGB" / "scene_000001.bmp")
