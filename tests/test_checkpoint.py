@@ -198,3 +198,31 @@ def test_a_checkpoint_whose_best_weights_are_cut_short_is_not_the_one_a_run_resu
                                          "afresh, or pass another --run-name or --storage-path$"):
         # Not "or --output": given a --storage-path, a run into another --output resumes this same checkpoint.
         checkpoint.resumed_history(TrainConfig(storage_path=str(tmp_path)))
+
+
+def test_an_unreadable_record_is_written_again_naming_the_whole_checkpoint_with_the_most_epochs(tmp_path):
+    def saved(run, name, epochs):
+        (run / name).mkdir(parents=True)
+        with zipfile.ZipFile(run / name / checkpoint.MODEL, "w") as model:
+            model.writestr("config.json", "{}")
+        (run / name / checkpoint.STATE).write_text(json.dumps({"history": [{"epoch": e + 1} for e in range(epochs)]}))
+        np.savez(run / name / checkpoint.BEST, np.zeros(10))
+
+    # Epoch 3 saved twice (a restart from epoch 2's checkpoint saved it again): the newer copy is the one
+    # the run went on from. Fewer epochs, or the older copy, would train epochs again or resume a stale one.
+    # Four runs under other names: the listing's order goes by the names (a hash of them, on ext4), so that
+    # one of them, at least, lists the older copy first.
+    for year in range(2000, 2004):
+        storage = tmp_path / str(year)
+        run = storage / "unet"
+        for day, epochs in ((1, 3), (2, 2), (3, 3), (4, 1)):
+            saved(run, f"checkpoint_{year}-01-0{day}_00-00-00.000000", epochs)
+        # A record that reads is Ray Train's own: wrong in some other way, which a rewrite would only hide.
+        (run / checkpoint.RECORD).write_text('{"checkpoint_results": []}')
+        assert not checkpoint.rebuilt_record(str(run))
+        assert (run / checkpoint.RECORD).read_text() == '{"checkpoint_results": []}'
+        (run / checkpoint.RECORD).write_text('{"checkpoint_res')  # cut short by a full disk
+        assert checkpoint.rebuilt_record(str(run))
+        assert checkpoint.resumed_history(TrainConfig(storage_path=str(storage))) == [{"epoch": e} for e in (1, 2, 3)]
+        newest_of_most_epochs = run / f"checkpoint_{year}-01-03_00-00-00.000000"
+        assert ray.train.Result.from_path(str(run)).checkpoint.path == str(newest_of_most_epochs)
