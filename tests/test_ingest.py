@@ -160,6 +160,17 @@ def test_a_camera_folder_that_is_a_file_is_no_carla_layout(tmp_path):
         os.rename(tmp_path / "unpacked", tmp_path / folder)
 
 
+def test_a_refused_job_is_told_the_holder_of_now_not_of_an_earlier_job(tmp_path):
+    # The hold's file stays behind, named after the output: a later job's name and pid replace the
+    # earlier one's, or the refusal would name a job long gone (a pid the user might then kill).
+    place = ingest.open_output(str(tmp_path / "out"))
+    ingest.hold(*place, "jobs.evaluate").close()
+    held = ingest.hold(*place, "jobs.train")
+    with pytest.raises(ValueError, match=f"^{tmp_path}/out: jobs.train \\(pid {os.getpid()}\\) is writing into it; "):
+        ingest.hold(*place, "jobs.infer")
+    held.close()
+
+
 def test_files_that_are_no_frames_are_named_not_passed_over_in_silence(tmp_path, capsys):
     scenes.write_scenes(str(tmp_path), 2)
     (tmp_path / "CameraRGB" / "scene_000001.png").rename(tmp_path / "CameraRGB" / "scene_000001.bmp")
