@@ -626,6 +626,29 @@ def test_formats_are_read_as_written_in_a_shell_spaces_and_a_trailing_comma_incl
         assert InferConfig(**vars(args)).formats == tuple(part for part in ("parquet", "png") if part in given)
 
 
+def test_a_folder_holding_camera_rgb_without_camera_mask_is_no_carla_layout_and_is_predicted_whole(tmp_path):
+    # Only both folders make a CARLA-layout directory: a folder of images that merely holds one named
+    # CameraRGB has every image below it predicted, not those of CameraRGB/ alone.
+    (tmp_path / "CameraRGB").mkdir()
+    (tmp_path / "other").mkdir()
+    filesystem, root = inference.open_root(str(tmp_path))
+    assert inference.image_root(filesystem, root) == root
+    (tmp_path / "other").rename(tmp_path / "CameraMask")
+    assert inference.image_root(filesystem, root) == f"{root}/CameraRGB"
+
+
+def test_a_model_of_256_classes_fits_a_mask_png_and_one_more_does_not(tmp_path):
+    # Class ids 0-255: exactly what an 8-bit mask holds.
+    for n_classes in (256, 257):
+        inputs = tf.keras.Input((8, 8, 3))
+        model = tf.keras.Model(inputs, tf.keras.layers.Conv2D(n_classes, 1)(inputs))
+        if n_classes == 256:
+            assert inference.model_geometry(model, "m.keras") == ((8, 8), 256)
+        else:
+            with pytest.raises(ValueError, match="257 classes do not fit the 8-bit class ids of a mask PNG"):
+                inference.model_geometry(model, "m.keras")
+
+
 def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):
     def interrupted(config):
         raise KeyboardInterrupt
