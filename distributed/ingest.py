@@ -13,7 +13,6 @@ import fcntl
 import gc
 import hashlib
 import os
-import stat
 import sys
 import tempfile
 
@@ -323,13 +322,7 @@ def stopped_when_out_of_room(place, consequence):
 
 def read_file(filesystem, path):
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        try:
-            mode = os.stat(path).st_mode
-        except OSError:
-            mode = None  # a link whose target is gone: opening it names it, like any unreadable frame
-        if mode is not None and not stat.S_ISREG(mode):
-            # Opening a named pipe waits for a writer: the task, and the job with it, would never end.
-            raise ValueError(f"{path}: not a regular file (a named pipe, socket or device), so not a frame")
+        data.refuse_irregular_file(path)
     with filesystem.open_input_stream(path) as stream:
         return stream.readall()
 

@@ -284,12 +284,22 @@ def preprocess_pair(image_data, mask_data, image_path, mask_path, size, n_classe
     return resize_image(rgb, size), resize_mask(class_ids, size)
 
 
+def refuse_irregular_file(path):
+    """A ValueError for a local path that is no regular file. Opening a named pipe waits for a
+    writer: the read, and the job with it, would never end. A path that cannot be stat'ed (a link
+    whose target is gone) is left for opening it to name."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path}: not a regular file (a named pipe, socket or device), so not a frame")
+
+
 def read_bytes(path):
     """A local file's bytes; a ValueError naming it when it cannot be a frame's."""
+    refuse_irregular_file(path)
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            # Opening a named pipe waits for a writer: load_pairs would never return.
-            raise ValueError(f"{path}: not a regular file (a named pipe, socket or device), so not a frame")
         with open(path, "rb") as file:
             return file.read()
     except OSError as error:  # a link whose target is gone, say
