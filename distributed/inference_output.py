@@ -99,15 +99,23 @@ class Output:
         self.named = spelled(filesystem, root)  # as the user gives it: a bucket's with its scheme
         self.folders = set()
 
-    def done_paths(self, identity):
-        """Input paths in the committed predictions parts; parts are only ever renamed in whole."""
-        done, by_other_models = set(), 0
+    def predictions(self, columns):
+        """`columns` of each committed predictions part; parts are only ever renamed in whole."""
         for path in self.parts("predictions"):
             try:
-                table = pq.read_table(path, columns=["path", "model"], filesystem=self.filesystem)
+                yield pq.read_table(path, columns=columns, filesystem=self.filesystem)
             except (pa.ArrowInvalid, OSError) as error:
                 raise ValueError(f"{spelled(self.filesystem, path)}: unreadable Parquet part ({error}); delete it to "
                                  f"predict its inputs again") from None
+
+    def models(self):
+        """The identities (`inference.model_identity`) of the models the predictions came from."""
+        return {model for table in self.predictions(["model"]) for model in table["model"].to_pylist()}
+
+    def done_paths(self, identity):
+        """Input paths in the committed predictions parts."""
+        done, by_other_models = set(), 0
+        for table in self.predictions(["path", "model"]):
             done.update(table["path"].to_pylist())
             by_other_models += pc.sum(pc.not_equal(table["model"], identity)).as_py() or 0
         if by_other_models:

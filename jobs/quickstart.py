@@ -6,7 +6,6 @@ frames the model never saw, and evaluates them — then says where every artifac
 
 import argparse
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -69,20 +68,16 @@ def forget_predictions_of_another_model(inferred, model):
     """Before inference with a model a rerun has trained further (more --epochs), drop the predictions
     of the model before: inference keeps and skips those, so the masks would be another model's than
     the one the summary names and the evaluation scores."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from distributed import inference, ingest, inference_output
 
-    from distributed import inference
-
-    parts = glob.glob(os.path.join(inferred, "predictions", "*.parquet"))
-    if not parts:
+    try:
+        made_by = inference_output.Output(*ingest.open_root(inferred)).models()
+    except ValueError:
+        return  # a damaged part: jobs.infer names it, and says how to go on
+    if not made_by:
         return
     with open(model, "rb") as file:
         identity = inference.model_identity(file.read(), model)
-    try:
-        made_by = {name for part in parts for name in pq.read_table(part, columns=["model"])["model"].to_pylist()}
-    except (pa.ArrowInvalid, OSError):
-        return  # a damaged part: jobs.infer names it, and says how to go on
     if made_by - {identity}:
         shutil.rmtree(inferred)
 
