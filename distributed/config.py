@@ -240,6 +240,11 @@ class TrainConfig:
         return f"{self.resolved_storage_path}/{self.run_name}"
 
     @property
+    def storage_flag(self):
+        """What names the checkpoint folder in a message: the flag given, or, without it, where it lies."""
+        return "--storage-path" if self.storage_path is not None else "--output's checkpoints"
+
+    @property
     def new_run_flags(self):
         """What to pass to start a new run instead of resuming this one. Another --output does only with the
         default --storage-path: given one, a run into another --output resumes the same checkpoints."""

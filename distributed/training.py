@@ -157,10 +157,8 @@ def connect_ray(config):
         ingest.make_directory(config.resolved_storage_path, "--storage-path")
     scenes = os.path.join(config.output, run_directory.SCENES)
     data = {"--data": config.data} if config.data else {"--output's scenes": scenes}
-    # Named by the flag given: without --storage-path, the checkpoints go below --output.
-    storage = "--storage-path" if config.storage_path is not None else "--output's checkpoints"
-    runtime.warn_of_local_paths({**data, "--val-data": config.val_data, storage: config.resolved_storage_path},
-                                nodes_to_come=shortfall is not None)
+    paths = {**data, "--val-data": config.val_data, config.storage_flag: config.resolved_storage_path}
+    runtime.warn_of_local_paths(paths, nodes_to_come=shortfall is not None)
     oversubscribed = runtime.oversubscription(config.num_workers, config.cpus_per_worker)
     if oversubscribed:
         print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
@@ -170,16 +168,11 @@ def check_paths(config):
     """Before anything is written: each path can be used, and none lands among another's files."""
     if config.storage_path is not None:
         refuse_relative_output(config.storage_path, "--storage-path")
-        try:  # a file there or above it, a missing bucket: now, not once the data is decoded
-            ingest.open_output(config.resolved_storage_path)
-        except ValueError as error:
-            raise ValueError(f"--storage-path {error}") from None
     ingest.open_output(config.output)
-    storage = config.resolved_storage_path
-    if config.storage_path is None and os.path.lexists(storage) and not os.path.isdir(storage):
-        # Named by the flag the user gave, before Ray starts: it was "--storage-path ...: cannot be made a directory".
-        raise ValueError(f"--output {config.output}: {storage} is a file, where the run keeps its checkpoints; "
-                         f"move it, or pass --storage-path")
+    try:  # a file there or above it, a missing bucket: now, not once Ray has started and the data is decoded
+        ingest.open_output(config.resolved_storage_path)
+    except ValueError as error:
+        raise ValueError(f"{config.storage_flag} {error}") from None
     for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
         if uri is not None:
             refuse_missing_relative_input(uri, flag)
