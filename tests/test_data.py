@@ -390,6 +390,14 @@ def test_hash_split_is_stable_and_near_the_fraction():
     assert 0.17 < sum(flags) / len(names) < 0.23
 
 
+def test_hash_split_sides_are_the_same_in_every_version():
+    # A frame's side is part of a run's identity: a resumed run, or a run compared with an older one, must hold out
+    # the same frames. Pinned at the threshold of 0.2 (buckets below 2,000 of 10,000 validate): 011011.png falls in
+    # bucket 1,999, 004082.png in bucket 2,000.
+    assert data.validation_flags(["011011.png", "004082.png"], 0.2, "hash") == [True, False]
+    assert not any(data.validation_flags(["011011.png", "004082.png"], 0.0, "hash"))
+
+
 def test_tail_split_of_the_real_frames_is_the_stretch_results_md_scores(real_carla):
     names = sorted(path.name for path in (real_carla / "CameraRGB").iterdir())
     held_out = [name for name, flag in zip(names, data.validation_flags(names, 0.2, "tail")) if flag]
