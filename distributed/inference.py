@@ -115,8 +115,7 @@ def infer(config: InferConfig):
         predictions = inference_output.PartWriter(output, "predictions", config.rows_per_file)
         errors = inference_output.PartWriter(output, "errors", config.rows_per_file)
         ok = failed = 0
-        # After Ray connects, whose own handler this replaces.
-        with runtime.sigterm_as_ctrl_c(), stopped_when_out_of_room(
+        with stopped_when_out_of_room(
                 f"--output {config.output}", "the frames committed before are kept: make room, then the same command "
                                              "goes on from them"):
             try:

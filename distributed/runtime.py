@@ -1,6 +1,5 @@
 """Starting or joining Ray, the environment every worker and actor runs with, and SIGTERM in a driver running Ray."""
 
-import contextlib
 import os
 import re
 import signal
@@ -21,7 +20,8 @@ def connect(num_cpus=None):
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start local Ray.
 
     Local Ray gets at least `num_cpus` logical CPUs even on a smaller machine, so Ray Data's
-    preprocessing tasks can run beside training workers that hold the real cores.
+    preprocessing tasks can run beside training workers that hold the real cores. Once Ray is
+    started or joined, SIGTERM ends the process in KeyboardInterrupt (`init`).
     """
     os.environ.update(WORKER_ENV)
     if ray.is_initialized():
@@ -33,7 +33,7 @@ def connect(num_cpus=None):
         # worker, and ray.init refuses one that sets its variables again. Without it, workers
         # still get tf-keras: importing unet_core sets TF_USE_LEGACY_KERAS before tf.keras loads.
         try:
-            ray.init(log_to_driver=True)
+            init(log_to_driver=True)
         except ConnectionError as error:  # RAY_ADDRESS=auto with no cluster on this machine: a traceback, exit 1
             said = str(error).rstrip(".")  # Ray's messages end in a full stop or not ("ray client connection timeout")
             raise ValueError(f"RAY_ADDRESS={address}: {said}. Unset RAY_ADDRESS to start a Ray of this job's "
@@ -45,8 +45,8 @@ def connect(num_cpus=None):
     # started on this machine with `ray start` (that one is reached through RAY_ADDRESS).
     # A copy: ray.init writes the hook's key into the env_vars it is given, and WORKER_ENV goes
     # into os.environ, where every subprocess (a `ray start` of another cluster) would inherit it.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": set_up_local_worker})
+    init(address="local", num_cpus=cpus, include_dashboard=False,
+         runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": set_up_local_worker})
     started_local_ray = True
 
 
@@ -86,33 +86,33 @@ def disconnect():
     started_local_ray = False
 
 
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler's time limit) ends what runs inside in
-    KeyboardInterrupt, as Ctrl-C does. Entered once Ray is started or joined.
+def init(**kwargs):
+    """`ray.init`, after which SIGTERM (`kill`, `timeout`, `ray job stop`, a scheduler's time limit)
+    ends the driver in KeyboardInterrupt, as Ctrl-C does: each job then says how to go on, exit 130.
 
-    Otherwise the C++ failure-signal handler the driver carries once Ray and TensorFlow are loaded
-    (absl's, which logs "*** SIGTERM received") runs first: Ray's Python handler then exits, but
-    about 3 s later the process aborts (exit 134, nothing said), cutting short what is still under
-    way (a commit, Ray's shutdown). A handler set from Python replaces it.
+    ray.init sets a SIGTERM handler that exits 15, saying nothing, and Ray's C++ core puts absl's
+    failure-signal handler before it ("*** SIGTERM received"), which also sets a 3 s alarm that
+    aborts the process (exit 134), cutting short whatever is still under way (a commit, Ray's
+    shutdown). A handler set from Python replaces both, for the rest of the process.
 
     Not Ray Train's Ctrl-C handler, which waits for its run to abort: `timeout` and schedulers signal
     every process of the job, and the local Ray's GCS, gone with them, would never answer (exit 1 a
     minute later). The driver's end takes its run down with it, as a lost driver's does.
     """
-    if threading.current_thread() is not threading.main_thread():  # the only thread that may set one
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        ray.init(**kwargs)
+    except SystemExit as ended:  # SIGTERM while ray.init ran, once its handler was set
+        if ended.code != signal.SIGTERM:
+            raise
+        signal.alarm(0)  # absl's, which would abort the process 3 s on
+        raise KeyboardInterrupt(f"signal {signal.SIGTERM}") from None
     finally:
-        # None: a handler not set from Python, which cannot be put back; the default then ends the process.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set one
+            signal.signal(signal.SIGTERM, interrupt)
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def set_up_local_worker():

@@ -36,16 +36,8 @@ from unet_core.training import (
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
     with ingest.removed_if_left_empty(config.output):  # a run refused for its data, say
-        try:
-            held, resumed = check_before_start(config)
-        except SystemExit as ended:
-            # Ray's own SIGTERM handler, set as ray.init begins and in place until ours below: it exited 15, saying
-            # nothing. Ended as SIGTERM ends the run later on.
-            if ended.code != signal.SIGTERM:
-                raise
-            raise KeyboardInterrupt(f"signal {signal.SIGTERM}") from None
-        # The run's hold on --output, until it ends; SIGTERM once Ray runs, from the data's ingest to the export.
-        with held, runtime.sigterm_as_ctrl_c():
+        held, resumed = check_before_start(config)
+        with held:  # the run's hold on --output, until it ends
             return run_training(config, resumed)
 
 

@@ -90,25 +90,23 @@ def run(args):
     output = os.path.abspath(args.output)
     config = train_config(args, output)
     # TensorFlow and Ray take seconds to import: after the flags are checked.
-    from distributed import evaluation, run_directory, runtime
+    from distributed import evaluation, run_directory
     from distributed.inference import infer
     from distributed.training import train
 
     run_directory.check_run_identity(config, new_run="another --output")  # train() would name --run-name too
     train(config)
 
-    # Ray runs from here on: its handler would end a SIGTERM between the steps in exit 15, or an abort.
-    with runtime.sigterm_as_ctrl_c():
-        new_frames, inferred = os.path.join(output, "new_frames"), os.path.join(output, "inference")
-        forget_predictions_beyond(new_frames, args.new_frames, inferred)
-        # Another seed: unseen scenes.
-        run_directory.write_scene_set(new_frames, args.new_frames, config.seed + 1)
-        model = os.path.join(config.output, "model.keras")
-        forget_predictions_of_another_model(inferred, model)
-        summary = infer(InferConfig(model=model, input=os.path.join(new_frames, IMAGE_DIR), output=inferred,
-                                    overlay=True))
-        report = EvaluateConfig(model=model, data=new_frames, output=os.path.join(output, "evaluation"))
-        metrics = evaluation.evaluate(report)
+    new_frames, inferred = os.path.join(output, "new_frames"), os.path.join(output, "inference")
+    forget_predictions_beyond(new_frames, args.new_frames, inferred)
+    # Another seed: unseen scenes.
+    run_directory.write_scene_set(new_frames, args.new_frames, config.seed + 1)
+    model = os.path.join(config.output, "model.keras")
+    forget_predictions_of_another_model(inferred, model)
+    summary = infer(InferConfig(model=model, input=os.path.join(new_frames, IMAGE_DIR), output=inferred,
+                                overlay=True))
+    report = EvaluateConfig(model=model, data=new_frames, output=os.path.join(output, "evaluation"))
+    metrics = evaluation.evaluate(report)
     print(evaluation.iou_table(metrics))
     scores = f"pixel accuracy {metrics['pixel_accuracy']:.3f}, mIoU {metrics['mean_iou']:.3f}"
     print(f"""

@@ -1,5 +1,7 @@
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -42,6 +44,28 @@ def reference_scores(model, images, masks, n_classes):
     logits = model.predict(images, batch_size=8, verbose=0)
     loss = tf.keras.losses.sparse_categorical_crossentropy(masks, logits, from_logits=True)
     return float(tf.reduce_mean(loss)), ConfusionMatrix(n_classes).update(masks, logits.argmax(-1))
+
+
+def run_sigterm_after_ray_init(job, args):
+    """Run `python -m jobs.<job> args` in a session of its own, sending it SIGTERM just as ray.init
+    returns, and waiting 4 s after the job ends before exiting with its code: past the alarm that
+    absl's failure-signal handler sets (an abort, exit 134), unless cancelled."""
+    script = "\n".join([
+        "import os, signal, sys, time",
+        "import ray",
+        f"from jobs import {job}",
+        "init = ray.init",
+        "def init_then_sigterm(*args, **kwargs):",
+        "    started = init(*args, **kwargs)",
+        "    os.kill(os.getpid(), signal.SIGTERM)",
+        "    return started",
+        "ray.init = init_then_sigterm",
+        f"code = {job}.main(sys.argv[1:])",
+        "time.sleep(4)",
+        "sys.exit(code)",
+    ])
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from distributed.training import (
 )
 from jobs import train as train_job
 from unet_core import data, scenes
-from tests.conftest import reference_scores
+from tests.conftest import reference_scores, run_sigterm_after_ray_init
 from unet_core.training import averaged_weights
 
 
@@ -275,22 +275,9 @@ def test_sigterm_aborts_the_run_as_ctrl_c_does(tmp_path):
 
 
 def test_sigterm_while_ray_starts_ends_the_run_as_ctrl_c_does(tmp_path):
-    # ray.init sets a SIGTERM handler of its own (sys.exit(15)), in place until the run sets its own: a SIGTERM
-    # then ended jobs.train with exit 15 and no word. Sent here just after ray.init, in a session of its own.
-    script = "\n".join([
-        "import os, signal, sys",
-        "import ray",
-        "from jobs import train",
-        "init = ray.init",
-        "def init_then_sigterm(*args, **kwargs):",
-        "    started = init(*args, **kwargs)",
-        "    os.kill(os.getpid(), signal.SIGTERM)",
-        "    return started",
-        "ray.init = init_then_sigterm",
-        "sys.exit(train.main(sys.argv[1:]))",
-    ])
-    job = subprocess.run([sys.executable, "-c", script, "--smoke", "--output", str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=300, start_new_session=True)
+    # ray.init sets a SIGTERM handler of its own (sys.exit(15)) behind absl's, which sets a 3 s alarm that aborts:
+    # a SIGTERM then ended jobs.train with exit 15 and no word. Sent here just after ray.init, in a session of its own.
+    job = run_sigterm_after_ray_init("train", ["--smoke", "--output", str(tmp_path / "run")])
     assert job.returncode == 130, job.stderr[-3000:]
     assert "interrupted: the same command resumes from the run's last checkpoint" in job.stderr
     assert os.listdir(tmp_path) == []  # the new --output it had made, empty, removed

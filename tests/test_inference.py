@@ -26,6 +26,7 @@ from distributed.inference import infer
 from jobs import infer as infer_job
 from unet_core import data, scenes, unet_model
 from unet_core.classes import PALETTE, class_names
+from tests.conftest import run_sigterm_after_ray_init
 
 SIZE = (32, 48)
 SOURCE = (480, 640)  # the size write_scenes renders
@@ -497,6 +498,17 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, model_dir):
     assert "interrupted: the same command goes on, skipping the images already written" in job.stderr
     masks = sorted(path.name for path in (out / "masks").iterdir())
     assert masks and sorted(read_table(out / "predictions")["path"].to_pylist()) == masks
+
+
+def test_sigterm_while_ray_starts_exits_130_and_leaves_no_new_output(tmp_path, model_dir):
+    # ray.init's own handler exited 15 saying nothing, and absl's before it aborted the process 3 s
+    # later (exit 134). Sent just after ray.init, in a process of its own.
+    scenes.write_scenes(tmp_path / "frames", 2, seed=2)
+    job = run_sigterm_after_ray_init("infer", ["--model", str(model_dir / "model.keras"), "--input",
+                                               str(tmp_path / "frames"), "--output", str(tmp_path / "out")])
+    assert job.returncode == 130, job.stderr[-3000:]
+    assert "interrupted: the same command goes on, skipping the images already written" in job.stderr
+    assert sorted(os.listdir(tmp_path)) == ["frames"]  # the new --output it had made, removed
 
 
 def test_an_output_that_fills_up_stops_the_job_with_one_error_not_a_failure_per_frame(tmp_path, ray_session,
