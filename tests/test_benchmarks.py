@@ -27,6 +27,19 @@ def test_flop_counter_gives_15_1_gflop_per_default_training_image():
     assert flops.training_flops_per_image(model) == 3 * flops.forward_flops_per_image(model)
 
 
+def test_the_predict_baseline_keeps_class_ids_as_infer_does_not_every_score():
+    import numpy as np
+
+    from benchmarks import inference
+    from unet_core import unet_model
+
+    model = unet_model((32, 48, 3), n_filters=4, n_classes=23)
+    images = np.random.default_rng(0).random((3, 32, 48, 3), np.float32)
+    class_ids = inference.class_ids_model(model).predict(images, verbose=0)
+    assert class_ids.dtype == np.uint8 and class_ids.shape == (3, 32, 48)
+    np.testing.assert_array_equal(class_ids, np.argmax(model.predict(images, verbose=0), axis=-1))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--quick", "--tiny"], "argument --tiny: not allowed with argument --quick"),
     (["--infer-cpus-per-actor", "0"], "--infer-cpus-per-actor must be at least 1"),
