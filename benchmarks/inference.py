@@ -174,8 +174,8 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors, cpus_per_acto
                    "images after the first output batch over the time from first to last output batch (an upper "
                    "bound: reading runs ahead while the actor starts). "
                    "predict = model.predict of the model ending in argmax (uint8 class ids, as infer keeps) on the "
-                   "same frames preloaded and preprocessed as one tensor, after a warm-up call. Interleaved, median over rounds. rerun: infer again into the same "
-                   "output, all frames already done."),
+                   "same frames preloaded and preprocessed as one tensor, after a warm-up call. Interleaved, median "
+                   "over rounds. rerun: infer again into the same output, all frames already done."),
         "goal": ">= 0.9",
         "config": {
             "profile": profile.name, "frames": count, "source_size": [480, 640],

@@ -156,6 +156,8 @@ def main(argv=None):
             traceback.print_exc()
             failed.extend(names)
             records = [{"name": name, "ratio": None, "error": f"{type(error).__name__}: {error}"} for name in names]
+        else:  # a figure measure() gave up on itself
+            failed.extend(record["name"] for record in records if "error" in record)
         for record in records:
             emit(record)
 

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+import traceback
 
 import numpy as np
 import tensorflow as tf
@@ -149,15 +150,17 @@ def alternatives_for(figures, profile, cores):
         "xla_vs_graph": [ray_one, f"{ray_one}_xla"],
         "shard_memory_vs_stream": [ray_one, f"{ray_one}_stream"],
     }
-    wanted = {alternative for figure in figures for alternative in needs[figure]}
+    needs = {figure: needs[figure] for figure in figures}
+    wanted = {alternative for alternatives in needs.values() for alternative in alternatives}
     order = ["keras_fp32", ray_one, "keras_bf16", ray_two, f"{ray_one}_xla", f"{ray_one}_stream", f"{ray_one}_bf16",
              "peak"]
-    return [alternative for alternative in order if alternative in wanted], ray_one, ray_two
+    return [alternative for alternative in order if alternative in wanted], needs, ray_one, ray_two
 
 
 def measure(profile, frames_dir, work, cores, figures, log):
-    """Run the rounds and return one record per selected training figure."""
-    alternatives, ray_one, ray_two = alternatives_for(figures, profile, cores)
+    """Run the rounds and return one record per selected training figure; a figure whose alternative
+    failed gets a record with `error`, the others are measured still."""
+    alternatives, needs, ray_one, ray_two = alternatives_for(figures, profile, cores)
     (one, one_cpus), (two, two_cpus) = layouts(cores)
     train = None
     if any(name.startswith("keras") for name in alternatives):
@@ -175,11 +178,18 @@ def measure(profile, frames_dir, work, cores, figures, log):
                                                f"{ray_one}-stream-r{r}", stream=True),
         "peak": lambda r: peak_run(profile),
     }
-    runs = {name: [] for name in alternatives}
+    runs, errors = {name: [] for name in alternatives}, {}
     for round_index in range(profile.repeats):
         for name in rotated(alternatives, round_index):
+            if name in errors:  # failed in an earlier round: its figures are lost anyway
+                continue
             log(f"[bench] training round {round_index + 1}/{profile.repeats}: {name}")
-            runs[name].append(runners[name](round_index))
+            try:
+                runs[name].append(runners[name](round_index))
+            except Exception as error:  # noqa: BLE001  one broken alternative must not hide the other figures
+                traceback.print_exc()
+                errors[name] = f"{name}: {type(error).__name__}: {error}"
+                continue
             log(f"[bench]   {summary(runs[name][-1])}")
 
     model = unet_model((*profile.image_size, 3), profile.n_filters, profile.n_classes)
@@ -188,7 +198,11 @@ def measure(profile, frames_dir, work, cores, figures, log):
     builders = {"train_vs_keras": context.train_vs_keras, "mwms_2x1_vs_1x2": context.mwms,
                 "train_flops_vs_peak": context.flops_vs_peak, "bf16_vs_fp32": context.bf16,
                 "xla_vs_graph": context.xla, "shard_memory_vs_stream": context.shard_memory}
-    return [builders[figure]() for figure in TRAINING_FIGURES if figure in figures]
+    records = []
+    for figure in (figure for figure in TRAINING_FIGURES if figure in figures):
+        failed = [errors[name] for name in needs[figure] if name in errors]
+        records.append({"name": figure, "ratio": None, "error": "; ".join(failed)} if failed else builders[figure]())
+    return records
 
 
 def summary(run):

@@ -113,6 +113,40 @@ def test_the_harness_refuses_an_empty_path(flag, tmp_path, monkeypatch, capsys):
     assert refused.value.code == 2 and f"{flag} is empty (an unset shell variable?)" in capsys.readouterr().err
 
 
+def test_a_failing_training_alternative_loses_only_the_figures_that_need_it(tmp_path, monkeypatch, capsys):
+    from benchmarks import training
+    from benchmarks.common import PROFILES
+    from unet_core import scenes
+
+    tiny = PROFILES["tiny"]
+    scenes.write_scenes(tmp_path, tiny.train_frames + tiny.val_frames, seed=0)
+
+    def product_fails(*args, **kwargs):
+        raise RuntimeError("the cluster went away")
+
+    monkeypatch.setattr(training, "ray_run", product_fails)  # the Ray Train alternatives; Keras and peak run
+    records = training.measure(tiny, str(tmp_path), str(tmp_path / "work"), 2, ["train_flops_vs_peak", "bf16_vs_fp32"],
+                               lambda line: None)
+    by_name = {record["name"]: record for record in records}
+    assert by_name["train_flops_vs_peak"] == {"name": "train_flops_vs_peak", "ratio": None,
+                                              "error": "ray_1x2: RuntimeError: the cluster went away"}
+    assert by_name["bf16_vs_fp32"]["ratio"] > 0  # measured all the same
+    assert "RuntimeError: the cluster went away" in capsys.readouterr().err  # the traceback, for the reader
+
+    # Such a figure fails the command as a figure that raised does.
+    from benchmarks import frames, run
+    from distributed import runtime
+
+    monkeypatch.setattr(frames, "ensure_frames", lambda *args: None)
+    monkeypatch.setattr(frames, "view", lambda cache, count: str(tmp_path))
+    monkeypatch.setattr(runtime, "connect", lambda **kwargs: None)
+    monkeypatch.setattr(runtime, "configure_tensorflow_threads", lambda cores: None)  # TF runs here already
+    assert run.main(["--tiny", "--only", "train_flops_vs_peak", "--cache", str(tmp_path / "cache")]) == 1
+    output = capsys.readouterr()
+    assert json.loads(output.out)["error"] == "ray_1x2: RuntimeError: the cluster went away"
+    assert "[bench] failed: train_flops_vs_peak" in output.err
+
+
 def test_a_kept_work_dir_never_hands_one_profile_the_model_of_another(tmp_path):
     import dataclasses
 
