@@ -89,22 +89,40 @@ def parse_args(argv=None):
     for flag, path in (("--cache", args.cache), ("--out", args.out), ("--work-dir", args.work_dir)):
         if path is not None and not path.strip():
             parser.error(f"{flag} is empty (an unset shell variable?); pass a path or leave the flag out")
+    # Made here, not as the frames render in spawned processes or the run starts (a file or a read-only place
+    # there ended the command in a traceback); before --out is opened, which may lie inside either.
+    made = []  # what this command made, removed if it is refused after all: a refused command leaves nothing behind
+
+    def refuse(message):
+        for directory in reversed(made):
+            shutil.rmtree(directory, ignore_errors=True)
+        parser.error(message)
+
+    for flag, path, directory in (("--cache", args.cache, os.path.join(args.cache, "frames")),
+                                  ("--work-dir", args.work_dir, args.work_dir)):
+        if not path:
+            continue
+        if new := first_missing(directory):
+            made.append(new)  # before makedirs, which may fail with part of it made
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as error:
+            refuse(f"{flag} {path}: cannot make a directory there ({error.strerror or error})")
     if args.out:  # opened only as each figure ends: a bad path would end the run after its first measurement
         try:
             with open(args.out, "a"):
                 pass
         except OSError as error:
-            parser.error(f"--out {args.out}: cannot append to it ({error.strerror or error})")
-    # Made here, not as the frames render in spawned processes or the run starts (a file or a read-only place
-    # there ended the command in a traceback); and last, as a command refused for --out left an empty --cache.
-    for flag, path, directory in (("--cache", args.cache, os.path.join(args.cache, "frames")),
-                                  ("--work-dir", args.work_dir, args.work_dir)):
-        try:
-            if path:
-                os.makedirs(directory, exist_ok=True)
-        except OSError as error:
-            parser.error(f"{flag} {path}: cannot make a directory there ({error.strerror or error})")
+            refuse(f"--out {args.out}: cannot append to it ({error.strerror or error})")
     return args
+
+
+def first_missing(directory):
+    """The outermost folder of `directory` that does not exist yet (what makedirs would make), or None."""
+    directory, missing = os.path.abspath(directory), None
+    while not os.path.lexists(directory):
+        directory, missing = os.path.dirname(directory), directory
+    return missing
 
 
 def build_profile(args):

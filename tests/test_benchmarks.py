@@ -64,6 +64,30 @@ def test_the_harness_refuses_an_out_it_cannot_append_to_before_measuring(tmp_pat
     assert not (tmp_path / "cache").exists()  # refused before anything was made
 
 
+def test_the_harness_takes_an_out_inside_the_work_dir_or_cache_it_makes(tmp_path):
+    from benchmarks import run
+
+    for flag in ("--work-dir", "--cache"):
+        out = tmp_path / flag.strip("-") / "figures.jsonl"  # the folder is new: the command makes it
+        args = run.parse_args([flag, str(out.parent), "--out", str(out)] + (["--cache", str(tmp_path / "c")]
+                                                                            if flag == "--work-dir" else []))
+        assert args.out == str(out) and out.is_file()
+
+
+def test_a_refused_command_leaves_nothing_it_made_behind(tmp_path, capsys):
+    from benchmarks import run
+
+    (tmp_path / "afile").write_text("")
+    for argv in (["--work-dir", str(tmp_path / "afile")], ["--out", str(tmp_path / "missing" / "figures.jsonl")]):
+        with pytest.raises(SystemExit):
+            run.parse_args(["--cache", str(tmp_path / "new" / "cache")] + argv)
+        assert not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit):  # nor an empty --out, when --cache is refused
+        run.parse_args(["--cache", str(tmp_path / "afile"), "--out", str(tmp_path / "figures.jsonl")])
+    assert not (tmp_path / "figures.jsonl").exists()
+    capsys.readouterr()
+
+
 def test_the_harness_refuses_a_cache_or_work_dir_that_cannot_be_a_directory(tmp_path, capsys):
     from benchmarks import run
 
