@@ -198,17 +198,21 @@ def refuse_or_warn(shortfall):
         print(f"[unet-ray] warning: {shortfall}", file=sys.stderr, flush=True)
 
 
-def warn_of_local_paths(paths, nodes_to_come):
+def warn_of_local_paths(paths, nodes_to_come, passed_as=None):
     """On a cluster of several nodes (or one that must add nodes for this job: `nodes_to_come`),
     Ray runs a job's tasks and workers on any of them, where a path local to this node is missing
-    unless every node mounts it at the same place. `paths`: {flag: path or URI or None}."""
+    unless every node mounts it at the same place. `paths`: {flag: path or URI or None}; `passed_as`:
+    {name in `paths`: the flag that takes a URI in its place}, for a path no flag gave (below --output)."""
     if started_local_ray or (sum(node["Alive"] for node in ray.nodes()) < 2 and not nodes_to_come):
         return
-    local = [f"{flag} {path}" for flag, path in paths.items() if path is not None and "://" not in path]
+    local = [name for name, path in paths.items() if path is not None and "://" not in path]
     if local:
-        print(f"[unet-ray] warning: {'; '.join(local)}: local to this node, and the cluster's other nodes read and "
-              f"write there too; unless each mounts it at the same place, pass an s3:// or gs:// URI",
-              file=sys.stderr, flush=True)
+        # --output itself takes no URI: a URI for the scenes or checkpoints below it goes to another flag.
+        instead = sorted({passed_as[name] for name in local if name in (passed_as or {})})
+        named = "; ".join(f"{name} {paths[name]}" for name in local)
+        print(f"[unet-ray] warning: {named}: local to this node, and the cluster's other nodes read and write there "
+              f"too; unless each mounts it at the same place, pass an s3:// or gs:// URI"
+              + (f" (as {', '.join(instead)})" if instead else ""), file=sys.stderr, flush=True)
 
 
 def configure_tensorflow_threads(num_threads):

@@ -481,12 +481,27 @@ def test_local_paths_on_a_cluster_are_named_by_the_flags_given(tmp_path, monkeyp
     named = []
     monkeypatch.setattr(runtime, "connect", lambda **_: None)
     monkeypatch.setattr(runtime, "cluster_shortfall", lambda *_: None)
-    monkeypatch.setattr(runtime, "warn_of_local_paths", lambda paths, nodes_to_come: named.append(paths))
+    monkeypatch.setattr(runtime, "warn_of_local_paths", lambda paths, nodes_to_come, **_: named.append(paths))
     monkeypatch.setattr(runtime, "oversubscription", lambda *_: None)
     for storage_path in (None, str(tmp_path / "checkpoints")):
         training.connect_ray(smoke_config(tmp_path, storage_path=storage_path))
     flags = [[flag for flag, path in paths.items() if path is not None] for paths in named]
     assert flags == [["--output's scenes", "--output's checkpoints"], ["--output's scenes", "--storage-path"]]
+
+
+def test_local_paths_below_the_output_on_a_cluster_are_told_the_flag_that_takes_a_uri(tmp_path, monkeypatch, capsys):
+    # --output takes no URI: "--output's checkpoints ...: pass an s3:// or gs:// URI" said where to go nowhere.
+    monkeypatch.setattr(runtime, "connect", lambda **_: None)
+    monkeypatch.setattr(runtime, "cluster_shortfall", lambda *_: None)
+    monkeypatch.setattr(runtime, "oversubscription", lambda *_: None)
+    monkeypatch.setattr(runtime, "started_local_ray", False)
+    monkeypatch.setattr(runtime.ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    training.connect_ray(smoke_config(tmp_path))
+    assert capsys.readouterr().err.endswith("pass an s3:// or gs:// URI (as --data, --storage-path)\n")
+    training.connect_ray(smoke_config(tmp_path, storage_path="s3://bucket/runs"))
+    assert capsys.readouterr().err.endswith("pass an s3:// or gs:// URI (as --data)\n")
+    training.connect_ray(smoke_config(tmp_path, data=str(tmp_path), storage_path=str(tmp_path / "checkpoints")))
+    assert capsys.readouterr().err.endswith("pass an s3:// or gs:// URI\n")  # each named by the flag given
 
 
 def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, no_ray):
