@@ -35,7 +35,7 @@ from distributed.ingest import (
 )
 from unet_core import data, plots
 from unet_core.classes import class_names
-from unet_core.training import predict_logits_fn
+from unet_core.training import predict_class_ids_fn
 
 MODEL_FILE = "model.keras"
 
@@ -376,7 +376,7 @@ class Predictor:
             with open(path, "wb") as file:
                 file.write(ray.get(model_ref))
             self.model = load_model(path)
-        self.forward = predict_logits_fn(self.model)
+        self.class_ids = predict_class_ids_fn(self.model)
         self.n_classes = self.model.output_shape[-1]
         self.output_size, self.overlay = output_size, overlay
 
@@ -385,8 +385,7 @@ class Predictor:
         count = len(batch["path"])
         predicted = np.zeros((count, *batch["image"].shape[1:3]), np.uint8)
         if succeeded.any():
-            logits = self.forward(tf.constant(batch["image"][succeeded])).numpy()
-            predicted[succeeded] = np.argmax(logits, axis=-1)
+            predicted[succeeded] = self.class_ids(tf.constant(batch["image"][succeeded])).numpy()
         sizes = np.zeros((count, 2), np.int32)
         pixels = np.zeros((count, self.n_classes), np.int64)
         masks, overlays = [b""] * count, [b""] * count

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import pyarrow.fs
 import tensorflow as tf
 
@@ -14,7 +13,7 @@ from distributed import inference, ingest, progress
 from distributed.config import DEFAULT_STORAGE
 from unet_core import data, plots, scenes, unet_model
 from unet_core.classes import class_names
-from unet_core.training import predict_logits_fn
+from unet_core.training import predict_class_ids_fn
 
 PREVIEW_FRAMES = 6
 
@@ -171,7 +170,7 @@ def write_files(config, history, best_weights, val_frames):
     plots.save_curves(history, os.path.join(config.output, "curves.png"))
     model = inference.load_model(model_path)
     frames = val_frames.take_batch(PREVIEW_FRAMES, batch_format="numpy")
-    predicted = np.argmax(predict_logits_fn(model)(tf.constant(frames["image"])).numpy(), axis=-1)
+    predicted = predict_class_ids_fn(model)(tf.constant(frames["image"])).numpy()
     plots.save_previews(frames["image"], frames["mask"], predicted, os.path.join(config.output, "previews.png"),
                         titles=[str(name) for name in frames["name"]], class_names=class_names(config.n_classes))
     print(f"[unet-ray] run directory {os.path.abspath(config.output)}: model.keras (best val mIoU "

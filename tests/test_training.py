@@ -6,7 +6,8 @@ from tests.conftest import reference_scores
 from unet_core import data, scenes, unet_model
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import (
-    averaged_weights, compile_unet, cosine_with_warmup, ends_in_softmax, score_batch, start_from_class_prior,
+    averaged_weights, compile_unet, cosine_with_warmup, ends_in_softmax, predict_class_ids_fn, predict_logits_fn,
+    score_batch, start_from_class_prior,
 )
 
 # Half the default size: a quarter of the compute, and the scenes' shapes are still many pixels wide.
@@ -132,3 +133,13 @@ def test_ends_in_softmax_tells_probabilities_from_logits():
     wrapped = tf.keras.Sequential([tf.keras.Input((*SIZE, 3)), tf.keras.Model(inputs, tf.nn.softmax(features))])
     assert ends_in_softmax(wrapped)
     assert not ends_in_softmax(tf.keras.Sequential([tf.keras.Input((*SIZE, 3)), unet_model((*SIZE, 3), n_filters=4)]))
+
+
+def test_class_ids_are_the_argmax_of_the_logits_as_bytes():
+    tf.keras.utils.set_random_seed(0)
+    model = unet_model((*SIZE, 3), n_filters=4, n_classes=23)
+    images = tf.constant(np.random.default_rng(0).random((2, *SIZE, 3), np.float32))
+    class_ids = predict_class_ids_fn(model)(images).numpy()
+    assert class_ids.dtype == np.uint8 and class_ids.shape == (2, *SIZE)
+    np.testing.assert_array_equal(class_ids, np.argmax(predict_logits_fn(model)(images).numpy(), axis=-1))
+    assert len(np.unique(class_ids)) > 1  # not a constant map, which would pass whatever the argmax

@@ -117,6 +117,13 @@ def predict_logits_fn(model):
     return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
 
 
+def predict_class_ids_fn(model):
+    """`predict_logits_fn` to each pixel's class id (uint8; a model has at most 256 classes): the argmax
+    runs in TensorFlow, on every core it has, and a byte per pixel leaves it instead of a float per class."""
+    return tf.function(lambda images: tf.cast(tf.argmax(model(images, training=False), axis=-1), tf.uint8),
+                       reduce_retracing=True)
+
+
 def ends_in_softmax(model):
     """Whether `model` outputs probabilities (a final softmax) rather than logits (jobs.train's U-Net gives logits)."""
     final = model.layers[-1]
