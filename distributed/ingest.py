@@ -88,9 +88,9 @@ def open_output(uri):
     with named_if_unusable(uri):
         kind = filesystem.get_file_info(root).type
         if kind == pyarrow.fs.FileType.File:
-            raise ValueError(f"{uri}: a file; the output must be a directory (new or existing)")
+            raise ValueError(f"{uri}: a file; it must be a directory (new or existing)")
         if kind == pyarrow.fs.FileType.Unknown:  # /dev/null, say: listing it as a directory failed with a traceback
-            raise ValueError(f"{uri}: a device, named pipe or socket; the output must be a directory (new or existing)")
+            raise ValueError(f"{uri}: a device, named pipe or socket; it must be a directory (new or existing)")
         parent = root
         while "/" in parent.strip("/"):  # the nearest existing folder above a new output: never a file
             parent = parent.rstrip("/").rsplit("/", 1)[0]
@@ -108,8 +108,12 @@ def open_output(uri):
 
 
 def spelled(filesystem, path):
-    """A path of `open_root` as a user would give it: local as it is, in an object store with its scheme."""
-    return path if isinstance(filesystem, pyarrow.fs.LocalFileSystem) else f"{filesystem.type_name}://{path}"
+    """A path of `open_root` as a user would give it: local as it is, in an object store with its scheme
+    (gs://, as users and Google write it, for pyarrow's filesystem named gcs)."""
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return path
+    scheme = "gs" if filesystem.type_name == "gcs" else filesystem.type_name
+    return f"{scheme}://{path}"
 
 
 # One folder per user: another user's would not be writable (a cluster runs every job as one user).

@@ -506,7 +506,7 @@ def test_local_paths_below_the_output_on_a_cluster_are_told_the_flag_that_takes_
 
 def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, no_ray):
     (tmp_path / "run").write_text("an earlier run's notes")
-    with pytest.raises(ValueError, match="run: a file; the output must be a directory"):
+    with pytest.raises(ValueError, match="run: a file; it must be a directory"):
         train(smoke_config(tmp_path))
     assert os.listdir(tmp_path) == ["run"] and (tmp_path / "run").read_text() == "an earlier run's notes"
 
@@ -553,8 +553,8 @@ def test_a_file_where_the_output_keeps_its_checkpoints_is_named_by_output_before
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "ray_results").write_text("notes")
     # No --storage-path: it was named, and only once Ray had started.
-    with pytest.raises(ValueError, match=f"^--output's checkpoints {tmp_path / 'run' / 'ray_results'}: a file; the "
-                                         f"output must be a directory \\(new or existing\\)$"):
+    with pytest.raises(ValueError, match=f"^--output's checkpoints {tmp_path / 'run' / 'ray_results'}: a file; it "
+                                         f"must be a directory \\(new or existing\\)$"):
         train(smoke_config(tmp_path))
 
 

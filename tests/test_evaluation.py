@@ -152,7 +152,7 @@ def test_a_failure_midway_leaves_the_last_report_as_it_was(tmp_path, monkeypatch
 def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
     (tmp_path / "report").write_text("notes")
-    with pytest.raises(ValueError, match="report: a file; the output must be a directory"):
+    with pytest.raises(ValueError, match="report: a file; it must be a directory"):
         evaluation.evaluate(EvaluateConfig(str(tmp_path / "model.keras"), str(tmp_path / "frames"),
                                            str(tmp_path / "report")))
     (tmp_path / "model.keras").write_bytes(b"not loaded")

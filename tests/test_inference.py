@@ -269,7 +269,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
                                                           "images .*, and not one that holds them"),
         (tmp_path / "empty", tmp_path / "out", "empty: no .png/.jpg/.jpeg images below it \\(only 1 other "
                                               "file\\(s\\), such as frame.bmp\\)"),
-        (tmp_path / "run" / "frames", tmp_path / "text.keras", "text.keras: a file; the output must be a directory"),
+        (tmp_path / "run" / "frames", tmp_path / "text.keras", "text.keras: a file; it must be a directory"),
         (tmp_path / "run" / "frames", tmp_path / "text.keras" / "out", f"{tmp_path / 'text.keras'} is a file, so no "
                                                                        f"output directory can be made below it"),
     ):

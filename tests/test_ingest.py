@@ -290,9 +290,10 @@ def test_an_output_in_a_missing_bucket_or_below_an_object_is_refused(s3_bucket):
     assert ingest.open_output("s3://unet/runs/new")[1] == "unet/runs/new"
     assert ingest.spelled(*ingest.open_root("s3://unet/runs/new/")) == "s3://unet/runs/new"
     assert ingest.spelled(*ingest.open_root("/data/frames/")) == "/data/frames"
+    assert ingest.spelled(pyarrow.fs.GcsFileSystem(anonymous=True), "frames/x.png") == "gs://frames/x.png"  # not gcs://
     assert ingest.open_output("s3://unet")[1] == "unet"
     for uri, message in (("s3://nosuch/out", "s3://nosuch/out: bucket nosuch not found"),
-                         ("s3://unet/notes.txt", "s3://unet/notes.txt: a file; the output must be a directory"),
+                         ("s3://unet/notes.txt", "s3://unet/notes.txt: a file; it must be a directory"),
                          ("s3://unet/notes.txt/out", "unet/notes.txt is a file, so no output directory can be made")):
         with pytest.raises(ValueError, match=message):
             ingest.open_output(uri)
@@ -302,8 +303,8 @@ def test_an_output_that_is_a_device_or_named_pipe_is_refused_as_no_directory(tmp
     # jobs.infer --output /dev/null ended in a traceback (NotADirectoryError) listing it as a directory.
     os.mkfifo(tmp_path / "pipe")
     for path in ("/dev/null", str(tmp_path / "pipe")):
-        with pytest.raises(ValueError, match=f"^{re.escape(path)}: a device, named pipe or socket; the output must "
-                                             f"be a directory \\(new or existing\\)$"):
+        with pytest.raises(ValueError, match=f"^{re.escape(path)}: a device, named pipe or socket; it must be "
+                                             f"a directory \\(new or existing\\)$"):
             ingest.open_output(path)
 
 
