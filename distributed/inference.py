@@ -264,7 +264,18 @@ def model_geometry(model, path):
 # --- listing the inputs ------------------------------------------------------------------------
 
 def image_root(filesystem, root):
-    """A CARLA-layout root means its CameraRGB folder: its masks are not inputs."""
+    """A CARLA-layout root means its CameraRGB folder: its masks are not inputs. A root that is itself
+    such masks (a CameraMask folder beside a CameraRGB one) or an earlier jobs.infer output is a
+    ValueError: below another input both are left alone, and given as the input they would be
+    predicted as camera frames without a word."""
+    parent = root.rstrip("/").rpartition("/")[0]
+    if root.rstrip("/").endswith(f"/{data.MASK_DIR}") and (
+            filesystem.get_file_info(f"{parent}/{data.IMAGE_DIR}").type == pyarrow.fs.FileType.Directory):
+        raise ValueError(f"{spelled(filesystem, root)}: the masks of a CARLA-layout directory, not camera frames; "
+                         f"pass {spelled(filesystem, parent)} or its {data.IMAGE_DIR}/")
+    if filesystem.get_file_info(f"{root}/{inference_output.SETTINGS_FILE}").type == pyarrow.fs.FileType.File:
+        raise ValueError(f"{spelled(filesystem, root)}: an earlier jobs.infer output, whose PNGs are masks, not "
+                         f"camera frames; pass the images it was given")
     subfolders = filesystem.get_file_info([f"{root}/{data.IMAGE_DIR}", f"{root}/{data.MASK_DIR}"])
     if all(info.type == pyarrow.fs.FileType.Directory for info in subfolders):
         return f"{root}/{data.IMAGE_DIR}"

@@ -649,6 +649,25 @@ def test_a_folder_holding_camera_rgb_without_camera_mask_is_no_carla_layout_and_
     assert inference.image_root(filesystem, root) == f"{root}/CameraRGB"
 
 
+def test_an_input_that_holds_masks_is_refused_naming_the_frames_beside_it(tmp_path):
+    # --input given a CARLA layout's CameraMask/ (a slip for CameraRGB/) or an earlier run's output: their PNGs
+    # are masks, which would each be "predicted" without a word, as they are left alone below any other input.
+    scenes.write_scenes(tmp_path / "drive", 1)
+    filesystem, root = inference.open_root(str(tmp_path / "drive" / "CameraMask"))
+    with pytest.raises(ValueError, match=f"^{re.escape(root)}: the masks of a CARLA-layout directory, not camera "
+                                         f"frames; pass {re.escape(str(tmp_path / 'drive'))} or its CameraRGB"):
+        inference.image_root(filesystem, root)
+    earlier = tmp_path / "predicted"
+    (earlier / "masks").mkdir(parents=True)
+    (earlier / "output_settings.json").write_text("{}")
+    filesystem, root = inference.open_root(str(earlier))
+    with pytest.raises(ValueError, match=f"^{re.escape(root)}: an earlier jobs.infer output, whose PNGs are masks"):
+        inference.image_root(filesystem, root)
+    (tmp_path / "lone" / "CameraMask").mkdir(parents=True)  # no CameraRGB beside it: just a folder name
+    filesystem, root = inference.open_root(str(tmp_path / "lone" / "CameraMask"))
+    assert inference.image_root(filesystem, root) == root
+
+
 def test_a_model_of_256_classes_fits_a_mask_png_and_one_more_does_not(tmp_path):
     # Class ids 0-255: exactly what an 8-bit mask holds.
     for n_classes in (256, 257):
