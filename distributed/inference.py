@@ -271,8 +271,11 @@ def image_root(filesystem, root):
     parent = root.rstrip("/").rpartition("/")[0]
     if root.rstrip("/").endswith(f"/{data.MASK_DIR}") and (
             filesystem.get_file_info(f"{parent}/{data.IMAGE_DIR}").type == pyarrow.fs.FileType.Directory):
+        # A CameraMask at the filesystem's root: its parent is "/", whose listing would be the whole disk.
+        instead = (f"{spelled(filesystem, parent)} or its {data.IMAGE_DIR}/" if parent
+                   else spelled(filesystem, f"/{data.IMAGE_DIR}"))
         raise ValueError(f"{spelled(filesystem, root)}: the masks of a CARLA-layout directory, not camera frames; "
-                         f"pass {spelled(filesystem, parent)} or its {data.IMAGE_DIR}/")
+                         f"pass {instead}")
     if filesystem.get_file_info(f"{root}/{inference_output.SETTINGS_FILE}").type == pyarrow.fs.FileType.File:
         raise ValueError(f"{spelled(filesystem, root)}: an earlier jobs.infer output, whose PNGs are masks, not "
                          f"camera frames; pass the images it was given")

@@ -15,6 +15,7 @@ import zipfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
@@ -666,6 +667,27 @@ def test_an_input_that_holds_masks_is_refused_naming_the_frames_beside_it(tmp_pa
     (tmp_path / "lone" / "CameraMask").mkdir(parents=True)  # no CameraRGB beside it: just a folder name
     filesystem, root = inference.open_root(str(tmp_path / "lone" / "CameraMask"))
     assert inference.image_root(filesystem, root) == root
+
+
+class RootedAt(pyarrow.fs.LocalFileSystem):
+    """A local filesystem whose "/" is `base`: for folders at the root of a machine's disk."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def get_file_info(self, paths):
+        if isinstance(paths, list):
+            return [self.get_file_info(path) for path in paths]
+        return super().get_file_info(f"{self.base}{paths}")
+
+
+def test_a_camera_mask_at_the_disks_root_is_refused_naming_the_camera_rgb_beside_it(tmp_path):
+    # /CameraMask beside /CameraRGB (mounted so in a container): the advice read "pass  or its CameraRGB/".
+    scenes.write_scenes(tmp_path, 1)
+    with pytest.raises(ValueError, match="^/CameraMask: the masks of a CARLA-layout directory, not camera frames; "
+                                         "pass /CameraRGB$"):
+        inference.image_root(RootedAt(str(tmp_path)), "/CameraMask")
 
 
 def test_a_model_of_256_classes_fits_a_mask_png_and_one_more_does_not(tmp_path):
