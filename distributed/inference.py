@@ -265,24 +265,43 @@ def model_geometry(model, path):
 
 def image_root(filesystem, root):
     """A CARLA-layout root means its CameraRGB folder: its masks are not inputs. A root that is itself
-    such masks (a CameraMask folder beside a CameraRGB one) or an earlier jobs.infer output is a
-    ValueError: below another input both are left alone, and given as the input they would be
-    predicted as camera frames without a word."""
-    parent = root.rstrip("/").rpartition("/")[0]
-    if root.rstrip("/").endswith(f"/{data.MASK_DIR}") and (
-            filesystem.get_file_info(f"{parent}/{data.IMAGE_DIR}").type == pyarrow.fs.FileType.Directory):
-        # A CameraMask at the filesystem's root: its parent is "/", whose listing would be the whole disk.
-        instead = (f"{spelled(filesystem, parent)} or its {data.IMAGE_DIR}/" if parent
-                   else spelled(filesystem, f"/{data.IMAGE_DIR}"))
-        raise ValueError(f"{spelled(filesystem, root)}: the masks of a CARLA-layout directory, not camera frames; "
-                         f"pass {instead}")
-    if filesystem.get_file_info(f"{root}/{inference_output.SETTINGS_FILE}").type == pyarrow.fs.FileType.File:
-        raise ValueError(f"{spelled(filesystem, root)}: an earlier jobs.infer output, whose PNGs are masks, not "
-                         f"camera frames; pass the images it was given")
+    such masks (a CameraMask folder beside a CameraRGB one) or an earlier jobs.infer output, or lies
+    below either (its masks/: they mirror the input's folders), is a ValueError: below another input
+    all are left alone, and given as the input they would be predicted as camera frames without a word."""
+    # Every folder from the root up: the masks of an earlier output sit in its masks/<the input's folders>.
+    folders = [root.rstrip("/")]
+    while "/" in folders[-1].strip("/"):
+        folders.append(folders[-1].rpartition("/")[0])
+    for folder in folders:
+        parent = folder.rpartition("/")[0]
+        given = folder == folders[0]
+        if (folder.endswith(f"/{data.MASK_DIR}")
+                and kind(filesystem, f"{parent}/{data.IMAGE_DIR}", given) == pyarrow.fs.FileType.Directory):
+            # A CameraMask at the filesystem's root: its parent is "/", whose listing would be the whole disk.
+            instead = (f"{spelled(filesystem, parent)} or its {data.IMAGE_DIR}/" if parent
+                       else spelled(filesystem, f"/{data.IMAGE_DIR}"))
+            raise ValueError(f"{spelled(filesystem, root)}: the masks of a CARLA-layout directory, not camera "
+                             f"frames; pass {instead}")
+        settings = f"{folder}/{inference_output.SETTINGS_FILE}"
+        if kind(filesystem, settings, given) == pyarrow.fs.FileType.File:
+            where = "" if given else f" (in {spelled(filesystem, folder)})"
+            raise ValueError(f"{spelled(filesystem, root)}: an earlier jobs.infer output{where}, whose PNGs are "
+                             f"masks, not camera frames; pass the images it was given")
     subfolders = filesystem.get_file_info([f"{root}/{data.IMAGE_DIR}", f"{root}/{data.MASK_DIR}"])
     if all(info.type == pyarrow.fs.FileType.Directory for info in subfolders):
         return f"{root}/{data.IMAGE_DIR}"
     return root
+
+
+def kind(filesystem, path, given):
+    """`path`'s FileType; above the folder the user gave (`given` false) one that cannot be read is
+    taken for missing: a bucket's policy may allow only the prefix a job reads."""
+    try:
+        return filesystem.get_file_info(path).type
+    except (OSError, pyarrow.ArrowException):  # Azure's come as bare ArrowException
+        if given:
+            raise
+        return pyarrow.fs.FileType.NotFound
 
 
 def list_images(filesystem, root, skip=None, writes_files=True):

@@ -669,6 +669,24 @@ def test_an_input_that_holds_masks_is_refused_naming_the_frames_beside_it(tmp_pa
     assert inference.image_root(filesystem, root) == root
 
 
+def test_the_masks_folder_of_an_earlier_output_is_refused_as_an_input_at_any_depth(tmp_path):
+    # An earlier output's masks/ (or a folder in it: masks mirror the input's folders) holds masks as much as
+    # the output does; given as --input they were predicted as camera frames without a word.
+    earlier = tmp_path / "predicted"
+    (earlier / "masks" / "drive1").mkdir(parents=True)
+    (earlier / "output_settings.json").write_text("{}")
+    for given in (earlier / "masks", earlier / "masks" / "drive1"):
+        filesystem, root = inference.open_root(str(given))
+        with pytest.raises(ValueError, match=f"^{re.escape(root)}: an earlier jobs.infer output \\(in "
+                                             f"{re.escape(str(earlier))}\\), whose PNGs are masks"):
+            inference.image_root(filesystem, root)
+    scenes.write_scenes(tmp_path / "drive", 1)
+    (tmp_path / "drive" / "CameraMask" / "sub").mkdir()
+    filesystem, root = inference.open_root(str(tmp_path / "drive" / "CameraMask" / "sub"))
+    with pytest.raises(ValueError, match="the masks of a CARLA-layout directory"):
+        inference.image_root(filesystem, root)
+
+
 class RootedAt(pyarrow.fs.LocalFileSystem):
     """A local filesystem whose "/" is `base`: for folders at the root of a machine's disk."""
 
