@@ -6,6 +6,7 @@ The driver writes everything here, a batch at a time, as the batches come back f
 
 import contextlib
 import json
+import re
 import sys
 import time
 import uuid
@@ -202,7 +203,8 @@ class Output:
 
 def describe_change(name, recorded, value):
     """A changed setting as the command line gives it: `--formats png -> parquet,png`."""
-    if name == "input":
+    if name == "input":  # recorded as pyarrow names its filesystem: Google Cloud Storage's is gcs, users write gs://
+        recorded, value = (re.sub(r"^gcs://", "gs://", str(uri)) for uri in (recorded, value))
         return f"--input {recorded} -> {value}"
     if name.startswith("model_"):
         what = name.removeprefix("model_").replace("_", " ")

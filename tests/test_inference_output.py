@@ -144,3 +144,9 @@ def test_parts_hold_rows_per_file_rows_in_order_and_the_last_holds_the_rest(tmp_
     assert [pq.read_table(part).num_rows for part in parts] == [6, 6, 3]
     paths = [path for part in parts for path in pq.read_table(part)["path"].to_pylist()]
     assert paths == [f"{index:02d}.png" for index in range(15)]
+
+
+def test_a_changed_input_in_google_cloud_storage_is_named_gs_as_users_write_it():
+    # The settings record pyarrow's gcs://, which no user types: the refusal named the input that way.
+    assert (inference_output.describe_change("input", "gcs://bucket/frames", "gcs://bucket/other")
+            == "--input gs://bucket/frames -> gs://bucket/other")
