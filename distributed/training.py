@@ -90,11 +90,11 @@ def run_training(config, resumed):
             callbacks=[progress.EpochsToDisk(config.output, resumed)],
         ),
     )
-    result = fit(trainer)
+    result = fit(trainer, config)
     stopped = result.return_value or {}  # rank 0's; the workers stop together, on all-reduced figures
     if "out_of_room" in stopped:
         checkpoint.remove_untracked(result)  # the half-uploaded one: it holds room the user is asked to make
-        raise out_of_room(stopped["out_of_room"])
+        raise out_of_room(stopped["out_of_room"], config)
     if "diverged" in stopped:
         diverged = stopped["diverged"]
         raise ValueError(
@@ -223,7 +223,7 @@ def class_balance(train_frames, config):
 REPORT_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
-def fit(trainer):
+def fit(trainer, config):
     """`trainer.fit()`, where Ctrl-C ends in KeyboardInterrupt and leaves Ctrl-C working afterwards,
     and a failed run in TrainingFailed, which says how to go on; reports polled as `REPORT_POLL` says
     unless the environment sets it (the driver's environment reaches the controller).
@@ -243,7 +243,7 @@ def fit(trainer):
         full = disk_full(failed)
         if full is not None:
             # Said alone, not after Ray's traceback: the traceback's last line would read as the cause to fix.
-            raise out_of_room(full) from None
+            raise out_of_room(full, config) from None
         raise TrainingFailed(
             f"{failed}\ntraining failed: the same command resumes from the run's last checkpoint (one every "
             f"--checkpoint-every epochs); --max-failures N has Ray Train restart the workers from it by itself"
@@ -253,13 +253,14 @@ def fit(trainer):
             signal.signal(signal.SIGINT, handler)
 
 
-def out_of_room(cause):
+def out_of_room(cause, config):
     """The error a run ends in when a disk took no more files: neither the same command nor a restart
     can go on until there is room."""
+    places = ("--output (metrics), --storage-path (checkpoints)" if config.storage_path is not None
+              else "--output (metrics and checkpoints)")
     return ValueError(
-        f"a disk the run writes to cannot take more files ({cause}): --output (metrics), --storage-path "
-        f"(checkpoints) or a node's temporary directory; the checkpoints saved before are kept: make room, "
-        f"then the same command resumes from the last")
+        f"a disk the run writes to cannot take more files ({cause}): {places} or a node's temporary directory; "
+        f"the checkpoints saved before are kept: make room, then the same command resumes from the last")
 
 
 def disk_full(failed):

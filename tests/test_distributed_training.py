@@ -297,7 +297,7 @@ def test_a_failed_run_exits_1_with_ray_trains_error_and_how_to_go_on(monkeypatch
         def fit(self):
             raise ray.train.WorkerGroupError("[Rank 0 Error Snippet]: The actor died unexpectedly", {})
 
-    monkeypatch.setattr(training, "train", lambda config: training.fit(WorkerDies()))
+    monkeypatch.setattr(training, "train", lambda config: training.fit(WorkerDies(), config))
     assert train_job.main(["--smoke"]) == 1
     error = capsys.readouterr().err
     assert "error: Training failed due to worker errors:\n[Rank 0 Error Snippet]: The actor died unexpectedly" in error
@@ -397,12 +397,15 @@ def test_a_disk_that_takes_no_more_files_fails_the_run_with_one_error_that_says_
             def fit(self):
                 raise error
 
-        monkeypatch.setattr(training, "train", lambda config: training.fit(Fails()))
-        assert train_job.main(["--smoke"]) == 2
+        monkeypatch.setattr(training, "train", lambda config: training.fit(Fails(), config))
+        assert train_job.main(["--smoke", "--storage-path", "/tmp/checkpoints"]) == 2
         message = capsys.readouterr().err
         assert message.startswith("error: a disk the run writes to cannot take more files ([Errno")
         assert "--storage-path (checkpoints)" in message and "make room, then the same command resumes" in message
         assert "--max-failures" not in message  # restarts would fail alike
+        # Without --storage-path the checkpoints are in --output: no flag the user did not give is named.
+        assert train_job.main(["--smoke"]) == 2
+        assert "--output (metrics and checkpoints) or a node's" in capsys.readouterr().err
 
 
 def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ray_session, capfd, monkeypatch):
@@ -770,7 +773,7 @@ def test_reports_are_polled_every_tenth_of_a_second_unless_the_environment_says_
             polled.append(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))
 
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.5")  # restored after the test, whatever fit sets
-    training.fit(Records())
+    training.fit(Records(), TrainConfig())
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    training.fit(Records())
+    training.fit(Records(), TrainConfig())
     assert polled == ["1.5", "0.1"]
