@@ -6,7 +6,6 @@ The driver writes everything here, a batch at a time, as the batches come back f
 
 import contextlib
 import json
-import re
 import sys
 import time
 import uuid
@@ -18,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.fs
 import pyarrow.parquet as pq
 
-from distributed.ingest import is_out_of_room, spelled
+from distributed.ingest import as_typed, is_out_of_room, spelled
 
 # Temporary files live here until renamed into place; a run starts by emptying it.
 STAGING = ".staging"
@@ -203,9 +202,8 @@ class Output:
 
 def describe_change(name, recorded, value):
     """A changed setting as the command line gives it: `--formats png -> parquet,png`."""
-    if name == "input":  # recorded as pyarrow names its filesystem: Google Cloud Storage's is gcs, users write gs://
-        recorded, value = (re.sub(r"^gcs://", "gs://", str(uri)) for uri in (recorded, value))
-        return f"--input {recorded} -> {value}"
+    if name == "input":  # recorded as pyarrow names its filesystem
+        return f"--input {as_typed(str(recorded))} -> {as_typed(str(value))}"
     if name.startswith("model_"):
         what = name.removeprefix("model_").replace("_", " ")
         return f"--model of {flag_value(recorded)} -> {flag_value(value)} {what}"

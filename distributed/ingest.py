@@ -108,12 +108,15 @@ def open_output(uri):
 
 
 def spelled(filesystem, path):
-    """A path of `open_root` as a user would give it: local as it is, in an object store with its scheme
-    (gs://, as users and Google write it, for pyarrow's filesystem named gcs)."""
+    """A path of `open_root` as a user would give it: local as it is, in an object store with its scheme."""
     if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
         return path
-    scheme = "gs" if filesystem.type_name == "gcs" else filesystem.type_name
-    return f"{scheme}://{path}"
+    return as_typed(f"{filesystem.type_name}://{path}")
+
+
+def as_typed(uri):
+    """`type_name://path` (pyarrow's name for its filesystem) as users write it: gs:// for pyarrow's gcs."""
+    return f"gs://{uri.removeprefix('gcs://')}" if uri.startswith("gcs://") else uri
 
 
 # One folder per user: another user's would not be writable (a cluster runs every job as one user).

@@ -150,7 +150,10 @@ def connect_ray(config):
     scenes = os.path.join(config.output, run_directory.SCENES)
     data = {"--data": config.data} if config.data else {"--output's scenes": scenes}
     paths = {**data, "--val-data": config.val_data, config.storage_flag: config.resolved_storage_path}
-    passed_as = {"--output's scenes": "--data", "--output's checkpoints": "--storage-path"}
+    # Below --output, which takes no URI: the flag that takes one in their place.
+    passed_as = {"--output's scenes": "--data"}
+    if config.storage_path is None:
+        passed_as[config.storage_flag] = "--storage-path"
     runtime.warn_of_local_paths(paths, nodes_to_come=shortfall is not None, passed_as=passed_as)
     oversubscribed = runtime.oversubscription(config.num_workers, config.cpus_per_worker)
     if oversubscribed:
