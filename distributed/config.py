@@ -296,7 +296,7 @@ class InferConfig:
     input: str  # directory or URI of PNG/JPEG images, listed recursively
     output: str  # directory or URI receiving predictions/, errors/, masks/, overlays/
     batch_size: int = 32
-    num_actors: int = 1
+    num_actors: int | None = None  # None (--num-actors auto): as many as the cluster holds; see inference.pool_size
     cpus_per_actor: int = 1
     use_gpu: bool = False
     overlay: bool = False
@@ -316,7 +316,8 @@ class InferConfig:
                                           f"got {','.join(self.formats) or 'none'}")
         if self.output_size not in OUTPUT_SIZES:
             raise SettingError("output_size", f"must be source or model, got {self.output_size!r}")
-        for name in ("batch_size", "num_actors", "cpus_per_actor", "rows_per_file"):
+        counts = ("batch_size", "cpus_per_actor", "rows_per_file")
+        for name in counts if self.num_actors is None else ("num_actors", *counts):
             if getattr(self, name) < 1:
                 raise SettingError(name, f"must be at least 1, got {getattr(self, name)}")
 

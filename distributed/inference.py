@@ -11,6 +11,7 @@ predicts again (rewriting their PNGs in place). Failed inputs are retried on eve
 run starts the errors table afresh: every input is in predictions or errors, never in both.
 """
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -102,7 +103,7 @@ def infer(config: InferConfig):
                              f"({error.strerror or error})") from None
         if pending:  # Ray starts only now, and only for work: a bad model, input or output is refused before it
             try:
-                connect_ray(config)
+                config = connect_ray(config, len(pending))
             except BaseException:  # a cluster that can never hold the actors, Ctrl-C: no new output left behind
                 if new_output:
                     output.filesystem.delete_dir(output.root)
@@ -142,9 +143,16 @@ def infer(config: InferConfig):
         return {"ok": ok, "failed": failed, "skipped": len(inputs) - len(pending)}
 
 
-def connect_ray(config):
-    """Start or join Ray for the actors `config` asks for; refuse a cluster that can never hold one."""
-    runtime.connect(num_cpus=config.num_actors * config.cpus_per_actor + 1)
+def connect_ray(config, frames):
+    """Start or join Ray for the actors `config` asks for; refuse a cluster that can never hold one.
+    Returns `config` with --num-actors auto resolved (`pool_size`)."""
+    # The actors' CPUs, and one for Ray Data's read tasks when they cannot run inside the actors.
+    actor_cpus = (os.cpu_count() or 1) if config.num_actors is None else config.num_actors * config.cpus_per_actor
+    runtime.connect(num_cpus=actor_cpus + (0 if reads_in_actors(config) else 1))
+    if config.num_actors is None:
+        config = dataclasses.replace(config, num_actors=pool_size(config, frames))
+        print(f"[unet-ray] --num-actors auto: {config.num_actors} actor(s) of {config.cpus_per_actor} CPU(s)"
+              f"{' and 1 GPU' if config.use_gpu else ''} each", file=sys.stderr, flush=True)
     shortfall = actor_shortfall(config)
     runtime.refuse_or_warn(shortfall)
     runtime.warn_of_local_paths({"--input": config.input}, nodes_to_come=shortfall is not None)
@@ -152,6 +160,29 @@ def connect_ray(config):
                                               fewer="each holds its own copy of the model: fewer would run as fast")
     if oversubscribed:
         print(f"[unet-ray] warning: {oversubscribed}", file=sys.stderr, flush=True)
+    return config
+
+
+# What an actor holds at its peak, measured at 1.0 GB (batch 32 at 96x128, tf-keras on CPU), with room
+# for masks and overlays at the frames' own size.
+ACTOR_MEMORY = 1536 * 2**20
+
+
+def reads_in_actors(config):
+    """Whether Ray Data fuses the read tasks into the actors: only when both ask for the same
+    resources, and a read task asks for 1 CPU and no GPU."""
+    return config.cpus_per_actor == 1 and not config.use_gpu
+
+
+def pool_size(config, frames):
+    """The actors of --num-actors auto: one per --cpus-per-actor CPUs (per GPU with --use-gpu), and
+    per ACTOR_MEMORY of what Ray gives tasks, on the nodes alive now (nodes an autoscaler adds later
+    are not counted: pass --num-actors for those); a CPU left to the reads when they run outside the
+    actors; never more actors than batches to predict, each of which loads a model for nothing."""
+    fit = runtime.workers_that_fit(config.cpus_per_actor, 1 if config.use_gpu else 0, ACTOR_MEMORY)
+    if not reads_in_actors(config) and fit * config.cpus_per_actor >= ray.cluster_resources().get("CPU", 0):
+        fit -= 1
+    return max(1, min(fit, math.ceil(frames / config.batch_size)))
 
 
 def output_settings(config, input_filesystem, input_root, size, n_classes):

@@ -146,8 +146,9 @@ def quiet_per_epoch_logs():
     logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(logging.WARNING)
 
 
-def workers_that_fit(cpus_per_worker, gpus_per_worker=0):
-    """How many training workers the cluster's live nodes hold now: a worker cannot span nodes."""
+def workers_that_fit(cpus_per_worker, gpus_per_worker=0, memory_per_worker=0):
+    """How many workers (or actors) the cluster's live nodes hold now: one cannot span nodes.
+    `memory_per_worker` (bytes) counts against what Ray gives tasks of a node's memory."""
     fit = 0
     for node in ray.nodes():
         if node["Alive"]:
@@ -155,6 +156,8 @@ def workers_that_fit(cpus_per_worker, gpus_per_worker=0):
             on_node = int(resources.get("CPU", 0) // cpus_per_worker)
             if gpus_per_worker:
                 on_node = min(on_node, int(resources.get("GPU", 0) // gpus_per_worker))
+            if memory_per_worker:
+                on_node = min(on_node, int(resources.get("memory", 0) // memory_per_worker))
             fit += on_node
     return fit
 

@@ -21,6 +21,15 @@ def formats(text):
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def actors(text):
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number or auto, got {text!r}") from None
+
+
 def parse_args(argv=None):
     parser = argument_parser("infer", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,8 +40,10 @@ def parse_args(argv=None):
     defaults = {field.name: field.default for field in dataclasses.fields(InferConfig)}
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
                         help="images per model call (default: %(default)s)")
-    parser.add_argument("--num-actors", type=int, default=defaults["num_actors"],
-                        help="model replicas, one per Ray actor (default: %(default)s)")
+    parser.add_argument("--num-actors", type=actors, default=defaults["num_actors"],
+                        help="model replicas, one per Ray actor, or auto: one per --cpus-per-actor CPUs (per GPU "
+                             "with --use-gpu) of the nodes alive when the job starts, at most one per batch "
+                             "(default: auto)")
     parser.add_argument("--cpus-per-actor", type=int, default=defaults["cpus_per_actor"],
                         help="CPUs each actor asks Ray for, and the TensorFlow threads it runs (default: %(default)s)")
     parser.add_argument("--formats", type=formats, default=defaults["formats"],

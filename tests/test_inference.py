@@ -384,7 +384,7 @@ def test_an_output_that_cannot_be_made_is_a_bad_flag_named_before_ray_starts(tmp
 
 
 def test_a_run_refused_for_its_cluster_leaves_no_new_output_behind(tmp_path, monkeypatch, model_dir):
-    def refused(config):
+    def refused(config, frames):
         raise ValueError("the local Ray this job started holds 0 of the 9 inference actors asked for")
 
     monkeypatch.setattr(inference, "connect_ray", refused)
@@ -433,8 +433,8 @@ def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them
 
     cpus = int(ray.cluster_resources()["CPU"])  # the session's local Ray: no GPU
 
-    def config(**settings):
-        return InferConfig(model="m.keras", input="in", output="out", **settings)
+    def config(num_actors=1, **settings):  # as pool_size leaves --num-actors auto
+        return InferConfig(model="m.keras", input="in", output="out", num_actors=num_actors, **settings)
 
     assert inference.actor_shortfall(config(num_actors=cpus)) is None
     # The session's Ray came from runtime.connect, as a job's own does: no node can join it.
@@ -448,6 +448,25 @@ def test_actors_the_cluster_cannot_hold_are_named_before_ray_data_waits_for_them
     warning = inference.actor_shortfall(config(num_actors=cpus + 1))
     assert f"holds {cpus} of the {cpus + 1} inference actors" in warning and "predicts with those that start" in warning
     assert "drop --use-gpu" not in warning
+
+
+def test_num_actors_auto_takes_what_the_cluster_holds_and_no_more_than_the_batches(ray_session, monkeypatch):
+    import ray
+
+    cpus = int(ray.cluster_resources()["CPU"])  # the session's local Ray, one node: 3, or the machine's cores
+
+    def size(frames, **settings):
+        return inference.pool_size(InferConfig(model="m.keras", input="in", output="out", **settings), frames)
+
+    assert size(10_000) == cpus  # one actor of one CPU per CPU: the reads run inside the actors
+    assert size(10_000, batch_size=8) == cpus
+    assert size(65, batch_size=32) == min(cpus, 3) and size(64, batch_size=32) == 2 and size(1) == 1
+    # Reads outside the actors (more CPUs each, or a GPU) keep a CPU of their own.
+    assert size(10_000, cpus_per_actor=2) == max(1, (cpus - 1) // 2)
+    assert size(10_000, cpus_per_actor=cpus) == 1  # none left for the reads, but one actor is the least
+    assert size(10_000, use_gpu=True) == 1  # no GPU here: one, which actor_shortfall then names
+    monkeypatch.setattr(inference, "ACTOR_MEMORY", ray.nodes()[0]["Resources"]["memory"] // 2)
+    assert size(10_000) == min(cpus, 2)
 
 
 def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_path, ray_session, model_dir,
@@ -630,6 +649,15 @@ def test_images_in_hidden_folders_are_no_inputs(tmp_path):
         (tmp_path / "CameraRGB" / hidden).write_bytes(frame)
     paths, ignored, _ = inference.list_images(*inference.open_root(str(tmp_path / "CameraRGB")))
     assert (paths, ignored) == (["scene_000000.png"], [])
+
+
+def test_num_actors_is_auto_unless_given():
+    def num_actors(*flag):
+        return InferConfig(**vars(infer_job.parse_args(["--model", "m", "--input", "in", "--output", "out", *flag]))
+                           ).num_actors
+
+    assert num_actors() is None and num_actors("--num-actors", "auto") is None
+    assert num_actors("--num-actors", "3") == 3
 
 
 def test_formats_are_read_as_written_in_a_shell_spaces_and_a_trailing_comma_included(tmp_path):

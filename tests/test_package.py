@@ -44,7 +44,7 @@ def test_importing_unet_core_selects_tf_keras_and_never_imports_ray():
                                            "validation at least 1: generate more"),
     # argparse's own refusals (and --help below) end in SystemExit, which must pass through unchanged.
     ("train", ["--epochs", "x"], "error: argument --epochs: invalid int value: 'x'"),
-    ("infer", ["--num-actors", "x"], "error: argument --num-actors: invalid int value: 'x'"),
+    ("infer", ["--num-actors", "x"], "error: argument --num-actors: must be a whole number or auto, got 'x'"),
 ])
 def test_a_job_refuses_a_bad_flag_before_importing_tensorflow_or_ray(job, argv, message):
     # Both take seconds to import and log a screenful; a typo should cost neither.

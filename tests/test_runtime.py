@@ -19,6 +19,9 @@ def test_workers_that_fit_count_whole_workers_per_node(ray_session):
     assert runtime.workers_that_fit(cpus_per_worker=2) == cpus // 2  # a spare CPU holds no worker
     assert runtime.workers_that_fit(cpus_per_worker=cpus + 1) == 0
     assert runtime.workers_that_fit(cpus_per_worker=1, gpus_per_worker=1) == 0
+    memory = ray.nodes()[0]["Resources"]["memory"]  # what Ray gives tasks of the node's memory
+    assert runtime.workers_that_fit(cpus_per_worker=1, memory_per_worker=memory // 2) == min(cpus, 2)
+    assert runtime.workers_that_fit(cpus_per_worker=1, memory_per_worker=memory + 1) == 0
 
 
 def test_cluster_shortfall_names_what_is_missing(ray_session, monkeypatch, capsys):
