@@ -241,7 +241,7 @@ def infer_memory(profile, cache, work, log):
         "config": {
             "profile": profile.name, "frames": [small, large], "source_size": [480, 640],
             "image_size": list(profile.image_size), "n_filters": profile.n_filters,
-            "batch_size": profile.batch_size, "num_actors": 1, "cpus_per_actor": 1,
+            "batch_size": profile.batch_size, "num_actors": "auto", "cpus_per_actor": 1,
             "repeats": profile.memory_repeats,
         },
     }

@@ -65,7 +65,9 @@ def parse_args(argv=None):
     overrides.add_argument("--memory-frames", type=int, nargs=2, metavar=("SMALL", "LARGE"))
     overrides.add_argument("--product-bf16", action=argparse.BooleanOptionalAction,
                            help="also time Ray Train with --mixed-precision bf16")
-    parser.add_argument("--infer-num-actors", type=int, default=1)
+    parser.add_argument("--infer-num-actors", type=int,
+                        help="default: the cores divided by --infer-cpus-per-actor, as jobs.infer's --num-actors "
+                             "auto on its own local Ray (one actor per core)")
     parser.add_argument("--infer-cpus-per-actor", type=int,
                         help="default: all cores divided among the actors")
     args = parser.parse_args(argv)
@@ -79,7 +81,8 @@ def parse_args(argv=None):
         parser.error("--memory-frames needs 0 < SMALL < LARGE")
     # The local Ray that main starts holds cores + 1 CPUs: actors beyond it never start, and infer refused them
     # only once the figures before had run, naming jobs.infer's flags, which this command does not have.
-    cores, actors = os.cpu_count() or 1, args.infer_num_actors
+    cores = os.cpu_count() or 1
+    args.infer_num_actors = actors = args.infer_num_actors or max(1, cores // (args.infer_cpus_per_actor or 1))
     args.infer_cpus_per_actor = cpus_per_actor = args.infer_cpus_per_actor or max(1, cores // actors)
     if not os.environ.get("RAY_ADDRESS") and actors > (cores + 1) // cpus_per_actor:
         parser.error(f"--infer-num-actors {actors} × --infer-cpus-per-actor {cpus_per_actor}: the local Ray "
