@@ -146,8 +146,10 @@ def infer(config: InferConfig):
 def connect_ray(config, frames):
     """Start or join Ray for the actors `config` asks for; refuse a cluster that can never hold one.
     Returns `config` with --num-actors auto resolved (`pool_size`)."""
-    # The actors' CPUs, and one for Ray Data's read tasks when they cannot run inside the actors.
-    actor_cpus = (os.cpu_count() or 1) if config.num_actors is None else config.num_actors * config.cpus_per_actor
+    # The actors' CPUs, and one for Ray Data's read tasks when they cannot run inside the actors. Auto: the cores,
+    # and at least one actor's CPUs: --cpus-per-actor above the cores left the reads none, and Ray Data waited.
+    actor_cpus = (max(os.cpu_count() or 1, config.cpus_per_actor) if config.num_actors is None
+                  else config.num_actors * config.cpus_per_actor)
     runtime.connect(num_cpus=actor_cpus + (0 if reads_in_actors(config) else 1))
     if config.num_actors is None:
         config = dataclasses.replace(config, num_actors=pool_size(config, frames))

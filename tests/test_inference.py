@@ -469,6 +469,37 @@ def test_num_actors_auto_takes_what_the_cluster_holds_and_no_more_than_the_batch
     assert size(10_000) == min(cpus, 2)
 
 
+def fake_local_ray(monkeypatch, cores, gpus=0):
+    """A local Ray of one node as runtime.connect would start it on a machine of `cores` cores (at least the
+    CPUs asked for): the node, filled in when connect_ray connects."""
+    import ray
+
+    node = {"Alive": False, "Resources": {}}
+
+    def connect(num_cpus=None):
+        node.update(Alive=True, Resources={"CPU": float(max(cores, num_cpus or 0)), "GPU": float(gpus),
+                                           "memory": float(64 * 2**30)})
+        monkeypatch.setattr(runtime, "started_local_ray", True)
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(runtime, "connect", connect)
+    monkeypatch.setattr(ray, "nodes", lambda: [node])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(node["Resources"]))
+    return node
+
+
+def test_num_actors_auto_starts_a_local_ray_that_holds_an_actor_and_a_cpu_for_the_reads(monkeypatch):
+    # --cpus-per-actor above the cores: the local Ray held the one actor and nothing for the read tasks, which run
+    # outside it, and Ray Data waited for ever (2 cores, --cpus-per-actor 3: 1 actor of 3 CPUs on a Ray of 3).
+    node = fake_local_ray(monkeypatch, cores=2, gpus=1)
+    for use_gpu in (False, True):
+        for cpus_per_actor in (1, 2, 3, 4):
+            config = inference.connect_ray(InferConfig(model="m.keras", input="in", output="out",
+                                                       cpus_per_actor=cpus_per_actor, use_gpu=use_gpu), 10_000)
+            reads = 0 if inference.reads_in_actors(config) else 1
+            assert config.num_actors * cpus_per_actor + reads <= node["Resources"]["CPU"], (cpus_per_actor, use_gpu)
+
+
 def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_path, ray_session, model_dir,
                                                                           monkeypatch):
     images = tmp_path / "frames" / "CameraRGB"
