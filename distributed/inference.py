@@ -179,9 +179,14 @@ def reads_in_actors(config):
 def pool_size(config, frames):
     """The actors of --num-actors auto: one per --cpus-per-actor CPUs (per GPU with --use-gpu), and
     per ACTOR_MEMORY of what Ray gives tasks, on the nodes alive now (nodes an autoscaler adds later
-    are not counted: pass --num-actors for those); a CPU left to the reads when they run outside the
-    actors; never more actors than batches to predict, each of which loads a model for nothing."""
+    are not counted: pass --num-actors for those), and on this process's own local Ray no more CPUs
+    than the cores; a CPU left to the reads when they run outside the actors; never more actors than
+    batches to predict, each of which loads a model for nothing."""
     fit = runtime.workers_that_fit(config.cpus_per_actor, 1 if config.use_gpu else 0, ACTOR_MEMORY)
+    if runtime.started_local_ray:
+        # Its CPUs may pass the cores (jobs.quickstart's training left one more, for Ray Data): actors beyond the
+        # cores would share them, each with a model of its own, no faster (runtime.oversubscription).
+        fit = min(fit, (os.cpu_count() or 1) // config.cpus_per_actor)
     if not reads_in_actors(config) and fit * config.cpus_per_actor >= ray.cluster_resources().get("CPU", 0):
         fit -= 1
     return max(1, min(fit, math.ceil(frames / config.batch_size)))

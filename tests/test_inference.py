@@ -454,6 +454,9 @@ def test_num_actors_auto_takes_what_the_cluster_holds_and_no_more_than_the_batch
     import ray
 
     cpus = int(ray.cluster_resources()["CPU"])  # the session's local Ray, one node: 3, or the machine's cores
+    # Counted as a cluster's CPUs, joined through RAY_ADDRESS: on a local Ray of this process's own, no more than
+    # the cores (the test below).
+    monkeypatch.setattr(runtime, "started_local_ray", False)
 
     def size(frames, **settings):
         return inference.pool_size(InferConfig(model="m.keras", input="in", output="out", **settings), frames)
@@ -477,6 +480,8 @@ def fake_local_ray(monkeypatch, cores, gpus=0):
     node = {"Alive": False, "Resources": {}}
 
     def connect(num_cpus=None):
+        if node["Alive"]:  # as runtime.connect: a Ray already running is joined as it is
+            return
         node.update(Alive=True, Resources={"CPU": float(max(cores, num_cpus or 0)), "GPU": float(gpus),
                                            "memory": float(64 * 2**30)})
         monkeypatch.setattr(runtime, "started_local_ray", True)
@@ -494,10 +499,23 @@ def test_num_actors_auto_starts_a_local_ray_that_holds_an_actor_and_a_cpu_for_th
     node = fake_local_ray(monkeypatch, cores=2, gpus=1)
     for use_gpu in (False, True):
         for cpus_per_actor in (1, 2, 3, 4):
+            node["Alive"] = False  # each a job of its own, starting its own Ray
             config = inference.connect_ray(InferConfig(model="m.keras", input="in", output="out",
                                                        cpus_per_actor=cpus_per_actor, use_gpu=use_gpu), 10_000)
             reads = 0 if inference.reads_in_actors(config) else 1
             assert config.num_actors * cpus_per_actor + reads <= node["Resources"]["CPU"], (cpus_per_actor, use_gpu)
+
+
+def test_num_actors_auto_takes_no_more_cpus_than_cores_on_a_local_ray_started_with_more(monkeypatch, capsys):
+    # jobs.quickstart's training leaves a local Ray of 2 workers + 1 CPUs, for Ray Data beside them: on 2 cores,
+    # auto took 3 actors, which oversubscription then warned would share the cores for nothing.
+    fake_local_ray(monkeypatch, cores=2)
+    runtime.connect(num_cpus=3)
+    for cpus_per_actor, actors in ((1, 2), (2, 1)):
+        config = inference.connect_ray(InferConfig(model="m.keras", input="in", output="out",
+                                                   cpus_per_actor=cpus_per_actor), 10_000)
+        assert config.num_actors == actors, cpus_per_actor
+    assert "share its cores" not in capsys.readouterr().err
 
 
 def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_path, ray_session, model_dir,
