@@ -157,6 +157,9 @@ def connect_ray(config, frames):
               f"{' and 1 GPU' if config.use_gpu else ''} each", file=sys.stderr, flush=True)
     shortfall = actor_shortfall(config)
     runtime.refuse_or_warn(shortfall)
+    starved = reads_starved(config)
+    if starved:
+        print(f"[unet-ray] warning: {starved}", file=sys.stderr, flush=True)
     runtime.warn_of_local_paths({"--input": config.input}, nodes_to_come=shortfall is not None)
     oversubscribed = runtime.oversubscription(config.num_actors, config.cpus_per_actor, what="inference actors",
                                               fewer="each holds its own copy of the model: fewer would run as fast")
@@ -174,6 +177,22 @@ def reads_in_actors(config):
     """Whether Ray Data fuses the read tasks into the actors: only when both ask for the same
     resources, and a read task asks for 1 CPU and no GPU."""
     return config.cpus_per_actor == 1 and not config.use_gpu
+
+
+def reads_starved(config):
+    """A warning when the actors that fit take every CPU of the cluster while the read tasks run outside
+    them, else None. Ray Data then waits for a CPU to read on without end (a head of 2 CPUs joined through
+    RAY_ADDRESS, --cpus-per-actor 2: auto's one actor, the least it takes, holds both)."""
+    if reads_in_actors(config):
+        return None
+    started = min(config.num_actors, runtime.workers_that_fit(config.cpus_per_actor, 1 if config.use_gpu else 0))
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if started == 0 or started * config.cpus_per_actor < cpus:
+        return None
+    return (f"the {started} inference actor(s) that fit take all {cpus:g} CPUs of the cluster, and Ray Data's read "
+            f"tasks, which run outside actors of {config.cpus_per_actor} CPUs{' and 1 GPU' if config.use_gpu else ''}, "
+            f"need one more: they wait until a node adds one. On a cluster that does not autoscale, lower "
+            f"--cpus-per-actor or --num-actors")
 
 
 def pool_size(config, frames):

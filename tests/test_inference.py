@@ -472,9 +472,10 @@ def test_num_actors_auto_takes_what_the_cluster_holds_and_no_more_than_the_batch
     assert size(10_000) == min(cpus, 2)
 
 
-def fake_local_ray(monkeypatch, cores, gpus=0):
+def fake_local_ray(monkeypatch, cores, gpus=0, own=True):
     """A local Ray of one node as runtime.connect would start it on a machine of `cores` cores (at least the
-    CPUs asked for): the node, filled in when connect_ray connects."""
+    CPUs asked for): the node, filled in when connect_ray connects. `own` false: a `ray start` head of `cores`
+    CPUs, joined through RAY_ADDRESS."""
     import ray
 
     node = {"Alive": False, "Resources": {}}
@@ -482,9 +483,9 @@ def fake_local_ray(monkeypatch, cores, gpus=0):
     def connect(num_cpus=None):
         if node["Alive"]:  # as runtime.connect: a Ray already running is joined as it is
             return
-        node.update(Alive=True, Resources={"CPU": float(max(cores, num_cpus or 0)), "GPU": float(gpus),
-                                           "memory": float(64 * 2**30)})
-        monkeypatch.setattr(runtime, "started_local_ray", True)
+        node.update(Alive=True, Resources={"CPU": float(max(cores, (num_cpus or 0) if own else 0)),
+                                           "GPU": float(gpus), "memory": float(64 * 2**30)})
+        monkeypatch.setattr(runtime, "started_local_ray", own)
 
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     monkeypatch.setattr(runtime, "connect", connect)
@@ -516,6 +517,21 @@ def test_num_actors_auto_takes_no_more_cpus_than_cores_on_a_local_ray_started_wi
                                                    cpus_per_actor=cpus_per_actor), 10_000)
         assert config.num_actors == actors, cpus_per_actor
     assert "share its cores" not in capsys.readouterr().err
+
+
+def test_actors_that_leave_the_reads_no_cpu_on_a_cluster_are_warned_of(monkeypatch, capsys):
+    # A head of 2 CPUs reached through RAY_ADDRESS, --cpus-per-actor 2: auto's least, one actor, holds both, and
+    # Ray Data waited for a CPU to read on without a word.
+    node = fake_local_ray(monkeypatch, cores=2, own=False)
+
+    def warnings(**settings):
+        node["Alive"] = False
+        inference.connect_ray(InferConfig(model="m.keras", input="in", output="out", **settings), 10_000)
+        return capsys.readouterr().err
+
+    assert "read tasks, which run outside actors of 2 CPUs, need one more" in warnings(cpus_per_actor=2)
+    assert "take all 2 CPUs" in warnings(cpus_per_actor=2, num_actors=1)
+    assert "need one more" not in warnings() + warnings(num_actors=2)  # reads inside actors of one CPU
 
 
 def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_path, ray_session, model_dir,
