@@ -18,7 +18,7 @@ from PIL import Image
 
 from benchmarks import frames, memory
 from benchmarks.common import median, ratio, rotated, rounded
-from distributed import inference, inference_output, runtime
+from distributed import inference, inference_output, model_io, runtime
 from distributed.config import FORMATS, InferConfig
 from unet_core import data, unet_model
 
@@ -127,7 +127,7 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors, cpus_per_acto
     count, batch_size = profile.infer_frames, profile.batch_size
     input_dir = os.path.join(frames.view(cache, count), data.IMAGE_DIR)
     model_path = save_model(profile, work)
-    model = class_ids_model(inference.load_model(model_path))
+    model = class_ids_model(model_io.load_model(model_path))
     images = preloaded_images(input_dir, profile.image_size)
     model.predict(images[:batch_size], batch_size=batch_size, verbose=0)  # builds the predict function
     runs = {"predict": [], "infer": []}

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from distributed import inference, ingest, run_directory
+from distributed import ingest, model_io, run_directory
 from distributed.config import EvaluateConfig, refuse_missing_relative_input
 from unet_core import data, plots
 from unet_core.classes import class_names
@@ -36,7 +36,7 @@ def evaluate(config: EvaluateConfig):
     # A mistyped --model or --data (or unpaired frames) named before the output is made: no empty report left.
     for path, flag in ((model, "--model"), (data_uri, "--data")):
         refuse_missing_relative_input(path, flag)
-    model_path = inference.model_file(model)
+    model_path = model_io.model_file(model)
     filesystem, root, names = ingest.discover_pairs(data_uri)
     if config.split is not None:
         names = held_out(names, config)
@@ -57,10 +57,10 @@ def score_and_report(config, model_path, filesystem, root, names):
 def write_scores(config, model_path, filesystem, root, names):
     """`score_and_report` once the output directory exists."""
     output = config.output
-    keras_model = inference.load_model(model_path)  # first: a bad file fails here, with its name
-    size, n_classes = inference.model_geometry(keras_model, model_path)
+    keras_model = model_io.load_model(model_path)  # first: a bad file fails here, with its name
+    size, n_classes = model_io.model_geometry(keras_model, model_path)
     with open(model_path, "rb") as file:
-        identity = inference.model_identity(file.read(), model_path)
+        identity = model_io.model_identity(file.read(), model_path)
 
     confusion, loss, previews, worst = score_frames(keras_model, filesystem, root, names, size, n_classes, config)
     summary = confusion.summary()

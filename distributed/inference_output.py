@@ -109,7 +109,7 @@ class Output:
                                  f"predict its inputs again") from None
 
     def models(self):
-        """The identities (`inference.model_identity`) of the models the predictions came from."""
+        """The identities (`model_io.model_identity`) of the models the predictions came from."""
         return {model for table in self.predictions(["model"]) for model in table["model"].to_pylist()}
 
     def done_paths(self, identity):

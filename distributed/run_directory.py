@@ -9,7 +9,7 @@ import os
 import pyarrow.fs
 import tensorflow as tf
 
-from distributed import inference, ingest, progress
+from distributed import ingest, model_io, progress
 from distributed.config import DEFAULT_STORAGE
 from unet_core import data, plots, scenes, unet_model
 from unet_core.classes import class_names
@@ -168,7 +168,7 @@ def write_files(config, history, best_weights, val_frames):
     progress.write_metrics(config.output, history)
     progress.write_tensorboard(config.output, history)
     plots.save_curves(history, os.path.join(config.output, "curves.png"))
-    model = inference.load_model(model_path)
+    model = model_io.load_model(model_path)
     frames = val_frames.take_batch(PREVIEW_FRAMES, batch_format="numpy")
     predicted = predict_class_ids_fn(model)(tf.constant(frames["image"])).numpy()
     plots.save_previews(frames["image"], frames["mask"], predicted, os.path.join(config.output, "previews.png"),

@@ -68,7 +68,7 @@ def forget_predictions_of_another_model(inferred, model):
     """Before inference with a model a rerun has trained further (more --epochs), drop the predictions
     of the model before: inference keeps and skips those, so the masks would be another model's than
     the one the summary names and the evaluation scores."""
-    from distributed import inference, ingest, inference_output
+    from distributed import ingest, inference_output, model_io
 
     try:
         made_by = inference_output.Output(*ingest.open_root(inferred)).models()
@@ -77,7 +77,7 @@ def forget_predictions_of_another_model(inferred, model):
     if not made_by:
         return
     with open(model, "rb") as file:
-        identity = inference.model_identity(file.read(), model)
+        identity = model_io.model_identity(file.read(), model)
     if made_by - {identity}:
         shutil.rmtree(inferred)
 

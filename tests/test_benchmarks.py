@@ -176,11 +176,12 @@ def test_a_kept_work_dir_never_hands_one_profile_the_model_of_another(tmp_path):
 
     from benchmarks import inference
     from benchmarks.common import PROFILES
+    from distributed import model_io
 
     tiny = PROFILES["tiny"]
     larger = dataclasses.replace(tiny, image_size=(64, 96), n_filters=8)  # as --quick after --tiny, smaller
     for profile in (tiny, larger, tiny):
-        model = inference.inference.load_model(inference.save_model(profile, str(tmp_path)))  # distributed's
+        model = model_io.load_model(inference.save_model(profile, str(tmp_path)))
         assert model.input_shape[1:3] == profile.image_size, profile
 
 

@@ -150,7 +150,7 @@ def test_a_failure_midway_leaves_the_last_report_as_it_was(tmp_path, monkeypatch
 
 
 def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(evaluation.model_io, "load_model", lambda path: pytest.fail("the model was loaded"))
     (tmp_path / "report").write_text("notes")
     with pytest.raises(ValueError, match="report: a file; it must be a directory"):
         evaluation.evaluate(EvaluateConfig(str(tmp_path / "model.keras"), str(tmp_path / "frames"),
@@ -206,7 +206,7 @@ def test_class_ids_beyond_the_model_name_the_number_of_classes_they_need(tmp_pat
 
 
 def test_an_output_inside_the_data_or_a_run_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(evaluation.model_io, "load_model", lambda path: pytest.fail("the model was loaded"))
     scenes.write_scenes(tmp_path / "frames", 1)
     (tmp_path / "run").mkdir()
     progress.write_metrics(str(tmp_path / "run"), [{"epoch": 1, "loss": 1.0, "val_mean_iou": 0.1}])
@@ -279,7 +279,7 @@ def test_a_second_evaluation_into_an_output_one_is_writing_into_is_refused(tmp_p
     # Both wrote per_frame.csv.tmp: one crashed, and the report left mixed one's metrics with the other's frames.
     from distributed import ingest
 
-    monkeypatch.setattr(evaluation.inference, "load_model", lambda path: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(evaluation.model_io, "load_model", lambda path: pytest.fail("the model was loaded"))
     unet_model((*SIZE, 3), n_filters=4).save(tmp_path / "model.keras")
     scenes.write_scenes(tmp_path / "frames", 1)
     first = ingest.hold(*ingest.open_output(str(tmp_path / "report")), "jobs.evaluate")

@@ -2,7 +2,6 @@
 
 import dataclasses
 import errno
-import hashlib
 import json
 import os
 import re
@@ -10,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 import zipfile
 
 import numpy as np
@@ -21,7 +19,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from distributed import inference, inference_output, ingest, runtime
+from distributed import inference, inference_output, ingest, model_io, runtime
 from distributed.config import InferConfig
 from distributed.inference import infer
 from jobs import infer as infer_job
@@ -114,7 +112,7 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
     expected = expected_masks(model_dir / "model.keras", images, good)
     # The identity that test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it
     # pins down, of the very file inferred with: rows of another model would be predicted again.
-    identity = inference.model_identity((model_dir / "model.keras").read_bytes(), "model.keras")
+    identity = model_io.model_identity((model_dir / "model.keras").read_bytes(), "model.keras")
     for row in predictions.to_pylist():
         mask_file = output / "masks" / row["path"]
         assert mask_file.read_bytes() == row["mask_png"]
@@ -219,30 +217,6 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert "with other settings (--overlay not given -> given)" in capsys.readouterr().err
 
 
-def test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it(tmp_path):
-    tf.keras.utils.set_random_seed(1)
-    model = unet_model((*SIZE, 3), n_filters=4, n_classes=23)
-    saved = {}
-    for name in ("first", "again", "other_weights", "legacy_h5"):
-        (tmp_path / name).mkdir()
-        saved[name] = tmp_path / name / "model.keras"
-    model.save(saved["first"])
-    time.sleep(1.1)  # metadata.json's date_saved counts seconds
-    model.save(saved["again"])
-    model.set_weights([weights + 0.5 for weights in model.get_weights()])
-    model.save(saved["other_weights"])
-    model.save(tmp_path / "legacy.h5")
-    os.replace(tmp_path / "legacy.h5", saved["legacy_h5"])  # HDF5 under a .keras name: tf.keras loads it too
-    inference.load_model(saved["legacy_h5"])
-
-    identity = {name: inference.model_identity(path.read_bytes(), str(path)) for name, path in saved.items()}
-    assert saved["first"].read_bytes() != saved["again"].read_bytes()
-    assert identity["first"] == identity["again"]
-    assert identity["other_weights"] != identity["first"]
-    legacy_digest = hashlib.sha256(saved["legacy_h5"].read_bytes()).hexdigest()
-    assert identity["legacy_h5"] == f"model.keras@sha256:{legacy_digest}"  # not a zip: the whole file
-
-
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys, model_dir):
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
     (tmp_path / "text.keras").write_text("not a model")
@@ -281,12 +255,12 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, capsys,
     with pytest.raises(ValueError, match="output_size"):
         InferConfig(model="m.keras", input="in", output="out", output_size="huge")
     with pytest.raises(ValueError, match="model.keras"):
-        inference.model_file(str(tmp_path))
+        model_io.model_file(str(tmp_path))
     (tmp_path / "model.keras").write_bytes(b"")
     (tmp_path / "state.json").write_text("{}")  # what every checkpoint of distributed.training holds
     for checkpoint in (tmp_path, tmp_path / "model.keras"):
         with pytest.raises(ValueError, match="of a training checkpoint, whose model.keras holds the raw weights"):
-            inference.model_file(str(checkpoint))
+            model_io.model_file(str(checkpoint))
 
 
 def test_a_model_that_does_not_score_every_pixel_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
@@ -315,7 +289,7 @@ def test_the_driver_hides_the_gpus_before_it_loads_the_model(tmp_path, monkeypat
     # It only reads the model's shapes; TensorFlow would keep most of a GPU's memory from the actors.
     monkeypatch.setattr(inference.runtime, "connect", no_ray)
     scenes.write_scenes(tmp_path / "frames", 1)
-    steps, load_model = [], inference.load_model
+    steps, load_model = [], model_io.load_model
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [f"/physical_device:{kind}:0"])
     monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: steps.append(("hide", devices, kind)))
     monkeypatch.setattr(inference, "load_model", lambda path: steps.append("load") or load_model(path))
@@ -799,18 +773,6 @@ def test_a_camera_mask_at_the_disks_root_is_refused_naming_the_camera_rgb_beside
     with pytest.raises(ValueError, match="^/CameraMask: the masks of a CARLA-layout directory, not camera frames; "
                                          "pass /CameraRGB$"):
         inference.image_root(RootedAt(str(tmp_path)), "/CameraMask")
-
-
-def test_a_model_of_256_classes_fits_a_mask_png_and_one_more_does_not(tmp_path):
-    # Class ids 0-255: exactly what an 8-bit mask holds.
-    for n_classes in (256, 257):
-        inputs = tf.keras.Input((8, 8, 3))
-        model = tf.keras.Model(inputs, tf.keras.layers.Conv2D(n_classes, 1)(inputs))
-        if n_classes == 256:
-            assert inference.model_geometry(model, "m.keras") == ((8, 8), 256)
-        else:
-            with pytest.raises(ValueError, match="257 classes do not fit the 8-bit class ids of a mask PNG"):
-                inference.model_geometry(model, "m.keras")
 
 
 def test_ctrl_c_exits_130_and_says_a_rerun_goes_on(tmp_path, monkeypatch, capsys):

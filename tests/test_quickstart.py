@@ -135,11 +135,11 @@ def test_a_rerun_that_trained_the_model_further_predicts_the_new_frames_again(tm
     import pyarrow as pa
     import tensorflow as tf
 
-    from distributed import inference
+    from distributed import model_io
     from unet_core import unet_model
 
     unet_model((32, 48, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
-    identity = inference.model_identity((tmp_path / "model.keras").read_bytes(), "model.keras")
+    identity = model_io.model_identity((tmp_path / "model.keras").read_bytes(), "model.keras")
     inferred = tmp_path / "inference"
     (inferred / "predictions").mkdir(parents=True)
     (inferred / "masks").mkdir()

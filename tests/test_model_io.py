@@ -1,0 +1,49 @@
+"""The exported .keras file: its identity by content, and the shapes a segmentation model must have."""
+
+import hashlib
+import os
+import time
+
+import pytest
+import tensorflow as tf
+
+from distributed import model_io
+from unet_core import unet_model
+
+SIZE = (32, 48)
+
+
+def test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it(tmp_path):
+    tf.keras.utils.set_random_seed(1)
+    model = unet_model((*SIZE, 3), n_filters=4, n_classes=23)
+    saved = {}
+    for name in ("first", "again", "other_weights", "legacy_h5"):
+        (tmp_path / name).mkdir()
+        saved[name] = tmp_path / name / "model.keras"
+    model.save(saved["first"])
+    time.sleep(1.1)  # metadata.json's date_saved counts seconds
+    model.save(saved["again"])
+    model.set_weights([weights + 0.5 for weights in model.get_weights()])
+    model.save(saved["other_weights"])
+    model.save(tmp_path / "legacy.h5")
+    os.replace(tmp_path / "legacy.h5", saved["legacy_h5"])  # HDF5 under a .keras name: tf.keras loads it too
+    model_io.load_model(saved["legacy_h5"])
+
+    identity = {name: model_io.model_identity(path.read_bytes(), str(path)) for name, path in saved.items()}
+    assert saved["first"].read_bytes() != saved["again"].read_bytes()
+    assert identity["first"] == identity["again"]
+    assert identity["other_weights"] != identity["first"]
+    legacy_digest = hashlib.sha256(saved["legacy_h5"].read_bytes()).hexdigest()
+    assert identity["legacy_h5"] == f"model.keras@sha256:{legacy_digest}"  # not a zip: the whole file
+
+
+def test_a_model_of_256_classes_fits_a_mask_png_and_one_more_does_not(tmp_path):
+    # Class ids 0-255: exactly what an 8-bit mask holds.
+    for n_classes in (256, 257):
+        inputs = tf.keras.Input((8, 8, 3))
+        model = tf.keras.Model(inputs, tf.keras.layers.Conv2D(n_classes, 1)(inputs))
+        if n_classes == 256:
+            assert model_io.model_geometry(model, "m.keras") == ((8, 8), 256)
+        else:
+            with pytest.raises(ValueError, match="257 classes do not fit the 8-bit class ids of a mask PNG"):
+                model_io.model_geometry(model, "m.keras")
