@@ -110,8 +110,9 @@ def test_every_image_lands_once_in_predictions_or_errors_across_a_resumed_run(tm
         assert row["path"] in row["error"]
 
     expected = expected_masks(model_dir / "model.keras", images, good)
-    # The identity that test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it
-    # pins down, of the very file inferred with: rows of another model would be predicted again.
+    # The identity that test_a_model_saved_again_keeps_its_identity_and_other_weights_change_it (in
+    # tests/test_model_io.py) pins down, of the very file inferred with: rows of another model would be
+    # predicted again.
     identity = model_io.model_identity((model_dir / "model.keras").read_bytes(), "model.keras")
     for row in predictions.to_pylist():
         mask_file = output / "masks" / row["path"]
