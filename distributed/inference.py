@@ -175,16 +175,19 @@ def reads_in_actors(config):
     return config.cpus_per_actor == 1 and not config.use_gpu
 
 
+def leaves_reads_no_cpu(actors, config):
+    """Whether `actors` take every CPU of the cluster while Ray Data's read tasks run outside them."""
+    return not reads_in_actors(config) and actors * config.cpus_per_actor >= ray.cluster_resources().get("CPU", 0)
+
+
 def reads_starved(config):
     """A warning when the actors that fit take every CPU of the cluster while the read tasks run outside
     them, else None. Ray Data then waits for a CPU to read on without end (a head of 2 CPUs joined through
     RAY_ADDRESS, --cpus-per-actor 2: auto's one actor, the least it takes, holds both)."""
-    if reads_in_actors(config):
-        return None
     started = min(config.num_actors, runtime.workers_that_fit(config.cpus_per_actor, 1 if config.use_gpu else 0))
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if started == 0 or started * config.cpus_per_actor < cpus:
+    if started == 0 or not leaves_reads_no_cpu(started, config):
         return None
+    cpus = ray.cluster_resources().get("CPU", 0)
     return (f"the {started} inference actor(s) that fit take all {cpus:g} CPUs of the cluster, and Ray Data's read "
             f"tasks, which run outside actors of {config.cpus_per_actor} CPUs{' and 1 GPU' if config.use_gpu else ''}, "
             f"need one more: they wait until a node adds one. On a cluster that does not autoscale, lower "
@@ -202,7 +205,7 @@ def pool_size(config, frames):
         # Its CPUs may pass the cores (jobs.quickstart's training left one more, for Ray Data): actors beyond the
         # cores would share them, each with a model of its own, no faster (runtime.oversubscription).
         fit = min(fit, (os.cpu_count() or 1) // config.cpus_per_actor)
-    if not reads_in_actors(config) and fit * config.cpus_per_actor >= ray.cluster_resources().get("CPU", 0):
+    if leaves_reads_no_cpu(fit, config):
         fit -= 1
     return max(1, min(fit, math.ceil(frames / config.batch_size)))
 
