@@ -509,6 +509,15 @@ def test_actors_that_leave_the_reads_no_cpu_on_a_cluster_are_warned_of(monkeypat
     assert "need one more" not in warnings() + warnings(num_actors=2)  # reads inside actors of one CPU
 
 
+def test_num_actors_auto_leaves_a_cpu_to_the_reads_of_actors_of_several_cpus_on_a_cluster(monkeypatch, capsys):
+    # A head of 4 CPUs joined through RAY_ADDRESS, --cpus-per-actor 2: two actors would hold all four, and Ray
+    # Data's read tasks, which run outside actors of 2 CPUs, would wait for a CPU without end.
+    fake_local_ray(monkeypatch, cores=4, own=False)
+    config = inference.connect_ray(InferConfig(model="m.keras", input="in", output="out", cpus_per_actor=2), 10_000)
+    assert config.num_actors == 1
+    assert "need one more" not in capsys.readouterr().err
+
+
 def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_path, ray_session, model_dir,
                                                                           monkeypatch):
     images = tmp_path / "frames" / "CameraRGB"
