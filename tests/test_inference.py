@@ -518,6 +518,21 @@ def test_num_actors_auto_leaves_a_cpu_to_the_reads_of_actors_of_several_cpus_on_
     assert "need one more" not in capsys.readouterr().err
 
 
+def test_gpu_actors_of_one_cpu_leave_a_cpu_to_the_reads_which_run_outside_them(monkeypatch, capsys):
+    # Ray Data fuses the reads into the actors only when both ask for the same resources: an actor of 1 CPU and
+    # 1 GPU does not hold the read tasks, which then need a CPU of their own.
+    node = fake_local_ray(monkeypatch, cores=2, gpus=2, own=False)  # a GPU head joined through RAY_ADDRESS
+    config = inference.connect_ray(InferConfig(model="m.keras", input="in", output="out", use_gpu=True), 10_000)
+    assert config.num_actors == 1 and "need one more" not in capsys.readouterr().err
+    node["Alive"] = False
+    inference.connect_ray(InferConfig(model="m.keras", input="in", output="out", use_gpu=True, num_actors=2), 10_000)
+    assert "read tasks, which run outside actors of 1 CPUs and 1 GPU, need one more" in capsys.readouterr().err
+    # Its own local Ray of 2 cores and 2 GPUs: a CPU more than the actors hold, so both GPUs get an actor.
+    node = fake_local_ray(monkeypatch, cores=2, gpus=2)
+    config = inference.connect_ray(InferConfig(model="m.keras", input="in", output="out", use_gpu=True), 10_000)
+    assert node["Resources"]["CPU"] == 3 and config.num_actors == 2
+
+
 def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_path, ray_session, model_dir,
                                                                           monkeypatch):
     images = tmp_path / "frames" / "CameraRGB"
