@@ -533,6 +533,17 @@ def test_gpu_actors_of_one_cpu_leave_a_cpu_to_the_reads_which_run_outside_them(m
     assert node["Resources"]["CPU"] == 3 and config.num_actors == 2
 
 
+def test_actors_asked_for_beyond_the_cluster_are_not_counted_as_taking_the_reads_cpu(monkeypatch, capsys):
+    # A head of 3 CPUs, --num-actors 2 --cpus-per-actor 2: one actor starts, and its spare CPU runs the reads.
+    # The shortfall is named; telling the user the reads wait would send them lowering flags for nothing.
+    fake_local_ray(monkeypatch, cores=3, own=False)
+    inference.connect_ray(InferConfig(model="m.keras", input="in", output="out", num_actors=2, cpus_per_actor=2),
+                          10_000)
+    printed = capsys.readouterr().err
+    assert "holds 1 of the 2 inference actors asked for" in printed
+    assert "need one more" not in printed
+
+
 def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_path, ray_session, model_dir,
                                                                           monkeypatch):
     images = tmp_path / "frames" / "CameraRGB"
