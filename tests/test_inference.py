@@ -544,6 +544,18 @@ def test_actors_asked_for_beyond_the_cluster_are_not_counted_as_taking_the_reads
     assert "need one more" not in printed
 
 
+def test_a_local_input_is_warned_of_when_the_actors_wait_for_nodes_the_cluster_must_add(monkeypatch, capsys):
+    # One node now, so no other node reads --input yet; but the actors it cannot hold start on nodes an
+    # autoscaler adds, which would not find a path local to this one.
+    node = fake_local_ray(monkeypatch, cores=2, own=False)
+    inference.connect_ray(InferConfig(model="m.keras", input="frames", output="out", num_actors=4), 10_000)
+    printed = capsys.readouterr().err
+    assert "holds 2 of the 4 inference actors" in printed and "--input frames: local to this node" in printed
+    node["Alive"] = False
+    inference.connect_ray(InferConfig(model="m.keras", input="frames", output="out", num_actors=2), 10_000)
+    assert "local to this node" not in capsys.readouterr().err  # all fit on the one node there is
+
+
 def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_path, ray_session, model_dir,
                                                                           monkeypatch):
     images = tmp_path / "frames" / "CameraRGB"
