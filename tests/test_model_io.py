@@ -1,8 +1,10 @@
 """The exported .keras file: its identity by content, and the shapes a segmentation model must have."""
 
 import hashlib
+import io
 import os
 import time
+import zipfile
 
 import pytest
 import tensorflow as tf
@@ -47,3 +49,21 @@ def test_a_model_of_256_classes_fits_a_mask_png_and_one_more_does_not(tmp_path):
         else:
             with pytest.raises(ValueError, match="257 classes do not fit the 8-bit class ids of a mask PNG"):
                 model_io.model_geometry(model, "m.keras")
+
+
+def test_archives_whose_members_join_to_the_same_bytes_have_different_identities():
+    # A digest of the members' bytes alone, one after another, would name these archives alike: predictions of
+    # one model would be taken for the other's on a rerun, and skipped without the other-model warning.
+    def archive(members):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as file:
+            for name, content in members.items():
+                file.writestr(name, content)
+        return buffer.getvalue()
+
+    split_here = archive({"config.json": b"{}", "model.weights.h5": b"weights"})
+    split_there = archive({"config.json": b"{}w", "model.weights.h5": b"eights"})
+    renamed = archive({"config.json": b"{}", "other.weights.h5": b"weights"})
+    digests = {model_io.model_digest(content) for content in (split_here, split_there, renamed)}
+    assert len(digests) == 3
+
