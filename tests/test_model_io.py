@@ -67,3 +67,11 @@ def test_archives_whose_members_join_to_the_same_bytes_have_different_identities
     digests = {model_io.model_digest(content) for content in (split_here, split_there, renamed)}
     assert len(digests) == 3
 
+
+def test_a_model_without_a_fixed_input_size_is_refused():
+    # Every frame is resized to the model's input size: without one, each would fail in the read tasks mid-run.
+    inputs = tf.keras.Input((None, None, 3))
+    model = tf.keras.Model(inputs, tf.keras.layers.Conv2D(5, 1)(inputs))
+    with pytest.raises(ValueError, match="m.keras: input shape \\(None, None, None, 3\\) has no fixed height and "
+                                         "width to resize images to"):
+        model_io.model_geometry(model, "m.keras")
