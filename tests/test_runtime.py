@@ -24,6 +24,16 @@ def test_workers_that_fit_count_whole_workers_per_node(ray_session):
     assert runtime.workers_that_fit(cpus_per_worker=1, memory_per_worker=memory + 1) == 0
 
 
+def test_workers_that_fit_leave_out_the_nodes_that_died(ray_session, monkeypatch):
+    # ray.nodes() keeps a node that died (a preempted spot instance) with its resources: counted, auto would
+    # start actors that never get one, and a shortfall would go unnamed.
+    live = ray.nodes()
+    dead = {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0, "memory": float(2**40)}}
+    monkeypatch.setattr(ray, "nodes", lambda: [*live, dead])
+    assert runtime.workers_that_fit(cpus_per_worker=1) == local_cpus()
+    assert runtime.workers_that_fit(cpus_per_worker=1, gpus_per_worker=1) == 0
+
+
 def test_cluster_shortfall_names_what_is_missing(ray_session, monkeypatch, capsys):
     monkeypatch.setattr(runtime, "started_local_ray", False)  # as if joined through RAY_ADDRESS
     cpus = local_cpus()
