@@ -2,6 +2,8 @@
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import ray
@@ -32,6 +34,16 @@ def test_workers_that_fit_leave_out_the_nodes_that_died(ray_session, monkeypatch
     monkeypatch.setattr(ray, "nodes", lambda: [*live, dead])
     assert runtime.workers_that_fit(cpus_per_worker=1) == local_cpus()
     assert runtime.workers_that_fit(cpus_per_worker=1, gpus_per_worker=1) == 0
+
+
+def test_a_local_ray_gets_the_cpus_asked_for_beyond_the_machines_cores():
+    # Ray Data's tasks run beside workers or actors that hold every core only if the local Ray has CPUs to spare.
+    # A process of its own: this one's Ray is the session's.
+    script = ("import os, ray; from distributed import runtime; runtime.connect(num_cpus=os.cpu_count() + 2); "
+              "print('extra CPUs:', int(ray.cluster_resources()['CPU']) - os.cpu_count())")
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert "extra CPUs: 2" in run.stdout, run.stderr[-2000:]
 
 
 def test_cluster_shortfall_names_what_is_missing(ray_session, monkeypatch, capsys):
