@@ -26,6 +26,14 @@ def test_predictions_of_another_model_are_kept_with_a_warning_on_stderr(tmp_path
     printed = capsys.readouterr()
     assert "[unet-ray] warning: 1 prediction(s) in" in printed.err and "came from another model" in printed.err
     assert printed.out == ""
+    # Counted as the rows of other models, not of this one: an output all of this model's warns of nothing.
+    pq.write_table(pa.table({"path": ["c.png", "d.png"], "model": [models[1]] * 2}),
+                   tmp_path / "predictions" / "part-1.parquet")
+    output.done_paths("model.keras@sha256:new")
+    assert "warning: 1 prediction(s) in" in capsys.readouterr().err
+    (tmp_path / "predictions" / "part-0.parquet").unlink()
+    output.done_paths("model.keras@sha256:new")
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("relative", ["../escape.png", "/etc/escape.png", "a/../../escape.png", "a//b.png", ""])
