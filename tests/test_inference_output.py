@@ -119,6 +119,17 @@ def test_damaged_output_settings_are_named_by_their_file(tmp_path):
             output.check_settings({"input": "in"})
 
 
+def test_a_setting_an_older_unet_ray_did_not_record_binds_nothing(tmp_path):
+    # Refused as changed, from "not recorded" to whatever this run gives, the output could never be completed.
+    output = inference_output.Output(*open_output(str(tmp_path)))
+    settings = {"input": "local:///frames", "formats": ["parquet", "png"], "output_size": "source"}
+    (tmp_path / inference_output.SETTINGS_FILE).write_text(json.dumps({"input": "local:///frames",
+                                                                        "formats": ["parquet", "png"]}))
+    output.check_settings(settings)
+    with pytest.raises(ValueError, match="--formats parquet,png -> png\\)"):  # those it recorded still bind
+        output.check_settings({**settings, "formats": ["png"]})
+
+
 def test_an_output_in_a_bucket_is_named_with_its_scheme(s3_bucket):
     # Named as pyarrow holds it (unet/out), the refusal sent the user looking for a local folder.
     def put(key, content):
