@@ -130,6 +130,13 @@ def test_a_setting_an_older_unet_ray_did_not_record_binds_nothing(tmp_path):
         output.check_settings({**settings, "formats": ["png"]})
 
 
+def test_a_png_keeps_its_name_whatever_the_case_of_its_extension_and_a_jpeg_gets_png_appended():
+    # FRAME.PNG is an input (extensions are matched in any case); its mask is FRAME.PNG, as CameraMask names it.
+    assert inference_output.output_png_name("a/FRAME.PNG") == "a/FRAME.PNG"
+    assert inference_output.output_png_name("a/frame.Png") == "a/frame.Png"
+    assert inference_output.output_png_name("a/FRAME.JPG") == "a/FRAME.JPG.png"
+
+
 def test_an_output_in_a_bucket_is_named_with_its_scheme(s3_bucket):
     # Named as pyarrow holds it (unet/out), the refusal sent the user looking for a local folder.
     def put(key, content):
