@@ -747,6 +747,13 @@ def test_num_actors_is_auto_unless_given():
     assert num_actors("--num-actors", "3") == 3
 
 
+def test_a_num_actors_that_is_neither_a_number_nor_auto_is_refused_naming_both(capsys):
+    with pytest.raises(SystemExit) as exited:
+        infer_job.parse_args(["--model", "m", "--input", "in", "--output", "out", "--num-actors", "all"])
+    assert exited.value.code == 2
+    assert "--num-actors: must be a whole number or auto, got 'all'" in capsys.readouterr().err
+
+
 def test_formats_are_read_as_written_in_a_shell_spaces_and_a_trailing_comma_included(tmp_path):
     # `--formats "parquet, png"` or a list ending in a comma names the same formats: not refused as a format "".
     for given in ("parquet, png", "parquet,png,", " png ,"):
