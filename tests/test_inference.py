@@ -754,6 +754,12 @@ def test_a_num_actors_that_is_neither_a_number_nor_auto_is_refused_naming_both(c
     assert "--num-actors: must be a whole number or auto, got 'all'" in capsys.readouterr().err
 
 
+def test_jobs_infer_flags_default_to_infer_configs_defaults():
+    # Written once, in InferConfig: a default of the command line's own would make the CLI and the API differ.
+    given = infer_job.parse_args(["--model", "m", "--input", "in", "--output", "out"])
+    assert InferConfig(**vars(given)) == InferConfig(model="m", input="in", output="out")
+
+
 def test_formats_are_read_as_written_in_a_shell_spaces_and_a_trailing_comma_included(tmp_path):
     # `--formats "parquet, png"` or a list ending in a comma names the same formats: not refused as a format "".
     for given in ("parquet, png", "parquet,png,", " png ,"):
