@@ -580,6 +580,23 @@ def test_an_interrupted_run_keeps_the_rows_it_wrote_and_a_rerun_skips_them(tmp_p
     assert infer(config) == {"ok": 0, "failed": 0, "skipped": 8}
 
 
+def test_the_console_names_only_the_first_failures_across_batches_and_counts_the_rest(tmp_path, ray_session,
+                                                                                     model_dir, monkeypatch, capsys):
+    # A million frames of a bad copy would each print a line; errors/ holds every one of them.
+    monkeypatch.setattr(inference, "FAILURES_SHOWN", 2)
+    scenes.write_scenes(tmp_path / "frames", 1)
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / "frames" / "CameraRGB" / name).write_bytes(b"not a PNG")
+    config = InferConfig(model=str(model_dir), input=str(tmp_path / "frames"), output=str(tmp_path / "out"),
+                         batch_size=1, num_actors=1)  # a failure a batch: the lines shown are counted across them
+
+    assert infer(config) == {"ok": 1, "failed": 3, "skipped": 0}
+    printed = capsys.readouterr().err
+    assert len(re.findall(r"^\[unet-ray\] failed: ", printed, re.MULTILINE)) == 2
+    assert "3 image(s) failed (1 not shown above): every path and reason is in" in printed
+    assert sorted(read_table(tmp_path / "out" / "errors")["path"].to_pylist()) == ["a.png", "b.png", "c.png"]
+
+
 def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, model_dir):
     # `kill`, `timeout`, `ray job stop` and schedulers send SIGTERM. In a process of its own: the C++
     # failure-signal handler that Ray and TensorFlow bring would abort it 3 s later (exit 134).
