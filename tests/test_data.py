@@ -101,6 +101,12 @@ def test_decode_png_any_mode_to_rgb(mode):
     np.testing.assert_array_equal(decoded, expected)
 
 
+def test_a_16bit_gray_image_rounds_to_the_nearest_8bit_level():
+    # 257 × v is the 16-bit v: 128 and 385 lie just under a half-step, 129 and 386 just over.
+    wide = np.array([[0, 128, 129, 385, 386, 65535]], np.uint16)
+    assert data.decode_image(png_bytes(wide), "frame.png")[..., 0].tolist() == [[0, 0, 1, 1, 2, 255]]
+
+
 def test_decode_jpeg_to_rgb():
     rgb = smooth_rgb()
     decoded = data.decode_image(encoded(Image.fromarray(rgb), "JPEG", quality=95), "frame.jpg")
@@ -166,6 +172,22 @@ def test_gray_masks_under_8_bits_hold_ids_directly(bit_depth):
     # Pillow stretches these to 0-255 (a 4-bit 1 reads 17): the stored value is the class id.
     ids = np.arange(15, dtype=np.uint8).reshape(3, 5) % (2 ** bit_depth)  # 5 columns: a partly filled last byte
     assert data.decode_mask(gray_png(ids, bit_depth), "mask.png").tolist() == ids.tolist()
+
+
+def test_a_palette_mask_of_few_colours_holds_the_max_over_its_colours_channels():
+    # Pillow writes a 4-colour palette at 2 bits a pixel: a small palette must not be taken for 2-bit gray, and
+    # a colour's id is its brightest channel, as for an RGB mask, not its red one nor its luminance.
+    palette = Image.new("P", (4, 1))
+    palette.putpalette([0, 0, 0, 7, 0, 0, 0, 9, 0, 0, 0, 13])
+    palette.putdata([0, 1, 2, 3])
+    content = encoded(palette)
+    assert data._png_header(content) == (2, 3)  # 2-bit palette
+    assert data.decode_mask(content, "mask.png").tolist() == [[0, 7, 9, 13]]
+
+
+def test_a_gray_and_alpha_mask_holds_its_gray_value_never_its_alpha():
+    gray_alpha = np.array([[[1, 255], [2, 128], [22, 0]]], np.uint8)
+    assert data.decode_mask(png_bytes(gray_alpha, "LA"), "mask.png").tolist() == [[1, 2, 22]]
 
 
 @pytest.mark.parametrize("image_format", ["JPEG", "WEBP", "GIF"])
@@ -295,6 +317,26 @@ def test_class_id_beyond_the_model_is_named():
     assert data.highest_refused_class_id(reasons[1:2]) is None
 
 
+def test_the_hint_names_the_highest_refused_id_among_masks_of_different_ids():
+    # The hint's advice is a number of classes: the lowest refused id would leave the other masks refused.
+    reasons = ["/d/CameraMask/a.png: mask has class id 25 but the model has 23 classes (ids 0..22); 1 pixel(s)",
+               "/d/CameraMask/b.png: mask has class id 40 but the model has 23 classes (ids 0..22); 3 pixel(s)",
+               "/d/CameraMask/c.png: mask has class id 31 but the model has 23 classes (ids 0..22); 2 pixel(s)"]
+    assert data.highest_refused_class_id(reasons) == 40
+    assert data.class_id_hint(reasons, lambda n: f": pass --n-classes {n}") == (
+        "\n  the masks hold class ids up to 40: pass --n-classes 41")
+
+
+def test_the_hint_calls_id_256_beyond_any_model_and_255_a_number_of_classes():
+    # A model holds at most 256 classes (ids 0..255): --n-classes 257 would be advice the flag refuses.
+    def reason(class_id):
+        return f"m.png: mask has class id {class_id} but the model has 23 classes (ids 0..22); 1 pixel(s) out of range"
+
+    assert data.class_id_hint([reason(255)], lambda n: f": pass --n-classes {n}") == (
+        "\n  the masks hold class ids up to 255: pass --n-classes 256")
+    assert "beyond the 256 classes a model can have" in data.class_id_hint([reason(256)], lambda n: "never asked")
+
+
 def test_the_class_id_equal_to_the_number_of_classes_is_the_first_refused():
     # Ids run 0..n_classes - 1: id 23 in a 23-class run, let through, would fail the loss in a worker mid-epoch
     # (a NaN loss on a GPU) rather than name its mask before training.
@@ -345,6 +387,13 @@ def test_image_mask_size_mismatch_is_named():
     assert "/d/CameraRGB/x.png" in str(error.value) and "/d/CameraMask/x.png" in str(error.value)
 
 
+def test_an_image_and_mask_of_the_same_height_but_another_width_are_refused():
+    # Resized to the model's size, a mask narrower than its image would silently label the wrong pixels.
+    mask = png_bytes(carla_mask(np.ones((40, 49), np.uint8)))
+    with pytest.raises(ValueError, match="x.png: image is 50×40 but its mask /d/CameraMask/x.png is 49×40"):
+        data.preprocess_pair(_valid_png(), mask, "/d/CameraRGB/x.png", "/d/CameraMask/x.png", SIZE, 23)
+
+
 def test_image_without_mask_is_named(tmp_path):
     write_pair(tmp_path, "a.png", np.zeros((8, 8, 3), np.uint8), carla_mask(np.ones((8, 8), np.uint8)))
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "CameraRGB" / "solo.png")
@@ -381,6 +430,12 @@ def test_tail_split_validates_the_last_frames_by_sorted_name_whatever_the_order(
     assert sum(data.validation_flags(names[:3], 0.01, "tail")) == 1  # never an empty validation set
     with pytest.raises(ValueError, match="split must be one of"):
         data.validation_flags(names, 0.2, "random")
+
+
+def test_tail_split_rounds_the_validation_count_to_the_nearest_frame():
+    # 40% of 4 frames is 1.6: two validate, not one.
+    names = ["a.png", "b.png", "c.png", "d.png"]
+    assert data.validation_flags(names, 0.4, "tail") == [False, False, True, True]
 
 
 def test_hash_split_is_stable_and_near_the_fraction():
