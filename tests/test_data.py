@@ -64,6 +64,13 @@ def test_unpaired_files_are_all_listed(tmp_path):
         data.find_pairs(str(tmp_path))
 
 
+def test_a_png_image_in_capitals_pairs_with_the_mask_of_the_same_name(tmp_path):
+    # Extensions match in any case: FRAME.PNG's mask is FRAME.PNG as it stands, never a renamed FRAME.png.
+    write_pair(tmp_path, "FRAME.PNG", np.zeros((8, 8, 3), np.uint8), carla_mask(np.ones((8, 8), np.uint8)))
+    assert [os.path.basename(pair.mask_path) for pair in data.find_pairs(str(tmp_path))] == ["FRAME.PNG"]
+    assert data.mask_name("shot.JPEG") == "shot.png"
+
+
 def test_missing_layout_is_named(tmp_path):
     with pytest.raises(ValueError, match="CameraRGB is missing"):
         data.find_pairs(str(tmp_path))
