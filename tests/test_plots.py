@@ -51,6 +51,12 @@ def test_colorize_gives_ids_past_palette_a_stable_colour():
     assert len({tuple(c) for c in first[0]}) == 3
 
 
+def test_the_first_id_past_the_palette_gets_its_own_colour_not_the_last_classs():
+    # Id 23 sharing terrain's colour (id 22) would make a 24-class model's previews mix two classes up.
+    # Its colour is 23 × (97, 57, 193) mod 256.
+    assert colorize(np.array([[N_CLASSES - 1, N_CLASSES]])).tolist() == [[list(PALETTE[-1]), [183, 31, 87]]]
+
+
 def test_colorize_rejects_bad_input():
     with pytest.raises(ValueError, match="argmax"):
         colorize(np.full((2, 2), 0.5))
@@ -72,6 +78,12 @@ def test_overlay_shape_dtype_and_alpha_extremes():
         overlay(image, masks[0], alpha=1.5)
     with pytest.raises(ValueError):
         overlay(image, masks[0][:-1])
+
+
+def test_overlay_clips_float_images_outside_the_unit_range_rather_than_wrapping():
+    # Augmented images overshoot [0, 1]: 1.2 would wrap to 50 in uint8, and -0.1 to 230.
+    image = np.array([[[1.2, -0.1, 0.5]]], np.float32)
+    assert overlay(image, np.zeros((1, 1), np.int64), alpha=0.0).tolist() == [[[255, 0, 128]]]
 
 
 def test_overlay_of_a_large_frame_takes_little_memory_beside_its_result():
