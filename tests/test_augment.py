@@ -46,6 +46,19 @@ def test_augmentation_varies_and_flips():
     assert any(flipped) and any(unchanged) and all(f or u for f, u in zip(flipped, unchanged))
 
 
+def test_every_view_zooms_in_and_a_zoom_never_adds_an_edge():
+    # A zoom factor drawn from [1, 2) enlarges by more than a pixel every time, so no view is the frame or its
+    # mirror; cropping a magnified mask can only show fewer id changes along a row, never more.
+    _, mask = blocky_frame(4)
+    edges = (mask[:, 1:] != mask[:, :-1]).sum()
+    for seed in range(8):
+        _, view = augment(tf.zeros((96, 128, 3)), tf.constant(mask), key(seed), max_zoom=2.0, brightness=0.0,
+                          contrast=0.0)
+        view = view.numpy()
+        assert not np.array_equal(view, mask) and not np.array_equal(view, mask[:, ::-1])
+        assert (view[:, 1:] != view[:, :-1]).sum() < edges
+
+
 def test_brightness_and_contrast_vary_within_their_ranges_and_leave_the_mask():
     # A mirror-symmetric image in [0.3, 0.7], unzoomed: flips leave it, and no value reaches a clip.
     half = np.random.default_rng(0).uniform(0.3, 0.7, (96, 64, 3)).astype(np.float32)
