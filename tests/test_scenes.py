@@ -52,6 +52,11 @@ def test_every_listed_class_appears(dataset):
     assert not missing, f"classes never drawn in {FRAMES} frames: {missing}"
 
 
+def test_every_pixel_of_a_scene_has_a_class_none_is_unlabeled(dataset):
+    # Sky is the backdrop and the ground covers the rest; the car's shadow darkens the road but leaves it road.
+    assert (dataset[3][..., 0] != CLASS_IDS["unlabeled"]).all()
+
+
 def test_layout_is_a_road_scene(dataset):
     class_ids = dataset[3][..., 0]
     ground = [CLASS_IDS[name] for name in ("road", "road_line", "sidewalk", "terrain")]
