@@ -90,6 +90,16 @@ def test_unet_model_matches_the_classic_exercise():
     assert type(concat.input[1].node.layer).__name__ == "Dropout"
 
 
+def test_under_mixed_precision_the_logits_stay_float32():
+    # bfloat16 logits lose the range the softmax and the loss need (--mixed-precision bf16 trains under this policy).
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = unet_model((32, 32, 3), n_filters=2, n_classes=3)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+    assert model.layers[-2].compute_dtype == "bfloat16" and model.output.dtype == tf.float32
+
+
 def test_unet_model_other_sizes():
     model = unet_model((64, 80, 3), n_filters=8, n_classes=5)
     assert model.output_shape == (None, 64, 80, 5)
