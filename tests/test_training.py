@@ -81,6 +81,30 @@ def test_averaged_weights_holds_the_warmed_up_moving_average_inside_the_block_on
         np.testing.assert_array_equal(before, after)  # training goes on from the raw weights
 
 
+def test_averaged_weights_finds_the_average_under_fp16s_loss_scaling_wrapper():
+    # --mixed-precision fp16 wraps Adam in a LossScaleOptimizer: looking only at the wrapper, evaluation scored the
+    # raw weights. After one step the warmed-up momentum is 0.1: the average is 0.1 initial + 0.9 raw.
+    tf.keras.utils.set_random_seed(0)
+    tf.keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = compile_unet(unet_model((16, 16, 3), n_filters=2, n_classes=3), learning_rate=1e-2, ema_momentum=0.5)
+        initial = [w.copy() for w in model.get_weights()]
+        optimizer = model.optimizer  # one eager step, as fit takes it: tracing a train step takes seconds
+        with tf.GradientTape() as tape:
+            loss = optimizer.get_scaled_loss(tf.reduce_mean(model(tf.ones((1, 16, 16, 3)), training=True)))
+        gradients = optimizer.get_unscaled_gradients(tape.gradient(loss, model.trainable_variables))
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+        raw = [w.copy() for w in model.get_weights()]
+        assert not all(np.array_equal(r, i) for r, i in zip(raw, initial))
+        with averaged_weights(model):
+            for value, first, last in zip(model.get_weights(), initial, raw):
+                np.testing.assert_allclose(value, 0.1 * first + 0.9 * last, rtol=1e-5, atol=1e-6)
+        for before, after in zip(raw, model.get_weights()):
+            np.testing.assert_array_equal(before, after)
+    finally:
+        tf.keras.mixed_precision.set_global_policy("float32")
+
+
 def test_averaged_weights_leaves_a_model_without_an_average_alone(scene_arrays):
     (images, masks), _ = scene_arrays
     model = compile_unet(unet_model((*SIZE, 3), n_filters=4), learning_rate=1e-2)
