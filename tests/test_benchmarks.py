@@ -259,3 +259,47 @@ def test_a_memory_run_left_in_a_kept_work_dir_is_not_resumed(tmp_path, monkeypat
     monkeypatch.setattr(memory, "run_sampled", fake_run_sampled)
     record = inference.infer_memory(profile, str(tmp_path / "cache"), str(tmp_path), lambda message: None)
     assert found == [False, False] and record["ratio"] == pytest.approx(124 / 108)
+
+
+def test_rounds_rotate_the_order_of_the_alternatives():
+    # Always timing one alternative first would hand it the warm (or the cold) machine every round.
+    from benchmarks.common import rotated
+    assert [rotated(("a", "b", "c"), round_index) for round_index in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+
+
+def test_a_ratio_over_nothing_measured_is_no_number_rather_than_an_error():
+    from benchmarks.common import ratio
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(3.0, 0.0) is None and ratio(3.0, None) is None and ratio(None, 2.0) is None
+
+
+def test_ensure_frames_renders_only_the_missing_frames_in_runs_of_at_most_chunk(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from benchmarks import frames
+    directory = tmp_path / "frames"
+    for index in (0, 1, 2, 7):  # cached; frame 3 lost its mask, so it renders again
+        for sub in ("CameraRGB", "CameraMask"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+            (directory / sub / f"scene_{index:06d}.png").write_bytes(b"")
+    (directory / "CameraRGB" / "scene_000003.png").write_bytes(b"")
+    rendered = []
+
+    class InProcessPool:  # records the chunks instead of spawning processes to render them
+        def __init__(self, processes):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def map(self, function, chunks):
+            rendered.extend(chunks)
+
+    monkeypatch.setattr(frames.multiprocessing, "get_context", lambda method: SimpleNamespace(Pool=InProcessPool))
+    monkeypatch.setattr(frames, "CHUNK", 2)
+    assert frames.ensure_frames(str(tmp_path), 9, log=lambda line: None) == str(directory)
+    assert rendered == [(str(directory), 3, 2), (str(directory), 5, 2), (str(directory), 8, 1)]
