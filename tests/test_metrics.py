@@ -64,6 +64,19 @@ def test_keras_metric_matches_numpy_and_resets():
     assert float(metric.result()) == pytest.approx(expected)
 
 
+def test_keras_metric_after_a_reset_scores_only_what_came_after():
+    # Keras resets metrics every epoch: an epoch of all-wrong pixels after a perfect one scores 0, not the 1/3 of
+    # both epochs' counts together. Same data before and after a reset would not tell: the ratios repeat.
+    truth = np.array([[0, 1]])
+    right, wrong = np.array([[[5.0, 0.0], [0.0, 5.0]]]), np.array([[[0.0, 5.0], [5.0, 0.0]]])
+    metric = KerasMeanIoU(2)
+    metric.update_state(truth, right)
+    assert float(metric.result()) == 1.0
+    metric.reset_state()
+    metric.update_state(truth, wrong)
+    assert float(metric.result()) == 0.0
+
+
 def test_keras_metric_leaves_classes_absent_from_truth_and_prediction_out_of_the_mean():
     # The training logs' mean_iou: a 23-class model sees a few classes per frame, and dividing by
     # every class the model has would read as a model scoring a fraction of what it does.
