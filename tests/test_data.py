@@ -71,6 +71,15 @@ def test_a_png_image_in_capitals_pairs_with_the_mask_of_the_same_name(tmp_path):
     assert data.mask_name("shot.JPEG") == "shot.png"
 
 
+def test_a_layout_without_any_frame_is_refused_not_read_as_an_empty_dataset(tmp_path):
+    # Zero pairs would reach training as an empty set, far from the folder that holds no frame.
+    for sub in ("CameraRGB", "CameraMask"):
+        (tmp_path / sub).mkdir()
+    (tmp_path / "CameraRGB" / "notes.txt").write_text("not a frame")
+    with pytest.raises(ValueError, match=f"{tmp_path}: no images found in CameraRGB/ \\(expected .png, .jpg, .jpeg\\)"):
+        data.find_pairs(str(tmp_path))
+
+
 def test_missing_layout_is_named(tmp_path):
     with pytest.raises(ValueError, match="CameraRGB is missing"):
         data.find_pairs(str(tmp_path))
