@@ -149,6 +149,8 @@ def test_untracked_checkpoints_are_removed_and_one_that_cannot_be_is_named(tmp_p
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_stray", "checkpoint_stuck"):
         (tmp_path / name).mkdir()
     (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    # Not Ray Train's to track, nor ours to delete: only checkpoint folders are cleaned up.
+    (tmp_path / "notes").mkdir()
 
     def delete_dir(path):  # as a bucket without delete permission would answer
         if path.endswith("stuck"):
@@ -164,7 +166,7 @@ def test_untracked_checkpoints_are_removed_and_one_that_cannot_be_is_named(tmp_p
                              best_checkpoints=[(tracked("checkpoint_a"), {}), (tracked("checkpoint_b"), {})])
     checkpoint.remove_untracked(result)
     assert sorted(os.listdir(tmp_path)) == [
-        "checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "checkpoint_stuck"]
+        "checkpoint_a", "checkpoint_b", "checkpoint_manager_snapshot.json", "checkpoint_stuck", "notes"]
     printed = capsys.readouterr()
     assert f"removed {tmp_path / 'checkpoint_stray'}: a checkpoint an interrupted attempt left" in printed.out
     assert f"warning: could not remove {tmp_path / 'checkpoint_stuck'}" in printed.err
