@@ -79,6 +79,22 @@ def test_a_resumed_worker_feeds_its_uninterrupted_batches_class_mix_included(ray
     assert any(len(np.unique(image)) > 1 for images, _ in uninterrupted for image in images)
 
 
+def test_without_augmentation_class_mix_pastes_nothing(ray_session):
+    # ClassMix is part of augmentation: --no-augment with the default recipe's --class-mix must feed the frames as
+    # they are, not mixed (jobs.train refuses --class-mix beside --no-augment only when it is given).
+    rows = [{"name": f"{i:06d}.png", "image": np.full((16, 16, 3), i / 10, np.float32),
+             "mask": np.repeat(np.array([i, i + 6], np.uint8), 8)[:, None].repeat(16, axis=1)} for i in range(6)]
+    config = TrainConfig(image_size=(16, 16), batch_size=3, epochs=1, augment=False, class_mix=1.0)
+    shard = ray.data.from_items(rows).iterator()
+    fed = [(image, mask) for images, masks in training_batches(shard, config, 0, 0, None, in_memory=True)
+           for image, mask in zip(images.numpy(), masks.numpy())]
+    assert len(fed) == 6
+    for image, mask in fed:  # frame i whole: image i / 10 everywhere, class i on top and i + 6 below
+        i = round(float(image[0, 0, 0]) * 10)
+        np.testing.assert_array_equal(image, np.full((16, 16, 3), i / 10, np.float32))
+        np.testing.assert_array_equal(mask, rows[i]["mask"])
+
+
 def test_a_shard_read_into_memory_is_in_frame_name_order(ray_session):
     # Whatever order the blocks arrive in, the epochs' permutations start from the same array.
     names = [f"{i:06d}.png" for i in np.random.default_rng(0).permutation(20)]
