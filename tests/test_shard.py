@@ -59,6 +59,18 @@ def test_each_worker_draws_its_own_augmentation(ray_session):
     assert not np.array_equal(epochs[0], epochs[1])  # a new view every epoch
 
 
+def test_each_frame_of_an_epoch_draws_its_own_augmentation(ray_session):
+    # Four copies of one frame: one view drawn for the whole epoch would feed the same flip, zoom and
+    # brightness four times, a quarter of the variety augmentation is for.
+    image = np.random.default_rng(0).random((16, 16, 3), np.float32)
+    rows = [{"name": f"{i:06d}.png", "image": image, "mask": np.zeros((16, 16), np.uint8)} for i in range(4)]
+    config = TrainConfig(image_size=(16, 16), batch_size=4, epochs=1, class_mix=0.0)
+    shard = ray.data.from_items(rows).iterator()
+    [(views, _)] = list(training_batches(shard, config, 0, 0, class_weights=None, in_memory=True))
+    views = views.numpy()
+    assert all(not np.array_equal(views[a], views[b]) for a in range(4) for b in range(a + 1, 4))
+
+
 def test_a_resumed_worker_feeds_its_uninterrupted_batches_class_mix_included(ray_session):
     # Frame i: a constant image i / 10, class i on the top half and i + 6 on the bottom.
     rows = [{"name": f"{i:06d}.png", "image": np.full((16, 16, 3), i / 10, np.float32),
