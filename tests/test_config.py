@@ -57,7 +57,8 @@ def test_bad_values_are_refused_with_the_field_named():
         with pytest.raises(ValueError, match=f"fail_once_at_epoch must be an epoch from 1 to 250, got {epoch}"):
             TrainConfig(fail_once_at_epoch=epoch)
     for field, value in (("learning_rate", 0.0), ("class_weight_power", -0.5), ("early_stopping_patience", -1),
-                         ("max_failures", -2), ("scene_count", 0), ("keep_checkpoints", 0)):
+                         ("max_failures", -2), ("scene_count", 0), ("keep_checkpoints", 0),
+                         ("class_mix", 1.5)):  # a chance: above 1, ClassMix would silently act as 1
         with pytest.raises(ValueError, match=field):
             TrainConfig(**{field: value})
     for field, value, allowed in (("split", "random", "hash, tail"), ("lr_schedule", "step", "constant, cosine"),
@@ -82,6 +83,9 @@ def test_bad_values_are_refused_with_the_field_named():
                                              f"leave the flag out"):
             config_from_args(parse_args([f"{flag}=", *(["--data", "frames"] if flag == "--val-data" else [])]))
     assert TrainConfig(image_size=[32, 48]).image_size == (32, 48)
+    # jobs.infer's `--formats ""` (an unset shell variable) gives none: no mask would be written anywhere.
+    with pytest.raises(ValueError, match="formats must be one or more of parquet, png; got none"):
+        InferConfig(model="m.keras", input="in", output="out", formats=())
 
 
 def test_a_val_fraction_that_leaves_no_frame_on_one_side_is_refused_for_given_data_too():
