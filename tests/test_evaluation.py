@@ -98,6 +98,12 @@ def test_evaluate_reports_the_confusion_matrix_metrics(tmp_path, capsys):
                         [f"{name}: {accuracy[name]:.3f}" for name in worst], class_names(23))
     with Image.open(output / "worst_frames.png") as drawn, Image.open(tmp_path / "expected_worst.png") as expected:
         assert np.array_equal(np.asarray(drawn), np.asarray(expected))
+    # previews.png: the first six frames, gathered across the batches of 3 and no more (a figure of every frame
+    # would grow with the set, which is scored a batch at a time to keep memory flat).
+    plots.save_previews(images[:6], masks[:6], predicted[:6], tmp_path / "expected_previews.png", names[:6],
+                        class_names(23))
+    with Image.open(output / "previews.png") as drawn, Image.open(tmp_path / "expected_previews.png") as expected:
+        assert np.array_equal(np.asarray(drawn), np.asarray(expected))
 
     # Its own report is no training run's: the same command may write it again.
     assert evaluate_job.main(["--model", str(model_path), "--data", str(tmp_path / "frames"),
