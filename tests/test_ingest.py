@@ -111,6 +111,12 @@ def test_too_few_frames_for_a_split_is_a_clear_error(tmp_path, ray_session):
                                          "\\(one frame per worker\\) .*add frames or lower --num-workers$"):
         ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", str(tmp_path), min_train_frames=2,
                            val_uri=str(tmp_path / "val"))
+    # --skip-bad leaving no validation frame: every epoch would be scored on nothing.
+    (tmp_path / "val" / "CameraRGB" / "scene_000000.png").write_bytes(b"")
+    with pytest.raises(ValueError, match="1 skipped, .*give 1 for training and 0 for validation; .*validation at least "
+                                         "1: add frames"):
+        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", str(tmp_path), skip_bad=True,
+                           val_uri=str(tmp_path / "val"))
 
 
 def test_a_folder_inside_the_layout_is_refused_not_passed_over(tmp_path):
