@@ -376,3 +376,14 @@ def test_no_execution_is_left_holding_the_decoded_frames(tmp_path, ray_session):
         assert not [executor for executor in executors() if id(executor) not in earlier]
     finally:
         gc.enable()
+
+
+def test_a_failed_job_removes_only_an_output_it_made_itself(tmp_path):
+    # A folder the user made beforehand (to hold the report, or a mount point) is theirs, empty or not.
+    (tmp_path / "made_by_the_user").mkdir()
+    for output in (tmp_path / "made_by_the_user", tmp_path / "report"):
+        with pytest.raises(RuntimeError, match="model refused"):
+            with ingest.removed_if_left_empty(str(output)):
+                output.mkdir(exist_ok=True)
+                raise RuntimeError("model refused")
+    assert os.listdir(tmp_path) == ["made_by_the_user"]
