@@ -25,6 +25,16 @@ def test_checkpoints_every_nth_epoch_and_the_last():
     assert [epoch + 1 for epoch in range(10) if checkpoint.is_due(epoch, config)] == [4, 8, 10]
 
 
+def test_an_epoch_without_a_checkpoint_only_reports_its_metrics(monkeypatch):
+    # Between --checkpoint-every epochs nothing is saved: no model to size or write (None here would fail at it),
+    # no all-reduce, one report without a checkpoint.
+    reports = []
+    monkeypatch.setattr(ray.train, "report", lambda metrics, checkpoint=None: reports.append((metrics, checkpoint)))
+    returned = checkpoint.save_and_report(None, {"epoch": 3}, [{"epoch": 3}], None, 0, False,
+                                          lambda share: pytest.fail("an all-reduce ran"))
+    assert (returned, reports) == (None, [({"epoch": 3}, None)])
+
+
 def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tmp_path):
     def compiled():
         return compile_unet(unet_model((32, 48, 3), n_filters=4), learning_rate=1e-2, ema_momentum=0.9)
