@@ -128,6 +128,16 @@ def test_a_rerun_resumes_only_on_the_same_frames_of_its_data(tmp_path, monkeypat
                                      identity(["a.png", "b.png", "c.png"], ["d.png"]))
 
 
+def test_only_a_metrics_json_of_one_dict_marks_an_evaluation_report(tmp_path):
+    # jobs.train refuses an --output holding a report: taking its own run directory for one would refuse every resume.
+    for name, metrics in (("run", [{"epoch": 1, "val_mean_iou": 0.2}]), ("report", {"mean_iou": 0.2})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "empty").mkdir()
+    assert [run_directory.is_evaluation_report(str(tmp_path / name)) for name in ("run", "report", "empty")] == [
+        False, True, False]
+
+
 def test_a_run_that_goes_on_keeps_no_earlier_list_of_skipped_or_unreadable_frames(tmp_path):
     (tmp_path / "unreadable.txt").write_text("frames/CameraRGB/a.png: truncated\n")  # an earlier refusal's
     run_directory.write_skipped(str(tmp_path), {"a.png": "truncated"})
