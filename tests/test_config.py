@@ -88,6 +88,14 @@ def test_bad_values_are_refused_with_the_field_named():
         InferConfig(model="m.keras", input="in", output="out", formats=())
 
 
+def test_a_relative_storage_path_is_made_absolute_where_the_command_runs(tmp_path, monkeypatch):
+    # Ray Train's workers run elsewhere (their own working directories): a relative path would name another folder.
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(storage_path="checkpoints").run_storage == f"{tmp_path}/checkpoints/unet"
+    assert TrainConfig(output="runs/a").run_storage == f"{tmp_path}/runs/a/ray_results/unet"
+    assert TrainConfig(storage_path="s3://bucket/runs/").run_storage == "s3://bucket/runs/unet"
+
+
 def test_a_val_fraction_that_leaves_no_frame_on_one_side_is_refused_for_given_data_too():
     # With --data (no generated scenes to count), nothing else refuses it before Ray starts and the
     # frames are decoded; 1 validates every frame and trains on none, 0 validates none.
