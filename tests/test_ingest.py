@@ -1,5 +1,6 @@
 """Ray Data ingest on a real local Ray: train and validation frames, and the class counts the recipe takes."""
 
+import errno
 import gc
 import os
 import re
@@ -387,3 +388,15 @@ def test_a_failed_job_removes_only_an_output_it_made_itself(tmp_path):
                 output.mkdir(exist_ok=True)
                 raise RuntimeError("model refused")
     assert os.listdir(tmp_path) == ["made_by_the_user"]
+
+
+def test_a_place_that_takes_no_more_files_full_over_quota_or_read_only_stops_the_job_with_one_error():
+    # Every later write fails alike, so a restart would too: one error that says to make room, not Ray Train's retries.
+    for code, why in ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+                      (errno.EROFS, "Read-only file system")):
+        with pytest.raises(ValueError, match=f"^--output /runs/a: cannot take more files \\({why}\\); make room$"):
+            with ingest.stopped_when_out_of_room("--output /runs/a", "make room"):
+                raise OSError(code, why)
+    with pytest.raises(OSError, match="Input/output error"):  # one file's failure: not about room
+        with ingest.stopped_when_out_of_room("--output /runs/a", "make room"):
+            raise OSError(errno.EIO, "Input/output error")
