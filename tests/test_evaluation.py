@@ -260,6 +260,18 @@ def test_a_split_scores_only_the_frames_training_holds_out(tmp_path, capsys):
     assert "--val-fraction has no effect without --split" in capsys.readouterr().err
 
 
+def test_a_split_that_holds_out_no_frame_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    # Scoring no frame failed later, in a traceback from drawing an empty figure.
+    monkeypatch.setattr(evaluation.model_io, "load_model", lambda path: pytest.fail("the model was loaded"))
+    (tmp_path / "model.keras").write_bytes(b"never loaded")
+    scenes.write_scenes(tmp_path / "frames", 2)
+    with pytest.raises(ValueError, match="frames: --split hash --val-fraction 0.01 holds out none of its 2 "
+                                         "frame\\(s\\)$"):
+        evaluation.evaluate(EvaluateConfig(str(tmp_path / "model.keras"), str(tmp_path / "frames"),
+                                           str(tmp_path / "report"), split="hash", val_fraction=0.01))
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_model_ending_in_a_softmax_is_scored_on_its_probabilities(tmp_path):
     tf.keras.utils.set_random_seed(0)
     logits_model = unet_model((*SIZE, 3), n_filters=4)
