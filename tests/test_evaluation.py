@@ -272,6 +272,11 @@ def test_a_split_that_holds_out_no_frame_is_refused_before_the_model_loads(tmp_p
     assert not (tmp_path / "report").exists()
 
 
+def test_jobs_evaluate_scores_32_frames_per_call_and_every_frame_by_default():
+    args = evaluate_job.parse_args(["--model", "m.keras", "--data", "frames", "--output", "report"])
+    assert (args.batch_size, args.split, args.val_fraction) == (32, None, None)
+
+
 def test_a_model_ending_in_a_softmax_is_scored_on_its_probabilities(tmp_path):
     tf.keras.utils.set_random_seed(0)
     logits_model = unet_model((*SIZE, 3), n_filters=4)
