@@ -165,13 +165,19 @@ def resumed_history(config):
 
 def latest_checkpoint(run):
     """Ray Train's latest checkpoint of the run in `run` (storage path/run name), or None."""
+    try:
+        return latest_result(run).checkpoint
+    except RuntimeError:  # no snapshot of checkpoints (or no folder): nothing to resume
+        return None
+
+
+def latest_result(run):
+    """Ray Train's record of the run in `run` (storage path/run name), as its `fit` returns it."""
     quiet = logging.getLogger("ray.train")  # Ray's note on the snapshot found, which names no flag of ours
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        return ray.train.Result.from_path(run).checkpoint
-    except RuntimeError:  # no snapshot of checkpoints (or no folder): nothing to resume
-        return None
+        return ray.train.Result.from_path(run)
     finally:
         quiet.setLevel(level)
 

@@ -60,8 +60,12 @@ def run_training(config, resumed):
         run_directory.write_skipped(config.output, skipped)  # once the run may go on: a refused rerun changes no record
     with ingest.stopped_when_out_of_room(config.run_storage, BEFORE_TRAINING):
         run_directory.record_run_identity(config, frames)
-    weights, counts = class_balance(train_frames, config)
     per_worker = print_frames(config, data_uri, train_frames, val_frames, skipped)
+    done = trains_no_more(config, resumed)
+    if done:  # the driver exports what the checkpoint holds: Ray Train's workers would take ~20 s to start
+        print(f"[unet-ray] run {config.run_name!r} {done}", flush=True)
+        return export(config, checkpoint.latest_result(config.run_storage), val_frames)
+    weights, counts = class_balance(train_frames, config)
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
@@ -101,6 +105,11 @@ def run_training(config, resumed):
             f"{config.output}: training diverged at epoch {diverged['epoch']} (validation loss "
             f"{diverged['val_loss']}), so no model was exported from it; train into another --output with a "
             f"lower --learning-rate (now {config.learning_rate}) or a cap on the gradient (--clip-norm 1)")
+    return export(config, result, val_frames)
+
+
+def export(config, result, val_frames):
+    """Fill the run directory from the last checkpoint of `result` (Ray Train's); returns its history."""
     with result.checkpoint.as_directory() as directory:  # the last epoch always checkpoints
         state, best_weights = checkpoint.read(directory)
     history = state["history"]
@@ -310,16 +319,10 @@ def train_loop_per_worker(loop_config):
         first_epoch, history, best_weights = checkpoint.restore(model, ray.train.get_checkpoint(), steps_per_epoch)
     if first_epoch and rank == 0:
         worker_log(f"[unet-ray] resumed from the checkpoint of epoch {first_epoch}")
-    if first_epoch >= config.epochs:
+    done = trains_no_more(config, history)
+    if done:  # restarted after the last epoch's checkpoint; a rerun of a finished run starts no worker
         if rank == 0:
-            worker_log(f"[unet-ray] run {config.run_name!r} has trained {first_epoch} epoch(s), --epochs "
-                       f"{config.epochs} asks for no more; exporting its best model again (pass more --epochs to "
-                       f"train on)")
-        return
-    if should_stop_early(history, config.early_stopping_patience):
-        if rank == 0:
-            worker_log(f"[unet-ray] run {config.run_name!r} stopped early after epoch {first_epoch}; exporting its "
-                       f"best model again (pass a larger --early-stopping-patience to train on)")
+            worker_log(f"[unet-ray] run {config.run_name!r} {done}")
         return
     seed_dropout(config, rank)
 
@@ -437,6 +440,17 @@ def is_new_best(history, scores):
 def best_epoch_index(history):
     """The epoch `model.keras` holds: the best val mIoU, the first of a tie (as `is_new_best` keeps it)."""
     return max(range(len(history)), key=lambda index: history[index]["val_mean_iou"])
+
+
+def trains_no_more(config, history):
+    """Why a run at `history` (its checkpoint's) has no epoch left to train, or None if it has."""
+    if len(history) >= config.epochs:
+        return (f"has trained {len(history)} epoch(s), --epochs {config.epochs} asks for no more; exporting its "
+                f"best model again (pass more --epochs to train on)")
+    if should_stop_early(history, config.early_stopping_patience):
+        return (f"stopped early after epoch {len(history)}; exporting its best model again (pass a larger "
+                f"--early-stopping-patience to train on)")
+    return None
 
 
 def should_stop_early(history, patience):

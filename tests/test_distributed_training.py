@@ -79,7 +79,11 @@ def assert_validation_counted_once(config, row):
     return model
 
 
-def test_two_workers_train_validate_and_resume(tmp_path, ray_session, quickstart_run, monkeypatch):
+def starts_no_worker(*args, **kwargs):
+    raise AssertionError("Ray Train was started for a run with no epoch left to train")
+
+
+def test_two_workers_train_validate_and_resume(tmp_path, ray_session, quickstart_run, monkeypatch, capfd):
     # The quickstart's training is this test's smoke run: shared (conftest.py), it is trained once.
     assert quickstart_run.code == 0, quickstart_run.err[-5000:]
     config = dataclasses.replace(smoke_config(tmp_path, epochs=2), output=quickstart_run.config.output)
@@ -137,6 +141,15 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session, quickstart
     accumulator = EventAccumulator(os.path.join(moved.output, "tensorboard"))
     accumulator.Reload()
     assert [event.step for event in accumulator.Scalars("val_mean_iou")] == [1, 2, 3]
+    # Run again, it has no epoch left: the driver exports the checkpoint's best model again, no worker started.
+    os.remove(os.path.join(moved.output, "model.keras"))
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "TensorflowTrainer", starts_no_worker)
+        assert train(moved) == resumed
+    assert "has trained 3 epoch(s), --epochs 3 asks for no more" in capfd.readouterr().out
+    exported = tf.keras.models.load_model(os.path.join(moved.output, "model.keras"))
+    assert all(np.array_equal(b, e) for b, e in zip(checkpoint.read(checkpoint_dirs(config)[3])[1],
+                                                    exported.get_weights()))
     # Other frames under the same name and storage: refused, not continued on the wrong data.
     with pytest.raises(ValueError, match="'24 generated scenes, seed 0' -> '24 generated scenes, seed 1'"):
         train(dataclasses.replace(moved, seed=1, epochs=4))
@@ -426,7 +439,8 @@ def test_early_stopping_stops_every_worker_and_a_rerun_only_exports(tmp_path, ra
     # Validation's all-reduce runs traced, not eagerly (which MWMS warns about on every worker).
     assert "eagerly has significant overhead" not in captured.out + captured.err
 
-    assert train(config) == history  # stopped already: no third epoch, the same export
+    monkeypatch.setattr(training, "TensorflowTrainer", starts_no_worker)
+    assert train(config) == history  # stopped already: no third epoch, the same export, and no worker
     assert list(checkpoint_dirs(config)) == [2]
     assert "stopped early after epoch 2; exporting its best model again" in capfd.readouterr().out
 
