@@ -15,6 +15,21 @@ WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 # Whether `connect` started this process's own local Ray: no node can ever join that one.
 started_local_ray = False
 
+# True while `connect` starts a local Ray: each process ray.init spawns then leads a process group of its own.
+starting_local_ray = False
+
+
+def leave_the_drivers_process_group():
+    """A SIGTERM to the job's process group (`timeout`, a scheduler) then reaches the driver, not its
+    local Ray's GCS and raylet: losing those mid-run, Ray's core ended the driver with status 1, at
+    times before it said how to go on. They still die with the driver (Ray has the kernel end them)."""
+    if starting_local_ray:
+        os.setpgrp()
+
+
+# Run in the child of every fork that returns to Python: Ray spawns its processes with a preexec_fn, which does.
+os.register_at_fork(after_in_child=leave_the_drivers_process_group)
+
 
 def connect(num_cpus=None):
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start local Ray.
@@ -39,14 +54,18 @@ def connect(num_cpus=None):
             raise ValueError(f"RAY_ADDRESS={address}: {said}. Unset RAY_ADDRESS to start a Ray of this job's "
                              f"own") from None
         return
-    global started_local_ray
+    global started_local_ray, starting_local_ray
     cpus = max(os.cpu_count() or 1, num_cpus or 0)
     # address="local": always a private Ray for this process, never a cluster someone else
     # started on this machine with `ray start` (that one is reached through RAY_ADDRESS).
     # A copy: ray.init writes the hook's key into the env_vars it is given, and WORKER_ENV goes
     # into os.environ, where every subprocess (a `ray start` of another cluster) would inherit it.
-    init(address="local", num_cpus=cpus, include_dashboard=False,
-         runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": set_up_local_worker})
+    starting_local_ray = True
+    try:
+        init(address="local", num_cpus=cpus, include_dashboard=False,
+             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": set_up_local_worker})
+    finally:
+        starting_local_ray = False
     started_local_ray = True
 
 
@@ -95,9 +114,9 @@ def init(**kwargs):
     aborts the process (exit 134), cutting short whatever is still under way (a commit, Ray's
     shutdown). A handler set from Python replaces both, for the rest of the process.
 
-    Not Ray Train's Ctrl-C handler, which waits for its run to abort: `timeout` and schedulers signal
-    every process of the job, and the local Ray's GCS, gone with them, would never answer (exit 1 a
-    minute later). The driver's end takes its run down with it, as a lost driver's does.
+    Not Ray Train's Ctrl-C handler, which waits for its run to abort: a scheduler may signal every
+    process of the job, and the local Ray's GCS, gone with them, would never answer (exit 1 a minute
+    later). The driver's end takes its run down with it, as a lost driver's does.
     """
     try:
         ray.init(**kwargs)

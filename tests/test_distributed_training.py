@@ -256,8 +256,8 @@ def test_ctrl_c_aborts_the_run_frees_its_workers_and_says_how_to_resume(tmp_path
 
 
 def test_sigterm_aborts_the_run_as_ctrl_c_does(tmp_path):
-    # `kill`, `timeout`, `ray job stop` and schedulers send SIGTERM; `timeout` and schedulers to every
-    # process of the job, the local Ray's GCS and raylet too. In a session of its own: the C++
+    # `kill`, `timeout`, `ray job stop` and schedulers send SIGTERM; `timeout` to the job's process group (the
+    # local Ray's GCS and raylet lead groups of their own: runtime.py). In a session of its own: the C++
     # failure-signal handler that Ray and TensorFlow bring would abort it 3 s later (exit 134), unless
     # the process, tearing its Ray down meanwhile, happened to end first; waiting for Ray Train's
     # abort, it would wait a minute for the GCS gone with it, then exit 1.

@@ -36,14 +36,27 @@ def test_workers_that_fit_leave_out_the_nodes_that_died(ray_session, monkeypatch
     assert runtime.workers_that_fit(cpus_per_worker=1, gpus_per_worker=1) == 0
 
 
-def test_a_local_ray_gets_the_cpus_asked_for_beyond_the_machines_cores():
+def test_a_local_ray_gets_the_cpus_asked_for_and_runs_outside_the_drivers_process_group():
     # Ray Data's tasks run beside workers or actors that hold every core only if the local Ray has CPUs to spare.
+    # And a SIGTERM to the job's process group (`timeout`, a scheduler) must reach the driver alone: had it
+    # ended the local Ray's GCS and raylet too, Ray's core would at times end the driver with status 1 first.
     # A process of its own: this one's Ray is the session's.
-    script = ("import os, ray; from distributed import runtime; runtime.connect(num_cpus=os.cpu_count() + 2); "
-              "print('extra CPUs:', int(ray.cluster_resources()['CPU']) - os.cpu_count())")
+    script = "\n".join([
+        "import os, subprocess, ray",
+        "from distributed import runtime",
+        "runtime.connect(num_cpus=os.cpu_count() + 2)",
+        "print('extra CPUs:', int(ray.cluster_resources()['CPU']) - os.cpu_count())",
+        "children = subprocess.run(['ps', '-o', 'pgid=,comm=', '--ppid', str(os.getpid())], capture_output=True, "
+        "text=True).stdout.split()",
+        "daemons = [int(group) for group, name in zip(children[::2], children[1::2])",
+        "           if name in ('gcs_server', 'raylet')]",
+        "print('daemons:', len(daemons), 'in its group:', daemons.count(os.getpgrp()))",
+    ])
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                         start_new_session=True)
     assert "extra CPUs: 2" in run.stdout, run.stderr[-2000:]
+    assert "daemons: 2 in its group: 0" in run.stdout, run.stdout + run.stderr[-2000:]
 
 
 def test_cluster_shortfall_names_what_is_missing(ray_session, monkeypatch, capsys):
