@@ -20,7 +20,7 @@ starting_local_ray = False
 
 
 def leave_the_drivers_process_group():
-    """A SIGTERM to the job's process group (`timeout`, a scheduler) then reaches the driver, not its
+    """A SIGTERM to the job's process group (`timeout`, `kill -- -PGID`) then reaches the driver, not its
     local Ray's GCS and raylet: losing those mid-run, Ray's core ended the driver with status 1, at
     times before it said how to go on. They still die with the driver (Ray has the kernel end them)."""
     if starting_local_ray:
