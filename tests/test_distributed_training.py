@@ -259,8 +259,8 @@ def test_sigterm_aborts_the_run_as_ctrl_c_does(tmp_path):
     # `kill`, `timeout`, `ray job stop` and schedulers send SIGTERM; `timeout` to the job's process group (the
     # local Ray's GCS and raylet lead groups of their own: runtime.py). In a session of its own: the C++
     # failure-signal handler that Ray and TensorFlow bring would abort it 3 s later (exit 134), unless
-    # the process, tearing its Ray down meanwhile, happened to end first; waiting for Ray Train's
-    # abort, it would wait a minute for the GCS gone with it, then exit 1.
+    # the process, tearing its Ray down meanwhile, happened to end first. Not Ray Train's own abort either:
+    # where a scheduler ends the GCS too, it would wait a minute for it, then exit 1 (runtime.init).
     output = tmp_path / "run"
     script = "\n".join([
         "import os, signal, sys, threading, time",

@@ -38,7 +38,7 @@ def test_workers_that_fit_leave_out_the_nodes_that_died(ray_session, monkeypatch
 
 def test_a_local_ray_gets_the_cpus_asked_for_and_runs_outside_the_drivers_process_group():
     # Ray Data's tasks run beside workers or actors that hold every core only if the local Ray has CPUs to spare.
-    # And a SIGTERM to the job's process group (`timeout`, a scheduler) must reach the driver alone: had it
+    # And a SIGTERM to the job's process group (`timeout`) must reach the driver alone: had it
     # ended the local Ray's GCS and raylet too, Ray's core would at times end the driver with status 1 first.
     # A process of its own: this one's Ray is the session's.
     script = "\n".join([
