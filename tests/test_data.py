@@ -128,6 +128,12 @@ def test_decode_jpeg_to_rgb():
     decoded = data.decode_image(encoded(Image.fromarray(rgb), "JPEG", quality=95), "frame.jpg")
     assert decoded.shape == (20, 30, 3) and decoded.dtype == np.uint8
     assert np.abs(decoded.astype(int) - rgb.astype(int)).mean() < 4
+    # EXIF orientation 6 (shown turned 90°) is not applied, as tf.io.decode_jpeg does not: the stored grid.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged = encoded(Image.fromarray(rgb), "JPEG", quality=95, exif=exif.tobytes())
+    assert Image.open(io.BytesIO(tagged)).getexif()[0x0112] == 6
+    np.testing.assert_array_equal(data.decode_image(tagged, "frame.jpg"), decoded)
 
 
 def test_mask_class_is_max_over_colour_channels_never_alpha():
