@@ -300,7 +300,7 @@ def train_loop_per_worker(loop_config):
     # training step: 13 s instead of 21 s per epoch on 2 cores (BENCHMARKS.md). Not under MWMS
     # (XLA on CPU cannot compile collectives), nor with mixed precision on CPU: for bfloat16 XLA
     # computes convolutions in float32 (openxla/xla#10687) and would forfeit the native bf16 speed.
-    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world_size > 1 else tf.distribute.get_strategy()
+    strategy = distribution_strategy(world_size, config.use_gpu)
     sum_across_workers = summing_across_workers(strategy)  # traced once, for every agreement of the run
     precision = set_precision_policy(config.mixed_precision, config.use_gpu, sum_across_workers)
     jit_compile = config.jit_compile and world_size == 1 and (config.use_gpu or precision == "off")
@@ -457,6 +457,18 @@ def should_stop_early(history, patience):
     if not patience or len(history) <= patience:
         return False
     return len(history) - 1 - best_epoch_index(history) >= patience
+
+
+def distribution_strategy(world_size, use_gpu):
+    """MWMS across workers (a lone worker's default strategy otherwise). TensorFlow all-reduces over
+    NCCL only when asked: its AUTO takes the ring over gRPC, which carries every GPU gradient through
+    host memory. Tensors on the host (the workers' agreements) take the ring either way."""
+    if world_size == 1:
+        return tf.distribute.get_strategy()
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=implementation.NCCL if use_gpu else implementation.RING)
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
 
 
 def set_precision_policy(mixed_precision, use_gpu, sum_across_workers):

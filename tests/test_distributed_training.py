@@ -334,6 +334,18 @@ def test_auto_precision_is_bf16_only_where_every_worker_computes_it_natively(nat
         tf.keras.mixed_precision.set_global_policy(policy)
 
 
+def test_workers_all_reduce_over_nccl_on_gpus_and_the_ring_on_cpus(monkeypatch):
+    built = []
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy",
+                        lambda communication_options: built.append(communication_options.implementation))
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    training.distribution_strategy(4, use_gpu=True)
+    training.distribution_strategy(2, use_gpu=False)
+    assert built == [implementation.NCCL, implementation.RING]
+    # A lone worker has no one to all-reduce with: no MWMS, so XLA may compile its step.
+    assert training.distribution_strategy(1, use_gpu=True) is tf.distribute.get_strategy() and len(built) == 2
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A filesystem of its own, 2 MiB (tmpfs): too small for one smoke checkpoint (~2.8 MB). Needs the right to
