@@ -161,6 +161,12 @@ def test_save_previews_with_true_masks(tmp_path):
         np.testing.assert_allclose(_class_shares(column, shown), counts / counts.sum(), atol=0.02)
 
 
+def test_frame_names_with_dollar_signs_are_drawn_not_parsed_as_maths(tmp_path):
+    images, masks = _frames(n=3)
+    names = ["z$^$.png", "a$_$.png", "x$\\frac$.png"]  # each fails matplotlib's maths parser
+    _assert_real_png(save_previews(images, masks, masks, tmp_path / "previews.png", titles=names))
+
+
 def test_save_previews_rejects_mismatched_inputs(tmp_path):
     images, masks = _frames(n=3)
     with pytest.raises(ValueError, match="matching images"):

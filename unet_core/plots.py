@@ -157,7 +157,8 @@ def save_previews(images, true_masks, predicted_masks, path, titles=None, class_
         axes[0, col].set_title(name)
     if titles is not None:
         for row, title in enumerate(titles):
-            axes[row, 0].set_ylabel(str(title))
+            # A frame's name as written: `$` in a file name would start matplotlib's maths markup.
+            axes[row, 0].set_ylabel(str(title), parse_math=False)
 
     present = np.unique(np.concatenate([masks.ravel() for _, masks in columns[1:]]))
     fig.legend(
