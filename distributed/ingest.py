@@ -8,6 +8,7 @@ starts rather than in the middle of an epoch.
 """
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import gc
@@ -364,22 +365,61 @@ def preprocess_batch(batch, filesystem, root, size, n_classes):
             "error": np.array(reasons)}
 
 
-def load_frames(uri, size, n_classes, val_fraction, split, output, skip_bad=False, min_train_frames=1,
-                val_uri=None):
-    """(train dataset, validation dataset, skipped {name: reason}).
+@dataclasses.dataclass(frozen=True)
+class FrameList:
+    """A run's frames by name, before any is read: `sources` holds (filesystem, root, names,
+    validation flags, row keys) per directory listed."""
 
-    Validation is a split of `uri` (`val_fraction` of it, picked by `split`) or, given `val_uri`,
-    every frame of that directory, and then every frame of `uri` trains. Frames of `val_uri` are
-    listed in `skipped` under their path. Unless `skip_bad`, unreadable frames raise one ValueError,
-    every one of them listed in `output`/unreadable.txt.
-    """
-    sources = [(uri, None)] if val_uri is None else [(uri, False), (val_uri, True)]
-    parts, frame_count = [], 0
-    for source, is_val in sources:
+    where: str
+    val_fraction: float | None  # None: validation is a directory of its own (--val-data)
+    min_train_frames: int
+    sources: list
+
+    def refuse_short_split(self, train, val, skipped=None, more_classes=""):
+        """A ValueError if `train` frames are fewer than the workers or `val` is none; `skipped`:
+        {name: reason} of the frames that could not be read, once they were."""
+        if train >= self.min_train_frames and val > 0:
+            return
+        split_by, remedy = "", "add frames or lower --num-workers"
+        if self.val_fraction is not None:
+            split_by = f" at val_fraction={self.val_fraction}"
+            remedy = "add frames, lower --num-workers or change --val-fraction"
+        counted = f"{train + val} frame(s)"
+        if skipped is not None:
+            counted = f"{train + val} usable frame(s)" + (
+                f" ({len(skipped)} skipped, such as {next(iter(skipped.values()))})" if skipped else "")
+        raise ValueError(
+            f"{self.where}: {counted} give {train} for training and {val} for validation{split_by}; training needs "
+            f"at least {self.min_train_frames} (one frame per worker) and validation at least 1: {remedy}{more_classes}"
+        )
+
+
+def list_frames(uri, val_fraction, split, min_train_frames=1, val_uri=None):
+    """The FrameList of a run: validation is a split of `uri` (`val_fraction` of it, picked by
+    `split`) or, given `val_uri`, every frame of that directory, and then every frame of `uri` trains.
+    Unpaired files, and a split that leaves too few frames to train or validate, are refused here, by
+    name, before a frame is decoded. Rows of `val_uri` are keyed by their path, as both directories
+    may name frames alike."""
+    sources = []
+    for source, is_val in [(uri, None)] if val_uri is None else [(uri, False), (val_uri, True)]:
         filesystem, root, names = discover_pairs(source)
         flags = data.validation_flags(names, val_fraction, split) if is_val is None else [is_val] * len(names)
-        items = [{"name": name, "is_val": flag, "key": f"{source}/{name}" if is_val else name}
-                 for name, flag in zip(names, flags)]
+        keys = [f"{source}/{name}" if is_val else name for name in names]
+        sources.append((filesystem, root, names, flags, keys))
+    frame_list = FrameList(uri if val_uri is None else f"{uri} and {val_uri}",
+                           val_fraction if val_uri is None else None, min_train_frames, sources)
+    val = sum(sum(flags) for _, _, _, flags, _ in sources)
+    frame_list.refuse_short_split(sum(len(names) for _, _, names, _, _ in sources) - val, val)
+    return frame_list
+
+
+def load_frames(frame_list, size, n_classes, output, skip_bad=False):
+    """(train dataset, validation dataset, skipped {key: reason}) of a FrameList, every frame decoded
+    once. Unless `skip_bad`, unreadable frames raise one ValueError, every one of them listed in
+    `output`/unreadable.txt."""
+    parts, frame_count = [], 0
+    for filesystem, root, names, flags, keys in frame_list.sources:
+        items = [{"name": name, "is_val": flag, "key": key} for name, flag, key in zip(names, flags, keys)]
         parts.append(ray.data.from_items(items).map_batches(
             preprocess_batch,
             batch_size=ROWS_PER_TASK,
@@ -387,27 +427,16 @@ def load_frames(uri, size, n_classes, val_fraction, split, output, skip_bad=Fals
         ))
         frame_count += len(names)
     frames = (parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])).materialize()
-    where = uri if val_uri is None else f"{uri} and {val_uri}"
     failed = frames.filter(expr=col("error") != "").select_columns(["key", "error"]).take_all()
     skipped = {row["key"]: row["error"] for row in failed}
     more_classes = data.class_id_hint(skipped.values(), lambda n: f": if those are classes, pass --n-classes {n}")
     if skipped and not skip_bad:
-        raise unreadable_frames(where, list(skipped.values()), frame_count,
+        raise unreadable_frames(frame_list.where, list(skipped.values()), frame_count,
                                 "fix them, or pass --skip-bad to train without them", output, more_classes)
     readable, bookkeeping = col("error") == "", ["error", "is_val", "key"]
     train = frames.filter(expr=readable & ~col("is_val")).drop_columns(bookkeeping).materialize()
     val = frames.filter(expr=readable & col("is_val")).drop_columns(bookkeeping).materialize()
-    if train.count() < min_train_frames or val.count() == 0:
-        split_by = f" at val_fraction={val_fraction}"
-        remedy = "add frames, lower --num-workers or change --val-fraction"
-        if val_uri is not None:
-            split_by, remedy = "", "add frames or lower --num-workers"
-        unusable = f" ({len(skipped)} skipped, such as {next(iter(skipped.values()))})" if skipped else ""
-        raise ValueError(
-            f"{where}: {frame_count - len(skipped)} usable frame(s){unusable} give {train.count()} for training and "
-            f"{val.count()} for validation{split_by}; training needs at least "
-            f"{min_train_frames} (one frame per worker) and validation at least 1: {remedy}{more_classes}"
-        )
+    frame_list.refuse_short_split(train.count(), val.count(), skipped, more_classes)
     # Ray Data's executors are left in reference cycles that hold the blocks they read: until a full
     # collection, which need not come while the driver waits in trainer.fit(), every decoded frame
     # would stay in the object store beside train and val.

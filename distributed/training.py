@@ -36,24 +36,23 @@ from unet_core.training import (
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
     with ingest.removed_if_left_empty(config.output):  # a run refused for its data, say
-        held, resumed = check_before_start(config)
+        held, resumed, frame_list = check_before_start(config)
         with held:  # the run's hold on --output, until it ends
-            return run_training(config, resumed)
+            return run_training(config, resumed, frame_list)
 
 
 BEFORE_TRAINING = "so training did not start; make room, then the same command goes on"
 
 
-def run_training(config, resumed):
+def run_training(config, resumed, frame_list):
     """`train` once `check_before_start` holds --output for this run; `resumed` is the history of
-    the checkpoint it resumes from."""
+    the checkpoint it resumes from, `frame_list` the frames of --data (None: the run generates its own)."""
     # A disk full before the first epoch, as midway: one error that says to make room, not a traceback (exit 1).
     with ingest.stopped_when_out_of_room(f"--output {config.output}", BEFORE_TRAINING):
         data_uri = config.data or run_directory.generate_scenes(config)
+    frame_list = frame_list or list_frames(config, data_uri)
     train_frames, val_frames, skipped = ingest.load_frames(
-        data_uri, config.image_size, config.n_classes, config.val_fraction, config.split, config.output,
-        config.skip_bad, min_train_frames=config.num_workers, val_uri=config.val_data,
-    )
+        frame_list, config.image_size, config.n_classes, config.output, config.skip_bad)
     frames = run_directory.frames_identity(train_frames, val_frames)
     run_directory.check_run_identity(config, frames)
     with ingest.stopped_when_out_of_room(f"--output {config.output}", BEFORE_TRAINING):
@@ -122,10 +121,10 @@ def check_before_start(config):
     """Refuses a run that cannot go on (bad paths, another run's output or one training into it,
     too few workers, a checkpoint to resume from that cannot be read) before any data is decoded;
     makes the output and checkpoint directories and connects to Ray, or starts it. Returns the run's
-    hold on --output and its checkpoints (`ingest.hold`) and the history of the checkpoint it resumes
-    from ([] if none)."""
+    hold on --output and its checkpoints (`ingest.hold`), the history of the checkpoint it resumes
+    from ([] if none) and the FrameList of --data (None without it)."""
     try:
-        check_paths(config)
+        frame_list = check_paths(config)
     except OSError as error:  # a name too long for the filesystem, say: a bad flag, not a crash
         raise ValueError(f"a path given to --output, --data, --val-data or --storage-path cannot be used: "
                          f"{error}") from None
@@ -146,7 +145,7 @@ def check_before_start(config):
     except BaseException:
         held.close()
         raise
-    return held, resumed
+    return held, resumed, frame_list
 
 
 def connect_ray(config):
@@ -170,7 +169,8 @@ def connect_ray(config):
 
 
 def check_paths(config):
-    """Before anything is written: each path can be used, and none lands among another's files."""
+    """Before anything is written: each path can be used, and none lands among another's files, and
+    --data pairs up and splits into enough frames; returns its FrameList (None without --data)."""
     if config.storage_path is not None:
         refuse_relative_output(config.storage_path, "--storage-path")
     ingest.open_output(config.output)
@@ -196,8 +196,16 @@ def check_paths(config):
     if run_directory.is_evaluation_report(config.output):
         raise ValueError(f"{config.output}: a jobs.evaluate report, whose metrics.json and previews.png the run's "
                          f"would replace: pass another --output")
+    frame_list = list_frames(config, config.data) if config.data else None  # by name: unpaired, too few to split
     ingest.make_directory(config.output, "--output")
     run_directory.check_run_identity(config)
+    return frame_list
+
+
+def list_frames(config, data_uri):
+    """The run's FrameList: --data's frames split for validation (`ingest.list_frames`)."""
+    return ingest.list_frames(data_uri, config.val_fraction, config.split, min_train_frames=config.num_workers,
+                              val_uri=config.val_data)
 
 
 def print_frames(config, data_uri, train_frames, val_frames, skipped):

@@ -679,19 +679,23 @@ def test_a_mistyped_data_path_is_refused_before_ray_starts_or_anything_is_writte
     assert sorted(os.listdir(tmp_path)) == ["frames"]  # no run directory, no ray_results in it
 
 
-def test_unpaired_files_fail_before_training(tmp_path, ray_session):
+def test_unpaired_files_or_too_few_to_split_are_refused_by_name_before_ray_starts(tmp_path, no_ray):
     frames = tmp_path / "frames"
     scenes.write_scenes(str(frames), 4, seed=1)
     os.remove(frames / "CameraMask" / "scene_000001.png")
     with pytest.raises(ValueError, match="CameraRGB/scene_000001.png: no mask"):
         train(smoke_config(tmp_path, data=str(frames), epochs=1))
-    # Refused once Ray ran: the new --output it made is gone again. Its empty ray_results/ read later as a
-    # training run's (jobs.evaluate refused it as a report's --output).
+    # No --output made: an empty ray_results/ left there read later as a training run's (jobs.evaluate refused
+    # it as a report's --output).
     assert sorted(os.listdir(tmp_path)) == ["frames"]
+    for folder, scene in (("CameraRGB", 1), ("CameraRGB", 3), ("CameraMask", 3)):
+        os.remove(frames / folder / f"scene_00000{scene}.png")
     (tmp_path / "run").mkdir()  # an --output that was there stays
-    with pytest.raises(ValueError, match="CameraRGB/scene_000001.png: no mask"):
+    # Two workers, one frame to train: by name, not once the frames are decoded (all of them, on a large set).
+    with pytest.raises(ValueError, match="2 frame\\(s\\) give 1 for training and 1 for validation at val_fraction=0.2; "
+                                         "training needs at least 2 \\(one frame per worker\\)"):
         train(smoke_config(tmp_path, data=str(frames), epochs=1))
-    assert sorted(os.listdir(tmp_path)) == ["frames", "run"]
+    assert sorted(os.listdir(tmp_path)) == ["frames", "run"] and os.listdir(tmp_path / "run") == []
 
 
 def test_a_new_best_beats_every_earlier_epoch():

@@ -34,8 +34,8 @@ def test_a_validation_directory_validates_whole_while_every_frame_of_data_trains
     # Both directories name their frames scene_000000.png, ...: the rows must not mix them up.
     scenes.write_scenes(str(tmp_path / "train"), 5, seed=1)
     scenes.write_scenes(str(tmp_path / "val"), 3, seed=2)
-    train, val, skipped = ingest.load_frames(str(tmp_path / "train"), (32, 48), 23, 0.5, "tail",
-                                             str(tmp_path), val_uri=str(tmp_path / "val"))
+    frame_list = ingest.list_frames(str(tmp_path / "train"), 0.5, "tail", val_uri=str(tmp_path / "val"))
+    train, val, skipped = ingest.load_frames(frame_list, (32, 48), 23, str(tmp_path))
     assert skipped == {}
     assert sorted(train.to_pandas()["name"]) == [f"scene_{i:06d}.png" for i in range(5)]
     rows = val.take_all()
@@ -50,11 +50,11 @@ def test_an_unreadable_validation_frame_is_named_by_its_path(tmp_path, ray_sessi
     scenes.write_scenes(str(tmp_path / "val"), 2, seed=2)
     mask = tmp_path / "val" / "CameraMask" / "scene_000001.png"
     mask.write_bytes(mask.read_bytes()[:100])
-    arguments = (str(tmp_path / "train"), (32, 48), 23, 0.5, "tail", str(tmp_path))
+    frame_list = ingest.list_frames(str(tmp_path / "train"), 0.5, "tail", val_uri=str(tmp_path / "val"))
     with pytest.raises(ValueError, match="1 of 6 frame\\(s\\) cannot be read") as error:
-        ingest.load_frames(*arguments, val_uri=str(tmp_path / "val"))
+        ingest.load_frames(frame_list, (32, 48), 23, str(tmp_path))
     assert str(mask) in str(error.value)
-    _, val, skipped = ingest.load_frames(*arguments, skip_bad=True, val_uri=str(tmp_path / "val"))
+    _, val, skipped = ingest.load_frames(frame_list, (32, 48), 23, str(tmp_path), skip_bad=True)
     assert list(skipped) == [f"{tmp_path / 'val'}/scene_000001.png"] and val.count() == 1
 
 
@@ -66,7 +66,7 @@ def test_class_ids_beyond_n_classes_suggest_the_number_of_classes(tmp_path, ray_
     # A wrong --n-classes fails every frame alike: the error names a few, the output's file every one.
     monkeypatch.setattr(ingest, "FAILURES_SHOWN", 2)
     with pytest.raises(ValueError, match=f"3 of 3 frame\\(s\\) cannot be read (.|\n)*{hint}") as error:
-        ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail", str(tmp_path))
+        ingest.load_frames(ingest.list_frames(str(tmp_path), 0.5, "tail"), (32, 48), 5, str(tmp_path))
     listing = (tmp_path / "unreadable.txt").read_text().splitlines()
     assert f"every one is named in {tmp_path / 'unreadable.txt'}):" in str(error.value)
     assert str(error.value).count("mask has class id") == 2 and "\n  ... and 1 more\n" in str(error.value)
@@ -74,7 +74,7 @@ def test_class_ids_beyond_n_classes_suggest_the_number_of_classes(tmp_path, ray_
         f"{tmp_path}/CameraMask/scene_00000{index}.png" for index in range(3)]
     with pytest.raises(ValueError, match=f"0 usable frame\\(s\\) \\(3 skipped, such as {tmp_path}/CameraMask/"
                                          f"scene_000000.png: mask has class id (.|\\n)*{hint}"):
-        ingest.load_frames(str(tmp_path), (32, 48), 5, 0.5, "tail", str(tmp_path), skip_bad=True)
+        ingest.load_frames(ingest.list_frames(str(tmp_path), 0.5, "tail"), (32, 48), 5, str(tmp_path), skip_bad=True)
 
 
 def test_mask_ids_no_model_can_have_are_not_answered_with_a_number_of_classes_the_flag_refuses(tmp_path, ray_session):
@@ -83,7 +83,7 @@ def test_mask_ids_no_model_can_have_are_not_answered_with_a_number_of_classes_th
     instances = data.decode_mask(mask.read_bytes(), str(mask)).astype(np.uint16) * 1000 + 7
     Image.fromarray(instances).save(mask)
     with pytest.raises(ValueError) as error:
-        ingest.load_frames(str(tmp_path), (32, 48), 23, 0.5, "tail", str(tmp_path))
+        ingest.load_frames(ingest.list_frames(str(tmp_path), 0.5, "tail"), (32, 48), 23, str(tmp_path))
     assert f"the masks hold ids up to {int(instances.max())}, beyond the 256 classes a model can have: no class " \
            f"ids (instance ids, say); save masks of class ids below 256" in str(error.value)
     assert "--n-classes" not in str(error.value)  # it said "pass --n-classes 22008", which the flag refuses
@@ -97,27 +97,29 @@ def test_the_split_asked_for_picks_the_validation_frames(tmp_path, ray_session):
     by_hash = [name for name, is_val in zip(names, data.validation_flags(names, 0.3, "hash")) if is_val]
     assert by_hash != names[-3:]  # the two splits pick different frames here
     for split, expected in (("tail", names[-3:]), ("hash", by_hash)):
-        train, val, _ = ingest.load_frames(str(tmp_path / "frames"), (32, 48), 23, 0.3, split, str(tmp_path))
+        train, val, _ = ingest.load_frames(ingest.list_frames(str(tmp_path / "frames"), 0.3, split), (32, 48), 23,
+                                           str(tmp_path))
         assert sorted(val.to_pandas()["name"]) == expected
         assert sorted(train.to_pandas()["name"]) == sorted(set(names) - set(expected))
 
 
-def test_too_few_frames_for_a_split_is_a_clear_error(tmp_path, ray_session):
+def test_too_few_frames_for_a_split_is_a_clear_error_by_name_before_any_is_read(tmp_path, ray_session, monkeypatch):
     scenes.write_scenes(str(tmp_path / "one"), 1, seed=1)
-    with pytest.raises(ValueError, match="give 0 for training and 1 for validation at val_fraction=0.5; .*"
-                                         "change --val-fraction"):
-        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", str(tmp_path))
     scenes.write_scenes(str(tmp_path / "val"), 1, seed=2)
-    with pytest.raises(ValueError, match="give 1 for training and 1 for validation; training needs at least 2 .*"
-                                         "\\(one frame per worker\\) .*add frames or lower --num-workers$"):
-        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", str(tmp_path), min_train_frames=2,
-                           val_uri=str(tmp_path / "val"))
-    # --skip-bad leaving no validation frame: every epoch would be scored on nothing.
+    monkeypatch.setattr(ingest, "read_frames", None)  # listed, split and refused: nothing read
+    with pytest.raises(ValueError, match="^[^ ]*/one: 1 frame\\(s\\) give 0 for training and 1 for validation at "
+                                         "val_fraction=0.5; .*change --val-fraction$"):
+        ingest.list_frames(str(tmp_path / "one"), 0.5, "tail")
+    with pytest.raises(ValueError, match="2 frame\\(s\\) give 1 for training and 1 for validation; training needs at "
+                                         "least 2 \\(one frame per worker\\) .*add frames or lower --num-workers$"):
+        ingest.list_frames(str(tmp_path / "one"), 0.5, "tail", min_train_frames=2, val_uri=str(tmp_path / "val"))
+    monkeypatch.undo()
+    # --skip-bad leaving no validation frame, once read: every epoch would be scored on nothing.
     (tmp_path / "val" / "CameraRGB" / "scene_000000.png").write_bytes(b"")
-    with pytest.raises(ValueError, match="1 skipped, .*give 1 for training and 0 for validation; .*validation at least "
-                                         "1: add frames"):
-        ingest.load_frames(str(tmp_path / "one"), (32, 48), 23, 0.5, "tail", str(tmp_path), skip_bad=True,
-                           val_uri=str(tmp_path / "val"))
+    frame_list = ingest.list_frames(str(tmp_path / "one"), 0.5, "tail", val_uri=str(tmp_path / "val"))
+    with pytest.raises(ValueError, match="1 usable frame\\(s\\) \\(1 skipped, .*give 1 for training and 0 for "
+                                         "validation; .*validation at least 1: add frames"):
+        ingest.load_frames(frame_list, (32, 48), 23, str(tmp_path), skip_bad=True)
 
 
 def test_a_folder_inside_the_layout_is_refused_not_passed_over(tmp_path):
@@ -373,7 +375,7 @@ def test_no_execution_is_left_holding_the_decoded_frames(tmp_path, ray_session):
     earlier = {id(executor) for executor in executors()}  # held by other tests' datasets, still alive
     gc.disable()
     try:
-        ingest.load_frames(str(tmp_path), (32, 48), 23, 0.5, "tail", str(tmp_path))
+        ingest.load_frames(ingest.list_frames(str(tmp_path), 0.5, "tail"), (32, 48), 23, str(tmp_path))
         assert not [executor for executor in executors() if id(executor) not in earlier]
     finally:
         gc.enable()
