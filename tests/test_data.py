@@ -323,6 +323,20 @@ def test_a_png_header_claiming_billions_of_pixels_is_refused_and_named():
     assert "/d/CameraRGB/huge.png" in str(error.value)
 
 
+def test_a_mask_over_pillows_warning_limit_reads_as_its_header_says_and_a_bomb_is_refused(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow warns over 100 pixels, refuses over 200
+    ids = np.arange(150).reshape(10, 15) % 23
+    colour = np.stack([ids, np.zeros_like(ids), np.zeros_like(ids)], axis=-1)
+    with pytest.warns(Image.DecompressionBombWarning):  # still read through Pillow, whose own warning it is
+        assert data.decode_mask(png_bytes(ids.astype(np.uint8)), "m8.png").tolist() == ids.tolist()
+        assert data.decode_mask(gray_png(ids % 2, 1), "m1.png").tolist() == (ids % 2).tolist()  # it read 255
+    assert data.decode_mask(png16(colour, 2), "m16rgb.png").tolist() == ids.tolist()  # Pillow read 0
+    with pytest.raises(ValueError, match="m16la.png: a 16-bit gray\\+alpha mask"):
+        data.decode_mask(png16(np.stack([ids, ids], axis=-1), 4), "m16la.png")
+    with pytest.raises(ValueError, match="/d/CameraMask/huge.png: .*bomb"):
+        data.decode_mask(png16(np.zeros((15, 15, 3), int), 2), "/d/CameraMask/huge.png")
+
+
 def test_class_id_beyond_the_model_is_named():
     ids = np.ones((40, 50), np.uint8)
     ids[3, 4] = 30

@@ -124,12 +124,13 @@ _GRAY, _RGB, _GRAY_ALPHA, _RGBA = 0, 2, 4, 6
 
 def _png_header(data):
     """(bit depth, colour type) per the IHDR chunk a PNG must start with; None for any other
-    image, and for headers over Pillow's size limit, left to Pillow, whose decompression-bomb
-    check then names the file."""
+    image, and for a decompression bomb, left to Pillow, which refuses it and names the file."""
     if not (len(data) > 25 and data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR"):
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    within_limit = Image.MAX_IMAGE_PIXELS is None or width * height <= Image.MAX_IMAGE_PIXELS
+    # Pillow refuses over twice its limit and reads what lies under that, warning: such a mask
+    # must still read as its header says (Pillow read 16-bit ids as 0).
+    within_limit = Image.MAX_IMAGE_PIXELS is None or width * height <= 2 * Image.MAX_IMAGE_PIXELS
     return (data[24], data[25]) if within_limit else None
 
 
