@@ -715,6 +715,17 @@ def test_two_images_that_would_write_one_mask_file_are_refused_only_when_files_a
     assert paths == ["frame.jpg", "frame.jpg.png"]
 
 
+def test_an_image_whose_mask_file_would_be_the_folder_of_anothers_is_refused(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "frame.jpg")  # its mask: masks/frame.jpg.png
+    (tmp_path / "frame.jpg.png" / "day").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "frame.jpg.png" / "day" / "next.png")  # masks/frame.jpg.png/day/next.png
+    with pytest.raises(ValueError, match="^[^ ]*: frame.jpg's mask frame.jpg.png would be a file where "
+                                         "frame.jpg.png/day/next.png's mask needs a folder of that name$"):
+        inference.list_images(*inference.open_root(str(tmp_path)))
+    paths, _, _ = inference.list_images(*inference.open_root(str(tmp_path)), writes_files=False)  # Parquet only
+    assert paths == ["frame.jpg", "frame.jpg.png/day/next.png"]
+
+
 def test_two_images_in_a_bucket_that_would_write_one_mask_file_are_named_with_its_scheme(s3_bucket):
     for name in ("frame.jpg", "frame.jpg.png"):
         with s3_bucket.open_output_stream(f"unet/frames/{name}") as stream:
