@@ -47,7 +47,7 @@ def test_unpaired_files_are_all_listed(tmp_path):
     assert "3 unpaired" in message
     for name in ("CameraRGB/lonely1.png", "CameraRGB/lonely2.png", "CameraMask/orphan.png"):
         assert name in message
-    assert "CameraMask/orphan.png: no image CameraRGB/orphan.png (or the same name in .jpg/.jpeg)" in message
+    assert "CameraMask/orphan.png: no image CameraRGB/orphan.png (or the same stem in .jpg/.jpeg)" in message
     for name in ("lonely1.png", "lonely2.png", "orphan.png"):
         os.remove(tmp_path / ("CameraMask" if name == "orphan.png" else "CameraRGB") / name)
 
@@ -69,6 +69,14 @@ def test_a_png_image_in_capitals_pairs_with_the_mask_of_the_same_name(tmp_path):
     write_pair(tmp_path, "FRAME.PNG", np.zeros((8, 8, 3), np.uint8), carla_mask(np.ones((8, 8), np.uint8)))
     assert [os.path.basename(pair.mask_path) for pair in data.find_pairs(str(tmp_path))] == ["FRAME.PNG"]
     assert data.mask_name("shot.JPEG") == "shot.png"
+    # So a JPEG in capitals never pairs with a mask in capitals, and the hint says so rather than name a .jpg.
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "CameraRGB" / "SHOT.JPG")
+    Image.fromarray(carla_mask(np.ones((8, 8), np.uint8))).save(tmp_path / "CameraMask" / "SHOT.PNG")
+    with pytest.raises(ValueError) as error:
+        data.find_pairs(str(tmp_path))
+    assert "CameraRGB/SHOT.JPG: no mask CameraMask/SHOT.png" in str(error.value)
+    assert ("CameraMask/SHOT.PNG: no image CameraRGB/SHOT.PNG (a JPEG's mask ends in a lower-case .png: "
+            "SHOT.JPG pairs with SHOT.png)") in str(error.value)
 
 
 def test_a_layout_without_any_frame_is_refused_not_read_as_an_empty_dataset(tmp_path):

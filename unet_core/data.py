@@ -80,13 +80,22 @@ def pair_names(image_names, mask_names, root="."):
     if missing_masks or missing_images:
         lines = [f"{root}: {len(missing_masks) + len(missing_images)} unpaired file(s)"]
         lines += [f"  {os.path.join(root, IMAGE_DIR, n)}: no mask {MASK_DIR}/{mask_name(n)}" for n in missing_masks]
-        lines += [f"  {os.path.join(root, MASK_DIR, n)}: no image {IMAGE_DIR}/{n}"
-                  + (" (or the same name in .jpg/.jpeg)" if mask_name(n) == n else " (masks are .png files)")
+        lines += [f"  {os.path.join(root, MASK_DIR, n)}: no image {IMAGE_DIR}/{n}{_image_hint(n)}"
                   for n in missing_images]
         raise ValueError("\n".join(lines))
     if not by_mask:
         raise ValueError(f"{root}: no images found in {IMAGE_DIR}/ (expected {', '.join(IMAGE_EXTENSIONS)})")
     return sorted(name for names in by_mask.values() for name in names)
+
+
+def _image_hint(mask):
+    """What else the image of an unpaired mask could be named (see `mask_name`)."""
+    stem, extension = os.path.splitext(mask)
+    if extension == ".png":
+        return " (or the same stem in .jpg/.jpeg)"
+    if extension.lower() == ".png":  # x.JPG's mask is x.png: a JPEG never pairs with this one
+        return f" (a JPEG's mask ends in a lower-case .png: {stem}.JPG pairs with {stem}.png)"
+    return " (masks are .png files)"
 
 
 def find_pairs(root):
