@@ -307,11 +307,11 @@ def list_images(filesystem, root, skip=None, writes_files=True):
         if clash != path:
             raise ValueError(f"{spelled(filesystem, root)}: {clash} and {path} would both write the mask {mask}")
     for written, path in outputs.items():  # x.jpg's mask x.jpg.png is the folder x.jpg.png/y.png's needs
-        folders = written.split("/")[1:-1]
-        for depth in range(1, len(folders) + 1):
-            clash = outputs.get(inference_output.output_path("masks", "/".join(folders[:depth])))
+        parents = written.split("/")[1:-1]
+        for depth in range(1, len(parents) + 1):
+            clash = outputs.get(inference_output.output_path("masks", "/".join(parents[:depth])))
             if clash is not None:
-                raise ValueError(f"{spelled(filesystem, root)}: {clash}'s mask {'/'.join(folders[:depth])} would be a "
+                raise ValueError(f"{spelled(filesystem, root)}: {clash}'s mask {'/'.join(parents[:depth])} would be a "
                                  f"file where {path}'s mask needs a folder of that name")
     return paths, sorted(ignored), sorted(folder[len(root) + 1:] for folder in folders)
 
