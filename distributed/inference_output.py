@@ -18,6 +18,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 
 from distributed.ingest import as_typed, is_out_of_room, spelled
+from distributed.model_io import weights_of
 
 # Temporary files live here until renamed into place; a run starts by emptying it.
 STAGING = ".staging"
@@ -117,7 +118,8 @@ class Output:
         done, by_other_models = set(), 0
         for table in self.predictions(["path", "model"]):
             done.update(table["path"].to_pylist())
-            by_other_models += pc.sum(pc.not_equal(table["model"], identity)).as_py() or 0
+            same = pc.ends_with(table["model"], "@" + weights_of(identity))
+            by_other_models += pc.sum(pc.invert(same)).as_py() or 0
         if by_other_models:
             print(f"[unet-ray] warning: {by_other_models} prediction(s) in {self.named} came from another "
                   f"model; they are kept and skipped (use a new --output to predict them again)", file=sys.stderr,

@@ -58,6 +58,12 @@ def model_identity(model_bytes, path):
     return f"{os.path.basename(path)}@sha256:{model_digest(model_bytes)}"
 
 
+def weights_of(identity):
+    """The part of a `model_identity` that names the network and weights: a copy of the file under
+    another name is the same model."""
+    return identity.rpartition("@")[2]
+
+
 def model_digest(model_bytes):
     """sha256 of a .keras zip's members but metadata.json, in name order; of the whole file otherwise."""
     if not zipfile.is_zipfile(io.BytesIO(model_bytes)):

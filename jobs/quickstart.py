@@ -78,7 +78,7 @@ def forget_predictions_of_another_model(inferred, model):
         return
     with open(model, "rb") as file:
         identity = model_io.model_identity(file.read(), model)
-    if made_by - {identity}:
+    if {model_io.weights_of(made) for made in made_by} - {model_io.weights_of(identity)}:
         shutil.rmtree(inferred)
 
 

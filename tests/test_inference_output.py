@@ -34,6 +34,9 @@ def test_predictions_of_another_model_are_kept_with_a_warning_on_stderr(tmp_path
     (tmp_path / "predictions" / "part-0.parquet").unlink()
     output.done_paths("model.keras@sha256:new")
     assert capsys.readouterr().err == ""
+    # The same weights copied under another file name: the same model, no warning to predict again.
+    output.done_paths("copy@of.keras@sha256:new")
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("relative", ["../escape.png", "/etc/escape.png", "a/../../escape.png", "a//b.png", ""])
