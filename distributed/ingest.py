@@ -375,6 +375,11 @@ class FrameList:
     min_train_frames: int
     sources: list
 
+    def names(self):
+        """(training frame names, validation frame names)."""
+        flagged = [(name, flag) for _, _, names, flags, _ in self.sources for name, flag in zip(names, flags)]
+        return [name for name, flag in flagged if not flag], [name for name, flag in flagged if flag]
+
     def refuse_short_split(self, train, val, skipped=None, more_classes=""):
         """A ValueError if `train` frames are fewer than the workers or `val` is none; `skipped`:
         {name: reason} of the frames that could not be read, once they were."""
@@ -408,8 +413,7 @@ def list_frames(uri, val_fraction, split, min_train_frames=1, val_uri=None):
         sources.append((filesystem, root, names, flags, keys))
     frame_list = FrameList(uri if val_uri is None else f"{uri} and {val_uri}",
                            val_fraction if val_uri is None else None, min_train_frames, sources)
-    val = sum(sum(flags) for _, _, _, flags, _ in sources)
-    frame_list.refuse_short_split(sum(len(names) for _, _, names, _, _ in sources) - val, val)
+    frame_list.refuse_short_split(*(len(names) for names in frame_list.names()))
     return frame_list
 
 

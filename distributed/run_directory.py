@@ -53,10 +53,10 @@ def check_run_identity(config, frames=None, new_run=None):
     the error as a worker failure instead of reporting it. A run stopped before its first
     checkpoint left nothing to resume: its rerun starts afresh, whatever the settings.
 
-    Checked twice: on the settings before Ray starts, then with `frames` (`frames_identity`) once
-    the data is listed, as the same directory may hold other frames by then (frames added to a
-    tail split would move validation frames into training). `new_run`: what to pass instead, by
-    default `TrainConfig.new_run_flags`."""
+    `frames` (`frames_identity`): the frames it trains and validates on, as the same directory may
+    hold other frames by then (frames added to a tail split would move validation frames into
+    training); checked before Ray starts by their names, and with --skip-bad once they are decoded.
+    `new_run`: what to pass instead, by default `TrainConfig.new_run_flags`."""
     new_run = new_run or config.new_run_flags
     filesystem, path, identity = _identity(config, frames)
     run_root = path.rsplit("/", 1)[0]
@@ -101,11 +101,11 @@ def record_run_identity(config, frames):
         stream.write(json.dumps(identity, indent=2).encode())
 
 
-def frames_identity(train_frames, val_frames):
+def frames_identity(train_names, val_names):
     """The frames a run trains and validates on, in one line: their counts and a hash of their names."""
     digest, counts = hashlib.sha256(), []
-    for frames in (train_frames, val_frames):
-        names = sorted(row["name"] for row in frames.select_columns(["name"]).iter_rows())
+    for names in (train_names, val_names):
+        names = sorted(names)
         digest.update(("\n".join(names) + "\0").encode())
         counts.append(len(names))
     return f"{counts[0]} training / {counts[1]} validation frames, names sha256:{digest.hexdigest()[:16]}"

@@ -53,8 +53,9 @@ def run_training(config, resumed, frame_list):
     frame_list = frame_list or list_frames(config, data_uri)
     train_frames, val_frames, skipped = ingest.load_frames(
         frame_list, config.image_size, config.n_classes, config.output, config.skip_bad)
-    frames = run_directory.frames_identity(train_frames, val_frames)
-    run_directory.check_run_identity(config, frames)
+    frames = run_directory.frames_identity(*([row["name"] for row in split.select_columns(["name"]).iter_rows()]
+                                             for split in (train_frames, val_frames)))
+    run_directory.check_run_identity(config, frames)  # with --skip-bad, the frames it skips are known only now
     with ingest.stopped_when_out_of_room(f"--output {config.output}", BEFORE_TRAINING):
         run_directory.write_skipped(config.output, skipped)  # once the run may go on: a refused rerun changes no record
     with ingest.stopped_when_out_of_room(config.run_storage, BEFORE_TRAINING):
@@ -198,7 +199,10 @@ def check_paths(config):
                          f"would replace: pass another --output")
     frame_list = list_frames(config, config.data) if config.data else None  # by name: unpaired, too few to split
     ingest.make_directory(config.output, "--output")
-    run_directory.check_run_identity(config)
+    # Without --skip-bad every frame listed trains or validates: a rerun on frames added or removed since is
+    # refused now, not once every frame is decoded.
+    frames = None if frame_list is None or config.skip_bad else run_directory.frames_identity(*frame_list.names())
+    run_directory.check_run_identity(config, frames)
     return frame_list
 
 

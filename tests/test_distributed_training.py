@@ -679,6 +679,26 @@ def test_a_mistyped_data_path_is_refused_before_ray_starts_or_anything_is_writte
     assert sorted(os.listdir(tmp_path)) == ["frames"]  # no run directory, no ray_results in it
 
 
+def test_a_rerun_on_frames_added_since_is_refused_by_name_before_ray_starts(tmp_path, no_ray):
+    from distributed import run_directory
+
+    frames = tmp_path / "frames"
+    scenes.write_scenes(str(frames), 5, seed=1)
+    config = smoke_config(tmp_path, data=str(frames))
+    names = sorted(os.listdir(frames / "CameraRGB"))
+    run_directory.record_run_identity(config, run_directory.frames_identity(names[:4], names[4:]))  # as trained
+    os.makedirs(os.path.join(config.run_storage, "checkpoint_2026-12-06_10-00-00.000000"))
+    scenes.write_scenes(str(tmp_path / "more"), 6, seed=2)
+    for folder in ("CameraRGB", "CameraMask"):  # one more frame, after the last: the tail split moves
+        shutil.copy(tmp_path / "more" / folder / "scene_000005.png", frames / folder)
+    with pytest.raises(ValueError, match="trained with other settings \\(frames '4 training / 1 validation frames, "
+                                         "names sha256:.*' -> '5 training / 1 validation frames"):
+        train(config)
+    # With --skip-bad the frames trained on are known once decoded: Ray starts to read them.
+    with pytest.raises(AssertionError, match="Ray was started"):
+        train(dataclasses.replace(config, skip_bad=True))
+
+
 def test_unpaired_files_or_too_few_to_split_are_refused_by_name_before_ray_starts(tmp_path, no_ray):
     frames = tmp_path / "frames"
     scenes.write_scenes(str(frames), 4, seed=1)
