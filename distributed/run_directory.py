@@ -83,12 +83,13 @@ def check_run_identity(config, frames=None, new_run=None):
 
 def same_setting(field, recorded, value):
     """Whether a rerun's setting is the recorded one; the data's location however it is spelt
-    (`file:///d` and `/d`, `s3://b/d/` and `s3://b/d`), so a resume is not refused for a spelling."""
+    (`file:///d` and `/d`, `s3://b/d/` and `s3://b/d`, a symbolic link to `/d`), so a resume is not
+    refused for a spelling."""
     def place(uri):
         uri = uri.removeprefix("file://")
-        return uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
+        return uri.rstrip("/") if "://" in uri else os.path.realpath(uri)
 
-    if field in ("data", "val_data") and recorded is not None and value is not None and "://" in recorded + value:
+    if field in ("data", "val_data") and recorded is not None and value is not None:
         return place(recorded) == place(value)
     return recorded == value
 

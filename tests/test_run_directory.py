@@ -38,8 +38,9 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
     # Stopped before its first checkpoint: nothing to resume, so a corrected rerun starts afresh.
     run_directory.check_run_identity(TrainConfig(data="other_frames", output="run", image_size=(64, 96)))
     (recorded.parent / "checkpoint_2026-12-04_10-00-00.000000").mkdir()
-    # More epochs, another cluster shape or learning rate, the same data by absolute path or URI: a resume.
-    for data in (str(tmp_path / "frames"), f"file://{tmp_path / 'frames'}/"):
+    # More epochs, another cluster shape or learning rate, the same data by absolute path, URI or link: a resume.
+    os.symlink(tmp_path / "frames", tmp_path / "linked")
+    for data in (str(tmp_path / "frames"), f"file://{tmp_path / 'frames'}/", "linked"):
         run_directory.check_run_identity(TrainConfig(data=data, output="run", epochs=5, num_workers=2,
                                                      learning_rate=1e-3))
     with pytest.raises(ValueError, match=r"run 'unet' there trained with other settings \(data .*other_frames"):
