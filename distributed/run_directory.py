@@ -81,6 +81,19 @@ def check_run_identity(config, frames=None, new_run=None):
             f"new run")
 
 
+def check_output_is_this_runs(config):
+    """Refuse an --output that holds another run's results (its epochs in metrics.json, and
+    model.keras), which this run would replace: every run records its settings beside its
+    checkpoints before its first epoch, so results there without this run's record are another's."""
+    if not progress.read_history(config.output):
+        return
+    filesystem, path, _ = _identity(config)
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        raise ValueError(f"{config.output}: holds the results of another run (metrics.json, model.keras), which run "
+                         f"{config.run_name!r} would replace: pass another --output, or that run's --run-name and "
+                         f"--storage-path to resume it")
+
+
 def same_setting(field, recorded, value):
     """Whether a rerun's setting is the recorded one; the data's location however it is spelt
     (`file:///d` and `/d`, `s3://b/d/` and `s3://b/d`, a symbolic link to `/d`), so a resume is not

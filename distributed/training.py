@@ -197,6 +197,7 @@ def check_paths(config):
     if run_directory.is_evaluation_report(config.output):
         raise ValueError(f"{config.output}: a jobs.evaluate report, whose metrics.json and previews.png the run's "
                          f"would replace: pass another --output")
+    run_directory.check_output_is_this_runs(config)
     frame_list = list_frames(config, config.data) if config.data else None  # by name: unpaired, too few to split
     ingest.make_directory(config.output, "--output")
     # Without --skip-bad every frame listed trains or validates: a rerun on frames added or removed since is

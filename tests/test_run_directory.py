@@ -58,6 +58,22 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
     assert not (tmp_path / "run" / "ray_results" / "scenes").exists()  # checking writes nothing
 
 
+def test_an_output_holding_another_runs_results_is_refused_not_replaced(tmp_path, monkeypatch):
+    from distributed import progress
+
+    monkeypatch.chdir(tmp_path)
+    first = TrainConfig(data="frames", output="run")
+    run_directory.check_output_is_this_runs(first)  # a new --output
+    run_directory.record_run_identity(first, FRAMES)  # as every run does before its first epoch
+    os.makedirs("run", exist_ok=True)
+    progress.write_metrics("run", [{"epoch": 1, "val_mean_iou": 0.5}])
+    run_directory.check_output_is_this_runs(first)  # its own results: a resume, or an export again
+    for other in (dataclasses.replace(first, run_name="other"), dataclasses.replace(first, storage_path="elsewhere")):
+        with pytest.raises(ValueError, match="^run: holds the results of another run \\(metrics.json, model.keras\\), "
+                                             f"which run '{other.run_name}' would replace: pass another --output"):
+            run_directory.check_output_is_this_runs(other)
+
+
 def test_a_bucket_given_with_or_without_its_trailing_slash_is_the_same_data(tmp_path, monkeypatch):
     # A shell's completion adds the slash, a rerun typed by hand drops it: refusing that resume would
     # send the user to start the run afresh over a spelling.
