@@ -375,9 +375,10 @@ class FrameList:
     min_train_frames: int
     sources: list
 
-    def names(self):
-        """(training frame names, validation frame names)."""
-        flagged = [(name, flag) for _, _, names, flags, _ in self.sources for name, flag in zip(names, flags)]
+    def names(self, skipped=()):
+        """(training frame names, validation frame names), but for the frames keyed in `skipped`."""
+        flagged = [(name, flag) for _, _, names, flags, keys in self.sources
+                   for name, flag, key in zip(names, flags, keys) if key not in skipped]
         return [name for name, flag in flagged if not flag], [name for name, flag in flagged if flag]
 
     def refuse_short_split(self, train, val, skipped=None, more_classes=""):

@@ -53,9 +53,9 @@ def run_training(config, resumed, frame_list):
     frame_list = frame_list or list_frames(config, data_uri)
     train_frames, val_frames, skipped = ingest.load_frames(
         frame_list, config.image_size, config.n_classes, config.output, config.skip_bad)
-    frames = run_directory.frames_identity(*([row["name"] for row in split.select_columns(["name"]).iter_rows()]
-                                             for split in (train_frames, val_frames)))
-    run_directory.check_run_identity(config, frames)  # with --skip-bad, the frames it skips are known only now
+    frames = run_directory.frames_identity(*frame_list.names(skipped))
+    # With --skip-bad, or scenes generated just now, the frames trained on are known only now.
+    run_directory.check_run_identity(config, frames)
     with ingest.stopped_when_out_of_room(f"--output {config.output}", BEFORE_TRAINING):
         run_directory.write_skipped(config.output, skipped)  # once the run may go on: a refused rerun changes no record
     with ingest.stopped_when_out_of_room(config.run_storage, BEFORE_TRAINING):

@@ -56,6 +56,8 @@ def test_an_unreadable_validation_frame_is_named_by_its_path(tmp_path, ray_sessi
     assert str(mask) in str(error.value)
     _, val, skipped = ingest.load_frames(frame_list, (32, 48), 23, str(tmp_path), skip_bad=True)
     assert list(skipped) == [f"{tmp_path / 'val'}/scene_000001.png"] and val.count() == 1
+    # The frames the run trains on, as its record names them: the training frame of the same name stays.
+    assert frame_list.names(skipped) == ([f"scene_{i:06d}.png" for i in range(4)], ["scene_000000.png"])
 
 
 def test_class_ids_beyond_n_classes_suggest_the_number_of_classes(tmp_path, ray_session, monkeypatch):
