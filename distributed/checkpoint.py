@@ -22,7 +22,7 @@ from ray.train.v2._internal.exceptions import CheckpointManagerInitializationErr
 # Ray's own model of its record, to write one again as Ray 2.60 (the version pinned) reads it.
 from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import _CheckpointManagerState, _TrainingResultState
 
-from distributed import ingest
+from distributed import ingest, progress
 
 MODEL = "model.keras"
 STATE = "state.json"
@@ -31,14 +31,16 @@ CUT_SHORT = (OSError, ValueError, KeyError, zipfile.BadZipFile)  # a checkpoint'
 RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's checkpoints, in its folder
 
 
-def check_reachable(storage_path):
+def check_reachable(storage_path, flag):
     """Run in every worker before training. A local storage path exists on the driver's node (the
     driver made it), and on another node only through a shared mount: said now, not at the first
-    checkpoint, `--checkpoint-every` epochs in, and again after each restart."""
+    checkpoint, `--checkpoint-every` epochs in, and again after each restart. `flag`: what names
+    the path to the user (`TrainConfig.storage_flag`, on the driver)."""
     if "://" not in storage_path and not os.path.isdir(storage_path):
         node = ray.util.get_node_ip_address()
-        raise RuntimeError(f"--storage-path {storage_path}: not on this worker's node ({node}); on a cluster, "
-                           f"checkpoints need storage every node reaches: an s3:// or gs:// URI, or a shared mount")
+        raise RuntimeError(f"{flag} {storage_path}: not on this worker's node ({node}); on a cluster, checkpoints "
+                           f"need storage every node reaches: pass --storage-path an s3:// or gs:// URI, or a "
+                           f"shared mount")
 
 
 def is_due(epoch, config):
@@ -146,12 +148,14 @@ def resumed_history(config):
     be restored is named at once: in the workers it would fail each attempt, and Ray Train would
     retry that as a worker failure, --max-failures times (forever at -1)."""
     run = config.run_storage
+    results = bool(progress.read_history(config.output))  # which a new run may not replace
+    instead = f"{config.to_train_afresh(results)} to train the run afresh, or pass {config.new_run_flags(results)}"
     try:
         latest = latest_checkpoint(run)
     except CheckpointManagerInitializationError as error:
         if not rebuilt_record(run):
             raise ValueError(f"{run}: Ray Train's record of the run's checkpoints does not match them ({error}); "
-                             f"delete {run} to train the run afresh, or pass {config.new_run_flags}") from None
+                             f"{instead}") from None
         latest = latest_checkpoint(run)
     if latest is None:
         return []
@@ -159,8 +163,7 @@ def resumed_history(config):
         return whole_history(latest.filesystem, latest.path)  # read in place: a bucket's model is not downloaded
     except CUT_SHORT as error:
         raise ValueError(f"{latest.path}: the checkpoint run {config.run_name!r} would resume from cannot be read "
-                         f"({type(error).__name__}: {error}); delete {run} to train the run afresh, or pass "
-                         f"{config.new_run_flags}") from None
+                         f"({type(error).__name__}: {error}); {instead}") from None
 
 
 def latest_checkpoint(run):

@@ -244,11 +244,22 @@ class TrainConfig:
         """What names the checkpoint folder in a message: the flag given, or, without it, where it lies."""
         return "--storage-path" if self.storage_path is not None else "--output's checkpoints"
 
-    @property
-    def new_run_flags(self):
+    def new_run_flags(self, output_has_results):
         """What to pass to start a new run instead of resuming this one. Another --output does only with the
-        default --storage-path: given one, a run into another --output resumes the same checkpoints."""
+        default --storage-path: given one, a run into another --output resumes the same checkpoints. An --output
+        that holds results (`output_has_results`, its metrics.json) is refused to a new run: then it takes
+        another --output too (run_directory.check_output_is_this_runs)."""
+        if output_has_results:
+            given = self.storage_path is not None
+            return "another --output" + (" and another --run-name or --storage-path" if given else "")
         return f"another --run-name or --{'storage-path' if self.storage_path is not None else 'output'}"
+
+    def to_train_afresh(self, output_has_results):
+        """What to delete to train this run afresh: its checkpoints, and the results in --output that a new
+        run is refused to replace (which, with the default --storage-path, hold the checkpoints too)."""
+        if not output_has_results:
+            return f"delete {self.run_storage}"
+        return f"delete {self.output}" if self.storage_path is None else f"delete {self.run_storage} and {self.output}"
 
     @classmethod
     def from_preset(cls, name):

@@ -57,7 +57,7 @@ def check_run_identity(config, frames=None, new_run=None):
     hold other frames by then (frames added to a tail split would move validation frames into
     training); checked before Ray starts by their names, and with --skip-bad once they are decoded.
     `new_run`: what to pass instead, by default `TrainConfig.new_run_flags`."""
-    new_run = new_run or config.new_run_flags
+    new_run = new_run or config.new_run_flags(bool(progress.read_history(config.output)))
     filesystem, path, identity = _identity(config, frames)
     run_root = path.rsplit("/", 1)[0]
     found = filesystem.get_file_info(pyarrow.fs.FileSelector(run_root, allow_not_found=True))

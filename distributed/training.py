@@ -73,6 +73,7 @@ def run_training(config, resumed, frame_list):
             # The storage path as this process resolves it: a worker runs in another directory,
             # where a relative --output would point somewhere else.
             "config": dataclasses.replace(config, storage_path=config.resolved_storage_path).to_dict(),
+            "storage_flag": config.storage_flag,  # the worker's config always has the path the driver resolved
             "rows_per_worker": per_worker,
             "class_weights": weights,
             "class_pixel_counts": counts,
@@ -155,7 +156,7 @@ def connect_ray(config):
     shortfall = runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu)
     runtime.refuse_or_warn(shortfall)
     if "://" not in config.resolved_storage_path:  # once the run can start; a bucket is Ray Train's to reach
-        ingest.make_directory(config.resolved_storage_path, "--storage-path")
+        ingest.make_directory(config.resolved_storage_path, config.storage_flag)
     scenes = os.path.join(config.output, run_directory.SCENES)
     data = {"--data": config.data} if config.data else {"--output's scenes": scenes}
     paths = {**data, "--val-data": config.val_data, config.storage_flag: config.resolved_storage_path}
@@ -303,7 +304,7 @@ def train_loop_per_worker(loop_config):
     steps_per_epoch = math.ceil(loop_config["rows_per_worker"] / config.batch_size)
     runtime.configure_tensorflow_threads(config.cpus_per_worker)
     runtime.select_devices(config.use_gpu)
-    checkpoint.check_reachable(config.resolved_storage_path)
+    checkpoint.check_reachable(config.resolved_storage_path, loop_config["storage_flag"])
     runtime.quiet_per_epoch_logs()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()

@@ -184,11 +184,16 @@ def test_untracked_checkpoints_are_removed_and_one_that_cannot_be_is_named(tmp_p
 
 
 def test_a_worker_that_cannot_reach_the_checkpoint_storage_says_so_before_training(tmp_path):
-    checkpoint.check_reachable(str(tmp_path))
-    checkpoint.check_reachable("s3://bucket/runs")  # Ray Train's to reach
+    checkpoint.check_reachable(str(tmp_path), "--storage-path")
+    checkpoint.check_reachable("s3://bucket/runs", "--storage-path")  # Ray Train's to reach
     with pytest.raises(RuntimeError, match=f"--storage-path {tmp_path / 'elsewhere'}: not on this worker's node "
                                            f"\\(.*\\); on a cluster, checkpoints need storage every node reaches"):
-        checkpoint.check_reachable(str(tmp_path / "elsewhere"))
+        checkpoint.check_reachable(str(tmp_path / "elsewhere"), "--storage-path")
+    # Without --storage-path, the checkpoints' place is named as the driver names it, and the flag that moves them.
+    config = TrainConfig(output=str(tmp_path / "elsewhere"))
+    with pytest.raises(RuntimeError, match=f"^--output's checkpoints {config.resolved_storage_path}: not on this "
+                                           f"worker's node .* pass --storage-path an s3:// or gs:// URI"):
+        checkpoint.check_reachable(config.resolved_storage_path, config.storage_flag)
 
 
 def test_a_checkpoint_whose_best_weights_are_cut_short_is_not_the_one_a_run_resumes_from(tmp_path):
@@ -205,11 +210,18 @@ def test_a_checkpoint_whose_best_weights_are_cut_short_is_not_the_one_a_run_resu
     assert checkpoint.resumed_history(TrainConfig(storage_path=str(tmp_path))) == [{"epoch": 1}]
     # And the checkpoint Ray Train's record names, cut short so: named on the driver, before Ray starts.
     os.truncate(run / "checkpoint_2000-01-01_00-00-00.000000" / checkpoint.BEST, 500)
+    config = TrainConfig(storage_path=str(tmp_path), output=str(tmp_path / "out"))
     with pytest.raises(ValueError, match="checkpoint_2000-01-01_00-00-00.000000: the checkpoint run 'unet' would "
-                                         "resume from cannot be read \\(BadZipFile.*; delete .* to train the run "
+                                         f"resume from cannot be read \\(BadZipFile.*; delete {run} to train the run "
                                          "afresh, or pass another --run-name or --storage-path$"):
         # Not "or --output": given a --storage-path, a run into another --output resumes this same checkpoint.
-        checkpoint.resumed_history(TrainConfig(storage_path=str(tmp_path)))
+        checkpoint.resumed_history(config)
+    # Where --output holds the run's results, which a new run is refused to replace: they go too, or another --output.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text(json.dumps([{"epoch": 1}]))
+    with pytest.raises(ValueError, match=f"\\); delete {run} and {tmp_path / 'out'} to train the run afresh, or pass "
+                                         "another --output and another --run-name or --storage-path$"):
+        checkpoint.resumed_history(config)
 
 
 def test_an_unreadable_record_is_written_again_naming_the_whole_checkpoint_with_the_most_epochs(tmp_path):

@@ -4,13 +4,14 @@ import dataclasses
 import errno
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import ray
 import tensorflow as tf
 
-from distributed import run_directory
+from distributed import progress, run_directory
 from distributed.config import TrainConfig
 from unet_core import unet_model
 
@@ -59,8 +60,6 @@ def test_a_rerun_resumes_only_on_the_same_frames_and_network(tmp_path, monkeypat
 
 
 def test_an_output_holding_another_runs_results_is_refused_not_replaced(tmp_path, monkeypatch):
-    from distributed import progress
-
     monkeypatch.chdir(tmp_path)
     first = TrainConfig(data="frames", output="run")
     run_directory.check_output_is_this_runs(first)  # a new --output
@@ -97,6 +96,35 @@ def test_a_refused_rerun_is_told_the_flags_that_start_a_new_run(tmp_path, monkey
     with pytest.raises(ValueError, match=r"pass another --run-name or --storage-path to start a new run$"):
         run_directory.check_run_identity(TrainConfig(data="frames", output="another", n_filters=8,
                                                      storage_path=str(tmp_path / "checkpoints")))
+
+
+def new_run_checks(config):
+    """The checks a new run's settings pass before Ray starts, as training.check_paths runs them."""
+    run_directory.check_output_is_this_runs(config)
+    run_directory.check_run_identity(config, FRAMES)
+
+
+@pytest.mark.parametrize("storage", [None, "checkpoints"])
+def test_the_new_run_a_refusal_advises_past_an_output_with_results_is_let_through(tmp_path, monkeypatch, storage):
+    # An --output with results is refused to a new run: the advice, another --run-name, was refused in turn.
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(data="frames", output="run", storage_path=storage, n_filters=8)
+    run_directory.record_run_identity(dataclasses.replace(config, n_filters=32), FRAMES)
+    os.mkdir(f"{config.run_storage}/checkpoint_2026-12-04_10-00-00.000000")
+    os.makedirs("run", exist_ok=True)
+    progress.write_metrics("run", [{"epoch": 1, "val_mean_iou": 0.5}])
+    advice = "another --output" + (" and another --run-name or --storage-path" if storage else "")
+    with pytest.raises(ValueError, match=f"n_filters 32 -> 8\\); rerun with its settings to resume it, or pass "
+                                         f"{advice} to start a new run$"):
+        new_run_checks(config)
+    with pytest.raises(ValueError, match="holds the results of another run"):
+        new_run_checks(dataclasses.replace(config, run_name="fresh"))
+    new_run_checks(dataclasses.replace(config, output="another", run_name="fresh" if storage else config.run_name))
+    # And what it says to delete to train the run afresh there: the same command then starts anew.
+    assert config.to_train_afresh(True) == ("delete run" if storage is None else f"delete {config.run_storage} and run")
+    for path in config.to_train_afresh(True).removeprefix("delete ").split(" and "):
+        shutil.rmtree(path)
+    new_run_checks(config)
 
 
 def test_a_validation_directory_makes_the_split_settings_free_to_change(tmp_path, monkeypatch):
