@@ -197,6 +197,26 @@ def test_gray_and_16bit_masks_hold_ids_directly():
         data.decode_mask(png16(np.concatenate([colour[..., :1], opaque], -1), 4), "m16la.png")
 
 
+@pytest.mark.parametrize("bit_depth, colour_type", [(8, 0), (16, 0), (4, 0), (8, 4)],
+                         ids=["gray", "gray-16-bit", "gray-4-bit", "gray-alpha"])
+def test_a_png_whose_image_stream_ends_rows_early_is_refused_not_read_as_class_0(bit_depth, colour_type):
+    # Whole and checksummed, but its compressed rows stop halfway: Pillow read the rest as zeros, without a word.
+    row = bytes((bit_depth * (2 if colour_type == 4 else 1) * 6 + 7) // 8 * [0x55])
+    whole, short = raw_png(6, 4, bit_depth, colour_type, [row] * 4), raw_png(6, 4, bit_depth, colour_type, [row] * 2)
+    assert data.decode_mask(whole, "m.png").shape == data.decode_image(whole, "i.png").shape[:2] == (4, 6)
+    with pytest.raises(ValueError, match="^/d/CameraMask/m.png: not a readable PNG/JPEG image \\(.*IDAT stream too"):
+        data.decode_mask(short, "/d/CameraMask/m.png")
+    with pytest.raises(ValueError, match="^/d/CameraRGB/m.png: not a readable PNG/JPEG image \\(.*IDAT stream too"):
+        data.decode_image(short, "/d/CameraRGB/m.png")
+
+
+def test_8bit_gray_reads_as_pillow_reads_it():
+    gray = np.random.default_rng(0).integers(0, 256, (5, 7), dtype=np.uint8)
+    assert data.decode_mask(png_bytes(gray), "m.png").tolist() == gray.tolist()
+    pillows = np.asarray(Image.fromarray(gray).convert("RGB"))
+    np.testing.assert_array_equal(data.decode_image(png_bytes(gray), "i.png"), pillows)
+
+
 @pytest.mark.parametrize("bit_depth", [1, 2, 4])
 def test_gray_masks_under_8_bits_hold_ids_directly(bit_depth):
     # Pillow stretches these to 0-255 (a 4-bit 1 reads 17): the stored value is the class id.

@@ -121,6 +121,10 @@ def _open(data, path):
         raise ValueError(f"{path}: not a readable PNG/JPEG image (not in any image format Pillow knows)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"{path}: not a readable PNG/JPEG image ({error})") from None
+    if image.format == "PNG":
+        # Pillow fills the rows a whole but short image stream leaves out with zeros (class 0, black),
+        # without a word; libspng refuses such a file. Only the rarer PNGs come this way (see `_decode_png`).
+        _decode_png(data, path, "RGBA")
     return image
 
 
@@ -143,9 +147,10 @@ def _png_header(data):
     return (data[24], data[25]) if within_limit else None
 
 
-def _decode_colour_png(data, path, output_format="RGB"):
-    # libspng decodes these in about 3/4 of Pillow's time (BENCHMARKS.md), to the same pixels;
-    # decoding is most of the CPU work of batch inference besides the model.
+def _decode_png(data, path, output_format="RGB"):
+    # libspng decodes 8-bit colour PNGs in about 3/4 of Pillow's time (BENCHMARKS.md), to the same
+    # pixels; decoding is most of the CPU work of batch inference besides the model. 8-bit gray
+    # ones in Pillow's time, which would have to be checked by libspng besides (`_open`).
     try:
         return pyspng.load(data, output_format)
     except RuntimeError as error:
@@ -154,8 +159,11 @@ def _decode_colour_png(data, path, output_format="RGB"):
 
 def decode_image(data, path):
     """Encoded bytes → uint8 RGB array (H, W, 3), from any common mode (RGB, RGBA, L, P, 16-bit)."""
-    if _png_header(data) in ((8, _RGB), (8, _RGBA)):  # every CARLA frame
-        return _decode_colour_png(data, path)
+    header = _png_header(data)
+    if header in ((8, _RGB), (8, _RGBA)):  # every CARLA frame
+        return _decode_png(data, path)
+    if header == (8, _GRAY):
+        return np.repeat(_decode_png(data, path, None)[..., None], 3, axis=-1)
     image = _open(data, path)
     if image.mode in _WIDE_GRAY_MODES:
         wide = np.asarray(image, dtype=np.float64)
@@ -173,9 +181,11 @@ def decode_mask(data, path):
     """
     header = _png_header(data)
     if header in ((8, _RGB), (8, _RGBA)):
-        return _decode_colour_png(data, path).max(axis=-1).astype(np.int64)
+        return _decode_png(data, path).max(axis=-1).astype(np.int64)
+    if header == (8, _GRAY):  # the masks of many datasets besides CARLA
+        return _decode_png(data, path, None).astype(np.int64)
     if header in ((16, _RGB), (16, _RGBA)):
-        return _decode_colour_png(data, path, None)[..., :3].max(axis=-1).astype(np.int64)
+        return _decode_png(data, path, None)[..., :3].max(axis=-1).astype(np.int64)
     if header == (16, _GRAY_ALPHA):
         raise ValueError(f"{path}: a 16-bit gray+alpha mask, which cannot be read without losing its low byte; "
                          f"save it as 16-bit gray (no alpha), 16-bit RGB or 8-bit")
