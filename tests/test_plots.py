@@ -198,6 +198,25 @@ def test_save_confusion_matrix_with_empty_row_raises_no_warnings(tmp_path, monke
     np.testing.assert_allclose(drawn.data[others], (confusion / confusion.sum(axis=1, keepdims=True).clip(1))[others])
 
 
+def test_a_confusion_matrix_of_many_classes_is_drawn_at_a_bounded_size(tmp_path, monkeypatch):
+    # At 256 classes, a name per row and a figure per cell took 43 s and 4 GB, at the end of a whole evaluation.
+    from unet_core.classes import class_names
+
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    confusion = np.eye(256, dtype=np.int64) * 1000 + 1
+    path = save_confusion_matrix(confusion, tmp_path / "confusion.png", class_names(256))
+    with Image.open(path) as image:
+        assert max(image.size) <= 100 * (0.4 * plots.MAX_LABELLED_CLASSES + 3)
+    drawn = figures[0].axes[0]
+    assert drawn.images[0].get_array().shape == (256, 256) and not drawn.texts
+    bound = plots.MAX_LABELLED_CLASSES  # up to it, every class named
+    save_confusion_matrix(np.eye(bound), tmp_path / "bound.png", class_names(bound))
+    assert [label.get_text() for label in figures[-1].axes[0].get_xticklabels()] == class_names(bound)
+    save_confusion_matrix(np.eye(bound + 1), tmp_path / "past.png", class_names(bound + 1))
+    assert not figures[-1].axes[0].texts
+
+
 def test_save_confusion_matrix_rejects_bad_shapes(tmp_path):
     with pytest.raises(ValueError, match="square"):
         save_confusion_matrix(np.zeros((3, 4)), tmp_path / "bad.png")

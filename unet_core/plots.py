@@ -171,6 +171,11 @@ def save_previews(images, true_masks, predicted_masks, path, titles=None, class_
     return _save(fig, path)
 
 
+# Beyond this many classes, names and a figure per cell would need a figure growing with the square of
+# the classes (4 GB of memory at 256): the heatmap is drawn alone, at the size of this many.
+MAX_LABELLED_CLASSES = 64
+
+
 def save_confusion_matrix(confusion, path, class_names=CLASS_NAMES):
     """Row-normalised heatmap of a (C, C) count matrix (rows = truth, columns = prediction)."""
     confusion = np.asarray(confusion, dtype=np.float64)
@@ -185,11 +190,16 @@ def save_confusion_matrix(confusion, path, class_names=CLASS_NAMES):
     np.divide(confusion, totals, out=rates, where=totals > 0)
 
     n = len(confusion)
-    size = max(5.0, 0.4 * n + 2)
+    labelled = n <= MAX_LABELLED_CLASSES
+    size = max(5.0, 0.4 * min(n, MAX_LABELLED_CLASSES) + 2)
     fig = Figure(figsize=(size + 1, size), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(rates), cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, label="fraction of the true class's pixels", shrink=0.8)
+    if not labelled:
+        ax.set(xlabel="Predicted class id", ylabel="True class id",
+               title="Confusion matrix (fraction of each true class)")
+        return _save(fig, path)
     for (row, col), rate in np.ndenumerate(rates):
         if rate >= 0.01:  # NaN compares False, so blank rows stay unannotated
             ax.text(col, row, f"{100 * rate:.0f}", ha="center", va="center", fontsize=6,
