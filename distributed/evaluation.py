@@ -4,10 +4,12 @@ Frames are read and scored a batch at a time into one confusion matrix, so memor
 however large the set; the frames become tensors through unet_core.data, exactly as in training.
 """
 
+import contextlib
 import csv
 import heapq
 import json
 import os
+import shutil
 
 import numpy as np
 import tensorflow as tf
@@ -18,6 +20,10 @@ from unet_core import data, plots
 from unet_core.classes import class_names
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import ends_in_softmax, predict_logits_fn, score_batch
+
+
+# The report is written here in the output, then moved into place whole.
+STAGING = ".report.partial"
 
 
 def evaluate(config: EvaluateConfig):
@@ -47,22 +53,49 @@ def evaluate(config: EvaluateConfig):
 
 def score_and_report(config, model_path, filesystem, root, names):
     """`evaluate` once its inputs are checked and it holds the output: load the model, score the
-    frames, write the report."""
+    frames, write the report. The report is written into a folder of its own in the output, and its
+    files replace the last report's only once all are written: a failure or Ctrl-C midway, a disk
+    that fills, leave the last report as it was."""
+    output, staging = config.output, os.path.join(config.output, STAGING)
     # A refused model, Ctrl-C: no empty report left behind (unreadable.txt is kept).
-    with ingest.removed_if_left_empty(config.output):
-        ingest.make_directory(config.output, "--output")  # before the model loads, which takes seconds
-        return write_scores(config, model_path, filesystem, root, names)
+    with ingest.removed_if_left_empty(output), written_into(output):
+        ingest.make_directory(output, "--output")  # before the model loads, which takes seconds
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier evaluation's, cut short
+        try:
+            os.mkdir(staging)
+            metrics = write_scores(config, model_path, filesystem, root, names, staging)
+            # metrics.json last: a report whose metrics.json is new is whole.
+            for name in sorted(os.listdir(staging), key=lambda name: name == "metrics.json"):
+                os.replace(os.path.join(staging, name), os.path.join(output, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return metrics
 
 
-def write_scores(config, model_path, filesystem, root, names):
-    """`score_and_report` once the output directory exists."""
-    output = config.output
+@contextlib.contextmanager
+def written_into(output):
+    """An --output that takes no more files, or none at all (read-only), is one ValueError naming it."""
+    kept = "the last report there is kept"
+    with ingest.stopped_when_out_of_room(f"--output {output}", f"{kept}: make room, then the same command scores "
+                                                                f"the frames again"):
+        try:
+            yield
+        except OSError as error:
+            # Only the output's own: reading a frame can fail with an OSError too, and is not the output's doing.
+            if ingest.is_out_of_room(error) or not str(error.filename or "").startswith(output):
+                raise
+            raise ValueError(f"--output {output}: the report cannot be written there ({error}); {kept}") from None
+
+
+def write_scores(config, model_path, filesystem, root, names, output):
+    """`score_and_report`, writing the report into `output`, an empty folder."""
     keras_model = model_io.load_model(model_path)  # first: a bad file fails here, with its name
     size, n_classes = model_io.model_geometry(keras_model, model_path)
     with open(model_path, "rb") as file:
         identity = model_io.model_identity(file.read(), model_path)
 
-    confusion, loss, previews, worst = score_frames(keras_model, filesystem, root, names, size, n_classes, config)
+    confusion, loss, previews, worst = score_frames(keras_model, filesystem, root, names, size, n_classes, config,
+                                                    output)
     summary = confusion.summary()
     metrics = {
         "model": identity,
@@ -87,49 +120,46 @@ def write_scores(config, model_path, filesystem, root, names):
     return metrics
 
 
-def score_frames(keras_model, filesystem, root, names, size, n_classes, config):
+def score_frames(keras_model, filesystem, root, names, size, n_classes, config, output):
     """(confusion matrix, mean pixel loss, preview frames, worst frames) of `names`, scored a batch
-    at a time; each frame's scores go to per_frame.csv as it is scored. Unreadable frames raise
-    once all are read, and leave the last report as it was."""
+    at a time; each frame's scores go to `output`/per_frame.csv as it is scored. Unreadable frames
+    raise once all are read, listed in unreadable.txt in `config.output`."""
     forward = predict_logits_fn(keras_model)
     from_logits = not ends_in_softmax(keras_model)  # a model from elsewhere may end in probabilities
     confusion, loss_sum, pixels = ConfusionMatrix(n_classes), 0.0, 0
     previews = {"images": [], "masks": [], "predicted": [], "names": []}
     worst = WorstFrames(run_directory.PREVIEW_FRAMES)
     unreadable = []
-    per_frame_path = os.path.join(config.output, "per_frame.csv")
-    try:
-        with open(per_frame_path + ".tmp", "w", newline="") as per_frame_file:
-            per_frame = csv.writer(per_frame_file)
-            per_frame.writerow(["name", "pixel_accuracy", "mean_iou_truth_classes"])
-            for start in range(0, len(names), config.batch_size):
-                batch_names = names[start : start + config.batch_size]
-                images, masks, reasons = ingest.read_frames(filesystem, root, batch_names, size, n_classes)
-                unreadable += [reason for reason in reasons if reason]
-                if unreadable:
-                    continue  # the scores are void; read on only to name every bad frame at once
-                logits = forward(tf.constant(images)).numpy()
-                batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes, from_logits)
-                loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
-                confusion.counts += counts
-                predicted = np.argmax(logits, axis=-1)
-                keep = run_directory.PREVIEW_FRAMES - len(previews["names"])
-                for key, values in zip(previews, (images, masks, predicted, batch_names)):
-                    previews[key].extend(values[:keep])
-                for name, image, mask, prediction in zip(batch_names, images, masks, predicted):
-                    frame = ConfusionMatrix(n_classes).update(mask, prediction)
-                    per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
-                    worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
-        if unreadable:
-            hint = data.class_id_hint(unreadable, lambda n: f", the model predicts {n_classes} classes: score a "
-                                                             f"model trained with --n-classes {n} or more")
-            raise ingest.unreadable_frames(config.data, unreadable, len(names),
-                                           "fix them; scores without them would not be this set's", config.output, hint)
-        os.replace(per_frame_path + ".tmp", per_frame_path)
-        ingest.forget_unreadable_frames(config.output)
-    finally:
-        if os.path.exists(per_frame_path + ".tmp"):  # a failure midway leaves the last report as it was
-            os.remove(per_frame_path + ".tmp")
+    with open(os.path.join(output, "per_frame.csv"), "w", newline="") as per_frame_file:
+        per_frame = csv.writer(per_frame_file)
+        per_frame.writerow(["name", "pixel_accuracy", "mean_iou_truth_classes"])
+        for start in range(0, len(names), config.batch_size):
+            batch_names = names[start : start + config.batch_size]
+            images, masks, reasons = ingest.read_frames(filesystem, root, batch_names, size, n_classes)
+            unreadable += [reason for reason in reasons if reason]
+            if unreadable:
+                continue  # the scores are void; read on only to name every bad frame at once
+            logits = forward(tf.constant(images)).numpy()
+            if not np.isfinite(logits).all():  # argmax would score every pixel as class 0, without a word
+                raise ValueError(f"--model {config.model}: predicts NaN or infinite scores (on {batch_names[0]} "
+                                 f"and others): its weights have diverged; no scores are written")
+            batch_loss, batch_pixels, counts = score_batch(logits, masks, n_classes, from_logits)
+            loss_sum, pixels = loss_sum + batch_loss, pixels + batch_pixels
+            confusion.counts += counts
+            predicted = np.argmax(logits, axis=-1)
+            keep = run_directory.PREVIEW_FRAMES - len(previews["names"])
+            for key, values in zip(previews, (images, masks, predicted, batch_names)):
+                previews[key].extend(values[:keep])
+            for name, image, mask, prediction in zip(batch_names, images, masks, predicted):
+                frame = ConfusionMatrix(n_classes).update(mask, prediction)
+                per_frame.writerow([name, frame.pixel_accuracy(), frame.mean_iou(frame.truth_classes())])
+                worst.add(name, frame.pixel_accuracy(), (image, mask, prediction))
+    if unreadable:
+        hint = data.class_id_hint(unreadable, lambda n: f", the model predicts {n_classes} classes: score a "
+                                                         f"model trained with --n-classes {n} or more")
+        raise ingest.unreadable_frames(config.data, unreadable, len(names),
+                                       "fix them; scores without them would not be this set's", config.output, hint)
+    ingest.forget_unreadable_frames(config.output)
     return confusion, loss_sum / max(pixels, 1), previews, worst
 
 

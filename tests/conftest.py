@@ -129,6 +129,21 @@ def quickstart_run(tmp_path_factory, ray_session):
 
 
 @pytest.fixture
+def small_disk(tmp_path):
+    """A filesystem of its own, 2 MiB (tmpfs): too small for one smoke checkpoint (~2.8 MB). Needs the right to
+    mount (root, as in this project's CI)."""
+    path = tmp_path / "small_disk"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+@pytest.fixture
 def s3_bucket(monkeypatch):
     """A bucket `unet` on a local S3 (moto's server, in a thread): the s3:// paths a cluster user
     gives, read and written through pyarrow as on AWS. Returns pyarrow's S3 filesystem."""

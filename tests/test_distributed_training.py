@@ -346,21 +346,6 @@ def test_workers_all_reduce_over_nccl_on_gpus_and_the_ring_on_cpus(monkeypatch):
     assert training.distribution_strategy(1, use_gpu=True) is tf.distribute.get_strategy() and len(built) == 2
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A filesystem of its own, 2 MiB (tmpfs): too small for one smoke checkpoint (~2.8 MB). Needs the right to
-    mount (root, as in this project's CI)."""
-    path = tmp_path / "small_disk"
-    path.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "--lazy", str(path)], check=True)
-
-
 def test_a_storage_path_that_fills_stops_every_worker_at_once_and_the_same_command_goes_on_after(
         tmp_path, ray_session, small_disk):
     config = dataclasses.replace(smoke_config(tmp_path, epochs=2, checkpoint_every=1, max_failures=2),

@@ -155,6 +155,67 @@ def test_a_failure_midway_leaves_the_last_report_as_it_was(tmp_path, monkeypatch
     assert not (tmp_path / "new").exists() and os.listdir(report) == ["per_frame.csv"]
 
 
+def report_files(report):
+    return {name: (report / name).read_bytes() for name in sorted(os.listdir(report))}
+
+
+def test_a_disk_that_fills_as_the_report_is_written_keeps_the_last_report_whole(tmp_path, small_disk, capsys):
+    # The files were written in place one after another: a full disk left the new metrics.json beside the last
+    # report's previews, and a traceback.
+    tf.keras.utils.set_random_seed(0)
+    unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
+    scenes.write_scenes(tmp_path / "frames", 4)
+    scenes.write_scenes(tmp_path / "other", 4, seed=1)
+    report = small_disk / "report"
+    args = ["--model", str(tmp_path / "model.keras"), "--output", str(report)]
+    assert evaluate_job.main([*args, "--data", str(tmp_path / "frames")]) == 0
+    last = report_files(report)
+    room = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    with open(small_disk / "filler", "wb") as filler:  # room for about half of another report
+        filler.write(b"\0" * (room - sum(map(len, last.values())) // 2))
+    capsys.readouterr()
+
+    assert evaluate_job.main([*args, "--data", str(tmp_path / "other")]) == 2
+    assert (f"--output {report}: cannot take more files (No space left on device); the last report there is kept: "
+            f"make room, then the same command scores the frames again") in capsys.readouterr().err
+    assert report_files(report) == last
+    (small_disk / "filler").unlink()  # room made: the same command goes on
+    assert evaluate_job.main([*args, "--data", str(tmp_path / "other")]) == 0
+    assert json.loads((report / "metrics.json").read_text())["data"] == str(tmp_path / "other")
+
+
+def test_an_output_that_takes_no_files_is_named_and_the_last_report_kept(tmp_path, monkeypatch):
+    tf.keras.utils.set_random_seed(0)
+    unet_model((*SIZE, 3), n_filters=4, n_classes=23).save(tmp_path / "model.keras")
+    scenes.write_scenes(tmp_path / "frames", 2)
+    report = tmp_path / "report"
+    config = EvaluateConfig(str(tmp_path / "model.keras"), str(tmp_path / "frames"), str(report))
+    evaluation.evaluate(config)
+    last = report_files(report)
+
+    def read_only(confusion, path, names):  # as a read-only mount answers (root, as in CI, may write anywhere)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(evaluation.plots, "save_confusion_matrix", read_only)
+    with pytest.raises(ValueError, match=f"^--output {report}: the report cannot be written there \\(\\[Errno 13\\] "
+                                         f"Permission denied: '{report}/.*'\\); the last report there is kept$"):
+        evaluation.evaluate(config)
+    assert report_files(report) == last
+
+
+def test_a_model_that_predicts_nan_is_refused_not_scored_as_class_0(tmp_path):
+    model = unet_model((*SIZE, 3), n_filters=4, n_classes=23)
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel, np.full_like(bias, np.nan)])
+    model.save(tmp_path / "diverged.keras")
+    scenes.write_scenes(tmp_path / "frames", 2)
+    with pytest.raises(ValueError, match=f"^--model {tmp_path / 'diverged.keras'}: predicts NaN or infinite scores "
+                                         f"\\(on scene_000000.png and others\\): its weights have diverged"):
+        evaluation.evaluate(EvaluateConfig(str(tmp_path / "diverged.keras"), str(tmp_path / "frames"),
+                                           str(tmp_path / "report")))
+    assert not (tmp_path / "report").exists()
+
+
 def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(evaluation.model_io, "load_model", lambda path: pytest.fail("the model was loaded"))
     (tmp_path / "report").write_text("notes")
