@@ -164,13 +164,16 @@ def make_directory(path, flag):
 def removed_if_left_empty(path):
     """A local output the job makes inside this block is removed again if the job fails or is
     interrupted before writing a file there: an empty folder left behind (a run's empty
-    ray_results/, say) reads later as that job's output, and jobs.evaluate would refuse it."""
-    new = not os.path.lexists(path)
+    ray_results/, say) reads later as that job's output, and jobs.evaluate would refuse it. So are
+    the folders above it that the job makes with it (a/b/ of a new a/b/output)."""
+    first_new, above = None, os.path.abspath(path)
+    while not os.path.lexists(above):
+        first_new, above = above, os.path.dirname(above)
     try:
         yield
     except BaseException:
-        if new:
-            for directory, _, _ in os.walk(path, topdown=False):
+        if first_new is not None:
+            for directory, _, _ in os.walk(first_new, topdown=False):
                 with contextlib.suppress(OSError):  # one that is not empty stays, and so do those above it
                     os.rmdir(directory)
         raise

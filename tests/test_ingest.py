@@ -392,6 +392,13 @@ def test_a_failed_job_removes_only_an_output_it_made_itself(tmp_path):
                 output.mkdir(exist_ok=True)
                 raise RuntimeError("model refused")
     assert os.listdir(tmp_path) == ["made_by_the_user"]
+    # And the folders it made above a new output, up to the first that was there.
+    nested = tmp_path / "made_by_the_user" / "new" / "newer" / "report"
+    with pytest.raises(RuntimeError, match="model refused"):
+        with ingest.removed_if_left_empty(str(nested)):
+            nested.mkdir(parents=True)
+            raise RuntimeError("model refused")
+    assert os.listdir(tmp_path) == ["made_by_the_user"] and os.listdir(tmp_path / "made_by_the_user") == []
 
 
 def test_a_place_that_takes_no_more_files_full_over_quota_or_read_only_stops_the_job_with_one_error():
