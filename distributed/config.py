@@ -255,11 +255,11 @@ class TrainConfig:
         return f"another --run-name or --{'storage-path' if self.storage_path is not None else 'output'}"
 
     def to_train_afresh(self, output_has_results):
-        """What to delete to train this run afresh: its checkpoints, and the results in --output that a new
-        run is refused to replace (which, with the default --storage-path, hold the checkpoints too)."""
-        if not output_has_results:
-            return f"delete {self.run_storage}"
-        return f"delete {self.output}" if self.storage_path is None else f"delete {self.run_storage} and {self.output}"
+        """What to delete to train this run afresh: its checkpoints, and the record of results in --output
+        (metrics.json) that a new run is refused to replace; never all of --output, which may hold --data,
+        evaluations and inference outputs."""
+        also = f" and {os.path.join(self.output, 'metrics.json')}" if output_has_results else ""
+        return f"delete {self.run_storage}{also}"
 
     @classmethod
     def from_preset(cls, name):

@@ -219,7 +219,8 @@ def test_a_checkpoint_whose_best_weights_are_cut_short_is_not_the_one_a_run_resu
     # Where --output holds the run's results, which a new run is refused to replace: they go too, or another --output.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "metrics.json").write_text(json.dumps([{"epoch": 1}]))
-    with pytest.raises(ValueError, match=f"\\); delete {run} and {tmp_path / 'out'} to train the run afresh, or pass "
+    with pytest.raises(ValueError, match=f"\\); delete {run} and {tmp_path / 'out' / 'metrics.json'} to train the "
+                                         "run afresh, or pass "
                                          "another --output and another --run-name or --storage-path$"):
         checkpoint.resumed_history(config)
 

@@ -120,11 +120,14 @@ def test_the_new_run_a_refusal_advises_past_an_output_with_results_is_let_throug
     with pytest.raises(ValueError, match="holds the results of another run"):
         new_run_checks(dataclasses.replace(config, run_name="fresh"))
     new_run_checks(dataclasses.replace(config, output="another", run_name="fresh" if storage else config.run_name))
-    # And what it says to delete to train the run afresh there: the same command then starts anew.
-    assert config.to_train_afresh(True) == ("delete run" if storage is None else f"delete {config.run_storage} and run")
+    # And what it says to delete to train the run afresh there: the same command then starts anew, and the
+    # rest of --output (its data, say, or an evaluation) stays.
+    os.makedirs("run/frames/CameraRGB")
+    assert config.to_train_afresh(True) == f"delete {config.run_storage} and run/metrics.json"
     for path in config.to_train_afresh(True).removeprefix("delete ").split(" and "):
-        shutil.rmtree(path)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     new_run_checks(config)
+    assert os.path.isdir("run/frames/CameraRGB")
 
 
 def test_a_validation_directory_makes_the_split_settings_free_to_change(tmp_path, monkeypatch):
