@@ -82,7 +82,7 @@ def written_into(output):
             yield
         except OSError as error:
             # Only the output's own: reading a frame can fail with an OSError too, and is not the output's doing.
-            if ingest.is_out_of_room(error) or not str(error.filename or "").startswith(output):
+            if ingest.is_out_of_room(error) or not str(error.filename or "").startswith(os.path.join(output, "")):
                 raise
             raise ValueError(f"--output {output}: the report cannot be written there ({error}); {kept}") from None
 

@@ -165,15 +165,18 @@ def removed_if_left_empty(path):
     """A local output the job makes inside this block is removed again if the job fails or is
     interrupted before writing a file there: an empty folder left behind (a run's empty
     ray_results/, say) reads later as that job's output, and jobs.evaluate would refuse it. So are
-    the folders above it that the job makes with it (a/b/ of a new a/b/output)."""
-    first_new, above = None, os.path.abspath(path)
-    while not os.path.lexists(above):
-        first_new, above = above, os.path.dirname(above)
+    the folders above it that the job makes with it (a/b/ of a new a/b/output), when left empty:
+    another job may have made its own output beside this one's meanwhile."""
+    missing, above = [], os.path.abspath(path)
+    while not os.path.lexists(above):  # the output, then each new folder above it
+        missing.append(above)
+        above = os.path.dirname(above)
     try:
         yield
     except BaseException:
-        if first_new is not None:
-            for directory, _, _ in os.walk(first_new, topdown=False):
+        if missing:
+            own = [directory for directory, _, _ in os.walk(missing[0], topdown=False)]
+            for directory in own + missing[1:]:
                 with contextlib.suppress(OSError):  # one that is not empty stays, and so do those above it
                     os.rmdir(directory)
         raise

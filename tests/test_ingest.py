@@ -399,6 +399,14 @@ def test_a_failed_job_removes_only_an_output_it_made_itself(tmp_path):
             nested.mkdir(parents=True)
             raise RuntimeError("model refused")
     assert os.listdir(tmp_path) == ["made_by_the_user"] and os.listdir(tmp_path / "made_by_the_user") == []
+    # But not another job's output, made beside this one's in a folder both needed, empty as it still is.
+    beside = tmp_path / "made_by_the_user" / "new" / "another_report"
+    with pytest.raises(RuntimeError, match="model refused"):
+        with ingest.removed_if_left_empty(str(nested)):
+            nested.mkdir(parents=True)
+            beside.mkdir()
+            raise RuntimeError("model refused")
+    assert os.listdir(tmp_path / "made_by_the_user" / "new") == ["another_report"]
 
 
 def test_a_place_that_takes_no_more_files_full_over_quota_or_read_only_stops_the_job_with_one_error():
