@@ -79,6 +79,8 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.memory_frames and not 0 < args.memory_frames[0] < args.memory_frames[1]:
         parser.error("--memory-frames needs 0 < SMALL < LARGE")
+    if "mwms_2x1_vs_1x2" in args.only and args.train_frames == 1:  # failed once the 1-worker run was measured
+        parser.error("--train-frames must be at least 2 for mwms_2x1_vs_1x2: one frame per worker")
     # The local Ray that main starts holds cores + 1 CPUs: actors beyond it never start, and infer refused them
     # only once the figures before had run, naming jobs.infer's flags, which this command does not have.
     cores = os.cpu_count() or 1

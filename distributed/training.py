@@ -183,7 +183,10 @@ def check_paths(config):
     for uri, flag in ((config.data, "--data"), (config.val_data, "--val-data")):
         if uri is not None:
             refuse_missing_relative_input(uri, flag)
-            ingest.check_layout(uri)  # a mistyped path: named at once, not once Ray has started
+            try:  # a mistyped path: named at once, not once Ray has started, with the flag that gave it
+                ingest.check_layout(uri)
+            except ValueError as error:
+                raise ValueError(f"{flag} {error}") from None
             # A folder in CameraRGB/ would break the data.
             ingest.check_output_outside(config.output, uri, flag, "the run's files")
             if config.storage_path is not None:

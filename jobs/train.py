@@ -32,10 +32,11 @@ def build_parser():
     def option(flag, help_text="", **kwargs):
         parser.add_argument(flag, help=with_default(flag, help_text), **kwargs)
 
-    option("--data", "CARLA-layout directory or URI (s3://, gs://, ...); none: generate scenes into OUTPUT")
+    option("--data", "CARLA-layout directory or URI (s3://, gs://, ...); left out: generate scenes into OUTPUT")
     option("--output", "run directory")
     option("--run-name", "rerun with the same name and storage path to resume")
-    option("--storage-path", "where Ray Train keeps checkpoints; s3:// or gs:// on a cluster; none: OUTPUT/ray_results")
+    option("--storage-path", "where Ray Train keeps checkpoints; s3:// or gs:// on a cluster; "
+                             "left out: OUTPUT/ray_results")
     option("--num-workers", type=int)
     option("--cpus-per-worker", type=int)
     option("--use-gpu", "one GPU per worker", action="store_true", default=None)
@@ -63,7 +64,7 @@ def build_parser():
         ("--batch-size", dict(type=int, help="per worker")),
         ("--learning-rate", dict(type=float)),
         ("--lr-schedule", dict(choices=LR_SCHEDULES)),
-        ("--warmup-epochs", dict(type=int, help="before the cosine decay; None: a thirtieth of --epochs")),
+        ("--warmup-epochs", dict(type=int, help="before the cosine decay; left out: a thirtieth of --epochs")),
         ("--clip-norm", dict(type=float, help="cap on the global gradient norm; 0: none")),
         ("--ema-momentum", dict(type=float, help="score and export a moving average of the weights; 0: raw")),
         ("--prior-bias", dict(action=argparse.BooleanOptionalAction,

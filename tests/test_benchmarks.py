@@ -44,6 +44,7 @@ def test_the_predict_baseline_keeps_class_ids_as_infer_does_not_every_score():
     (["--quick", "--tiny"], "argument --tiny: not allowed with argument --quick"),
     (["--infer-cpus-per-actor", "0"], "--infer-cpus-per-actor must be at least 1"),
     (["--epoch", "3"], "unrecognized arguments: --epoch 3"),
+    (["--train-frames", "1"], "--train-frames must be at least 2 for mwms_2x1_vs_1x2: one frame per worker"),
 ])
 def test_the_harness_refuses_a_size_it_cannot_honour(argv, message, capsys):
     from benchmarks import run

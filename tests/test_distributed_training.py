@@ -655,9 +655,10 @@ def test_an_evaluation_report_is_refused_as_the_output_and_kept(tmp_path, no_ray
 def test_a_mistyped_data_path_is_refused_before_ray_starts_or_anything_is_written(tmp_path, no_ray):
     scenes.write_scenes(str(tmp_path / "frames"), 2)
     for data_dir, val_data, error in (
-        (tmp_path / "framez", None, f"^{tmp_path / 'framez'}: not found$"),
+        (tmp_path / "framez", None, f"^--data {tmp_path / 'framez'}: not found$"),
         (tmp_path / "frames", tmp_path / "frames" / "CameraRGB",
-         f"not a CARLA-layout directory \\({tmp_path / 'frames' / 'CameraRGB' / 'CameraRGB'}: directory not found\\)"),
+         f"^--val-data {tmp_path / 'frames' / 'CameraRGB'}: not a CARLA-layout directory "
+         f"\\({tmp_path / 'frames' / 'CameraRGB' / 'CameraRGB'}: directory not found\\)"),
     ):
         with pytest.raises(ValueError, match=error):
             train(smoke_config(tmp_path, data=str(data_dir), val_data=val_data and str(val_data)))
