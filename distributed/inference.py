@@ -141,7 +141,15 @@ def infer(config: InferConfig):
 
 def connect_ray(config, frames):
     """Start or join Ray for the actors `config` asks for; refuse a cluster that can never hold one.
-    Returns `config` with --num-actors auto resolved (`pool_size`)."""
+    Returns `config` with --num-actors auto resolved (`pool_size`), and a number given capped at the
+    batches to predict: each actor more would load its model for nothing (and, on this process's own
+    local Ray, sized to the actors asked for, take a process and memory of its own)."""
+    batches = math.ceil(frames / config.batch_size)
+    if config.num_actors is not None and config.num_actors > batches:
+        print(f"[unet-ray] --num-actors {config.num_actors}: {frames} frame(s) make {batches} batch(es) of "
+              f"--batch-size {config.batch_size}, so {batches} actor(s), each more would load the model for nothing",
+              file=sys.stderr, flush=True)
+        config = dataclasses.replace(config, num_actors=batches)
     # The actors' CPUs, and one for Ray Data's read tasks when they cannot run inside the actors. Auto: the cores,
     # and at least one actor's CPUs: --cpus-per-actor above the cores left the reads none, and Ray Data waited.
     actor_cpus = (max(os.cpu_count() or 1, config.cpus_per_actor) if config.num_actors is None

@@ -494,6 +494,20 @@ def test_num_actors_auto_takes_no_more_cpus_than_cores_on_a_local_ray_started_wi
     assert "share its cores" not in capsys.readouterr().err
 
 
+def test_actors_asked_for_beyond_the_batches_to_predict_are_not_started(monkeypatch, capsys):
+    # --num-actors 1000 for 40 frames on 2 cores: a local Ray of 1000 CPUs, and a process with a model per actor.
+    node = fake_local_ray(monkeypatch, cores=2)
+    config = inference.connect_ray(InferConfig(model="m.keras", input="in", output="out", num_actors=1000,
+                                               batch_size=32), 40)
+    assert config.num_actors == 2 and node["Resources"]["CPU"] == 2
+    assert ("--num-actors 1000: 40 frame(s) make 2 batch(es) of --batch-size 32, so 2 actor(s), each more would load "
+            "the model for nothing") in capsys.readouterr().err
+    node["Alive"] = False
+    assert inference.connect_ray(InferConfig(model="m.keras", input="in", output="out", num_actors=2,
+                                             batch_size=32), 40).num_actors == 2
+    assert "--num-actors" not in capsys.readouterr().err
+
+
 def test_actors_that_leave_the_reads_no_cpu_on_a_cluster_are_warned_of(monkeypatch, capsys):
     # A head of 2 CPUs reached through RAY_ADDRESS, --cpus-per-actor 2: auto's least, one actor, holds both, and
     # Ray Data waited for a CPU to read on without a word.
