@@ -600,8 +600,8 @@ def test_checkpoints_in_a_bucket_they_could_never_reach_or_would_break_are_refus
 
 def test_a_path_the_filesystem_cannot_take_is_a_bad_flag_not_a_crash(tmp_path, no_ray):
     too_long = str(tmp_path / ("a" * 300))
-    for path in ("output", "data"):  # each named as given
-        with pytest.raises(ValueError, match=f"^{re.escape(too_long)}: cannot be used \\(.*File name too long"):
+    for path, flag in (("output", ""), ("data", "--data ")):  # each named as given
+        with pytest.raises(ValueError, match=f"^{flag}{re.escape(too_long)}: cannot be used \\(.*File name too long"):
             train(dataclasses.replace(smoke_config(tmp_path), **{path: too_long}))
 
 
