@@ -22,21 +22,25 @@ def build_parser():
     parser = argument_parser("train", description=__doc__)
     parser.set_defaults(**{field: None for field in presets["default"].to_dict()})
 
+    # What a flag whose default is None stands for when left out ("None" read as a value to pass).
+    left_out = {"data": "scenes generated into OUTPUT", "storage_path": "OUTPUT/ray_results",
+                "val_data": "a split of --data", "warmup_epochs": "a thirtieth of --epochs"}
+
     def with_default(flag, help_text):
         """The help text, then the flag's default, and the classic preset's value where it differs."""
         field = flag.removeprefix("--").replace("-", "_")
         default, classic = getattr(presets["default"], field), getattr(presets["classic"], field)
-        shown = f"default: {default}" + (f"; --preset classic: {classic}" if classic != default else "")
+        shown = f"default: {left_out[field] if default is None else default}"
+        shown += f"; --preset classic: {classic}" if classic != default else ""
         return f"{help_text} ({shown})".strip()
 
     def option(flag, help_text="", **kwargs):
         parser.add_argument(flag, help=with_default(flag, help_text), **kwargs)
 
-    option("--data", "CARLA-layout directory or URI (s3://, gs://, ...); left out: generate scenes into OUTPUT")
+    option("--data", "CARLA-layout directory or URI (s3://, gs://, ...)")
     option("--output", "run directory")
     option("--run-name", "rerun with the same name and storage path to resume")
-    option("--storage-path", "where Ray Train keeps checkpoints; s3:// or gs:// on a cluster; "
-                             "left out: OUTPUT/ray_results")
+    option("--storage-path", "where Ray Train keeps checkpoints; s3:// or gs:// on a cluster")
     option("--num-workers", type=int)
     option("--cpus-per-worker", type=int)
     option("--use-gpu", "one GPU per worker", action="store_true", default=None)
@@ -64,7 +68,7 @@ def build_parser():
         ("--batch-size", dict(type=int, help="per worker")),
         ("--learning-rate", dict(type=float)),
         ("--lr-schedule", dict(choices=LR_SCHEDULES)),
-        ("--warmup-epochs", dict(type=int, help="before the cosine decay; left out: a thirtieth of --epochs")),
+        ("--warmup-epochs", dict(type=int, help="before the cosine decay")),
         ("--clip-norm", dict(type=float, help="cap on the global gradient norm; 0: none")),
         ("--ema-momentum", dict(type=float, help="score and export a moving average of the weights; 0: raw")),
         ("--prior-bias", dict(action=argparse.BooleanOptionalAction,

@@ -192,7 +192,9 @@ def test_help_gives_every_flags_default_and_the_classic_presets_value():
     for flag, help_text in helps.items():
         if flag not in ("-h", "--smoke"):
             assert "(default: " in help_text, (flag, help_text)
+            assert "None" not in help_text, (flag, help_text)  # read as a value to pass, which argparse refuses
     assert helps["--epochs"] == "(default: 250; --preset classic: 40)"
+    assert helps["--warmup-epochs"] == "before the cosine decay (default: a thirtieth of --epochs; --preset classic: 0)"
     assert helps["--augment"] == "(default: True; --preset classic: False)"
     assert helps["--seed"] == "(default: 0)"  # the same in both presets
 
