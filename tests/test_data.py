@@ -210,6 +210,24 @@ def test_a_png_whose_image_stream_ends_rows_early_is_refused_not_read_as_class_0
         data.decode_image(short, "/d/CameraRGB/m.png")
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_palette_pngs_read_as_pillow_reads_them(bits):
+    # Decoded by libspng alone: through Pillow they were decoded twice, once more to be checked.
+    rng = np.random.default_rng(bits)
+    indices = rng.integers(0, 2**bits, (9, 11), dtype=np.uint8)
+    image = Image.fromarray(indices, "P")
+    image.putpalette(rng.integers(0, 256, 3 * 2**bits, dtype=np.uint8).tolist())
+    for transparency in ({}, {"transparency": 1}):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", bits=bits, **transparency)
+        png = buffer.getvalue()
+        assert data._png_header(png) == (bits, data._PALETTE)
+        with Image.open(io.BytesIO(png)) as opened:
+            pillows = np.asarray(opened.convert("RGB"))
+        np.testing.assert_array_equal(data.decode_image(png, "i.png"), pillows)
+        assert data.decode_mask(png, "m.png").tolist() == pillows.max(axis=-1).tolist()
+
+
 def test_8bit_gray_reads_as_pillow_reads_it():
     gray = np.random.default_rng(0).integers(0, 256, (5, 7), dtype=np.uint8)
     assert data.decode_mask(png_bytes(gray), "m.png").tolist() == gray.tolist()

@@ -123,7 +123,8 @@ def _open(data, path):
         raise ValueError(f"{path}: not a readable PNG/JPEG image ({error})") from None
     if image.format == "PNG":
         # Pillow fills the rows a whole but short image stream leaves out with zeros (class 0, black),
-        # without a word; libspng refuses such a file. Only the rarer PNGs come this way (see `_decode_png`).
+        # without a word; libspng refuses such a file. Only the rarest PNGs (1/2/4/16-bit gray, gray+alpha)
+        # come this way and are decoded twice (see `_decode_png`).
         _decode_png(data, path, "RGBA")
     return image
 
@@ -132,7 +133,7 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # PNG colour types of the IHDR chunk.
-_GRAY, _RGB, _GRAY_ALPHA, _RGBA = 0, 2, 4, 6
+_GRAY, _RGB, _PALETTE, _GRAY_ALPHA, _RGBA = 0, 2, 3, 4, 6
 
 
 def _png_header(data):
@@ -149,8 +150,9 @@ def _png_header(data):
 
 def _decode_png(data, path, output_format="RGB"):
     # libspng decodes 8-bit colour PNGs in about 3/4 of Pillow's time (BENCHMARKS.md), to the same
-    # pixels; decoding is most of the CPU work of batch inference besides the model. 8-bit gray
-    # ones in Pillow's time, which would have to be checked by libspng besides (`_open`).
+    # pixels; decoding is most of the CPU work of batch inference besides the model. 8-bit gray and
+    # palette ones to Pillow's pixels too, in its time, where Pillow's would need libspng's check besides
+    # (`_open`).
     try:
         return pyspng.load(data, output_format)
     except RuntimeError as error:
@@ -160,7 +162,7 @@ def _decode_png(data, path, output_format="RGB"):
 def decode_image(data, path):
     """Encoded bytes → uint8 RGB array (H, W, 3), from any common mode (RGB, RGBA, L, P, 16-bit)."""
     header = _png_header(data)
-    if header in ((8, _RGB), (8, _RGBA)):  # every CARLA frame
+    if header in ((8, _RGB), (8, _RGBA)) or (header and header[1] == _PALETTE):  # every CARLA frame
         return _decode_png(data, path)
     if header == (8, _GRAY):
         return np.repeat(_decode_png(data, path, None)[..., None], 3, axis=-1)
@@ -180,7 +182,7 @@ def decode_mask(data, path):
     16-bit output; 16-bit gray+alpha, which neither reads whole, is refused.
     """
     header = _png_header(data)
-    if header in ((8, _RGB), (8, _RGBA)):
+    if header in ((8, _RGB), (8, _RGBA)) or (header and header[1] == _PALETTE):
         return _decode_png(data, path).max(axis=-1).astype(np.int64)
     if header == (8, _GRAY):  # the masks of many datasets besides CARLA
         return _decode_png(data, path, None).astype(np.int64)
