@@ -144,7 +144,7 @@ def connect_ray(config, frames):
     Returns `config` with --num-actors auto resolved (`pool_size`), and a number given capped at the
     batches to predict: each actor more would load its model for nothing (and, on this process's own
     local Ray, sized to the actors asked for, take a process and memory of its own)."""
-    batches = math.ceil(frames / config.batch_size)
+    batches = batches_to_predict(config, frames)
     if config.num_actors is not None and config.num_actors > batches:
         print(f"[unet-ray] --num-actors {config.num_actors}: {frames} frame(s) make {batches} batch(es) of "
               f"--batch-size {config.batch_size}, so {batches} actor(s), each more would load the model for nothing",
@@ -215,7 +215,12 @@ def pool_size(config, frames):
         fit = min(fit, (os.cpu_count() or 1) // config.cpus_per_actor)
     if leaves_reads_no_cpu(fit, config):
         fit -= 1
-    return max(1, min(fit, math.ceil(frames / config.batch_size)))
+    return max(1, min(fit, batches_to_predict(config, frames)))
+
+
+def batches_to_predict(config, frames):
+    """The most actors that can have work: one batch of --batch-size frames each."""
+    return math.ceil(frames / config.batch_size)
 
 
 def output_settings(config, input_filesystem, input_root, size, n_classes):
