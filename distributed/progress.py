@@ -4,8 +4,8 @@ so far.
 
 `EpochsToDisk` runs in Ray Train's controller, which Ray places on the driver's node (its
 label_selector, in `DataParallelTrainer`), so it writes the --output the driver reads. It imports
-no TensorFlow of its own, though the controller holds it anyway (about 730 MB resident): it
-unpickles `TensorflowConfig`, and `ray.train.tensorflow` imports TensorFlow.
+no TensorFlow, and nothing else handed to the controller does (tf_backend.py): it would cost the
+driver's node ~500 MB for the whole run.
 """
 
 import csv

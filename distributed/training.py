@@ -25,6 +25,7 @@ from ray.train.tensorflow import TensorflowTrainer
 
 from distributed import checkpoint, ingest, progress, runtime, run_directory, shard
 from distributed.failure_injection import FailOnce
+from distributed.tf_backend import TensorflowClusterConfig
 from distributed.config import TrainConfig, TrainingFailed, refuse_missing_relative_input, refuse_relative_output
 from unet_core import augment, unet_model
 from unet_core.metrics import ConfusionMatrix
@@ -69,6 +70,7 @@ def run_training(config, resumed, frame_list):
 
     trainer = TensorflowTrainer(
         train_loop_per_worker,
+        tensorflow_config=TensorflowClusterConfig(),  # Ray's own would import TensorFlow into the controller
         train_loop_config={
             # The storage path as this process resolves it: a worker runs in another directory,
             # where a relative --output would point somewhere else.

@@ -188,6 +188,32 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session, quickstart
         train(dataclasses.replace(moved, epochs=4, max_failures=-1))
 
 
+def test_ray_trains_controller_is_handed_nothing_that_imports_tensorflow(tmp_path, ray_session, monkeypatch):
+    # The controller never runs a model. Ray's TensorflowConfig, unpickled there, imported TensorFlow: 5 s before a
+    # worker could start, ~500 MB held on the driver's node for the whole run (BENCHMARKS.md, "Ray Train's controller").
+    class Launched(Exception):
+        pass
+
+    contexts = []
+
+    def launched(trainer, config):
+        contexts.append(trainer.train_run_context)
+        raise Launched
+
+    monkeypatch.setattr(training, "fit", launched)
+    with pytest.raises(Launched):
+        train(smoke_config(tmp_path))
+    # What Ray hands the controller: the run's configs, the backend's and the callbacks' included.
+    (context,) = contexts
+    loads = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+             "print(sorted({name.split('.')[0] for name in sys.modules} & {'tensorflow', 'tf_keras', 'keras'}))")
+    unpickled = subprocess.run([sys.executable, "-c", loads], input=ray.cloudpickle.dumps(context),
+                               capture_output=True, timeout=120)
+    assert unpickled.returncode == 0, unpickled.stderr.decode()[-3000:]
+    assert unpickled.stdout.decode().strip() == "[]"
+    assert context.backend_config.framework.value == "tensorflow"  # as Ray's dashboard names the run's framework
+
+
 def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_bad_frames(tmp_path, ray_session,
                                                                                          capfd):
     """The default layout on a CPU without native bfloat16 (one worker with both cores, float32, XLA): a crash
