@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_model import CLASSIC_UNET
+
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = {"train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32", "xla_vs_graph",
            "shard_memory_vs_stream",
@@ -24,7 +26,14 @@ def test_flop_counter_gives_15_1_gflop_per_default_training_image():
     assert defaults.image_size == (96, 128) and defaults.n_filters == 32
     model = unet_model((*defaults.image_size, 3), defaults.n_filters, defaults.n_classes)
     assert flops.training_flops_per_image(model) / 1e9 == pytest.approx(15.1, abs=0.2)
-    assert flops.training_flops_per_image(model) == 3 * flops.forward_flops_per_image(model)
+    # Forward, from the exercise's layer table: a kernel of k²·Cin·Cout weights (its parameters less its Cout
+    # biases) multiplies and adds once per output pixel, per input pixel for a stride-2 transposed convolution.
+    expected = 0
+    for kind, (height, width, channels_out), parameters in CLASSIC_UNET:
+        if kind in ("Conv2D", "Conv2DTranspose"):
+            pixels = height * width // (4 if kind == "Conv2DTranspose" else 1)
+            expected += 2 * pixels * (parameters - channels_out) + height * width * channels_out
+    assert flops.forward_flops_per_image(model) == expected
 
 
 def test_the_predict_baseline_keeps_class_ids_as_infer_does_not_every_score():
@@ -79,14 +88,18 @@ def test_a_refused_command_leaves_nothing_it_made_behind(tmp_path, capsys):
     from benchmarks import run
 
     (tmp_path / "afile").write_text("")
-    for argv in (["--work-dir", str(tmp_path / "afile")], ["--out", str(tmp_path / "missing" / "figures.jsonl")]):
-        with pytest.raises(SystemExit):
+    missing = tmp_path / "missing" / "figures.jsonl"
+    for argv, reason in ((["--work-dir", str(tmp_path / "afile")], "cannot make a directory there (File exists)"),
+                         (["--out", str(missing)], "cannot append to it (No such file or directory)")):
+        with pytest.raises(SystemExit) as refused:  # refused for the flag given, once --cache was made
             run.parse_args(["--cache", str(tmp_path / "new" / "cache")] + argv)
+        assert refused.value.code == 2 and f"{argv[0]} {argv[1]}: {reason}" in capsys.readouterr().err
         assert not (tmp_path / "new").exists()
-    with pytest.raises(SystemExit):  # nor an empty --out, when --cache is refused
+    with pytest.raises(SystemExit) as refused:  # nor an empty --out, when --cache is refused
         run.parse_args(["--cache", str(tmp_path / "afile"), "--out", str(tmp_path / "figures.jsonl")])
+    assert refused.value.code == 2
+    assert f"--cache {tmp_path / 'afile'}: cannot make a directory there (Not a directory)" in capsys.readouterr().err
     assert not (tmp_path / "figures.jsonl").exists()
-    capsys.readouterr()
 
 
 def test_the_harness_refuses_a_cache_or_work_dir_that_cannot_be_a_directory(tmp_path, capsys):

@@ -69,29 +69,36 @@ def test_resume_restores_the_weights_their_moving_average_and_the_best_so_far(tm
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), reshaped.get_weights()))
 
 
-def test_resume_under_fp16_keeps_the_loss_scale(tmp_path):
+def test_resume_under_fp16_keeps_the_loss_scale(tmp_path, monkeypatch):
     import tensorflow as tf
 
     def compiled():
         return compile_unet(unet_model((32, 48, 3), n_filters=4), learning_rate=1e-3, clip_norm=1.0, ema_momentum=0.9)
 
+    saved = tmp_path / "saved"
+
+    def report(metrics, checkpoint=None):  # Ray Train's upload: a copy of what the worker saved
+        shutil.copytree(checkpoint.path, saved)
+
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train, "get_context", lambda: SimpleNamespace(get_local_world_size=lambda: 1))
     tf.keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         model = compiled()
         model.train_on_batch(np.random.default_rng(0).random((2, 32, 48, 3), np.float32), np.zeros((2, 32, 48)))
         model.optimizer._loss_scale.current_loss_scale.assign(64.0)  # where overflowing steps had halved it
-        model.save(str(tmp_path / checkpoint.MODEL), save_format="keras_v3")
-        # What save_and_report writes beside the model, which tf-keras saves without the scale.
-        state = {"history": [{"epoch": 1}], **checkpoint.loss_scale(model)}
-        (tmp_path / checkpoint.STATE).write_text(json.dumps(state))
-        np.savez(tmp_path / checkpoint.BEST, *model.get_weights())
+        # tf-keras saves the model without the scale: save_and_report writes it beside the model.
+        assert checkpoint.save_and_report(model, {"epoch": 1}, [{"epoch": 1}], model.get_weights(), 0, True,
+                                          lambda share: share) is None
 
         resumed = compiled()
-        checkpoint.restore(resumed, ray.train.Checkpoint.from_directory(str(tmp_path)), 1)
+        checkpoint.restore(resumed, ray.train.Checkpoint.from_directory(str(saved)), 1)
         assert float(resumed.optimizer.loss_scale) == 64.0  # not 2**15 again
+        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+        assert checkpoint.loss_scale(compiled()) == {}  # bfloat16 has no loss scale to keep
     finally:
         tf.keras.mixed_precision.set_global_policy("float32")
-    assert checkpoint.loss_scale(compiled()) == {}  # float32 and bfloat16 keep none
+    assert checkpoint.loss_scale(compiled()) == {}  # nor has float32
 
 
 def test_a_disk_without_room_for_a_checkpoint_stops_every_worker_alike_before_any_writes(tmp_path, monkeypatch):

@@ -120,8 +120,9 @@ def test_dashboard_never_listens_beyond_loopback(config, text):
     assert "0.0.0.0" not in text  # neither a dashboard host nor an open CIDR anywhere
     for words in start_commands(config, "head_start_ray_commands"):
         assert "--dashboard-host=127.0.0.1" in words
-    # The security group opens none of the dashboard / job / GCS / client ports.
-    for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
+    # The security group opens none of the dashboard / job / GCS / client ports: today, no port at all.
+    assert config["provider"]["security_group"]["IpPermissions"] == []
+    for rule in config["provider"]["security_group"]["IpPermissions"]:  # for when rules are added
         low, high = rule.get("FromPort", -1), rule.get("ToPort", -1)
         assert not any(low == -1 or low <= port <= high for port in DASHBOARD_PORTS), rule
 

@@ -478,7 +478,9 @@ def test_num_actors_auto_starts_a_local_ray_that_holds_an_actor_and_a_cpu_for_th
             node["Alive"] = False  # each a job of its own, starting its own Ray
             config = inference.connect_ray(InferConfig(model="m.keras", input="in", output="out",
                                                        cpus_per_actor=cpus_per_actor, use_gpu=use_gpu), 10_000)
-            reads = 0 if inference.reads_in_actors(config) else 1
+            # Ray Data fuses its read tasks (1 CPU, no GPU) into actors that ask for the same, and only then.
+            reads = 0 if cpus_per_actor == 1 and not use_gpu else 1
+            assert config.num_actors >= 1
             assert config.num_actors * cpus_per_actor + reads <= node["Resources"]["CPU"], (cpus_per_actor, use_gpu)
 
 

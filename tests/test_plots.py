@@ -46,9 +46,11 @@ def test_colorize_maps_ids_to_palette_and_keeps_shape():
 
 def test_colorize_gives_ids_past_palette_a_stable_colour():
     mask = np.array([[N_CLASSES, N_CLASSES + 1, 300]])
-    first, second = colorize(mask), colorize(mask)
-    np.testing.assert_array_equal(first, second)
-    assert len({tuple(c) for c in first[0]}) == 3
+    colours = colorize(mask)
+    assert len({tuple(c) for c in colours[0]}) == 3
+    # The same id, the same colour, wherever it appears and whatever else the mask holds.
+    np.testing.assert_array_equal(colorize(np.array([[300]]))[0, 0], colours[0, 2])
+    np.testing.assert_array_equal(colorize(np.array([[0, 300, 5]]))[0, 1], colours[0, 2])
 
 
 def test_the_first_id_past_the_palette_gets_its_own_colour_not_the_last_classs():

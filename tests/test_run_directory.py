@@ -158,6 +158,7 @@ def test_a_rerun_resumes_only_on_the_same_frames_of_its_data(tmp_path, monkeypat
     assert before.startswith("2 training / 1 validation frames, names sha256:")
     assert identity(["b.png", "a.png"], ["c.png"]) == before  # listed or decoded, in any order
     assert identity(["a.png"], ["b.png", "c.png"]) != identity(["a.png", "b.png"], ["c.png"])
+    assert identity(["a.png"], ["b.png"]) != identity(["b.png"], ["a.png"])  # the same counts, the other split
     run_directory.record_run_identity(config, before)
     (tmp_path / "run" / "ray_results" / "unet" / "checkpoint_2026-12-04_10-00-00.000000").mkdir()
     run_directory.check_run_identity(config)  # the settings alone, before the data is listed

@@ -118,20 +118,26 @@ def test_the_compiled_mean_iou_counts_every_class_the_model_predicts():
     model = compile_unet(unet_model((*SIZE, 3), n_filters=4, n_classes=30), learning_rate=1e-2)
     masks = np.full((2, *SIZE), 29)  # the model's last class, beyond CARLA's 23
     logs = model.train_on_batch(np.zeros((2, *SIZE, 3), np.float32), masks, return_dict=True)
-    assert 0.0 <= logs["mean_iou"] <= 1.0
+    # Zero images through fresh zero biases: every logit is 0, so every pixel is predicted class 0.
     (mean_iou,) = [metric for metric in model.metrics if metric.name == "mean_iou"]
     assert mean_iou.counts.shape == (30, 30)
+    assert mean_iou.counts.numpy()[29, 0] == mean_iou.counts.numpy().sum() == masks.size  # class 29 counted
+    assert logs["mean_iou"] == 0.0
 
 
 def test_start_from_class_prior_makes_the_bias_predict_the_pixel_frequencies():
     model = unet_model((*SIZE, 3), n_filters=4, n_classes=4)
+    initial = model.get_weights()
     counts = np.array([600, 300, 100, 0])
     start_from_class_prior(model, counts)
     bias = model.layers[-1].bias.numpy()
     probabilities = np.exp(bias) / np.exp(bias).sum()
     np.testing.assert_allclose(probabilities, (counts + 1) / (counts + 1).sum(), rtol=1e-5)
-    # The kernel keeps its initialisation: only the starting guess changes.
-    assert np.abs(model.layers[-1].kernel.numpy()).sum() > 0
+    # Every other weight keeps its initialisation: only the starting guess changes.
+    bias_index = next(index for index, weight in enumerate(model.weights) if weight is model.layers[-1].bias)
+    for index, (before, after) in enumerate(zip(initial, model.get_weights())):
+        if index != bias_index:
+            np.testing.assert_array_equal(before, after)
 
 
 def test_the_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero():
