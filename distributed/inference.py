@@ -161,6 +161,8 @@ def connect_ray(config, frames):
               f"{' and 1 GPU' if config.use_gpu else ''} each", file=sys.stderr, flush=True)
     shortfall = actor_shortfall(config)
     runtime.refuse_or_warn(shortfall)
+    if config.use_gpu:
+        runtime.check_a_gpu_node(config.cpus_per_actor)
     starved = reads_starved(config)
     if starved:
         print(f"[unet-ray] warning: {starved}", file=sys.stderr, flush=True)

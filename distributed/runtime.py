@@ -1,5 +1,6 @@
 """Starting or joining Ray, the environment every worker and actor runs with, and SIGTERM in a driver running Ray."""
 
+import importlib.util
 import os
 import re
 import signal
@@ -252,19 +253,53 @@ def select_devices(use_gpu):
     process that asked for none, and TensorFlow would take most of a GPU's memory in each."""
     import tensorflow as tf
 
-    gpus = tf.config.list_physical_devices("GPU")
-    if use_gpu and not gpus:
-        raise RuntimeError(f"--use-gpu: Ray gave this process a GPU, but TensorFlow sees none (built with CUDA: "
-                           f"{tf.test.is_built_with_cuda()}); install the gpu extra (pip install 'unet-ray[gpu]', "
-                           f"which brings tensorflow[and-cuda]) on every GPU node")
-    if not use_gpu and gpus:
+    problem = gpu_problem() if use_gpu else None
+    if problem:
+        raise RuntimeError(f"--use-gpu: Ray gave this process a GPU, but {problem}")
+    if not use_gpu and tf.config.list_physical_devices("GPU"):
         tf.config.set_visible_devices([], "GPU")
 
 
+def gpu_problem():
+    """Why TensorFlow in this process sees no GPU, with the fix; None when it sees one."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return None
+    # TensorFlow's own reason (a CUDA library it could not load) is a warning, which WORKER_ENV silences.
+    if not (tf.test.is_built_with_cuda() and cuda_libraries_installed()):
+        return ("TensorFlow sees none: its CUDA libraries are not installed; install the gpu extra (pip install "
+                "'unet-ray[gpu]', which brings tensorflow[and-cuda]) on every GPU node")
+    return (f"TensorFlow, with its CUDA libraries, sees none (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}): check the node's NVIDIA driver (nvidia-smi) and, in a "
+            f"container, that it was given the GPUs (docker run --gpus all)")
+
+
+def cuda_libraries_installed():
+    """Whether tensorflow[and-cuda]'s CUDA libraries (the nvidia-* packages) are: TensorFlow's own
+    wheel is built with CUDA, but finds no GPU without them."""
+    return importlib.util.find_spec("nvidia") is not None
+
+
+def check_a_gpu_node(cpus):
+    """With --use-gpu, asked once before any worker or actor starts: does TensorFlow see the GPU, where
+    Ray puts a process of `cpus` CPUs and a GPU? Else each worker would fail alike, and Ray Train
+    retry each failure (--max-failures times, for ever at -1) before saying why. One node answers:
+    the nodes of a cluster share their image."""
+    problem, node = ray.get(ray.remote(num_cpus=cpus, num_gpus=1)(_gpu_problem_on_node).remote())
+    if problem:
+        raise ValueError(f"--use-gpu: on node {node}, where Ray gives a worker its GPU, {problem}")
+
+
+def _gpu_problem_on_node():
+    # A task with a GPU never runs in a process that later runs another: Ray ends it after one call.
+    return gpu_problem(), ray.util.get_node_ip_address()
+
+
 def leave_gpus_to_actors():
-    """For a driver that loads a model only to check it and read its shapes: TensorFlow would
-    take most of a GPU's memory at its first use, and hold it for the whole job, so the inference
-    actors Ray puts on the driver's GPU (a GPU workstation's, a GPU head's) would have little left."""
+    """For a driver that only checks a model, reads its shapes or draws previews with it: TensorFlow would
+    take most of a GPU's memory at its first use, and hold it for the whole job, so the workers and
+    inference actors Ray puts on the driver's GPU (a GPU workstation's, a GPU head's) would have little left."""
     try:
         select_devices(False)
     except RuntimeError:  # TensorFlow already runs in this process (a notebook): it holds its devices already

@@ -36,6 +36,8 @@ from unet_core.training import (
 
 def train(config: TrainConfig):
     """Run a whole training job; returns the run directory's metrics (one dict per epoch)."""
+    # The driver only draws previews with the model: a GPU it touched would stay taken for the whole process.
+    runtime.leave_gpus_to_actors()
     with ingest.removed_if_left_empty(config.output):  # a run refused for its data, say
         held, resumed, frame_list = check_before_start(config)
         with held:  # the run's hold on --output, until it ends
@@ -157,6 +159,8 @@ def connect_ray(config):
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     shortfall = runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu)
     runtime.refuse_or_warn(shortfall)
+    if config.use_gpu:
+        runtime.check_a_gpu_node(config.cpus_per_worker)
     if "://" not in config.resolved_storage_path:  # once the run can start; a bucket is Ray Train's to reach
         ingest.make_directory(config.resolved_storage_path, config.storage_flag)
     scenes = os.path.join(config.output, run_directory.SCENES)

@@ -83,6 +83,14 @@ def test_docker_image_is_ray_2_60_python_3_11_gpu(config):
     assert '"ray[default,train,data]>=2.60,<2.61"' in json.dumps(pyproject["project"]["dependencies"])
 
 
+def test_gpu_workers_containers_are_given_the_gpus(config):
+    # Not left to Ray's guess from `docker info`: a container without them would see no GPU on a node that
+    # advertises one, and every --use-gpu worker placed there would fail.
+    assert config["available_node_types"]["ray.worker.gpu"]["resources"]["GPU"] >= 1
+    assert "--gpus all" in config["docker"]["worker_run_options"]
+    assert "--gpus all" not in config["docker"].get("head_run_options", [])  # the head has none
+
+
 def test_setup_commands_install_this_project_with_its_gpu_extra(config):
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert "gpu" in pyproject["project"]["optional-dependencies"]

@@ -65,6 +65,10 @@ def test_bad_values_are_refused_with_the_field_named():
                                   ("mixed_precision", "fp8", "auto, off, bf16, fp16")):
         with pytest.raises(ValueError, match=f"{field} must be one of {allowed}; got '{value}'"):
             TrainConfig(**{field: value})
+    # Emulated on a CPU, float16 trains slower than float32; on GPUs it is what T4s and V100s compute fast.
+    with pytest.raises(ValueError, match="^mixed_precision fp16 needs --use-gpu: a CPU computes float16 in software"):
+        TrainConfig(mixed_precision="fp16")
+    assert TrainConfig(mixed_precision="fp16", use_gpu=True).mixed_precision == "fp16"
     for field in ("learning_rate", "clip_norm", "class_weight_power", "class_mix", "val_fraction"):
         for value in (float("nan"), float("inf")):  # argparse's float() takes both
             with pytest.raises(ValueError, match=f"{field} must be a finite number, got {value}"):

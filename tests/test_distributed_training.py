@@ -516,6 +516,18 @@ def no_ray(monkeypatch):
     monkeypatch.setattr(runtime, "connect", no_ray_connect)
 
 
+def test_the_driver_hides_the_gpus_before_anything_can_start_tensorflow(tmp_path, monkeypatch, no_ray):
+    # It draws the previews with the model: on a GPU head, TensorFlow would keep most of a GPU from the workers and
+    # the actors of a quickstart's inference after it.
+    steps = []
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [f"/physical_device:{kind}:0"])
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: steps.append(("hide", devices, kind)))
+    monkeypatch.setattr(training, "check_before_start", lambda config: steps.append("checks") or no_ray_connect())
+    with pytest.raises(AssertionError, match="Ray was started"):
+        train(smoke_config(tmp_path))
+    assert steps == [("hide", [], "GPU"), "checks"]
+
+
 def test_local_paths_on_a_cluster_are_named_by_the_flags_given(tmp_path, monkeypatch):
     # Without --storage-path the checkpoints go below --output: the warning named --storage-path, never given.
     named = []

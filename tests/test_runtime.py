@@ -1,6 +1,7 @@
 """Sizing against the live cluster: the session's local Ray, one node without a GPU."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -126,8 +127,21 @@ def test_workers_see_the_gpu_they_were_given_and_no_other(monkeypatch):
     monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind: hidden.append((devices, kind)))
     # A GPU node whose TensorFlow was installed without CUDA lists no GPU.
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind: [])
-    with pytest.raises(RuntimeError, match="--use-gpu: Ray gave this process a GPU, but TensorFlow sees none "
-                                           "\\(built with CUDA: .*\\); install the gpu extra"):
+    # TensorFlow's wheel is built with CUDA (as here); without tensorflow[and-cuda]'s libraries it sees no GPU.
+    monkeypatch.setattr(runtime, "cuda_libraries_installed", lambda: False)
+    with pytest.raises(RuntimeError, match="^--use-gpu: Ray gave this process a GPU, but TensorFlow sees none: its "
+                                           "CUDA libraries are not installed; install the gpu extra"):
+        runtime.select_devices(use_gpu=True)
+    # With them, the install is not what to fix: the driver, or a container not given the GPUs.
+    monkeypatch.setattr(runtime, "cuda_libraries_installed", lambda: True)
+    monkeypatch.setattr(tf.test, "is_built_with_cuda", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with pytest.raises(RuntimeError, match="^--use-gpu: Ray gave this process a GPU, but TensorFlow, with its CUDA "
+                                           "libraries, sees none \\(CUDA_VISIBLE_DEVICES='1'\\): check the node's "
+                                           "NVIDIA driver"):
+        runtime.select_devices(use_gpu=True)
+    monkeypatch.setattr(tf.test, "is_built_with_cuda", lambda: False)  # a CPU-only build: the extra, whatever else
+    with pytest.raises(RuntimeError, match="its CUDA libraries are not installed; install the gpu extra"):
         runtime.select_devices(use_gpu=True)
     runtime.select_devices(use_gpu=False)
     assert hidden == []  # nothing to hide
@@ -229,3 +243,33 @@ def test_bf16_counts_as_native_on_a_gpu_worker_only_when_every_gpu_it_sees_is_am
     assert not runtime.native_bfloat16(use_gpu=True)
     capabilities["GPU:2"] = None  # no compute capability given: not taken for a new one
     assert not runtime.native_bfloat16(use_gpu=True)
+
+
+def test_use_gpu_where_tensorflow_sees_no_gpu_stops_train_and_infer_before_any_worker_naming_the_fix(tmp_path):
+    # A node that declares a GPU its TensorFlow cannot use (no CUDA libraries here): every Ray Train worker failed
+    # alike, each failure retried --max-failures times (for ever at -1), then exit 1 saying a rerun resumes; every
+    # inference actor died with a traceback. A local Ray of its own, declaring a GPU this machine does not have.
+    script = "\n".join([
+        "import sys, ray",
+        "from distributed import runtime",
+        "ray.init(address='local', num_cpus=3, num_gpus=1, include_dashboard=False,",
+        "         runtime_env={'env_vars': dict(runtime.WORKER_ENV)})",
+        "from jobs import infer, train",
+        "from unet_core import scenes, unet_model",
+        "out = sys.argv[1]",
+        "scenes.write_scenes(out + '/frames', 2, seed=0)",
+        "unet_model((32, 48, 3), n_filters=4).save(out + '/model.keras', save_format='keras_v3')",
+        "codes = [train.main(['--smoke', '--use-gpu', '--num-workers', '1', '--max-failures', '-1',",
+        "                     '--output', out + '/run']),",
+        "         infer.main(['--use-gpu', '--model', out + '/model.keras', '--input', out + '/frames/CameraRGB',",
+        "                     '--output', out + '/masks'])]",
+        "print(codes)",
+    ])
+    job = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert job.stdout.strip().splitlines()[-1] == "[2, 2]", job.stderr[-5000:]
+    said = re.findall(r"^error: .*$", job.stderr, re.MULTILINE)
+    fix = ("where Ray gives a worker its GPU, TensorFlow sees none: its CUDA libraries are not installed; install the "
+           "gpu extra (pip install 'unet-ray[gpu]', which brings tensorflow[and-cuda]) on every GPU node")
+    assert len(said) == 2 and all(line.startswith("error: --use-gpu: on node ") and fix in line for line in said), said
+    assert "Started training worker group" not in job.stderr  # asked before any worker, so nothing was retried
+    assert not (tmp_path / "run").exists() and not (tmp_path / "masks").exists()
