@@ -161,8 +161,9 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise SettingError(name, f"must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.mixed_precision == "fp16" and not self.use_gpu:
-            raise SettingError("mixed_precision", "fp16 needs --use-gpu: a CPU computes float16 in software, slower "
-                                                  "than float32; on CPUs pass auto or bf16")
+            raise SettingError("mixed_precision", "fp16 needs --use-gpu: a CPU computes float16 in software, "
+                                                  "slower than float32; on CPUs pass auto (bf16 where the CPU "
+                                                  "computes it natively) or off")
         if not 0.0 < self.val_fraction < 1.0:
             raise SettingError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
         if not 0.0 <= self.ema_momentum < 1.0:

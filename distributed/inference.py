@@ -162,7 +162,7 @@ def connect_ray(config, frames):
     shortfall = actor_shortfall(config)
     runtime.refuse_or_warn(shortfall)
     if config.use_gpu:
-        runtime.check_a_gpu_node(config.cpus_per_actor)
+        runtime.check_a_gpu_node(config.cpus_per_actor, config.num_actors)
     starved = reads_starved(config)
     if starved:
         print(f"[unet-ray] warning: {starved}", file=sys.stderr, flush=True)

@@ -9,6 +9,7 @@ import sys
 import threading
 
 import ray
+from ray.autoscaler.sdk import request_resources
 
 # tf.keras must be tf-keras (Keras 2) in every process: Keras 3 breaks MultiWorkerMirroredStrategy.
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -276,17 +277,32 @@ def gpu_problem():
 
 
 def cuda_libraries_installed():
-    """Whether tensorflow[and-cuda]'s CUDA libraries (the nvidia-* packages) are: TensorFlow's own
-    wheel is built with CUDA, but finds no GPU without them."""
-    return importlib.util.find_spec("nvidia") is not None
+    """Whether tensorflow[and-cuda]'s CUDA libraries (nvidia-cudnn, nvidia-cublas) are: TensorFlow's
+    own wheel is built with CUDA, but finds no GPU without them."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("nvidia.cudnn", "nvidia.cublas"))
+    except ModuleNotFoundError:  # no nvidia-* package at all
+        return False
 
 
-def check_a_gpu_node(cpus):
-    """With --use-gpu, asked once before any worker or actor starts: does TensorFlow see the GPU, where
+def check_a_gpu_node(cpus, processes):
+    """With --use-gpu, asked once before the workers or actors start: does TensorFlow see the GPU, where
     Ray puts a process of `cpus` CPUs and a GPU? Else each worker would fail alike, and Ray Train
     retry each failure (--max-failures times, for ever at -1) before saying why. One node answers:
-    the nodes of a cluster share their image."""
-    problem, node = ray.get(ray.remote(num_cpus=cpus, num_gpus=1)(_gpu_problem_on_node).remote())
+    the nodes of a cluster share their image. An autoscaler is asked for the nodes of all `processes`
+    at once, so that the check's node does not start alone, ahead of the others."""
+    request_resources(bundles=[{"CPU": cpus, "GPU": 1}] * processes)
+    try:
+        asked = ray.remote(num_cpus=cpus, num_gpus=1, max_retries=0)(_gpu_problem_on_node).remote()
+        while not ray.wait([asked], timeout=60)[0]:
+            print(f"[unet-ray] --use-gpu: waiting for a node with {cpus} CPU(s) and a GPU free, to check that "
+                  f"TensorFlow sees its GPU there", file=sys.stderr, flush=True)
+        try:
+            problem, node = ray.get(asked)
+        except ray.exceptions.RayError as error:
+            raise ValueError(f"--use-gpu: checking TensorFlow on a GPU node failed: {error}") from None
+    finally:
+        request_resources(bundles=[])  # the workers' and actors' own requests keep their nodes from here
     if problem:
         raise ValueError(f"--use-gpu: on node {node}, where Ray gives a worker its GPU, {problem}")
 

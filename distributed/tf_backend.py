@@ -1,10 +1,10 @@
 """Ray Train's TensorFlow backend, from a module that imports no TensorFlow.
 
 Ray Train's controller unpickles the trainer's backend config. Ray's own, `TensorflowConfig`, lives
-in `ray.train.tensorflow`, whose `__init__` imports TensorFlow, so every run's controller imported it
-(5 s on 2 cores before a worker could start) and held it in memory on the driver's node (~730 MB)
-for the whole run, though the controller never runs a model. This backend does on the workers what
-Ray's does, and nothing else: it writes the TF_CONFIG that MultiWorkerMirroredStrategy reads.
+in `ray.train.tensorflow`, whose `__init__` imports TensorFlow, so every run's controller held it in
+memory on the driver's node for the whole run (706 MB against 212 MB, BENCHMARKS.md), though the
+controller never runs a model. This backend does on the workers what Ray's does: it writes the
+TF_CONFIG that MultiWorkerMirroredStrategy reads, and selects tf-keras.
 """
 
 import json
@@ -43,4 +43,5 @@ def worker_address():
 
 
 def set_tf_config(addresses, rank):
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"  # as Ray's: the job's runtime env and unet_core set it too
     os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": rank}})

@@ -68,6 +68,8 @@ def run_training(config, resumed, frame_list):
     if done:  # the driver exports what the checkpoint holds: Ray Train's workers would take ~20 s to start
         print(f"[unet-ray] run {config.run_name!r} {done}", flush=True)
         return export(config, checkpoint.latest_result(config.run_storage), val_frames)
+    if config.use_gpu:  # only for a run that trains: a finished one only exports, on the driver
+        runtime.check_a_gpu_node(config.cpus_per_worker, config.num_workers)
     weights, counts = class_balance(train_frames, config)
 
     trainer = TensorflowTrainer(
@@ -159,8 +161,6 @@ def connect_ray(config):
     runtime.connect(num_cpus=config.num_workers * config.cpus_per_worker + 1)
     shortfall = runtime.cluster_shortfall(config.num_workers, config.cpus_per_worker, config.use_gpu)
     runtime.refuse_or_warn(shortfall)
-    if config.use_gpu:
-        runtime.check_a_gpu_node(config.cpus_per_worker)
     if "://" not in config.resolved_storage_path:  # once the run can start; a bucket is Ray Train's to reach
         ingest.make_directory(config.resolved_storage_path, config.storage_flag)
     scenes = os.path.join(config.output, run_directory.SCENES)

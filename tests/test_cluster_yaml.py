@@ -86,9 +86,11 @@ def test_docker_image_is_ray_2_60_python_3_11_gpu(config):
 def test_gpu_workers_containers_are_given_the_gpus(config):
     # Not left to Ray's guess from `docker info`: a container without them would see no GPU on a node that
     # advertises one, and every --use-gpu worker placed there would fail.
-    assert config["available_node_types"]["ray.worker.gpu"]["resources"]["GPU"] >= 1
-    assert "--gpus all" in config["docker"]["worker_run_options"]
-    assert "--gpus all" not in config["docker"].get("head_run_options", [])  # the head has none
+    gpu_nodes = config["available_node_types"]["ray.worker.gpu"]
+    assert gpu_nodes["resources"]["GPU"] >= 1 and "--gpus all" in gpu_nodes["docker"]["worker_run_options"]
+    # Only there: a node without GPUs (the head, a CPU type added later) would fail `docker run` with it.
+    assert "--gpus all" not in json.dumps({key: value for key, value in config["docker"].items()})
+    assert "docker" not in config["available_node_types"]["ray.head.cpu"]
 
 
 def test_setup_commands_install_this_project_with_its_gpu_extra(config):

@@ -189,8 +189,8 @@ def test_two_workers_train_validate_and_resume(tmp_path, ray_session, quickstart
 
 
 def test_ray_trains_controller_is_handed_nothing_that_imports_tensorflow(tmp_path, ray_session, monkeypatch):
-    # The controller never runs a model. Ray's TensorflowConfig, unpickled there, imported TensorFlow: 5 s before a
-    # worker could start, ~500 MB held on the driver's node for the whole run (BENCHMARKS.md, "Ray Train's controller").
+    # The controller never runs a model. Ray's TensorflowConfig, unpickled there, imported TensorFlow: ~500 MB held on
+    # the driver's node for the whole run (BENCHMARKS.md, "Ray Train's controller").
     class Launched(Exception):
         pass
 

@@ -466,7 +466,7 @@ def fake_local_ray(monkeypatch, cores, gpus=0, own=True):
     monkeypatch.setattr(runtime, "connect", connect)
     monkeypatch.setattr(ray, "nodes", lambda: [node])
     monkeypatch.setattr(ray, "cluster_resources", lambda: dict(node["Resources"]))
-    monkeypatch.setattr(runtime, "check_a_gpu_node", lambda cpus: None)  # its GPUs' TensorFlow sees them
+    monkeypatch.setattr(runtime, "check_a_gpu_node", lambda cpus, processes: None)  # its GPUs' TensorFlow sees them
     return node
 
 
