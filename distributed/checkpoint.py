@@ -148,14 +148,16 @@ def resumed_history(config):
     be restored is named at once: in the workers it would fail each attempt, and Ray Train would
     retry that as a worker failure, --max-failures times (forever at -1)."""
     run = config.run_storage
-    results = bool(progress.read_history(config.output))  # which a new run may not replace
-    instead = f"{config.to_train_afresh(results)} to train the run afresh, or pass {config.new_run_flags(results)}"
+    def instead():  # metrics.json is read only for a refusal, not on every resume
+        results = bool(progress.read_history(config.output))  # which a new run may not replace
+        return f"{config.to_train_afresh(results)} to train the run afresh, or pass {config.new_run_flags(results)}"
+
     try:
         latest = latest_checkpoint(run)
     except CheckpointManagerInitializationError as error:
         if not rebuilt_record(run):
             raise ValueError(f"{run}: Ray Train's record of the run's checkpoints does not match them ({error}); "
-                             f"{instead}") from None
+                             f"{instead()}") from None
         latest = latest_checkpoint(run)
     if latest is None:
         return []
@@ -163,7 +165,7 @@ def resumed_history(config):
         return whole_history(latest.filesystem, latest.path)  # read in place: a bucket's model is not downloaded
     except CUT_SHORT as error:
         raise ValueError(f"{latest.path}: the checkpoint run {config.run_name!r} would resume from cannot be read "
-                         f"({type(error).__name__}: {error}); {instead}") from None
+                         f"({type(error).__name__}: {error}); {instead()}") from None
 
 
 def latest_checkpoint(run):

@@ -57,7 +57,9 @@ def check_run_identity(config, frames=None, new_run=None):
     hold other frames by then (frames added to a tail split would move validation frames into
     training); checked before Ray starts by their names, and with --skip-bad once they are decoded.
     `new_run`: what to pass instead, by default `TrainConfig.new_run_flags`."""
-    new_run = new_run or config.new_run_flags(bool(progress.read_history(config.output)))
+    def instead():  # metrics.json is read only for a refusal, not on every run's way in
+        return new_run or config.new_run_flags(bool(progress.read_history(config.output)))
+
     filesystem, path, identity = _identity(config, frames)
     run_root = path.rsplit("/", 1)[0]
     found = filesystem.get_file_info(pyarrow.fs.FileSelector(run_root, allow_not_found=True))
@@ -68,7 +70,7 @@ def check_run_identity(config, frames=None, new_run=None):
         # unet-ray (its checkpoints lack the best epoch's weights), or the record was deleted.
         raise ValueError(f"{config.run_storage}: checkpoints of a run without "
                          f"{IDENTITY_FILE} (an older unet-ray wrote them, or the file was deleted), which this one "
-                         f"cannot tell the settings of and will not resume; pass {new_run} to start a new run")
+                         f"cannot tell the settings of and will not resume; pass {instead()} to start a new run")
     with filesystem.open_input_stream(path) as stream:
         recorded = json.loads(stream.read())
     changed = [f"{field} {recorded.get(field)!r} -> {value!r}" for field, value in identity.items()
@@ -77,7 +79,7 @@ def check_run_identity(config, frames=None, new_run=None):
     if changed:
         raise ValueError(
             f"{config.run_storage}: run {config.run_name!r} there trained with other "
-            f"settings ({'; '.join(changed)}); rerun with its settings to resume it, or pass {new_run} to start a "
+            f"settings ({'; '.join(changed)}); rerun with its settings to resume it, or pass {instead()} to start a "
             f"new run")
 
 
