@@ -166,3 +166,16 @@ def s3_bucket(monkeypatch):
     boto3.client("s3").create_bucket(Bucket="unet")
     yield pyarrow.fs.FileSystem.from_uri("s3://unet")[0]
     server.stop()
+
+
+# Fixtures that start a Ray head or train a run, once per pytest process: under pytest -n (pytest-xdist,
+# --dist loadgroup) the tests that use one go to the same worker, so the suite pays for it once, not per worker.
+SHARED_BY_ONE_WORKER = ("quickstart_run", "ray_head")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture in SHARED_BY_ONE_WORKER:
+            if fixture in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(fixture))
