@@ -199,8 +199,8 @@ def test_a_kept_work_dir_never_hands_one_profile_the_model_of_another(tmp_path):
         assert model.input_shape[1:3] == profile.image_size, profile
 
 
-# The training figures, then the inference ones: two runs that pytest -n runs side by side. The second measures
-# memory after disconnecting the Ray it predicted on, as a whole run does; FIGURES is checked to be their union.
+# The training figures, then the inference ones: two runs, which pytest -n can hand to two workers. The second
+# measures memory after disconnecting the Ray it predicted on, as a whole run does; FIGURES is their union.
 TINY_PARTS = {"training": ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32",
                            "xla_vs_graph", "shard_memory_vs_stream"),
               "inference": ("infer_vs_predict", "infer_memory_5000_vs_500")}
@@ -213,7 +213,7 @@ def test_the_tiny_runs_cover_every_figure_the_harness_has():
 
 
 @pytest.mark.parametrize("part", TINY_PARTS)
-def test_tiny_run_prints_every_figure_with_a_numeric_ratio(part, tmp_path):
+def test_a_tiny_run_of_each_part_prints_its_figures_with_a_numeric_ratio(part, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     completed = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--tiny", "--only", ",".join(TINY_PARTS[part]),

@@ -44,23 +44,10 @@ class Head:
     session_id: int  # every process of the head runs in this session (`ray start`'s own pid)
 
 
-def free_ports(count):
-    """Distinct ports nothing listens on: all bound at once, so none is handed out twice."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def free_port_range(size, low=20_000, high=32_000):
-    """A block of free ports for the head's workers: outside Ray's default worker range
-    (10002-19999, used by every other Ray here) and below Linux's ephemeral ports (32768+)."""
+    """A block of free ports for the head and its workers: outside Ray's default worker range (10002-19999,
+    used by every other Ray here) and below Linux's ephemeral ports (32768+), where the other pytest worker's
+    Rays bind port 0 and connect out while this head starts."""
     for _ in range(50):
         start = random.randrange(low, high - size)
         sockets = []
@@ -165,9 +152,10 @@ def ray_head():
     with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
         file.write(secrets.token_hex(32))  # as `ray get-auth-token --generate` makes them
     env = client_env(token_file)
+    low, high = free_port_range(9 + 200)
     (gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, runtime_env_agent,
-     metrics) = free_ports(9)
-    min_worker_port, max_worker_port = free_port_range(200)
+     metrics) = range(low, low + 9)
+    min_worker_port, max_worker_port = low + 9, high
     command = [
         RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir,
         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
