@@ -17,7 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from benchmarks import frames, memory
-from benchmarks.common import median, ratio, rotated, rounded
+from benchmarks.common import alternated, median, ratio, rounded
 from distributed import inference, inference_output, model_io, runtime
 from distributed.config import FORMATS, InferConfig
 from unet_core import data, unet_model
@@ -132,7 +132,7 @@ def infer_vs_predict(profile, cache, work, cores, log, num_actors, cpus_per_acto
     model.predict(images[:batch_size], batch_size=batch_size, verbose=0)  # builds the predict function
     runs = {"predict": [], "infer": []}
     for round_index in range(profile.infer_repeats):
-        for name in rotated(["predict", "infer"], round_index):
+        for name in alternated(["predict", "infer"], round_index):
             log(f"[bench] inference round {round_index + 1}/{profile.infer_repeats}: {name}")
             if name == "predict":
                 runs[name].append(time_predict(model, images, batch_size))
@@ -195,7 +195,7 @@ def infer_memory(profile, cache, work, log):
     runs = {small: [], large: []}
     command = None
     for round_index in range(profile.memory_repeats):
-        for count in rotated([small, large], round_index):
+        for count in alternated([small, large], round_index):
             input_dir = os.path.join(frames.view(cache, count), data.IMAGE_DIR)
             output = os.path.join(work, f"memory-{count}-r{round_index}")
             # Left in a kept --work-dir by a run that failed or was interrupted: the job would skip the frames

@@ -86,7 +86,8 @@ def parse_args(argv=None):
     cores = os.cpu_count() or 1
     args.infer_num_actors = actors = args.infer_num_actors or max(1, cores // (args.infer_cpus_per_actor or 1))
     args.infer_cpus_per_actor = cpus_per_actor = args.infer_cpus_per_actor or max(1, cores // actors)
-    if not os.environ.get("RAY_ADDRESS") and actors > (cores + 1) // cpus_per_actor:
+    # Only infer_vs_predict's actors: the memory figure runs jobs.infer with its own --num-actors auto.
+    if "infer_vs_predict" in args.only and not os.environ.get("RAY_ADDRESS") and actors > (cores + 1) // cpus_per_actor:
         parser.error(f"--infer-num-actors {actors} × --infer-cpus-per-actor {cpus_per_actor}: the local Ray "
                      f"holds {cores + 1} CPUs ({cores} cores + 1), so {(cores + 1) // cpus_per_actor} actor(s) at "
                      f"most; lower either flag")

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from benchmarks import flops
-from benchmarks.common import TRAINING_FIGURES, median, ratio, rotated
+from benchmarks.common import TRAINING_FIGURES, alternated, median, ratio
 from distributed.config import TrainConfig
 from unet_core import data, unet_model
 from unet_core.training import compile_unet
@@ -180,7 +180,7 @@ def measure(profile, frames_dir, work, cores, figures, log):
     }
     runs, errors = {name: [] for name in alternatives}, {}
     for round_index in range(profile.repeats):
-        for name in rotated(alternatives, round_index):
+        for name in alternated(alternatives, round_index):
             if name in errors:  # failed in an earlier round: its figures are lost anyway
                 continue
             log(f"[bench] training round {round_index + 1}/{profile.repeats}: {name}")
