@@ -191,7 +191,12 @@ def main(argv=None):
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON lines only
             # Frames first: rendering runs in spawned processes, before TensorFlow starts its threads.
-            frames.ensure_frames(args.cache, max(frames_needed(profile, figures)), log)
+            try:
+                frames.ensure_frames(args.cache, max(frames_needed(profile, figures)), log)
+            except OSError as error:  # was the rendering pool's traceback, and no line for any figure
+                log(f"[bench] --cache {args.cache}: cannot write the frames there ({error}); make room or pass "
+                    f"another --cache")
+                return 1
             from distributed import runtime
 
             # This process's Keras and predict baselines get all cores, as the 1-worker runs do.

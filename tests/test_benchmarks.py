@@ -129,6 +129,17 @@ def test_the_harness_refuses_more_inference_actors_than_its_local_ray_holds(argv
     assert run.parse_args(argv + ["--only", ",".join(others), "--cache", str(tmp_path / "cache")]).only == others
 
 
+def test_a_cache_that_fills_while_frames_render_is_one_line_naming_it(small_disk, tmp_path, capsys):
+    from benchmarks import run
+
+    # 18 frames of 640x480 do not fit in 2 MiB.
+    code = run.main(["--tiny", "--only", "bf16_vs_fp32", "--cache", str(small_disk), "--work-dir", str(tmp_path)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"[bench] --cache {small_disk}: cannot write the frames there ([Errno 28] No space left on device" in err
+    assert "Traceback" not in err
+
+
 def test_ctrl_c_exits_130_with_a_word_and_no_traceback(tmp_path, monkeypatch, capsys):
     from benchmarks import frames, run
 
