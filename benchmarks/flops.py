@@ -42,7 +42,7 @@ def training_flops_per_image(model):
     return TRAINING_FACTOR * forward_flops_per_image(model)
 
 
-def matmul_peak(size=2048, chain=8, calls=3):
+def matmul_peak(size, chain, calls):
     """Best fp32 FLOP/s of `chain` dependent size×size matmuls inside one tf.function.
 
     One graph call keeps the matmuls back to back (an eager one-off matmul pays dispatch and

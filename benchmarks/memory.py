@@ -61,14 +61,14 @@ class TreeSampler(threading.Thread):
     def __init__(self, root, interval=0.2):
         super().__init__(daemon=True)
         self.root, self.interval = root, interval
-        self.peak_rss_kb = self.peak_pss_kb = self.max_processes = self.samples = 0
+        self.peak_rss_kb = self.peak_pss_kb = self.max_processes = 0
         self._halt = threading.Event()
 
     def run(self):
         while not self._halt.is_set():
             rss, pss, count = tree_memory_kb(self.root)
             self.peak_rss_kb, self.peak_pss_kb = max(self.peak_rss_kb, rss), max(self.peak_pss_kb, pss)
-            self.max_processes, self.samples = max(self.max_processes, count), self.samples + 1
+            self.max_processes = max(self.max_processes, count)
             self._halt.wait(self.interval)
 
     def stop(self):
@@ -99,6 +99,5 @@ def run_sampled(command, log_path, env=None):
         "peak_rss_mb": sampler.peak_rss_kb / 1024,
         "peak_pss_mb": sampler.peak_pss_kb / 1024,
         "max_processes": sampler.max_processes,
-        "samples": sampler.samples,
         "summary": json.loads(summaries[-1]) if summaries else {},
     }

@@ -300,7 +300,7 @@ def test_a_memory_run_left_in_a_kept_work_dir_is_not_resumed(tmp_path, monkeypat
         os.makedirs(output, exist_ok=True)
         count = int(os.path.basename(output).split("-")[1])
         return {"returncode": 0, "seconds": 1.0, "peak_rss_mb": 100.0 + count, "peak_pss_mb": 50.0,
-                "max_processes": 3, "samples": 5, "summary": {"ok": count}}
+                "max_processes": 3, "summary": {"ok": count}}
 
     monkeypatch.setattr(frames, "view", lambda cache, count: str(tmp_path / "frames"))
     monkeypatch.setattr(inference, "save_model", lambda profile, work: "model.keras")
