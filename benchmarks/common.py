@@ -81,7 +81,7 @@ def rounded(value, digits=4):
 def alternated(items, round_index):
     """The alternatives in order, reversed every other round: every two of them swap which runs first, so
     neither of a figure's pair always gets the warm (or the cold) machine. (Rotating by one place a round
-    left most pairs of seven alternatives in one order in every round.)"""
+    left most pairs of seven or eight alternatives in one order in every round.)"""
     return list(items) if round_index % 2 == 0 else list(items)[::-1]
 
 

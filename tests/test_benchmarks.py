@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import INFERENCE_FIGURES, TRAINING_FIGURES
 from tests.test_model import CLASSIC_UNET
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,38 +215,32 @@ def test_a_kept_work_dir_never_hands_one_profile_the_model_of_another(tmp_path):
         assert model.input_shape[1:3] == profile.image_size, profile
 
 
+def test_the_harness_has_the_eight_figures_in_its_two_groups():
+    assert set(TRAINING_FIGURES) | set(INFERENCE_FIGURES) == FIGURES
+    assert len(TRAINING_FIGURES) + len(INFERENCE_FIGURES) == len(FIGURES)
+
+
 # The training figures, then the inference ones: two runs, which pytest -n can hand to two workers. The second
-# measures memory after disconnecting the Ray it predicted on, as a whole run does; FIGURES is their union.
-TINY_PARTS = {"training": ("train_vs_keras", "mwms_2x1_vs_1x2", "train_flops_vs_peak", "bf16_vs_fp32",
-                           "xla_vs_graph", "shard_memory_vs_stream"),
-              "inference": ("infer_vs_predict", "infer_memory_5000_vs_500")}
-
-
-def test_the_tiny_runs_cover_every_figure_the_harness_has():
-    from benchmarks.run import FIGURES as HARNESS_FIGURES
-
-    assert {name for part in TINY_PARTS.values() for name in part} == FIGURES == set(HARNESS_FIGURES)
-
-
-@pytest.mark.parametrize("part", TINY_PARTS)
-def test_a_tiny_run_of_each_part_prints_its_figures_with_a_numeric_ratio(part, tmp_path):
+# measures memory after disconnecting the Ray it predicted on, as a whole run does.
+@pytest.mark.parametrize("figures", [TRAINING_FIGURES, INFERENCE_FIGURES], ids=["training", "inference"])
+def test_a_tiny_run_of_each_group_prints_its_figures_with_a_numeric_ratio(figures, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--tiny", "--only", ",".join(TINY_PARTS[part]),
+        [sys.executable, "-m", "benchmarks.run", "--tiny", "--only", ",".join(figures),
          "--cache", str(tmp_path / "cache"), "--work-dir", str(tmp_path / "work"),
          "--out", str(tmp_path / "figures.jsonl")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=840,
     )
     assert completed.returncode == 0, completed.stderr[-5000:]
     records = [json.loads(line) for line in completed.stdout.splitlines() if line.strip()]  # stdout: JSON only
-    assert [record["name"] for record in records] == list(TINY_PARTS[part])
+    assert [record["name"] for record in records] == list(figures)
     for record in records:
         assert isinstance(record["ratio"], (int, float)) and math.isfinite(record["ratio"]), record
         assert record["ratio"] > 0 and record["goal"] and record["config"]["profile"] == "tiny", record
     saved = [json.loads(line) for line in (tmp_path / "figures.jsonl").read_text().splitlines()]
     assert saved == records
     by_name = {record["name"]: record for record in records}
-    if part == "training":
+    if figures == TRAINING_FIGURES:
         assert "fp32_final_loss" in by_name["bf16_vs_fp32"] and "bf16_final_loss" in by_name["bf16_vs_fp32"]
         assert by_name["xla_vs_graph"]["xla_used"], by_name["xla_vs_graph"]  # tiny is float32, one worker
         assert by_name["shard_memory_vs_stream"]["feeds_as_labelled"], by_name["shard_memory_vs_stream"]
@@ -311,7 +306,7 @@ def test_a_memory_run_left_in_a_kept_work_dir_is_not_resumed(tmp_path, monkeypat
 
 def test_every_pair_of_alternatives_swaps_which_runs_first_from_one_round_to_the_next():
     # Always timing one of a figure's pair first would hand it the warm (or the cold) machine every round.
-    from benchmarks.common import PROFILES, TRAINING_FIGURES, alternated
+    from benchmarks.common import PROFILES, alternated
     from benchmarks.training import alternatives_for
 
     alternatives, needs, _, _ = alternatives_for(TRAINING_FIGURES, PROFILES["full"], 2)

@@ -246,6 +246,8 @@ def test_bf16_counts_as_native_on_a_gpu_worker_only_when_every_gpu_it_sees_is_am
 
 
 def test_use_gpu_where_tensorflow_sees_no_gpu_stops_train_and_infer_before_any_worker_naming_the_fix(tmp_path):
+    import tensorflow as tf
+
     # A node that declares a GPU its TensorFlow cannot use (no CUDA libraries here): every Ray Train worker failed
     # alike, each failure retried --max-failures times (for ever at -1), then exit 1 saying a rerun resumes; every
     # inference actor died with a traceback. A local Ray of its own, declaring a GPU this machine does not have.
@@ -268,8 +270,6 @@ def test_use_gpu_where_tensorflow_sees_no_gpu_stops_train_and_infer_before_any_w
     job = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert job.stdout.strip().splitlines()[-1] == "[2, 2]", job.stderr[-5000:]
     said = re.findall(r"^error: .*$", job.stderr, re.MULTILINE)
-    import tensorflow as tf
-
     # The fix this machine's install calls for (the same virtualenv as the job's).
     fix = ("where Ray gives a worker its GPU, TensorFlow sees none: its CUDA libraries are not installed; install the "
            "gpu extra (pip install 'unet-ray[gpu]', which brings tensorflow[and-cuda]) on every GPU node"
