@@ -202,7 +202,11 @@ def main(argv=None):
             # This process's Keras and predict baselines get all cores, as the 1-worker runs do.
             runtime.configure_tensorflow_threads(cores)
             if set(figures) & {*TRAINING_FIGURES, "infer_vs_predict"}:
-                runtime.connect(num_cpus=cores + 1)
+                try:
+                    runtime.connect(num_cpus=cores + 1)
+                except ValueError as error:  # a RAY_ADDRESS no cluster answers at: was a traceback
+                    log(f"[bench] {error}")
+                    return 2
 
             training = [name for name in TRAINING_FIGURES if name in figures]
             if training:

@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,20 @@ def test_ctrl_c_exits_130_with_a_word_and_no_traceback(tmp_path, monkeypatch, ca
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C left benchmarks.run as a traceback")
     assert code == 130 and "interrupted: the figures printed are whole" in capsys.readouterr().err
+
+
+def test_a_ray_address_no_cluster_answers_at_is_one_line_naming_it(tmp_path):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"  # bound, not listening: refused
+        completed = subprocess.run(
+            [sys.executable, "-m", "benchmarks.run", "--tiny", "--only", "bf16_vs_fp32",
+             "--cache", str(tmp_path / "cache")],
+            cwd=ROOT, env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=300,
+        )
+    assert completed.returncode == 2, completed.stderr[-3000:]
+    assert f"[bench] RAY_ADDRESS={address}: no Ray cluster answers there (Connection refused)" in completed.stderr
+    assert "Traceback" not in completed.stderr and completed.stdout == ""
 
 
 @pytest.mark.parametrize("flag", ["--cache", "--out", "--work-dir"])
