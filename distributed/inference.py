@@ -91,22 +91,27 @@ def infer(config: InferConfig):
                   f"{data.IMAGE_DIR}, or an earlier jobs.infer output), and are left alone: {', '.join(left_out[:3])}"
                   + (", ..." if len(left_out) > 3 else ""), file=sys.stderr, flush=True)
 
+        if not pending:  # a finished output is only read, so it may be read-only; and Ray never starts
+            return {"ok": 0, "failed": 0, "skipped": len(inputs)}
         new_output = output.filesystem.get_file_info(output.root).type == pyarrow.fs.FileType.NotFound
         try:
             output.make()
         except OSError as error:  # a read-only place, say: a bad --output, named before Ray starts
             raise ValueError(f"--output {config.output}: cannot be made a directory "
                              f"({error.strerror or error})") from None
-        if pending:  # Ray starts only now, and only for work: a bad model, input or output is refused before it
-            try:
-                config = connect_ray(config, len(pending))
-            except BaseException:  # a cluster that can never hold the actors, Ctrl-C: no new output left behind
-                if new_output:
-                    output.filesystem.delete_dir(output.root)
-                raise
-        # Once Ray is up: a run refused for its cluster leaves the last run's errors to read.
-        output.start_run()
-        output.record_settings(settings)  # before any part is committed: every done frame is under these
+        unwritable = (f"--output {config.output}", "nothing was predicted: make room, then the same command goes on")
+        try:
+            # A write before Ray starts, so an output that takes no files (full, read-only) is named at once;
+            # and before any part is committed: every done frame is under these settings.
+            with stopped_when_out_of_room(*unwritable):
+                output.record_settings(settings)
+            config = connect_ray(config, len(pending))  # Ray starts only now: a bad model, input or output is refused
+        except BaseException:  # a cluster that can never hold the actors, Ctrl-C: no new output left behind
+            if new_output:
+                output.filesystem.delete_dir(output.root)
+            raise
+        with stopped_when_out_of_room(*unwritable):  # once Ray is up: a run refused for its cluster keeps its errors
+            output.start_run()
         names = class_names(n_classes)
         source = spelled(input_filesystem, input_root)  # failures name a frame as the user would find it
         predictions = inference_output.PartWriter(output, "predictions", config.rows_per_file)

@@ -1,5 +1,6 @@
 """Batch inference on a real local Ray: real PNG/JPEG files in, Parquet and PNG out, read back."""
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -674,6 +675,37 @@ def test_an_output_that_fills_up_stops_the_job_with_one_error_not_a_failure_per_
     monkeypatch.undo()
     assert infer(InferConfig(model=str(model_dir / "model.keras"), input=str(tmp_path / "frames"),
                              output=str(out))) == {"ok": 6, "failed": 0, "skipped": 0}
+
+
+def test_an_output_that_takes_no_files_as_a_run_starts_is_named_before_ray_and_a_finished_one_is_only_read(
+        tmp_path, ray_session, model_dir, small_disk, monkeypatch, capsys):
+    frames = tmp_path / "frames" / "CameraRGB"
+    scenes.write_scenes(tmp_path / "frames", 3, seed=2)
+    out = small_disk / "out"
+    argv = ["--model", str(model_dir / "model.keras"), "--input", str(frames), "--output", str(out)]
+    with open(small_disk / "filler", "wb") as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(bytes(2**16))
+            filler.flush()
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    # Was a traceback from writing the settings, exit 1, once Ray had started.
+    assert infer_job.main(argv) == 2
+    assert (f"error: --output {out}: cannot take more files (No space left on device); nothing was predicted: make "
+            f"room, then the same command goes on") in capsys.readouterr().err
+    assert not out.exists()  # the new output it had made, removed
+    os.remove(small_disk / "filler")  # room made
+    monkeypatch.undo()
+    assert infer_job.main(argv) == 0
+
+    shutil.copy(frames / "scene_000000.png", frames / "later.png")  # a frame added since
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    monkeypatch.setattr(inference.runtime, "connect", no_ray)
+    assert infer_job.main(argv) == 2  # as a full disk, and the output as it was
+    assert (f"error: --output {out}: cannot take more files (Read-only file system); nothing was predicted"
+            in capsys.readouterr().err)
+    os.remove(frames / "later.png")
+    assert infer_job.main(argv) == 0  # every frame done: a finished output read, never written
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"ok": 0, "failed": 0, "skipped": 3}
 
 
 def test_the_driver_gets_at_most_a_parquet_parts_rows_at_a_time(tmp_path, ray_session, model_dir, monkeypatch):
