@@ -84,8 +84,9 @@ def infer(config: InferConfig):
         print(f"[unet-ray] {len(inputs)} image(s) under {config.input}: {len(pending)} to predict, "
               f"{len(inputs) - len(pending)} already done in {config.output}", flush=True)
         if ignored:
-            print(f"[unet-ray] {len(ignored)} file(s) there are not {kinds} images and are left alone, such as "
-                  f"{', '.join(ignored[:3])}", file=sys.stderr, flush=True)
+            print(f"[unet-ray] {len(ignored)} file(s) there are not {kinds} images (by their extension, or hidden by "
+                  f"a dot leading their name or a folder's) and are left alone, such as {', '.join(ignored[:3])}",
+                  file=sys.stderr, flush=True)
         if left_out:
             print(f"[unet-ray] {len(left_out)} folder(s) there hold masks, not camera frames (a {data.MASK_DIR} beside "
                   f"{data.IMAGE_DIR}, or an earlier jobs.infer output), and are left alone: {', '.join(left_out[:3])}"
@@ -298,7 +299,8 @@ def kind(filesystem, path, given):
 
 def list_images(filesystem, root, skip=None, writes_files=True):
     """(sorted paths of the PNG/JPEG files below `root`, sorted paths of its other files, the
-    folders left out as `not_inputs`), all relative to `root`, hidden ones left out.
+    folders left out as `not_inputs`), all relative to `root`. A hidden PNG/JPEG (its name or a
+    folder's starts with a dot) is among the other files; any other hidden file is left out.
 
     `skip` is the output directory: nested in the input, its masks must not become inputs.
     `writes_files`: each image gets PNG files named after it, so two that would share one are refused.
@@ -315,8 +317,11 @@ def list_images(filesystem, root, skip=None, writes_files=True):
     for info in found:
         relative = info.path[len(root) + 1:]
         parts = relative.split("/")
-        if (info.type == pyarrow.fs.FileType.Directory or any(part.startswith(".") for part in parts)
+        if (info.type == pyarrow.fs.FileType.Directory
                 or any(f"{root}/{'/'.join(parts[:depth])}" in skipped for depth in range(1, len(parts)))):
+            continue
+        if any(part.startswith(".") for part in parts):  # hidden: a PNG/JPEG there is named, never predicted
+            ignored.extend([relative] if info.base_name.lower().endswith(data.IMAGE_EXTENSIONS) else [])
             continue
         (paths if data.is_image_name(info.base_name) else ignored).append(relative)
     paths.sort()

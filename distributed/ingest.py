@@ -248,7 +248,8 @@ def list_image_names(filesystem, directory):
     names, others = data.frame_names(entries, directory)
     if others:
         print(f"[unet-ray] {len(others)} file(s) in {directory} are not {'/'.join(data.IMAGE_EXTENSIONS)} frames "
-              f"and are left out, such as {', '.join(others[:3])}", file=sys.stderr, flush=True)
+              f"(by their extension, or hidden by a leading dot) and are left out, such as {', '.join(others[:3])}",
+              file=sys.stderr, flush=True)
     return names
 
 

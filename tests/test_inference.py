@@ -167,7 +167,8 @@ def test_cli_model_size_png_only_jpeg_input_and_fail_on_error(tmp_path, ray_sess
     assert f"failed: {images / long_name}: its output cannot be written ([Errno 36] Failed renaming" in printed.err
     assert "File name too long" in printed.err
     assert f"2 image(s) failed: every path and reason is in {output}/errors/*.parquet" in printed.err
-    assert "1 file(s) there are not .png/.jpg/.jpeg images and are left alone, such as notes.txt" in printed.err
+    assert ("1 file(s) there are not .png/.jpg/.jpeg images (by their extension, or hidden by a dot leading their "
+            "name or a folder's) and are left alone, such as notes.txt") in printed.err
     assert (f"{root}: a CARLA-layout directory, so the frames of its CameraRGB/ are the inputs (their paths "
             f"relative to it) and its CameraMask/ is left alone") in printed.err
     predictions = read_table(output / "predictions")
@@ -807,7 +808,7 @@ def test_masks_below_the_input_are_never_taken_for_camera_frames(tmp_path):
         paths, [], ["town1/CameraMask", "town2/day/CameraMask"])
 
 
-def test_images_in_hidden_folders_are_no_inputs(tmp_path):
+def test_images_in_hidden_folders_are_no_inputs_and_are_named(tmp_path):
     # A notebook's .ipynb_checkpoints/, a viewer's .thumbnails/: copies and thumbnails of the images,
     # which would each be predicted again (and write masks of their own) if only hidden files were left out.
     scenes.write_scenes(tmp_path, 1)
@@ -815,8 +816,11 @@ def test_images_in_hidden_folders_are_no_inputs(tmp_path):
     for hidden in (".ipynb_checkpoints/scene_000000.png", ".thumbnails/large/scene_000000.png", ".scene.png"):
         (tmp_path / "CameraRGB" / hidden).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "CameraRGB" / hidden).write_bytes(frame)
+    (tmp_path / "CameraRGB" / ".DS_Store").write_bytes(b"")
     paths, ignored, _ = inference.list_images(*inference.open_root(str(tmp_path / "CameraRGB")))
-    assert (paths, ignored) == (["scene_000000.png"], [])
+    # Named as files left alone (the console counts them), never in silence; a hidden file of another kind is.
+    assert (paths, ignored) == (["scene_000000.png"], [".ipynb_checkpoints/scene_000000.png", ".scene.png",
+                                                       ".thumbnails/large/scene_000000.png"])
 
 
 def test_num_actors_is_auto_unless_given():

@@ -187,13 +187,15 @@ def test_files_that_are_no_frames_are_named_not_passed_over_in_silence(tmp_path,
     (tmp_path / "CameraRGB" / "scene_000001.png").rename(tmp_path / "CameraRGB" / "scene_000001.bmp")
     (tmp_path / "CameraMask" / "scene_000001.png").rename(tmp_path / "CameraMask" / "scene_000001.bmp")
     (tmp_path / "CameraRGB" / "notes.txt").write_text("not a frame")
-    (tmp_path / "CameraRGB" / ".DS_Store").write_bytes(b"")  # hidden: left alone without a word
+    (tmp_path / "CameraRGB" / ".DS_Store").write_bytes(b"")  # hidden, and no frame by its name: left alone
+    (tmp_path / "CameraMask" / "._scene_000000.png").write_bytes(b"\0\5\26\7")  # macOS's copy of its metadata
     assert ingest.discover_pairs(str(tmp_path))[2] == ["scene_000000.png"]
     printed = capsys.readouterr().err.splitlines()
-    assert printed == [f"[unet-ray] 2 file(s) in {tmp_path}/CameraRGB are not .png/.jpg/.jpeg frames and are left "
-                       f"out, such as notes.txt, scene_000001.bmp",
-                       f"[unet-ray] 1 file(s) in {tmp_path}/CameraMask are not .png/.jpg/.jpeg frames and are left "
-                       f"out, such as scene_000001.bmp"]
+    assert printed == [f"[unet-ray] 2 file(s) in {tmp_path}/CameraRGB are not .png/.jpg/.jpeg frames (by their "
+                       f"extension, or hidden by a leading dot) and are left out, such as notes.txt, scene_000001.bmp",
+                       f"[unet-ray] 2 file(s) in {tmp_path}/CameraMask are not .png/.jpg/.jpeg frames (by their "
+                       f"extension, or hidden by a leading dot) and are left out, such as ._scene_000000.png, "
+                       f"scene_000001.bmp"]
 
 
 def test_a_jpeg_image_reads_with_the_png_mask_of_its_stem(tmp_path):

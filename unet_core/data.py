@@ -39,11 +39,13 @@ def is_image_name(name):
 
 def frame_names(entries, directory):
     """(names of the PNG/JPEG frames, names of the other files) among the (name, is_folder)
-    entries of one CARLA-layout folder, hidden ones left out. A subfolder is refused rather than
-    passed over: its frames would silently not train."""
+    entries of one CARLA-layout folder. A hidden PNG/JPEG (macOS's `._` copies, say) is among the
+    others, to be named; other hidden files and folders are left out. A subfolder is refused
+    rather than passed over: its frames would silently not train."""
     names, others = [], []
     for name, is_folder in entries:
         if name.startswith("."):
+            others.extend([name] if not is_folder and name.lower().endswith(IMAGE_EXTENSIONS) else [])
             continue
         try:
             name.encode("utf-8")
