@@ -338,7 +338,7 @@ def train_loop_per_worker(loop_config):
             jit_compile=jit_compile, clip_norm=config.clip_norm, ema_momentum=config.ema_momentum,
         )
         if loop_config["class_pixel_counts"] is not None:
-            start_from_class_prior(model, loop_config["class_pixel_counts"])
+            start_from_class_prior(model, loop_config["class_pixel_counts"], loop_config["class_weights"])
         first_epoch, history, best_weights = checkpoint.restore(model, ray.train.get_checkpoint(), steps_per_epoch)
     if first_epoch and rank == 0:
         worker_log(f"[unet-ray] resumed from the checkpoint of epoch {first_epoch}")

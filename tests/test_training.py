@@ -140,6 +140,28 @@ def test_start_from_class_prior_makes_the_bias_predict_the_pixel_frequencies():
             np.testing.assert_array_equal(before, after)
 
 
+def test_under_class_weights_the_prior_bias_is_the_weighted_losss_best_constant_guess():
+    model = unet_model((*SIZE, 3), n_filters=4, n_classes=4)
+    logits = model.layers[-1]
+    logits.kernel.assign(tf.zeros_like(logits.kernel))  # every pixel's logits are the bias alone
+    masks = np.repeat(np.arange(4), [600, 300, 100, 0]).reshape(1, 40, 25)
+    counts = np.bincount(masks.ravel(), minlength=4)
+    weights = np.array([0.5, 1.0, 2.5, 0.0])  # class 3 absent from training: weight 0, as augment gives it
+
+    def bias_gradient():
+        with tf.GradientTape() as tape:
+            every_pixel = tf.broadcast_to(logits.bias, (*masks.shape, 4))
+            scores = tf.nn.sparse_softmax_cross_entropy_with_logits(masks, every_pixel)
+            loss = tf.reduce_mean(scores * tf.gather(weights.astype(np.float32), masks))
+        return tape.gradient(loss, logits.bias).numpy()
+
+    start_from_class_prior(model, counts, weights)
+    # At the weighted loss's minimum over constant guesses, but for the one pixel each count is bumped by.
+    assert np.abs(bias_gradient()).max() < 2e-3
+    start_from_class_prior(model, counts)  # the plain pixel prior is not, under these weights
+    assert np.abs(bias_gradient()).max() > 0.1
+
+
 def test_the_learning_rate_warms_up_linearly_then_decays_along_a_cosine_to_zero():
     schedule = cosine_with_warmup(2e-3, total_steps=110, warmup_steps=10)
     rates = np.array([float(schedule(step)) for step in range(111)])
