@@ -1,5 +1,6 @@
 """Starting or joining Ray, the environment every worker and actor runs with, and SIGTERM in a driver running Ray."""
 
+import atexit
 import importlib.util
 import os
 import re
@@ -31,6 +32,18 @@ def leave_the_drivers_process_group():
 
 # Run in the child of every fork that returns to Python: Ray spawns its processes with a preexec_fn, which does.
 os.register_at_fork(after_in_child=leave_the_drivers_process_group)
+
+
+def ignore_interrupts_while_exiting():
+    """At exit, before Ray's own shutdown (registered as ray was imported, so it runs after this one): a
+    second Ctrl-C or SIGTERM cut that short, and the local Ray's dashboard and runtime-env agents
+    outlived the job, orphans that ignore SIGTERM."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+atexit.register(ignore_interrupts_while_exiting)
 
 
 def connect(num_cpus=None):

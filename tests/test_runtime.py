@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import ray
@@ -58,6 +59,51 @@ def test_a_local_ray_gets_the_cpus_asked_for_and_runs_outside_the_drivers_proces
                          start_new_session=True)
     assert "extra CPUs: 2" in run.stdout, run.stderr[-2000:]
     assert "daemons: 2 in its group: 0" in run.stdout, run.stdout + run.stderr[-2000:]
+
+
+def processes_holding_files_in(directory):
+    """Pids of the live processes with a file open below `directory` (a Ray session's logs, say)."""
+    holding = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+        if any(link.startswith(f"{directory}/") for link in links):
+            holding.add(int(pid))
+    return holding
+
+
+def test_a_second_ctrl_c_as_the_job_exits_leaves_no_ray_process_behind():
+    # Pressed again as the job exited, Ctrl-C cut Ray's shutdown short: "Exception ignored in atexit callback",
+    # and the local Ray's dashboard and runtime-env agents lived on, orphans that ignore SIGTERM.
+    script = "\n".join([
+        "import os, signal, sys, time, ray",
+        "from distributed import runtime",
+        "runtime.connect(num_cpus=1)",
+        "node = ray._private.worker._global_node",
+        "print(node.get_session_dir_path(), flush=True)",
+        "kill_all_processes = node.kill_all_processes",
+        "def interrupted_first(*args, **kwargs):  # Ray's shutdown at exit, as it begins",
+        "    os.kill(os.getpid(), signal.SIGINT)",
+        "    time.sleep(0.2)",
+        "    return kill_all_processes(*args, **kwargs)",
+        "node.kill_all_processes = interrupted_first",
+        "sys.exit(130)",
+    ])
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                         start_new_session=True)
+    session = run.stdout.strip()
+    assert run.returncode == 130 and session.startswith("/"), run.stderr[-2000:]
+    assert "Exception ignored" not in run.stderr, run.stderr[-2000:]
+    for _ in range(50):  # the agents take a moment to go
+        left = processes_holding_files_in(session)
+        if not left:
+            break
+        time.sleep(0.2)
+    assert not left, subprocess.run(["ps", "-o", "pid,ppid,args", "-p", ",".join(map(str, left))],
+                                    capture_output=True, text=True).stdout
 
 
 def test_cluster_shortfall_names_what_is_missing(ray_session, monkeypatch, capsys):
