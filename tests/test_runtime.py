@@ -38,12 +38,19 @@ def test_workers_that_fit_leave_out_the_nodes_that_died(ray_session, monkeypatch
     assert runtime.workers_that_fit(cpus_per_worker=1, gpus_per_worker=1) == 0
 
 
+def run_with_a_ray_of_its_own(lines):
+    """Run the Python `lines` in a process, and session, of their own, where runtime.connect starts a local Ray."""
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300,
+                          env=env, start_new_session=True)
+
+
 def test_a_local_ray_gets_the_cpus_asked_for_and_runs_outside_the_drivers_process_group():
     # Ray Data's tasks run beside workers or actors that hold every core only if the local Ray has CPUs to spare.
     # And a SIGTERM to the job's process group (`timeout`) must reach the driver alone: had it
     # ended the local Ray's GCS and raylet too, Ray's core would at times end the driver with status 1 first.
     # A process of its own: this one's Ray is the session's.
-    script = "\n".join([
+    lines = [
         "import os, subprocess, ray",
         "from distributed import runtime",
         "runtime.connect(num_cpus=os.cpu_count() + 2)",
@@ -53,10 +60,8 @@ def test_a_local_ray_gets_the_cpus_asked_for_and_runs_outside_the_drivers_proces
         "daemons = [int(group) for group, name in zip(children[::2], children[1::2])",
         "           if name in ('gcs_server', 'raylet')]",
         "print('daemons:', len(daemons), 'in its group:', daemons.count(os.getpgrp()))",
-    ])
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
-                         start_new_session=True)
+    ]
+    run = run_with_a_ray_of_its_own(lines)
     assert "extra CPUs: 2" in run.stdout, run.stderr[-2000:]
     assert "daemons: 2 in its group: 0" in run.stdout, run.stdout + run.stderr[-2000:]
 
@@ -77,7 +82,7 @@ def processes_holding_files_in(directory):
 def test_a_second_ctrl_c_as_the_job_exits_leaves_no_ray_process_behind():
     # Pressed again as the job exited, Ctrl-C cut Ray's shutdown short: "Exception ignored in atexit callback",
     # and the local Ray's dashboard and runtime-env agents lived on, orphans that ignore SIGTERM.
-    script = "\n".join([
+    lines = [
         "import os, signal, sys, time, ray",
         "from distributed import runtime",
         "runtime.connect(num_cpus=1)",
@@ -90,10 +95,8 @@ def test_a_second_ctrl_c_as_the_job_exits_leaves_no_ray_process_behind():
         "    return kill_all_processes(*args, **kwargs)",
         "node.kill_all_processes = interrupted_first",
         "sys.exit(130)",
-    ])
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
-                         start_new_session=True)
+    ]
+    run = run_with_a_ray_of_its_own(lines)
     session = run.stdout.strip()
     assert run.returncode == 130 and session.startswith("/"), run.stderr[-2000:]
     assert "Exception ignored" not in run.stderr, run.stderr[-2000:]
