@@ -34,18 +34,6 @@ def leave_the_drivers_process_group():
 os.register_at_fork(after_in_child=leave_the_drivers_process_group)
 
 
-def ignore_interrupts_while_exiting():
-    """At exit, before Ray's own shutdown (registered as ray was imported, so it runs after this one): a
-    second Ctrl-C or SIGTERM cut that short, and the local Ray's dashboard and runtime-env agents
-    outlived the job, orphans that ignore SIGTERM."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-atexit.register(ignore_interrupts_while_exiting)
-
-
 def connect(num_cpus=None):
     """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), else start local Ray.
 
@@ -143,10 +131,21 @@ def init(**kwargs):
     finally:
         if threading.current_thread() is threading.main_thread():  # the only thread that may set one
             signal.signal(signal.SIGTERM, interrupt)
+    # Runs before Ray's own shutdown at exit, which ray registered as it was imported.
+    atexit.unregister(ignore_interrupts_while_exiting)
+    atexit.register(ignore_interrupts_while_exiting)
 
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def ignore_interrupts_while_exiting():
+    """A driver that started or joined Ray, at exit: a second Ctrl-C or SIGTERM cut Ray's shutdown short,
+    and the local Ray's dashboard and runtime-env agents outlived the job, orphans that ignore SIGTERM."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def set_up_local_worker():

@@ -4,10 +4,11 @@ import tensorflow as tf
 
 from tests.conftest import reference_scores
 from unet_core import data, scenes, unet_model
+from unet_core.augment import class_weights, pixel_weights
 from unet_core.metrics import ConfusionMatrix
 from unet_core.training import (
-    averaged_weights, compile_unet, cosine_with_warmup, ends_in_softmax, predict_class_ids_fn, predict_logits_fn,
-    score_batch, start_from_class_prior,
+    averaged_weights, compile_unet, cosine_with_warmup, ends_in_softmax, pixel_loss, predict_class_ids_fn,
+    predict_logits_fn, score_batch, start_from_class_prior,
 )
 
 # Half the default size: a quarter of the compute, and the scenes' shapes are still many pixels wide.
@@ -146,13 +147,12 @@ def test_under_class_weights_the_prior_bias_is_the_weighted_losss_best_constant_
     logits.kernel.assign(tf.zeros_like(logits.kernel))  # every pixel's logits are the bias alone
     masks = np.repeat(np.arange(4), [600, 300, 100, 0]).reshape(1, 40, 25)
     counts = np.bincount(masks.ravel(), minlength=4)
-    weights = np.array([0.5, 1.0, 2.5, 0.0])  # class 3 absent from training: weight 0, as augment gives it
+    weights = class_weights(counts, power=0.5)  # the default recipe's; class 3, absent, weighs 0
 
-    def bias_gradient():
+    def bias_gradient():  # of the loss training minimises, each pixel weighted as the workers weigh it
         with tf.GradientTape() as tape:
             every_pixel = tf.broadcast_to(logits.bias, (*masks.shape, 4))
-            scores = tf.nn.sparse_softmax_cross_entropy_with_logits(masks, every_pixel)
-            loss = tf.reduce_mean(scores * tf.gather(weights.astype(np.float32), masks))
+            loss = pixel_loss()(masks, every_pixel, sample_weight=pixel_weights(masks, weights))
         return tape.gradient(loss, logits.bias).numpy()
 
     start_from_class_prior(model, counts, weights)

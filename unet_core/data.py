@@ -45,7 +45,8 @@ def frame_names(entries, directory):
     names, others = [], []
     for name, is_folder in entries:
         if name.startswith("."):
-            others.extend([name] if not is_folder and name.lower().endswith(IMAGE_EXTENSIONS) else [])
+            if not is_folder and name.lower().endswith(IMAGE_EXTENSIONS):
+                others.append(name)
             continue
         try:
             name.encode("utf-8")
