@@ -196,7 +196,7 @@ def main(argv=None):
             except OSError as error:  # was the rendering pool's traceback, and no line for any figure
                 log(f"[bench] --cache {args.cache}: cannot write the frames there ({error}); make room or pass "
                     f"another --cache")
-                return 1
+                return 2  # as the jobs' out-of-room at start: the place given cannot serve, nothing was measured
             from distributed import runtime
 
             # This process's Keras and predict baselines get all cores, as the 1-worker runs do.

@@ -81,8 +81,8 @@ def build_parser():
     ):
         recipe.add_argument(flag, **{**kwargs, "help": with_default(flag, kwargs.get("help", ""))})
     parser.add_argument("--smoke", action="store_true",
-                        help="tiny model and data: a run in under a minute, mostly Ray and TensorFlow starting "
-                             "(flags given still apply)")
+                        help="tiny model and data, no XLA: a run in under a minute, mostly Ray and TensorFlow "
+                             "starting (flags given still apply)")
     return parser
 
 

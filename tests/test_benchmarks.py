@@ -136,7 +136,7 @@ def test_a_cache_that_fills_while_frames_render_is_one_line_naming_it(small_disk
 
     # 18 frames of 640x480 do not fit in 2 MiB.
     code = run.main(["--tiny", "--only", "bf16_vs_fp32", "--cache", str(small_disk), "--work-dir", str(tmp_path)])
-    assert code == 1
+    assert code == 2
     err = capsys.readouterr().err
     assert f"[bench] --cache {small_disk}: cannot write the frames there ([Errno 28] No space left on device" in err
     assert "Traceback" not in err

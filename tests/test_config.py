@@ -153,6 +153,8 @@ def test_a_flag_the_run_would_ignore_is_refused():
 def test_smoke_shrinks_the_run_but_every_given_flag_wins():
     smoke = config_from_args(parse_args(["--smoke"]))
     assert (smoke.image_size, smoke.n_filters, smoke.batch_size, smoke.epochs) == ((32, 48), 4, 4, 3)
+    assert smoke.jit_compile is False  # compiling would take most of the run
+    assert config_from_args(parse_args(["--smoke", "--jit-compile"])).jit_compile is True
     given = config_from_args(parse_args(["--smoke", "--batch-size", "2", "--image-size", "64", "96",
                                          "--epochs", "5"]))
     assert (given.image_size, given.n_filters, given.batch_size, given.epochs) == ((64, 96), 4, 2, 5)

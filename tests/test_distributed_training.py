@@ -227,7 +227,7 @@ def test_a_lone_worker_trains_with_xla_restarts_from_its_checkpoint_and_skips_ba
         smoke_config(tmp_path, data=str(frames), epochs=3, max_failures=1, fail_once_at_epoch=2, skip_bad=True,
                      checkpoint_every=1),
         # `auto` would pick bfloat16 on a CPU with AVX512-BF16, and bfloat16 is never XLA-compiled on CPU.
-        num_workers=1, cpus_per_worker=2, mixed_precision="off",
+        num_workers=1, cpus_per_worker=2, mixed_precision="off", jit_compile=True,  # which --smoke turns off
     )
 
     history = train(config)
