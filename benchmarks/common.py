@@ -111,4 +111,5 @@ def machine():
         "memory_gb": memory_gb,
         "avx512f": "avx512f" in flags.split(),
         "avx512_bf16": "avx512_bf16" in flags.split(),
+        "amx_bf16": "amx_bf16" in flags.split(),
     }

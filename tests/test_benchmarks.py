@@ -142,6 +142,23 @@ def test_a_cache_that_fills_while_frames_render_is_one_line_naming_it(small_disk
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags", [{"avx512_bf16": False, "amx_bf16": False}, {"avx512_bf16": True, "amx_bf16": False},
+                                   {"avx512_bf16": False, "amx_bf16": True}])
+def test_bf16_vs_fp32_is_measured_by_default_only_where_the_cpu_computes_bfloat16(flags, small_disk, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from benchmarks import run
+
+    monkeypatch.setattr(run, "machine", lambda: {"cpu": "test", **flags})
+    native = any(flags.values())
+    others = tuple(name for name in run.FIGURES if name != "bf16_vs_fp32")
+    assert run.parse_args([]).only == (run.FIGURES if native else others)
+    assert run.parse_args(["--only", "bf16_vs_fp32"]).only == ("bf16_vs_fp32",)  # asked for, measured anyway
+    # Said as the run starts (here one that stops at once: its cache takes no frames).
+    assert run.main(["--tiny", "--cache", str(small_disk), "--work-dir", str(tmp_path)]) == 2
+    said = "[bench] left out bf16_vs_fp32: this CPU has no native bfloat16 (AVX512-BF16 or AMX); --only names it"
+    assert (said in capsys.readouterr().err) is not native
+
+
 def test_ctrl_c_exits_130_with_a_word_and_no_traceback(tmp_path, monkeypatch, capsys):
     from benchmarks import frames, run
 
