@@ -79,8 +79,8 @@ def parse_args(argv=None):
         args.only = FIGURES
         cpu = machine()
         if not (cpu["avx512_bf16"] or cpu["amx_bf16"]):  # as --mixed-precision auto decides
-            # Emulated, bfloat16 took 12x as long per epoch (AVX2 EPYC): half an hour of --quick, for a figure
-            # the product never meets here, since it trains such a CPU in float32.
+            # Emulated, bfloat16 took 12x as long per epoch (AVX2 EPYC), one Keras run of --quick over 10 minutes
+            # on a Zen 3 (70 s in float32): for a precision the product never picks on such a CPU.
             args.left_out = "bf16_vs_fp32: this CPU has no native bfloat16 (AVX512-BF16 or AMX); --only names it"
             args.only = tuple(name for name in FIGURES if name != "bf16_vs_fp32")
     if args.epochs is not None and args.epochs < 2:
