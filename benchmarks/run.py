@@ -77,8 +77,9 @@ def parse_args(argv=None):
     args.left_out = None
     if args.only is None:
         args.only = FIGURES
-        cpu = machine()
-        if not (cpu["avx512_bf16"] or cpu["amx_bf16"]):  # as --mixed-precision auto decides
+        from distributed import runtime
+
+        if not runtime.cpu_computes_bfloat16():  # as --mixed-precision auto decides
             # Emulated, bfloat16 took 12x as long per epoch (AVX2 EPYC), one Keras run of --quick over 10 minutes
             # on a Zen 3 (70 s in float32): for a precision the product never picks on such a CPU.
             args.left_out = "bf16_vs_fp32: this CPU has no native bfloat16 (AVX512-BF16 or AMX); --only names it"

@@ -321,7 +321,7 @@ def list_images(filesystem, root, skip=None, writes_files=True):
                 or any(f"{root}/{'/'.join(parts[:depth])}" in skipped for depth in range(1, len(parts)))):
             continue
         if any(part.startswith(".") for part in parts):  # hidden: a PNG/JPEG there is named, never predicted
-            if info.base_name.lower().endswith(data.IMAGE_EXTENSIONS):
+            if data.has_image_extension(info.base_name):
                 ignored.append(relative)
             continue
         (paths if data.is_image_name(info.base_name) else ignored).append(relative)

@@ -337,13 +337,18 @@ def leave_gpus_to_actors():
 def native_bfloat16(use_gpu):
     """Whether this worker computes bfloat16 in hardware, so mixed precision pays instead of costs:
     on GPUs, compute capability 8.0 or newer (Ampere on); on CPUs, AVX512-BF16 or AMX."""
+    if not use_gpu:
+        return cpu_computes_bfloat16()
     import tensorflow as tf
 
-    if use_gpu:
-        gpus = tf.config.list_physical_devices("GPU")
-        capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
-                        for gpu in gpus]
-        return bool(gpus) and min(capabilities) >= (8, 0)
+    gpus = tf.config.list_physical_devices("GPU")
+    capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
+                    for gpu in gpus]
+    return bool(gpus) and min(capabilities) >= (8, 0)
+
+
+def cpu_computes_bfloat16():
+    """Whether this machine's CPU has AVX512-BF16 or AMX (read without TensorFlow, for the benchmarks too)."""
     try:
         with open("/proc/cpuinfo") as file:
             flags = set(file.read().split())

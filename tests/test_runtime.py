@@ -1,5 +1,6 @@
 """Sizing against the live cluster: the session's local Ray, one node without a GPU."""
 
+import io
 import os
 import re
 import socket
@@ -273,6 +274,19 @@ def test_a_ray_address_where_a_web_server_answers_is_refused_not_waited_for(ray_
                 runtime.connect()
         finally:
             server.shutdown()
+
+
+@pytest.mark.parametrize("flags, native", [("fpu sse avx2 fma", False), ("avx512f avx512_bf16", True),
+                                           ("amx_bf16 amx_tile", True), (None, False)])
+def test_a_cpu_computes_bfloat16_with_avx512_bf16_or_amx(flags, native, monkeypatch):
+    def cpuinfo(path):
+        if flags is None:  # not Linux
+            raise FileNotFoundError(path)
+        return io.StringIO(f"processor\t: 0\nflags\t\t: {flags}\n")
+
+    monkeypatch.setattr(runtime, "open", cpuinfo, raising=False)  # the module's open, before the builtin
+    assert runtime.cpu_computes_bfloat16() is native
+    assert runtime.native_bfloat16(use_gpu=False) is native  # what --mixed-precision auto asks on a CPU worker
 
 
 def test_bf16_counts_as_native_on_a_gpu_worker_only_when_every_gpu_it_sees_is_ampere_or_newer(monkeypatch):

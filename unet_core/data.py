@@ -33,8 +33,12 @@ class Pair:
     mask_path: str
 
 
+def has_image_extension(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
 def is_image_name(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    return has_image_extension(name) and not name.startswith(".")
 
 
 def frame_names(entries, directory):
@@ -45,7 +49,7 @@ def frame_names(entries, directory):
     names, others = [], []
     for name, is_folder in entries:
         if name.startswith("."):
-            if not is_folder and name.lower().endswith(IMAGE_EXTENSIONS):
+            if not is_folder and has_image_extension(name):
                 others.append(name)
             continue
         try:
