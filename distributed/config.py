@@ -292,9 +292,9 @@ class TrainConfig:
 # flips/zoom/brightness, ClassMix, square-root class balancing, cosine decay over 250 epochs after
 # 8 of warm-up, gradient norm capped at 1 (no late gain, but no collapse in the first epochs),
 # logits' bias started at the class prior, scored on a moving average of the weights. The budget
-# is optimizer steps: a CPU without native bfloat16 (float32, 5-8x slower per epoch) fits about
-# --epochs 60 (2 warm-up) in that time (0.863 / 0.217 in R2, which ran without ClassMix, against
-# R8's 0.896 / 0.276).
+# is optimizer steps: a CPU without native bfloat16 (float32, 14.5 s an epoch on a Zen 3) fits about
+# 160 epochs of a network half as wide in that time (--n-filters 16: 0.867-0.875 / 0.222-0.234 against
+# 0.863-0.864 / 0.210-0.212 for --epochs 60, and R8's 0.896 / 0.276 in bfloat16).
 # `classic` is the Keras exercise: constant Adam 1e-3, 40 epochs, no augmentation, batch 32
 # (per worker: global 32 on the default single worker), raw weights, default initialisation.
 PRESETS = {
