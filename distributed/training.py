@@ -266,12 +266,17 @@ def fit(trainer, config):
     Ray Train installs a SIGINT handler for the run: the first Ctrl-C aborts the run and ends the
     driver's wait in SystemExit(1). It leaves the handler installed after the run, where aborting
     the finished run does nothing: the next two Ctrl-C (in the quickstart's inference, say) would
-    be swallowed and the third would exit 0.
+    be swallowed and the third would exit 0. A Ctrl-C as the run finishes (its controller no longer
+    takes an abort) was swallowed alike, and the job went on to export: it ends the job here too.
     """
     handler = signal.getsignal(signal.SIGINT)
     os.environ.setdefault(*REPORT_POLL)
     try:
-        return trainer.fit()
+        with signals_received() as received:
+            result = trainer.fit()
+        if signal.SIGINT in received:
+            raise KeyboardInterrupt("training interrupted as it finished")
+        return result
     except SystemExit as aborted:
         raise KeyboardInterrupt("training interrupted") from aborted
     except ray.train.TrainingFailedError as failed:
@@ -286,6 +291,36 @@ def fit(trainer, config):
     finally:
         if threading.current_thread() is threading.main_thread():  # where Ray installs it, too
             signal.signal(signal.SIGINT, handler)
+
+
+@contextlib.contextmanager
+def signals_received():
+    """Yields a set that holds, once the block is left, the number of every signal the process received
+    inside it, whichever handler took it (through Python's wakeup fd). Empty outside the main thread and
+    where the process has a wakeup fd already (an asyncio loop's signal handlers), which is left alone."""
+    received = set()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    read, write = os.pipe()
+    try:
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)  # a full pipe drops bytes, never blocks the handler
+        earlier = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        if earlier != -1:
+            signal.set_wakeup_fd(earlier)
+            yield received
+            return
+        try:
+            yield received
+        finally:
+            signal.set_wakeup_fd(-1)
+            with contextlib.suppress(BlockingIOError):
+                while chunk := os.read(read, 512):
+                    received.update(chunk)
+    finally:
+        os.close(read)
+        os.close(write)
 
 
 def out_of_room(cause, config):

@@ -851,3 +851,43 @@ def test_reports_are_polled_every_tenth_of_a_second_unless_the_environment_says_
     monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     training.fit(Records(), TrainConfig())
     assert polled == ["1.5", "0.1"]
+
+
+def test_a_ctrl_c_that_ray_trains_handler_takes_as_the_run_finishes_still_ends_the_job(monkeypatch, capsys):
+    # Ray Train's handler asks the controller to abort; a run finishing that second ignores it and fit() returned
+    # as if nothing had happened: the job exported and exited 0, the Ctrl-C lost.
+    class FinishesAsCtrlCComes:
+        def __init__(self, signum):
+            self.signum = signum
+
+        def fit(self):
+            signal.signal(signal.SIGINT, lambda *args: None)  # as Ray Train's: the abort it asks for comes too late
+            signal.signal(signal.SIGUSR1, lambda *args: None)
+            os.kill(os.getpid(), self.signum)
+            return "the finished run's result"
+
+    ctrl_c, usr1 = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    try:
+        assert training.fit(FinishesAsCtrlCComes(signal.SIGUSR1), TrainConfig()) == "the finished run's result"
+        monkeypatch.setattr(training, "train",
+                            lambda config: training.fit(FinishesAsCtrlCComes(signal.SIGINT), config))
+        assert train_job.main(["--smoke"]) == 130
+    finally:
+        signal.signal(signal.SIGUSR1, usr1)
+    assert "interrupted: the same command resumes from the run's last checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is ctrl_c
+    assert signal.set_wakeup_fd(-1) == -1  # the fd the run watched is given back
+
+
+def test_a_wakeup_fd_the_process_has_already_is_left_alone():
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    earlier = signal.set_wakeup_fd(write)
+    try:
+        with training.signals_received() as received:
+            assert signal.set_wakeup_fd(write) == write  # still its own
+        assert received == set()
+    finally:
+        signal.set_wakeup_fd(earlier)
+        os.close(read)
+        os.close(write)
