@@ -3,6 +3,7 @@
 import io
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -341,3 +342,51 @@ def test_use_gpu_where_tensorflow_sees_no_gpu_stops_train_and_infer_before_any_w
     assert len(said) == 2 and all(line.startswith("error: --use-gpu: on node ") and fix in line for line in said), said
     assert "Started training worker group" not in job.stderr  # asked before any worker, so nothing was retried
     assert not list((tmp_path / "run").glob("ray_results/unet/checkpoint_*")) and not (tmp_path / "masks").exists()
+
+
+def test_a_worker_whose_exit_hangs_ends_with_the_local_ray_not_after_it():
+    # A Ray Train worker asked to exit as jobs.train ended on a SIGTERM, its training thread holding h5py's lock while
+    # saving a checkpoint, hung in its exit: an orphan of ~0.9 GB, its Ray long gone. Here one whose exit hangs, and a
+    # driver killed outright (its local Ray's raylet and GCS end with it: Ray's fate-sharing).
+    script = "\n".join([
+        "import atexit, os, time, ray",
+        "from distributed import runtime",
+        "runtime.connect(num_cpus=1)",
+        "@ray.remote",
+        "class HangsAsItExits:",
+        "    def pid(self):",
+        "        return os.getpid()",
+        "    def exit(self):",
+        "        atexit.register(time.sleep, 10**6)",
+        "        ray.actor.exit_actor()",
+        "actor = HangsAsItExits.remote()",
+        "pid = ray.get(actor.pid.remote())",
+        "actor.exit.remote()",
+        "time.sleep(3)  # in its exit by now",
+        "print(pid, flush=True)",
+        "time.sleep(600)",
+    ])
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True)
+    try:
+        worker = int(driver.stdout.readline())
+    finally:
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+    deadline = time.time() + 30
+    while is_running(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    alive = is_running(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the worker outlived its local Ray"
+
+
+def is_running(pid):
+    """Whether `pid` is a live process (not one ended, nor a zombie its new parent has yet to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
