@@ -40,11 +40,15 @@ def test_workers_that_fit_leave_out_the_nodes_that_died(ray_session, monkeypatch
     assert runtime.workers_that_fit(cpus_per_worker=1, gpus_per_worker=1) == 0
 
 
+def env_for_a_ray_of_its_own():
+    """This environment but RAY_ADDRESS: runtime.connect in a process given it starts a local Ray."""
+    return {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+
+
 def run_with_a_ray_of_its_own(lines):
     """Run the Python `lines` in a process, and session, of their own, where runtime.connect starts a local Ray."""
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     return subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300,
-                          env=env, start_new_session=True)
+                          env=env_for_a_ray_of_its_own(), start_new_session=True)
 
 
 def test_a_local_ray_gets_the_cpus_asked_for_and_runs_outside_the_drivers_process_group():
@@ -366,9 +370,8 @@ def test_a_worker_whose_exit_hangs_ends_with_the_local_ray_not_after_it():
         "print(pid, flush=True)",
         "time.sleep(600)",
     ])
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env,
-                              start_new_session=True)
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env=env_for_a_ray_of_its_own(), start_new_session=True)
     try:
         worker = int(driver.stdout.readline())
     finally:
